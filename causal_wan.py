@@ -1,0 +1,612 @@
+"""
+Causal Wan2.1: the text-to-video transformer of Wan2.1 written out in plain PyTorch, with
+per-frame timesteps, block-causal attention and a KV cache, plus the autoregressive rollout that
+sampling and every training stage share.
+
+Parameter names are exactly those of diffusers' `WanTransformer3DModel`, so the official weights
+(`Wan-AI/Wan2.1-T2V-1.3B-Diffusers`, folder `transformer/`) load with strict=True, and
+checkpoints in the original Wan layout (Wan's own release, CausVid, Self Forcing) load through
+a key map. Three attention modes, one module:
+
+    model(x, t, prompt_kv)                         full (bidirectional: teacher, critic)
+    model(x, t, prompt_kv, block_size=3)           block-causal (teacher-forced training)
+    model(x, t, prompt_kv, kv_cache=cache)         one block attending to the cache (rollout)
+
+Latents are [B, C, F, H, W] everywhere (diffusers' layout); `t` is [B] or per frame [B, F].
+Flow matching: x_t = (1 - s) x0 + s noise, s = t / 1000, the network predicts v = noise - x0.
+"""
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+DEFAULT_MODEL = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad flag, missing weights). Scripts print it as one line."""
+
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class WanConfig:
+    dim: int = 1536
+    ffn_dim: int = 8960
+    num_heads: int = 12
+    num_layers: int = 30
+    in_channels: int = 16
+    out_channels: int = 16
+    text_dim: int = 4096
+    freq_dim: int = 256
+    patch_size: tuple = (1, 2, 2)
+    eps: float = 1e-6
+
+    @staticmethod
+    def wan_1_3b():
+        return WanConfig()
+
+    @staticmethod
+    def wan_14b():
+        return WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
+
+    @staticmethod
+    def tiny():
+        # head_dim 16 splits 8/4/4 between the time/height/width RoPE axes, like 44/42/42 at 128
+        return WanConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=32, freq_dim=32)
+
+    @staticmethod
+    def from_diffusers(cfg):
+        """WanConfig from a diffusers `transformer/config.json` dict (text-to-video models only)."""
+        if cfg.get("image_dim") is not None or cfg.get("added_kv_proj_dim") is not None:
+            raise UserError("this transformer is an image-to-video Wan (image_dim is set); use a T2V model")
+        if cfg.get("qk_norm", "rms_norm_across_heads") != "rms_norm_across_heads" or not cfg.get("cross_attn_norm", True):
+            raise UserError(f"unsupported Wan variant (qk_norm={cfg.get('qk_norm')}, cross_attn_norm={cfg.get('cross_attn_norm')})")
+        heads = cfg["num_attention_heads"]
+        return WanConfig(
+            dim=heads * cfg["attention_head_dim"], ffn_dim=cfg["ffn_dim"], num_heads=heads,
+            num_layers=cfg["num_layers"], in_channels=cfg["in_channels"], out_channels=cfg["out_channels"],
+            text_dim=cfg["text_dim"], freq_dim=cfg["freq_dim"], patch_size=tuple(cfg["patch_size"]), eps=cfg["eps"])
+
+    def to_diffusers(self):
+        """The kwargs of diffusers' WanTransformer3DModel for this config."""
+        return dict(
+            patch_size=tuple(self.patch_size), num_attention_heads=self.num_heads,
+            attention_head_dim=self.dim // self.num_heads, in_channels=self.in_channels,
+            out_channels=self.out_channels, text_dim=self.text_dim, freq_dim=self.freq_dim,
+            ffn_dim=self.ffn_dim, num_layers=self.num_layers, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", eps=self.eps)
+
+
+# -----------------------------------------------------------------------------
+# the network (module and parameter names follow diffusers' WanTransformer3DModel)
+
+
+def timestep_sinusoid(t, dim):
+    """diffusers' Timesteps(flip_sin_to_cos=True, downscale_freq_shift=0): [N] -> [N, dim] fp32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    angles = t.float()[:, None] * freqs[None]
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+def rope_angles(head_dim, frames, height, width, frame_offset, device):
+    """3-D RoPE angles [F*H*W, head_dim/2]. The time axis uses the ABSOLUTE latent-frame index
+    (frame_offset + f), so a block keeps its position whether it is computed alone or in the
+    whole sequence. Computed in fp64 like diffusers' tables, which only cover 1024 frames."""
+    h_dim = w_dim = 2 * (head_dim // 6)
+    t_dim = head_dim - h_dim - w_dim
+
+    def axis(dim, positions):
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim))
+        return torch.outer(positions.to(torch.float64), inv_freq)  # [n, dim/2]
+
+    ang_t = axis(t_dim, torch.arange(frame_offset, frame_offset + frames, device=device))
+    ang_h = axis(h_dim, torch.arange(height, device=device))
+    ang_w = axis(w_dim, torch.arange(width, device=device))
+    grid = torch.cat([
+        ang_t[:, None, None].expand(frames, height, width, -1),
+        ang_h[None, :, None].expand(frames, height, width, -1),
+        ang_w[None, None, :].expand(frames, height, width, -1)], dim=-1)
+    return grid.reshape(frames * height * width, head_dim // 2)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate adjacent channel pairs of x [B, L, H, D] by the angles (cos/sin [L, 1, D/2], fp32)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
+
+
+def block_causal_mask(num_frames, tokens_per_frame, block_size, device=None):
+    """The training mask [L, L] (True = may attend): a token sees every token of its own block of
+    `block_size` latent frames and of all earlier blocks. The model never builds it: it computes
+    the same attention block by block over key prefixes (see `Attention.forward`)."""
+    block = torch.arange(num_frames, device=device).repeat_interleave(tokens_per_frame) // block_size
+    return block[:, None] >= block[None, :]
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    def forward(self, x):
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads, eps):
+        super().__init__()
+        self.num_heads = num_heads
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+        self.norm_q = nn.RMSNorm(dim, eps=eps)  # over all heads at once, before the split
+        self.norm_k = nn.RMSNorm(dim, eps=eps)
+
+    def keys_values(self, context):
+        """Cross-attention keys/values of the text [B, H, S, D], computed once per prompt."""
+        k = self.norm_k(self.to_k(context)).unflatten(2, (self.num_heads, -1)).transpose(1, 2)
+        v = self.to_v(context).unflatten(2, (self.num_heads, -1)).transpose(1, 2)
+        return k, v
+
+    def forward(self, x, rope=None, kv=None, past_kv=None, block_tokens=None):
+        """Self-attention when kv is None (returns the output and this call's keys/values for the
+        cache), else cross-attention to the given keys/values."""
+        q = self.norm_q(self.to_q(x)).unflatten(2, (self.num_heads, -1))  # [B, L, H, D]
+        if kv is not None:
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), *kv)
+            return self.to_out[0](out.transpose(1, 2).flatten(2).type_as(x))
+        k = self.norm_k(self.to_k(x)).unflatten(2, (self.num_heads, -1))
+        v = self.to_v(x).unflatten(2, (self.num_heads, -1))
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, L, D]
+        if past_kv is not None:
+            # rollout: the block attends to every cached key and to itself; no mask is needed
+            out = F.scaled_dot_product_attention(q, torch.cat([past_kv[0], k], 2), torch.cat([past_kv[1], v], 2))
+        elif block_tokens is not None:
+            # block-causal: queries of block i attend to the key prefix up to the end of block i.
+            # Equal to SDPA with block_causal_mask, but each call is unmasked (flash-eligible)
+            # and the dense [L, L] mask never exists (it would be 1 GB at 32,760 tokens).
+            L = q.shape[2]
+            out = torch.cat([
+                F.scaled_dot_product_attention(q[:, :, s:s + block_tokens], k[:, :, :s + block_tokens], v[:, :, :s + block_tokens])
+                for s in range(0, L, block_tokens)], dim=2)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out[0](out.transpose(1, 2).flatten(2).type_as(x)), (k, v)
+
+
+class GELUProj(nn.Module):
+    def __init__(self, dim_in, dim_out):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out)
+
+    def forward(self, x):
+        return F.gelu(self.proj(x), approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim, ffn_dim):
+        super().__init__()
+        self.net = nn.ModuleList([GELUProj(dim, ffn_dim), nn.Identity(), nn.Linear(ffn_dim, dim)])
+
+    def forward(self, x):
+        return self.net[2](self.net[0](x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm1 = FP32LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.attn1 = Attention(cfg.dim, cfg.num_heads, cfg.eps)
+        self.norm2 = FP32LayerNorm(cfg.dim, cfg.eps, elementwise_affine=True)
+        self.attn2 = Attention(cfg.dim, cfg.num_heads, cfg.eps)
+        self.norm3 = FP32LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.ffn = FeedForward(cfg.dim, cfg.ffn_dim)
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x, mod, rope, text_kv, past_kv=None, block_tokens=None):
+        """x [B, L, D]; mod [B, Fm, 6, D] fp32 with Fm = 1 (one t) or the number of frames (one t
+        per frame). Modulation, residual adds and norms in fp32, as in diffusers and Wan."""
+        B, L, D = x.shape
+        shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + mod).unsqueeze(2).unbind(3)
+        frames = lambda y: y.view(B, mod.shape[1], -1, D)  # [B, Fm, L/Fm, D]: tokens grouped by frame
+        h = (frames(self.norm1(x.float())) * (1 + scale) + shift).flatten(1, 2).type_as(x)
+        a, new_kv = self.attn1(h, rope=rope, past_kv=past_kv, block_tokens=block_tokens)
+        x = (frames(x.float()) + frames(a) * gate).flatten(1, 2).type_as(x)
+        x = x + self.attn2(self.norm2(x.float()).type_as(x), kv=text_kv)
+        h = (frames(self.norm3(x.float())) * (1 + c_scale) + c_shift).flatten(1, 2).type_as(x)
+        x = (frames(x.float()) + frames(self.ffn(h).float()) * c_gate).flatten(1, 2).type_as(x)
+        return x, new_kv
+
+
+class MLP(nn.Module):
+    def __init__(self, dim_in, dim_out, act):
+        super().__init__()
+        self.linear_1 = nn.Linear(dim_in, dim_out)
+        self.linear_2 = nn.Linear(dim_out, dim_out)
+        self.act = act
+
+    def forward(self, x):
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class ConditionEmbedder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.time_embedder = MLP(cfg.freq_dim, cfg.dim, nn.SiLU())
+        self.time_proj = nn.Linear(cfg.dim, 6 * cfg.dim)
+        self.text_embedder = MLP(cfg.text_dim, cfg.dim, nn.GELU(approximate="tanh"))
+
+
+class KVCache:
+    """Per-layer keys (after RoPE) and values [B, H, L, D] of the clean frames generated so far.
+
+    `pos` is the absolute index of the next latent frame (its RoPE time position). For videos
+    longer than the model was trained on, the cache keeps the first `sink_frames` frames (an
+    attention sink) plus the most recent ones, so that a block of n frames attends to at most
+    `max_frames` frames, itself included: the cost per block stays flat however long the video.
+    """
+
+    def __init__(self, num_layers, max_frames=21, sink_frames=3):
+        self.kv = [None] * num_layers
+        self.max_frames, self.sink_frames = max_frames, sink_frames
+        self.pos = 0  # absolute frame index of the next block
+        self.frames = 0  # frames currently held
+
+    def append(self, kvs, num_frames):
+        tokens_per_frame = kvs[0][0].shape[2] // num_frames
+        for i, (k, v) in enumerate(kvs):
+            old = self.kv[i]
+            self.kv[i] = (k, v) if old is None else (torch.cat([old[0], k], 2), torch.cat([old[1], v], 2))
+        self.pos += num_frames
+        self.frames += num_frames
+        # leave room for a next block of the same size: attention span <= max_frames
+        drop = self.frames - max(self.max_frames - num_frames, self.sink_frames)
+        if drop > 0:
+            s, e = self.sink_frames * tokens_per_frame, (self.sink_frames + drop) * tokens_per_frame
+            self.kv = [(torch.cat([k[:, :, :s], k[:, :, e:]], 2), torch.cat([v[:, :, :s], v[:, :, e:]], 2)) for k, v in self.kv]
+            self.frames -= drop
+
+    def num_bytes(self):
+        return sum(k.numel() * k.element_size() * 2 for k, _ in self.kv if k is not None)
+
+
+class CausalWan(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embedding = nn.Conv3d(cfg.in_channels, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.condition_embedder = ConditionEmbedder(cfg)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)])
+        self.norm_out = FP32LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.proj_out = nn.Linear(cfg.dim, cfg.out_channels * math.prod(cfg.patch_size))
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+        self.gradient_checkpointing = False  # per block, during training
+
+    def prompt_kv(self, context):
+        """Text embeddings [B, S, text_dim] -> per-layer cross-attention keys/values. Compute once
+        per prompt and reuse for every block and step."""
+        c = self.condition_embedder.text_embedder(context)
+        return [blk.attn2.keys_values(c) for blk in self.blocks]
+
+    def forward(self, x, t, prompt_kv, block_size=None, kv_cache=None, update_cache=False):
+        """x [B, C, F, H, W], t [B] or [B, F] -> velocity [B, C, F, H, W].
+
+        block_size: block-causal attention over blocks of that many latent frames.
+        kv_cache: x is the next block; it attends to the cache and itself, and is placed at RoPE
+        position kv_cache.pos. update_cache=True appends its keys/values (the clean pass).
+        """
+        B, C, nF, H, W = x.shape
+        pt, ph, pw = self.cfg.patch_size
+        f, h, w = nF // pt, H // ph, W // pw
+        head_dim = self.cfg.dim // self.cfg.num_heads
+        angles = rope_angles(head_dim, f, h, w, kv_cache.pos if kv_cache is not None else 0, x.device)
+        rope = (angles.cos().float()[:, None], angles.sin().float()[:, None])
+
+        x = self.patch_embedding(x).flatten(2).transpose(1, 2)  # [B, f*h*w, D]
+        t = t.reshape(B, -1)  # [B, 1] or [B, F]
+        emb = self.condition_embedder
+        sinus = timestep_sinusoid(t.flatten(), self.cfg.freq_dim).to(emb.time_proj.weight.dtype)
+        temb = emb.time_embedder(sinus)  # [B*Fm, D]
+        mod = emb.time_proj(F.silu(temb)).float().view(B, -1, 6, self.cfg.dim)  # [B, Fm, 6, D]
+        temb = temb.float().view(B, -1, 1, self.cfg.dim)
+
+        block_tokens = None if block_size is None else block_size * h * w
+        new_kvs = []
+        for i, blk in enumerate(self.blocks):
+            past = kv_cache.kv[i] if kv_cache is not None else None
+            args = (x, mod, rope, prompt_kv[i], past, block_tokens)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x, kv = checkpoint(blk, *args, use_reentrant=False)
+            else:
+                x, kv = blk(*args)
+            new_kvs.append(kv)
+        if update_cache:
+            kv_cache.append([(k.detach(), v.detach()) for k, v in new_kvs], f)
+
+        shift, scale = (self.scale_shift_table.unsqueeze(0) + temb).unsqueeze(2).unbind(3)  # [B, Fm, 1, D]
+        x = (self.norm_out(x.float()).view(B, temb.shape[1], -1, self.cfg.dim) * (1 + scale) + shift).flatten(1, 2).type_as(x)
+        x = self.proj_out(x)  # [B, f*h*w, C*pt*ph*pw]
+        x = x.reshape(B, f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.reshape(B, -1, f * pt, h * ph, w * pw)
+
+
+# -----------------------------------------------------------------------------
+# the few-step schedule and the autoregressive rollout
+
+
+def shift_timesteps(timesteps, shift=5.0):
+    """Warp timesteps in [0, 1000] with the flow-matching shift s' = shift s / (1 + (shift-1) s)."""
+    s = torch.as_tensor(timesteps, dtype=torch.float64) / 1000
+    return (shift * s / (1 + (shift - 1) * s) * 1000).tolist()
+
+
+# [1000, 750, 500, 250] warped with shift 5 -> [1000, 937.5, 833.3, 625]
+DENOISING_TIMESTEPS = shift_timesteps([1000, 750, 500, 250])
+
+
+def predict_x0(model, x, t, prompt_kv, **kw):
+    """x0 = x_t - s * v, in fp32 (then back to x's dtype). t: [B] or [B, F] in [0, 1000]."""
+    v = model(x, t, prompt_kv, **kw)
+    s = (t.float() / 1000).reshape(t.shape[0], 1, -1, 1, 1)  # broadcasts over [B, C, F, H, W]
+    return (x.float() - s * v.float()).to(x.dtype)
+
+
+def rollout(model, noise, prompt_kv, block_size=3, timesteps=DENOISING_TIMESTEPS, exit_steps=None,
+            max_frames=21, generator=None, on_block=None):
+    """Generate a video block by block with the KV cache: noise [B, C, F, H, W] -> clean latents.
+
+    Each block: denoise with the few-step schedule (predict x0, re-noise it to the next timestep
+    with fresh noise), then run the clean x0 once more at t=0 to write its keys/values into the
+    cache. A last block shorter than block_size is allowed.
+
+    Training (Self Forcing): exit_steps[b] stops block b after that denoising step and returns
+    its x0; when grad is enabled it flows only through that step. Earlier steps and the cache
+    pass run without grad. Inference: exit_steps=None runs every step.
+    on_block(b, x0, kv_cache) is called after each block (streaming decode, benchmarks).
+    """
+    B, C, nF, H, W = noise.shape
+    grad = torch.is_grad_enabled()
+    kv_cache = KVCache(len(model.blocks), max_frames=max_frames, sink_frames=min(block_size, nF))
+    blocks = []
+    for b, start in enumerate(range(0, nF, block_size)):
+        x = noise[:, :, start:start + block_size]
+        n = x.shape[2]
+        last = len(timesteps) - 1 if exit_steps is None else int(exit_steps[b])
+        for i in range(last + 1):
+            t = torch.full((B,), timesteps[i], device=x.device, dtype=torch.float32)
+            with torch.set_grad_enabled(grad and i == last):
+                x0 = predict_x0(model, x, t, prompt_kv, kv_cache=kv_cache)
+            if i < last:
+                s = timesteps[i + 1] / 1000
+                eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+                x = (1 - s) * x0 + s * eps
+        with torch.no_grad():
+            model(x0.detach(), torch.zeros(B, device=x.device), prompt_kv, kv_cache=kv_cache, update_cache=True)
+        blocks.append(x0)
+        if on_block is not None:
+            on_block(b, x0, kv_cache)
+    return torch.cat(blocks, dim=2)
+
+
+# -----------------------------------------------------------------------------
+# weights: diffusers format, original Wan layout, our checkpoints
+
+# original Wan / CausVid / Self Forcing key -> diffusers key (from diffusers'
+# scripts/convert_wan_to_diffusers.py). Original norm3 (the affine cross-attn norm) is
+# diffusers' norm2; original norm1/norm2 have no parameters.
+ORIGINAL_TO_DIFFUSERS = [
+    ("time_embedding.0.", "condition_embedder.time_embedder.linear_1."),
+    ("time_embedding.2.", "condition_embedder.time_embedder.linear_2."),
+    ("text_embedding.0.", "condition_embedder.text_embedder.linear_1."),
+    ("text_embedding.2.", "condition_embedder.text_embedder.linear_2."),
+    ("time_projection.1.", "condition_embedder.time_proj."),
+    ("head.modulation", "scale_shift_table"),
+    ("head.head.", "proj_out."),
+    (".modulation", ".scale_shift_table"),
+    (".ffn.0.", ".ffn.net.0.proj."),
+    (".ffn.2.", ".ffn.net.2."),
+    (".norm3.", ".norm2."),
+    (".self_attn.o.", ".attn1.to_out.0."),
+    (".cross_attn.o.", ".attn2.to_out.0."),
+    (".self_attn.norm_", ".attn1.norm_"),
+    (".cross_attn.norm_", ".attn2.norm_"),
+] + [(f".{a}.{p}.", f".{b}.to_{p}.") for a, b in [("self_attn", "attn1"), ("cross_attn", "attn2")] for p in "qkv"]
+
+# wrappers other code bases put around the keys (Self Forcing: "model.", FSDP, compile, DDP)
+WRAPPER_PREFIXES = re.compile(r"^(model\.|module\.|_orig_mod\.|_fsdp_wrapped_module\.|_checkpoint_wrapped_module\.)+")
+
+
+def _rename(key, pairs):
+    """Apply the first matching pair; a pattern without a leading '.' only matches at the start."""
+    for old, new in pairs:
+        if (old in key) if old.startswith(".") else key.startswith(old):
+            return key.replace(old, new, 1)
+    return key
+
+
+def original_to_diffusers(state_dict):
+    """Map an original-layout Wan state dict (optionally wrapped, e.g. Self Forcing's
+    `model.blocks.0.self_attn.q.weight`) to diffusers names."""
+    out = {}
+    for key, value in state_dict.items():
+        key = WRAPPER_PREFIXES.sub("", key.replace("._fsdp_wrapped_module", "").replace("._checkpoint_wrapped_module", ""))
+        out[_rename(key, ORIGINAL_TO_DIFFUSERS)] = value
+    return out
+
+
+def diffusers_to_original(state_dict):
+    return {_rename(k, [(new, old) for old, new in ORIGINAL_TO_DIFFUSERS]): v for k, v in state_dict.items()}
+
+
+def is_original_layout(state_dict):
+    return any(".self_attn." in k or k.endswith("head.modulation") for k in state_dict)
+
+
+def resolve_folder(model, subfolder):
+    """A local diffusers-format folder or a hub id -> path of `subfolder` on disk."""
+    if os.path.isdir(model):
+        path = os.path.join(model, subfolder)
+        if not os.path.isdir(path):
+            raise UserError(f"'{model}' has no '{subfolder}/' folder: expected a diffusers-format Wan "
+                            f"folder (model_index.json, transformer/, vae/, text_encoder/, tokenizer/)")
+        return path
+    if os.path.exists(model) or model.count("/") != 1:
+        raise UserError(f"model '{model}' is neither a diffusers-format folder nor a hub id like {DEFAULT_MODEL}")
+    from huggingface_hub import snapshot_download
+    try:
+        root = snapshot_download(model, allow_patterns=[f"{subfolder}/*"])
+    except Exception as e:  # offline, unknown repo, no auth: one message with the way out
+        raise UserError(f"could not get '{model}' ({type(e).__name__}); download it with "
+                        f"`hf download {model} --local-dir DIR` and pass that DIR") from None
+    return os.path.join(root, subfolder)
+
+
+def load_safetensors_folder(folder):
+    from safetensors.torch import load_file
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    if not files:
+        raise UserError(f"no .safetensors weights in '{folder}'")
+    state_dict = {}
+    for f in files:
+        state_dict.update(load_file(os.path.join(folder, f)))
+    return state_dict
+
+
+def from_pretrained(model=DEFAULT_MODEL, dtype=torch.float32, device="cpu"):
+    """The causal transformer with the weights of a diffusers-format Wan (hub id or folder)."""
+    folder = resolve_folder(model, "transformer")
+    with open(os.path.join(folder, "config.json")) as f:
+        cfg = WanConfig.from_diffusers(json.load(f))
+    with torch.device("meta"):
+        net = CausalWan(cfg)
+    net.load_state_dict(load_safetensors_folder(folder), strict=True, assign=True)
+    return net.to(device=device, dtype=dtype)
+
+
+def load_checkpoint(path):
+    """torch.load of a checkpoint, turning a missing or corrupt file into a one-line error."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint '{path}' does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"checkpoint '{path}' is not a readable torch checkpoint ({type(e).__name__}: {str(e)[:100]})") from None
+
+
+def generator_state_dict(ckpt, use_ema=True):
+    """The generator weights (diffusers names) inside a checkpoint dict: ours ({'model', 'ema',
+    ...}), Self Forcing's ({'generator', 'generator_ema'}), or a bare state dict in either layout."""
+    for key in (["ema", "generator_ema"] if use_ema else []) + ["model", "generator"]:
+        if isinstance(ckpt.get(key), dict):
+            sd = ckpt[key]
+            break
+    else:
+        sd = ckpt
+    if not sd or not all(torch.is_tensor(v) for v in sd.values()):
+        raise UserError("checkpoint holds no generator weights (expected 'ema'/'model' or 'generator_ema'/'generator')")
+    return original_to_diffusers(sd) if is_original_layout(sd) else dict(sd)
+
+
+# -----------------------------------------------------------------------------
+# text encoder (UMT5) and VAE from the same diffusers-format folder
+
+
+def load_text_encoder(model=DEFAULT_MODEL, dtype=torch.float32, device="cpu"):
+    from transformers import AutoTokenizer, UMT5EncoderModel
+    tokenizer = AutoTokenizer.from_pretrained(resolve_folder(model, "tokenizer"))
+    encoder = UMT5EncoderModel.from_pretrained(resolve_folder(model, "text_encoder"), dtype=dtype).to(device).eval()
+    return tokenizer, encoder.requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, encoder, prompts, max_len=512):
+    """Prompts -> [B, 512, text_dim], as WanPipeline does: cleaned text, 512 tokens, encoder
+    output kept up to the real length (with </s>) and exact zeros after it. The transformer's
+    cross-attention has no mask, so the zero rows take part in the softmax, as in training."""
+    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+    for p in prompts:
+        if not p.strip():
+            raise UserError("empty prompt: give a text description of the video")
+    tok = tokenizer([prompt_clean(p) for p in prompts], padding="max_length", max_length=max_len,
+                    truncation=True, add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+    ids, mask = tok.input_ids.to(encoder.device), tok.attention_mask.to(encoder.device)
+    out = encoder(ids, mask).last_hidden_state
+    return out * mask[..., None].to(out.dtype)
+
+
+def load_vae(model=DEFAULT_MODEL, dtype=torch.float32, device="cpu"):
+    from diffusers import AutoencoderKLWan
+    return AutoencoderKLWan.from_pretrained(resolve_folder(model, "vae"), torch_dtype=dtype).to(device).eval().requires_grad_(False)
+
+
+def vae_decode(vae, z, first=True):
+    """Normalized latents [B, 16, n, h, w] -> pixels [B, 3, T, H, W] in [-1, 1].
+
+    The Wan VAE decodes frame by frame with a causal feature cache. first=False continues the
+    cache of the previous call, so decoding a video block by block (streaming) gives the same
+    frames as one decode of the whole video: latent frame 0 -> 1 frame, each later one -> 4.
+    Follows AutoencoderKLWan._decode, which clears that cache on every call."""
+    mean = torch.tensor(vae.config.latents_mean, device=z.device, dtype=z.dtype).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, device=z.device, dtype=z.dtype).view(1, -1, 1, 1, 1)
+    if first:
+        vae.clear_cache()
+    x = vae.post_quant_conv(z * std + mean)
+    frames = []
+    for i in range(x.shape[2]):
+        vae._conv_idx = [0]
+        frames.append(vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=first and i == 0))
+    return torch.cat(frames, 2).clamp(-1, 1)
+
+
+# -----------------------------------------------------------------------------
+# a tiny random Wan in the real on-disk format, for tests and CPU demos (--tiny)
+
+
+def make_tiny_wan(folder, seed=0):
+    """Write a random-init tiny Wan as a diffusers-format folder (model_index.json, transformer/,
+    vae/, text_encoder/, tokenizer/, scheduler/) with the real libraries' save_pretrained, so
+    that --tiny runs exactly the loading code a user with real weights runs. Returns folder."""
+    if os.path.isfile(os.path.join(folder, "model_index.json")):
+        return folder
+    import string
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
+    torch.manual_seed(seed)
+    cfg = WanConfig.tiny()
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    vocab += [(c, -2.0) for c in string.ascii_lowercase + string.digits + string.punctuation]
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)  # character-level Unigram vocab
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=cfg.text_dim, d_kv=8, d_ff=64,
+                                               num_layers=2, num_heads=4, relative_attention_num_buckets=8))
+    vae = AutoencoderKLWan(base_dim=8, dim_mult=[1, 1, 1, 1], num_res_blocks=1, z_dim=16)
+    transformer = WanTransformer3DModel(**cfg.to_diffusers())
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler)
+    tmp = folder.rstrip("/") + f".tmp{os.getpid()}"
+    pipe.save_pretrained(tmp)
+    os.makedirs(os.path.dirname(os.path.abspath(folder)), exist_ok=True)
+    try:
+        os.rename(tmp, folder)  # atomic: a half-written tiny model never looks complete
+    except OSError:  # another process won the race
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def tiny_model_dir():
+    """Where --tiny keeps its tiny Wan (built once, then reused)."""
+    return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "reward_forcing", "tiny_wan")
+
+
+def config_dict(cfg):
+    return asdict(cfg)
