@@ -213,6 +213,9 @@ class Block(nn.Module):
         self.ffn = FeedForward(cfg.dim, cfg.ffn_dim)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
 
+    def cross_kv(self, text):
+        return self.attn2.keys_values(text)
+
     def forward(self, x, mod, rope, text_kv, past_kv=None, block_tokens=None):
         """x [B, L, D]; mod [B, Fm, 6, D] fp32 with Fm = 1 (one t) or the number of frames (one t
         per frame). Modulation, residual adds and norms in fp32, as in diffusers and Wan."""
@@ -296,7 +299,7 @@ class CausalWan(nn.Module):
         """Text embeddings [B, S, text_dim] -> per-layer cross-attention keys/values. Compute once
         per prompt and reuse for every block and step."""
         c = self.condition_embedder.text_embedder(context)
-        return [blk.attn2.keys_values(c) for blk in self.blocks]
+        return [blk.cross_kv(c) for blk in self.blocks]
 
     def forward(self, x, t, prompt_kv, block_size=None, kv_cache=None, update_cache=False):
         """x [B, C, F, H, W], t [B] or [B, F] -> velocity [B, C, F, H, W].
@@ -362,17 +365,19 @@ def predict_x0(model, x, t, prompt_kv, **kw):
 
 
 def rollout(model, noise, prompt_kv, block_size=3, timesteps=DENOISING_TIMESTEPS, exit_steps=None,
-            max_frames=21, generator=None, on_block=None):
+            max_frames=21, generator=None, on_block=None, trajectory=None):
     """Generate a video block by block with the KV cache: noise [B, C, F, H, W] -> clean latents.
 
     Each block: denoise with the few-step schedule (predict x0, re-noise it to the next timestep
     with fresh noise), then run the clean x0 once more at t=0 to write its keys/values into the
-    cache. A last block shorter than block_size is allowed.
+    cache (skipped after the last block: nothing reads it). A last block shorter than block_size
+    is allowed. block_size >= F is the bidirectional few-step generator: one block, full attention.
 
     Training (Self Forcing): exit_steps[b] stops block b after that denoising step and returns
     its x0; when grad is enabled it flows only through that step. Earlier steps and the cache
     pass run without grad. Inference: exit_steps=None runs every step.
     on_block(b, x0, kv_cache) is called after each block (streaming decode, benchmarks).
+    trajectory: a list that receives, per block, the noisy input x_t of every step taken.
     """
     B, C, nF, H, W = noise.shape
     grad = torch.is_grad_enabled()
@@ -380,9 +385,10 @@ def rollout(model, noise, prompt_kv, block_size=3, timesteps=DENOISING_TIMESTEPS
     blocks = []
     for b, start in enumerate(range(0, nF, block_size)):
         x = noise[:, :, start:start + block_size]
-        n = x.shape[2]
         last = len(timesteps) - 1 if exit_steps is None else int(exit_steps[b])
+        steps = []
         for i in range(last + 1):
+            steps.append(x)
             t = torch.full((B,), timesteps[i], device=x.device, dtype=torch.float32)
             with torch.set_grad_enabled(grad and i == last):
                 x0 = predict_x0(model, x, t, prompt_kv, kv_cache=kv_cache)
@@ -390,9 +396,12 @@ def rollout(model, noise, prompt_kv, block_size=3, timesteps=DENOISING_TIMESTEPS
                 s = timesteps[i + 1] / 1000
                 eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
                 x = (1 - s) * x0 + s * eps
-        with torch.no_grad():
-            model(x0.detach(), torch.zeros(B, device=x.device), prompt_kv, kv_cache=kv_cache, update_cache=True)
+        if start + block_size < nF:
+            with torch.no_grad():
+                model(x0.detach(), torch.zeros(B, device=x.device), prompt_kv, kv_cache=kv_cache, update_cache=True)
         blocks.append(x0)
+        if trajectory is not None:
+            trajectory.append(steps)
         if on_block is not None:
             on_block(b, x0, kv_cache)
     return torch.cat(blocks, dim=2)
@@ -568,6 +577,18 @@ def vae_decode(vae, z, first=True):
     return torch.cat(frames, 2).clamp(-1, 1)
 
 
+def to_uint8_frames(pixels):
+    """Decoded pixels [3, T, H, W] in [-1, 1] -> uint8 frames [T, H, W, 3] for imageio."""
+    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
+
+
+def save_video(path, pixels, fps=16):
+    """Write pixels [3, T, H, W] in [-1, 1] as an H.264 mp4 (imageio + ffmpeg)."""
+    import imageio
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    imageio.mimwrite(path, to_uint8_frames(pixels), fps=fps, codec="libx264", macro_block_size=1)
+
+
 # -----------------------------------------------------------------------------
 # a tiny random Wan in the real on-disk format, for tests and CPU demos (--tiny)
 
@@ -610,3 +631,75 @@ def tiny_model_dir():
 
 def config_dict(cfg):
     return asdict(cfg)
+
+
+# -----------------------------------------------------------------------------
+# training plumbing shared by distill_dmd.py, train_ode.py and train_reward.py
+
+
+def init_distributed():
+    """(rank, world_size, device). Under torchrun (RANK set) one process per GPU (NCCL) or per CPU
+    process (gloo); a plain `python script.py` is a world of one. Both take the same FSDP path."""
+    import torch.distributed as dist
+    cuda = torch.cuda.is_available()
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    else:
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local)
+    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def shard_model(model, bf16):
+    """FSDP2: shard every transformer block and the rest of the model across ranks. With bf16,
+    compute runs in bf16 while the sharded master weights, gradients and optimizer stay fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    for blk in model.blocks:
+        fully_shard(blk, mp_policy=mp)
+        register_fsdp_forward_method(blk, "cross_kv")  # called outside forward: gather its weights too
+    fully_shard(model, mp_policy=mp)
+    register_fsdp_forward_method(model, "prompt_kv")
+    return model
+
+
+def full_state_dict(model, optimizer=None):
+    """Full (unsharded) CPU state dict of a sharded model (and optimizer) on rank 0; {} elsewhere."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if optimizer is not None:
+        return get_optimizer_state_dict(model, optimizer, options=opts)
+    return get_model_state_dict(model, options=opts)
+
+
+def load_full_state_dict(model, state_dict, optimizer=None):
+    """Inverse of full_state_dict: every rank passes the same full dict (read from disk)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    opts = StateDictOptions(full_state_dict=True)
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state_dict, options=opts)
+    else:
+        set_model_state_dict(model, state_dict, options=opts)
+
+
+def save_checkpoint(path, ckpt):
+    """Write to a temp file, then rename: a crash mid-save never replaces a good checkpoint."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, on the local shards (same sharding for both)."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach().to(e.dtype), 1 - decay)
+
+
+def step_generator(seed, step, rank, device):
+    """A generator for this step and rank: resuming at step N draws exactly the noise a run from
+    scratch drew at step N, with no RNG state to save."""
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + step * 8191 + rank)

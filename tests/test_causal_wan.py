@@ -155,7 +155,7 @@ def test_long_video_window_is_bounded(model):
         out = cw.rollout(model, x, kv, block_size=3, max_frames=9,
                          on_block=lambda b, x0, c: held.append((c.pos, c.frames, c.num_bytes())))
     assert out.shape == x.shape and torch.isfinite(out).all()
-    assert [p for p, _, _ in held] == list(range(3, 31, 3))  # RoPE positions keep growing
+    assert [p for p, _, _ in held] == list(range(3, 28, 3)) + [27]  # RoPE positions grow (no write after the last block)
     assert max(f for _, f, _ in held) == 6  # sink (3) + recent (3): the next block makes 9
     assert len({nb for _, _, nb in held[2:]}) == 1  # memory flat once the window is full
 
@@ -188,3 +188,24 @@ def test_missing_model_folder_is_a_clear_error(tmp_path):
         cw.from_pretrained(str(tmp_path / "no" / "such" / "dir"))
     with pytest.raises(cw.UserError, match="has no 'transformer/' folder"):
         cw.from_pretrained(str(tmp_path))
+
+
+def test_one_block_rollout_is_the_bidirectional_sampler(model):
+    """block_size >= F: one block with an empty cache is plain full attention (the 4-step
+    bidirectional generator), and the trajectory holds the noisy input of every step."""
+    x, ctx, _ = _inputs(model, frames=4, batch=1)
+    kv = model.prompt_kv(ctx)
+    traj = []
+    with torch.no_grad():
+        out = cw.rollout(model, x, kv, block_size=4, generator=torch.Generator().manual_seed(0), trajectory=traj)
+        g = torch.Generator().manual_seed(0)
+        xt, steps = x, []
+        for i, tt in enumerate(cw.DENOISING_TIMESTEPS):
+            steps.append(xt)
+            x0 = cw.predict_x0(model, xt, torch.tensor([tt]), kv)
+            if i + 1 < 4:
+                s = cw.DENOISING_TIMESTEPS[i + 1] / 1000
+                xt = (1 - s) * x0 + s * torch.randn(x0.shape, generator=g)
+    assert (out - x0).abs().max() < 1e-5
+    assert len(traj) == 1 and len(traj[0]) == 4
+    assert all((a - b).abs().max() < 1e-5 for a, b in zip(traj[0], steps))
