@@ -394,7 +394,8 @@ def rollout(model, noise, prompt_kv, block_size=3, timesteps=DENOISING_TIMESTEPS
                 x0 = predict_x0(model, x, t, prompt_kv, kv_cache=kv_cache)
             if i < last:
                 s = timesteps[i + 1] / 1000
-                eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+                eps = torch.randn(x0.shape, generator=generator, device=generator.device if generator else x0.device)
+                eps = eps.to(x0.device, x0.dtype)  # a CPU generator gives the same noise on every device
                 x = (1 - s) * x0 + s * eps
         if start + block_size < nF:
             with torch.no_grad():

@@ -1,0 +1,87 @@
+"""sample.py end to end on the tiny Wan, and its one-line errors on bad input."""
+import os
+import re
+import subprocess
+import sys
+
+import imageio
+import pytest
+import torch
+
+import causal_wan as cw
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def frames_of(path):
+    with imageio.get_reader(path) as r:
+        return r.count_frames(), r.get_meta_data()["fps"], r.get_data(0).shape
+
+
+@pytest.mark.parametrize("chunk,frames", [(3, 21), (1, 21), (3, 17)])  # 17 frames: a shorter last block
+def test_tiny_writes_the_requested_frames(tiny_wan, tmp_path, chunk, frames):
+    out = tmp_path / "fox.mp4"
+    r = run("--tiny", "--model", tiny_wan, "--prompt", "a red fox", "--frames", str(frames), "--chunk", str(chunk), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert frames_of(out) == (frames, 16.0, (64, 64, 3))
+    assert not os.path.exists(str(out) + ".part.mp4")
+
+
+def test_prompts_file_checkpoint_and_stream(tiny_wan, tmp_path):
+    model = cw.from_pretrained(tiny_wan)
+    sd = {k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()}
+    cw.save_checkpoint(str(tmp_path / "ckpt.pt"), {"model": sd, "ema": sd, "step": 1, "args": {}})
+    (tmp_path / "prompts.txt").write_text("a red fox\n\na blue bird\n")
+    outs = []
+    for ckpt in ([], ["--checkpoint", str(tmp_path / "ckpt.pt")]):
+        out = tmp_path / f"videos{len(ckpt)}"
+        r = run("--tiny", "--model", tiny_wan, "--prompts-file", str(tmp_path / "prompts.txt"), "--num-videos", "2",
+                "--frames", "9", "--stream", "--out", str(out), *ckpt)
+        assert r.returncode == 0, r.stderr
+        files = sorted(os.listdir(out))
+        assert len(files) == 4 and files[0] == "0000_a_red_fox-0.mp4"
+        assert all(frames_of(out / f)[0] == 9 for f in files)
+        with imageio.get_reader(out / files[0]) as rd:
+            outs.append(rd.get_data(4).astype(float))
+    assert abs(outs[0] - outs[1]).mean() > 1  # the checkpoint's weights were used
+
+
+def test_jobs_file(tiny_wan, tmp_path):
+    jobs = tmp_path / "jobs.tsv"
+    jobs.write_text(f"a red fox\t3\t{tmp_path / 'a fox, (odd) name-3.mp4'}\n")
+    r = run("--tiny", "--model", tiny_wan, "--jobs", str(jobs), "--frames", "5")
+    assert r.returncode == 0, r.stderr
+    assert frames_of(tmp_path / "a fox, (odd) name-3.mp4")[0] == 5
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prompt", "   "], "empty prompt"),
+    (["--prompt", "fox", "--frames", "20"], "not 4k+1"),
+    (["--prompt", "fox", "--height", "100"], "not a positive multiple of 16"),
+    (["--prompt", "fox", "--width", "8"], "not a positive multiple of 16"),
+    (["--prompt", "fox", "--model", "/no/such/folder"], "neither a diffusers-format folder nor a hub id"),
+    (["--prompt", "fox", "--checkpoint", "CORRUPT"], "not a readable torch checkpoint"),
+    (["--prompt", "fox", "--checkpoint", "/no/such.pt"], "does not exist"),
+    (["--prompt", "fox", "--checkpoint", "WRONG"], "does not fit the model"),
+    (["--prompt", "fox", "--prompts-file", "/no/such.txt"], "exactly one of"),
+])
+def test_bad_input_is_a_user_error(tiny_wan, tmp_path, args, message):
+    import sample
+    (tmp_path / "bad.pt").write_bytes(b"\x00not a checkpoint")
+    wrong = cw.CausalWan(cw.WanConfig(dim=48, ffn_dim=64, num_heads=3, num_layers=2, text_dim=32, freq_dim=32))
+    cw.save_checkpoint(str(tmp_path / "wrong.pt"), {"model": wrong.state_dict()})
+    args = [str(tmp_path / "bad.pt") if a == "CORRUPT" else str(tmp_path / "wrong.pt") if a == "WRONG" else a for a in args]
+    with pytest.raises(cw.UserError, match=re.escape(message)) as e:
+        sample.main(sample.parse_args(["--tiny", "--model", tiny_wan, "--frames", "5", "--out", str(tmp_path / "x.mp4"), *args]))
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_error_exit_is_one_line_without_traceback(tmp_path):
+    r = run("--prompt", "fox", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "x.mp4"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [f"error: model '{tmp_path / 'missing'}' is neither a diffusers-format folder nor a hub id like {cw.DEFAULT_MODEL}"]
