@@ -1,0 +1,186 @@
+#!/usr/bin/env bash
+# VBench evaluation of a checkpoint, as in the paper's Tables 1 and 3: generate the 4,720 standard
+# videos, score all 16 dimensions with VBench, print Total / Quality / Semantic.
+#
+#   bash eval_vbench.sh --checkpoint CKPT --out DIR [--extended-prompts FILE] [--gpus N]
+#   bash eval_vbench.sh --score-only RESULTS_DIR      # only the table, from VBench's *_eval_results.json
+#   bash eval_vbench.sh --dry-run --out DIR --prompt-list VBench_full_info.json [--gpus N]
+#
+# 1. Generate: every unique prompt of VBench's own prompt list (VBench_full_info.json of the installed
+#    vbench package), seeds 0..4, 81 frames 480x832 at 16 fps, into DIR/videos/"{prompt}-{seed}.mp4"
+#    (the original prompt, untruncated, even when --extended-prompts gives the text to generate from).
+#    Resumable: valid videos are kept. Spread over N GPUs. Then every one of the 4,720 files is checked.
+# 2. Score: VBench in its own venv (its pins conflict with ours), offline, one dimension at a time into
+#    DIR/vbench/<dimension>/; a missing or failed dimension stops the script.
+# 3. Aggregate: VBench's Min/Max/weights -> table, DIR/vbench_scores.json, and a last JSON line.
+# --dry-run: the same flow on the CPU with `sample.py --tiny`, 3 prompts, small videos; VBench is
+#    skipped and stand-in result files (the paper's numbers) go through the aggregation.
+#
+# What this script expects from sample.py (one video per job line):
+#   python sample.py --jobs JOBS.tsv --frames F --height H --width W --fps FPS (--checkpoint CKPT | --tiny)
+#   JOBS.tsv: no header; each line PROMPT<TAB>SEED<TAB>OUT_PATH. For each line, generate one video from
+#   PROMPT with torch seed SEED and write it to OUT_PATH (mp4; overwrite; write a temporary file and
+#   rename it, so that a file under OUT_PATH is always a whole video). Exit non-zero if any line fails.
+#
+# Environment: VBENCH_VENV (default ~/.cache/vbench_venv), VBENCH_CACHE_DIR (default ~/.cache/vbench,
+# the weights listed in VBENCH_WEIGHTS below), VBENCH_PYTHON (python3.11: the interpreter for the venv).
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+VBENCH_VENV=${VBENCH_VENV:-$HOME/.cache/vbench_venv}
+VBENCH_CACHE_DIR=${VBENCH_CACHE_DIR:-$HOME/.cache/vbench}
+VBENCH_PYTHON=${VBENCH_PYTHON:-python3.11}
+
+# VBench pins transformers 4.33.2, numpy<2 and timm<=1.0.12; these are the versions its venv gets.
+# detectron2 (GRiT: object_class, multiple_objects, color, spatial_relationship) is built from source
+# against that torch, so creating the venv needs the network and nvcc.
+VBENCH_PACKAGES=(torch==2.6.0 torchvision==0.21.0 vbench==0.1.5 pyiqa==0.1.10 timm==1.0.12
+                 numpy==1.26.4 opencv-python==4.11.0.86)
+DETECTRON2="detectron2 @ git+https://github.com/facebookresearch/detectron2.git@02b5c4e295e990042a714712c21dc79b731e8833"
+
+# Pre-placed under $VBENCH_CACHE_DIR (scoring runs offline; see docs for where to get each).
+VBENCH_WEIGHTS=(
+  clip_model/ViT-B-32.pt                                    # background_consistency, appearance_style
+  clip_model/ViT-L-14.pt                                    # aesthetic_quality
+  aesthetic_model/emb_reader/sa_0_4_vit_l_14_linear.pth     # aesthetic_quality (LAION head)
+  dino_model/facebookresearch_dino_main/hubconf.py          # subject_consistency (clone of facebookresearch/dino)
+  dino_model/dino_vitbase16_pretrain.pth                    # subject_consistency: VBench checks it is here,
+  torch/hub/checkpoints/dino_vitbase16_pretrain.pth         #   DINO's hubconf loads it from $TORCH_HOME
+  pyiqa_model/musiq_spaq_ckpt-358bb6af.pth                  # imaging_quality (MUSIQ, SPAQ)
+  amt_model/amt-s.pth                                       # motion_smoothness
+  raft_model/models/raft-things.pth                         # dynamic_degree and the static filter
+  grit_model/grit_b_densecap_objectdet.pth                  # object_class, multiple_objects, color, spatial_relationship
+  caption_model/tag2text_swin_14m.pth                       # scene
+  umt_model/l16_ptk710_ftk710_ftk400_f16_res224.pth         # human_action
+  ViCLIP/ViClip-InternVid-10M-FLT.pth                       # temporal_style, overall_consistency
+  ViCLIP/bpe_simple_vocab_16e6.txt.gz                       # temporal_style, overall_consistency
+  "huggingface/hub/models--bert-base-uncased/snapshots/*/vocab.txt"          # GRiT and Tag2Text tokenizer
+  "huggingface/hub/models--bert-base-uncased/snapshots/*/model.safetensors"  # Tag2Text (scene)
+)
+DIMENSIONS=(subject_consistency background_consistency temporal_flickering motion_smoothness
+            dynamic_degree aesthetic_quality imaging_quality object_class multiple_objects human_action
+            color spatial_relationship scene appearance_style temporal_style overall_consistency)
+
+die() { echo "eval_vbench.sh: $*" >&2; exit 1; }
+
+CHECKPOINT="" OUT="" EXTENDED="" GPUS=1 SCORE_ONLY="" DRY_RUN=0 PROMPT_LIST="" EXTENDED_ARGS=()
+while (($#)); do
+  case $1 in
+    --checkpoint) CHECKPOINT=$2; shift 2 ;;
+    --out) OUT=$2; shift 2 ;;
+    --extended-prompts) EXTENDED=$2; shift 2 ;;
+    --gpus) GPUS=$2; shift 2 ;;
+    --score-only) SCORE_ONLY=$2; shift 2 ;;
+    --dry-run) DRY_RUN=1; shift ;;
+    --prompt-list) PROMPT_LIST=$2; shift 2 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d'; exit 0 ;;
+    *) die "unknown argument $1 (see --help)" ;;
+  esac
+done
+
+if [[ -n $SCORE_ONLY ]]; then
+  exec python "$HERE/vbench_tools.py" score "$SCORE_ONLY" --json "$SCORE_ONLY/vbench_scores.json"
+fi
+
+[[ -n $OUT ]] || die "--out DIR is required"
+[[ $GPUS =~ ^[1-9][0-9]*$ ]] || die "--gpus must be a positive integer, got '$GPUS'"
+if ((DRY_RUN)); then
+  [[ -z $CHECKPOINT ]] || die "--dry-run uses sample.py --tiny, not a checkpoint"
+  [[ -n $PROMPT_LIST ]] || die "--dry-run needs --prompt-list VBench_full_info.json (e.g. unzip -p vbench-0.1.5-py3-none-any.whl vbench/VBench_full_info.json)"
+  MODEL_ARGS=(--tiny) VIDEO_SPEC=(--frames 9 --height 64 --width 64 --fps 16) LIMIT=(--limit 3)
+else
+  [[ -n $CHECKPOINT ]] || die "--checkpoint CKPT is required"
+  [[ -z $PROMPT_LIST ]] || die "--prompt-list is for --dry-run; a real run reads the list of the installed vbench"
+  MODEL_ARGS=(--checkpoint "$CHECKPOINT") VIDEO_SPEC=(--frames 81 --height 480 --width 832 --fps 16) LIMIT=()
+fi
+[[ -z $EXTENDED ]] || EXTENDED_ARGS=(--extended-prompts "$EXTENDED")
+mkdir -p "$OUT/videos" "$OUT/jobs" "$OUT/logs"
+
+vbench_python() { "$VBENCH_VENV/bin/python" "$@"; }
+
+ensure_vbench_venv() {  # created once; the marker says the install finished
+  [[ -f $VBENCH_VENV/.installed ]] && return
+  echo "creating VBench's venv in $VBENCH_VENV"
+  "$VBENCH_PYTHON" -c 'import sys; assert sys.version_info[:2] in ((3, 10), (3, 11)), "VBench needs Python 3.10 or 3.11 (tokenizers 0.13 wheels)"'
+  "$VBENCH_PYTHON" -m venv --clear "$VBENCH_VENV"
+  vbench_python -m pip install "${VBENCH_PACKAGES[@]}"
+  FORCE_CUDA=1 vbench_python -m pip install --no-build-isolation "$DETECTRON2"
+  touch "$VBENCH_VENV/.installed"
+}
+
+generate() {  # missing or invalid videos -> one job file per GPU -> one sample.py per GPU
+  python "$HERE/vbench_tools.py" jobs --prompt-list "$PROMPT_LIST" --videos "$OUT/videos" --jobs-dir "$OUT/jobs" \
+    --shards "$GPUS" "${EXTENDED_ARGS[@]}" "${VIDEO_SPEC[@]}" "${LIMIT[@]}"
+  local pids=() logs=() gpu failed=0
+  for ((gpu = 0; gpu < GPUS; gpu++)); do
+    [[ -s $OUT/jobs/shard_$gpu.tsv ]] || continue
+    logs+=("$OUT/logs/generate_gpu$gpu.log")
+    CUDA_VISIBLE_DEVICES=$gpu python "$HERE/sample.py" --jobs "$OUT/jobs/shard_$gpu.tsv" "${MODEL_ARGS[@]}" \
+      "${VIDEO_SPEC[@]}" >"${logs[-1]}" 2>&1 &
+    pids+=($!)
+  done
+  ((${#pids[@]})) || return 0
+  trap 'kill "${pids[@]}" 2>/dev/null' INT TERM
+  echo "generating on ${#pids[@]} GPU(s); logs: $OUT/logs/generate_gpu*.log"
+  for i in "${!pids[@]}"; do
+    if ! wait "${pids[i]}"; then
+      echo "sample.py failed, last lines of ${logs[i]}:" >&2
+      tail -n 20 "${logs[i]}" >&2
+      failed=1
+    fi
+  done
+  trap - INT TERM
+  ((failed == 0)) || die "generation failed; rerun the same command to resume"
+}
+
+score_with_vbench() {  # one `evaluate` per dimension, so a failure names its dimension and a rerun resumes
+  local missing=() weight dim videos
+  for weight in "${VBENCH_WEIGHTS[@]}"; do
+    compgen -G "$VBENCH_CACHE_DIR/$weight" >/dev/null || missing+=("$VBENCH_CACHE_DIR/$weight")
+  done
+  ((${#missing[@]} == 0)) || die "VBench runs offline; missing under VBENCH_CACHE_DIR: $(printf '\n  %s' "${missing[@]}")"
+  export VBENCH_CACHE_DIR TORCH_HOME=$VBENCH_CACHE_DIR/torch HF_HOME=$VBENCH_CACHE_DIR/huggingface
+  export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+  export TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1  # torch >= 2.6 refuses VBench's old pickled checkpoints otherwise
+  for dim in "${DIMENSIONS[@]}"; do
+    if compgen -G "$OUT/vbench/$dim/*_eval_results.json" >/dev/null; then
+      echo "$dim: result already in $OUT/vbench/$dim"; continue
+    fi
+    videos=$OUT/videos
+    if [[ $dim == temporal_flickering ]]; then
+      # VBench scores flickering on static videos only: its static filter (RAFT) copies them aside.
+      rm -rf "$OUT/static_filter"
+      "$VBENCH_VENV/bin/vbench" static_filter --videos_path "$OUT/videos" --result_path "$OUT/static_filter" \
+        2>&1 | tee "$OUT/logs/vbench_static_filter.log" || die "VBench's static filter failed; see its log"
+      videos=$OUT/static_filter/filtered_videos
+    fi
+    rm -rf "${OUT:?}/vbench/$dim"
+    # launch/evaluate.py under torchrun, not `vbench evaluate`, which exits 0 when a dimension fails.
+    vbench_python -m torch.distributed.run --standalone --nproc_per_node "$GPUS" "$VBENCH_PKG/launch/evaluate.py" \
+      --videos_path "$videos" --dimension "$dim" --output_path "$OUT/vbench/$dim" --load_ckpt_from_local True \
+      2>&1 | tee "$OUT/logs/vbench_$dim.log" || die "VBench failed on $dim; see $OUT/logs/vbench_$dim.log"
+    compgen -G "$OUT/vbench/$dim/*_eval_results.json" >/dev/null \
+      || die "VBench wrote no result for $dim; see $OUT/logs/vbench_$dim.log"
+  done
+}
+
+if ((DRY_RUN)); then
+  echo "DRY RUN: sample.py --tiny on the first 3 prompts, 9 frames 64x64"
+else
+  ensure_vbench_venv
+  VBENCH_PKG=$(vbench_python -c 'import importlib.util; print(importlib.util.find_spec("vbench").submodule_search_locations[0])')
+  PROMPT_LIST=$VBENCH_PKG/VBench_full_info.json
+fi
+
+generate
+python "$HERE/vbench_tools.py" verify --prompt-list "$PROMPT_LIST" --videos "$OUT/videos" "${VIDEO_SPEC[@]}" "${LIMIT[@]}"
+
+if ((DRY_RUN)); then
+  echo "SKIPPED: VBench scoring (dry run). The table below aggregates stand-in result files holding the" \
+       "paper's Table 3 numbers; it is not a measurement."
+  python "$HERE/vbench_tools.py" dry-run-results --videos "$OUT/videos" --results-dir "$OUT/vbench_dry_run"
+  python "$HERE/vbench_tools.py" score "$OUT/vbench_dry_run" --json "$OUT/vbench_scores_dry_run.json"
+else
+  score_with_vbench
+  python "$HERE/vbench_tools.py" score "$OUT/vbench" --json "$OUT/vbench_scores.json"
+fi

@@ -1,0 +1,259 @@
+"""The bookkeeping half of eval_vbench.sh: VBench's prompt list, the video names, the check that
+every video is there, and the Total / Quality / Semantic scores. eval_vbench.sh calls it:
+
+    python vbench_tools.py jobs   --prompt-list VBench_full_info.json --videos DIR/videos --jobs-dir DIR/jobs --shards 8
+    python vbench_tools.py verify --prompt-list VBench_full_info.json --videos DIR/videos
+    python vbench_tools.py score  RESULTS_DIR [--json scores.json]
+    python vbench_tools.py dry-run-results --videos DIR/videos --results-dir DIR/vbench_dry_run   # stand-ins
+
+The prompt list is VBench's own VBench_full_info.json (the same 946 lines as its prompts/all_dimension.txt,
+in the same order; the pip wheel ships only the json). VBench's standard mode looks every entry up as
+f"{prompt_en}-{i}.mp4", i = 0..4, in one folder (vbench/__init__.py, build_full_info_json), so that is
+the name, untruncated. Two prompts appear twice in the list (with different dimensions); both entries
+read the same five files, so each unique prompt is generated once: 944 prompts x 5 seeds = 4,720 videos.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+SEEDS = range(5)  # video i of every prompt is generated with seed i
+
+# VBench's scripts/constant.py (not in the pip wheel): n = (raw - Min) / (Max - Min) * W;
+# Quality = sum(n over quality) / sum(W), Semantic likewise, Total = (4 Quality + 1 Semantic) / 5.
+DIMENSIONS = {  # name: (group, Min, Max, W), in the order of the paper's Table 3
+    "subject_consistency": ("quality", 0.1462, 1.0, 1.0),
+    "background_consistency": ("quality", 0.2615, 1.0, 1.0),
+    "temporal_flickering": ("quality", 0.6293, 1.0, 1.0),
+    "motion_smoothness": ("quality", 0.706, 0.9975, 1.0),
+    "dynamic_degree": ("quality", 0.0, 1.0, 0.5),
+    "aesthetic_quality": ("quality", 0.0, 1.0, 1.0),
+    "imaging_quality": ("quality", 0.0, 1.0, 1.0),
+    "object_class": ("semantic", 0.0, 1.0, 1.0),
+    "multiple_objects": ("semantic", 0.0, 1.0, 1.0),
+    "human_action": ("semantic", 0.0, 1.0, 1.0),
+    "color": ("semantic", 0.0, 1.0, 1.0),
+    "spatial_relationship": ("semantic", 0.0, 1.0, 1.0),
+    "scene": ("semantic", 0.0, 0.8222, 1.0),
+    "appearance_style": ("semantic", 0.0009, 0.2855, 1.0),
+    "temporal_style": ("semantic", 0.0, 0.364, 1.0),
+    "overall_consistency": ("semantic", 0.0, 0.364, 1.0),
+}
+QUALITY_WEIGHT, SEMANTIC_WEIGHT = 4, 1
+
+# The paper's numbers, printed beside ours: Table 3 (16 dimensions, %) and Table 1 (quality, semantic, total).
+PAPER = {
+    "Self Forcing": dict(zip(DIMENSIONS, [95.32, 96.30, 99.05, 98.35, 72.22, 65.75, 69.02, 93.75,
+                                          83.92, 97.00, 89.28, 83.38, 57.34, 24.40, 20.48, 26.72]),
+                         quality=85.07, semantic=81.28, total=84.31),
+    "Reward Forcing": dict(zip(DIMENSIONS, [96.15, 95.83, 97.88, 97.99, 81.94, 70.51, 68.84, 93.20,
+                                            87.58, 97.00, 89.04, 83.78, 54.36, 24.06, 21.19, 26.14]),
+                           quality=85.91, semantic=80.97, total=84.92),
+}
+
+
+# ---- prompts and names ----
+
+def read_prompt_list(path):
+    """The 946 prompts of VBench_full_info.json, in order, duplicates included."""
+    return [entry["prompt_en"] for entry in json.loads(Path(path).read_text())]
+
+
+def video_name(prompt, i):
+    name = f"{prompt}-{i}.mp4"
+    if "/" in name or "\0" in name or len(name.encode()) > 255:
+        raise SystemExit(f"prompt cannot be a file name as it is: {prompt!r}")
+    return name
+
+
+def plan(prompt_list, extended_prompts=None, limit=None):
+    """[(prompt to generate from, seed, file name)] for every video VBench will look for.
+
+    extended_prompts: a file line-aligned with the prompt list; the video is generated from its line
+    but keeps the original prompt's name. For a prompt listed twice, its first line is used.
+    limit: only the first `limit` unique prompts (the dry run).
+    """
+    prompts = read_prompt_list(prompt_list)
+    source = prompts
+    if extended_prompts:
+        source = Path(extended_prompts).read_text().splitlines()
+        if len(source) != len(prompts) or not all(line.strip() for line in source):
+            raise SystemExit(f"{extended_prompts}: expected {len(prompts)} non-empty lines, line-aligned with "
+                             f"{prompt_list}; got {len(source)} lines")
+    to_generate = {}  # original prompt -> prompt to generate from (first occurrence wins)
+    for prompt, line in zip(prompts, source):
+        to_generate.setdefault(prompt, line)
+    if limit is not None:
+        to_generate = dict(list(to_generate.items())[:limit])
+    videos = [(line, seed, video_name(prompt, seed)) for prompt, line in to_generate.items() for seed in SEEDS]
+    assert len({name for _, _, name in videos}) == len(videos), "two videos share a file name"
+    return videos
+
+
+# ---- checking videos ----
+
+def check_video(path, frames, height, width, fps):
+    """None if `path` decodes to `frames` frames of height x width at `fps`, else what is wrong with it."""
+    import imageio.v2 as imageio  # only these subcommands need it; `score` runs on the standard library
+
+    try:
+        with imageio.get_reader(path, format="FFMPEG") as reader:
+            meta = reader.get_meta_data()
+            n = sum(1 for _ in reader)  # decode every frame: a broken stream fails here, not in VBench
+    except Exception as e:
+        return f"unreadable ({type(e).__name__}: {e})"
+    found = (n, meta["size"][1], meta["size"][0], meta["fps"])
+    if found != (frames, height, width, fps):
+        return f"{n} frames {found[1]}x{found[2]} at {found[3]} fps, expected {frames} {height}x{width} at {fps}"
+    return None
+
+
+def check_videos(paths, spec):
+    """{path: problem or None}, decoding in parallel (ffmpeg does the work in its own processes)."""
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        return dict(zip(paths, pool.map(lambda p: check_video(p, *spec), paths)))
+
+
+def write_jobs(args):
+    """One tab-separated job file per GPU (prompt, seed, output path) for the videos not yet valid."""
+    spec = (args.frames, args.height, args.width, args.fps)
+    videos = plan(args.prompt_list, args.extended_prompts, args.limit)
+    out_dir = Path(args.videos).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    existing = [out_dir / name for _, _, name in videos if (out_dir / name).exists()]
+    valid = {path for path, problem in check_videos(existing, spec).items() if problem is None}
+    todo = [(prompt, seed, out_dir / name) for prompt, seed, name in videos if out_dir / name not in valid]
+    for prompt, seed, path in todo:
+        if "\t" in prompt or "\n" in prompt:
+            raise SystemExit(f"a prompt contains a tab or newline, which the job file cannot hold: {prompt!r}")
+    jobs_dir = Path(args.jobs_dir)
+    jobs_dir.mkdir(parents=True, exist_ok=True)
+    for shard in range(args.shards):  # round robin: every video lands in exactly one shard
+        lines = [f"{prompt}\t{seed}\t{path}\n" for prompt, seed, path in todo[shard :: args.shards]]
+        (jobs_dir / f"shard_{shard}.tsv").write_text("".join(lines))
+    print(f"{len(videos)} videos expected: {len(valid)} valid already, {len(todo)} to generate "
+          f"({len(existing) - len(valid)} of them exist but are invalid and will be overwritten), over {args.shards} shard(s)")
+
+
+def verify(args):
+    """Every expected video exists exactly once, decodes with the right frames/size/fps; nothing else is there."""
+    spec = (args.frames, args.height, args.width, args.fps)
+    names = [name for _, _, name in plan(args.prompt_list, limit=args.limit)]
+    videos_dir = Path(args.videos)
+    present = set(os.listdir(videos_dir))
+    missing = [name for name in names if name not in present]
+    extra = sorted(present - set(names))  # VBench takes the suffix from the first file it lists
+    problems = check_videos([videos_dir / name for name in names if name in present], spec)
+    invalid = [f"{path.name}: {problem}" for path, problem in problems.items() if problem]
+    for title, items in [("missing", missing), ("invalid", invalid), ("unexpected files", extra)]:
+        if items:
+            print(f"{title} in {videos_dir} ({len(items)}):", *items, sep="\n  ", file=sys.stderr)
+    if missing or invalid or extra:
+        raise SystemExit(f"verification failed: {len(missing)} missing, {len(invalid)} invalid, "
+                         f"{len(extra)} unexpected")
+    print(f"verified: all {len(names)} videos present exactly once, {args.frames} frames "
+          f"{args.height}x{args.width} at {args.fps} fps")
+
+
+# ---- scores ----
+
+def load_results(results_dir):
+    """{dimension: raw score in [0, 1]} from VBench's *_eval_results.json files ({dim: [score, per_video]})."""
+    if not Path(results_dir).is_dir():
+        raise SystemExit(f"{results_dir} is not a folder")
+    files = sorted(Path(results_dir).rglob("*_eval_results.json"))
+    found = {}  # dimension -> (score, file)
+    for file in files:
+        for dim, (score, _) in json.loads(file.read_text()).items():
+            if dim in found:
+                raise SystemExit(f"{dim} is in two result files: {found[dim][1]} and {file}; keep one")
+            found[dim] = (score, file)
+    missing = [dim for dim in DIMENSIONS if dim not in found]
+    if missing:  # VBench's own cal_final_score.py would count these as 0
+        raise SystemExit(f"missing VBench dimensions in {results_dir} ({len(files)} *_eval_results.json files): "
+                         f"{', '.join(missing)}. A missing dimension is an error, never a 0: run "
+                         f"`vbench evaluate --dimension NAME` for each and check its log.")
+    unknown = sorted(set(found) - set(DIMENSIONS))
+    failed = [f"{dim}={score!r} ({file})" for dim, (score, file) in found.items()
+              if not (isinstance(score, (int, float)) and math.isfinite(score) and 0 <= score <= 1)]
+    if unknown or failed:
+        raise SystemExit(f"unexpected dimensions {unknown} / failed dimensions {failed} in {results_dir}")
+    return {dim: found[dim][0] for dim in DIMENSIONS}
+
+
+def vbench_scores(raw):
+    """Raw scores in [0, 1] for all 16 dimensions -> {"quality", "semantic", "total"} in [0, 1]."""
+    normalized = {dim: (raw[dim] - lo) / (hi - lo) * w for dim, (_, lo, hi, w) in DIMENSIONS.items()}
+    group = {}
+    for name in ("quality", "semantic"):
+        dims = [dim for dim, (g, *_) in DIMENSIONS.items() if g == name]
+        group[name] = sum(normalized[dim] for dim in dims) / sum(DIMENSIONS[dim][3] for dim in dims)
+    total = ((QUALITY_WEIGHT * group["quality"] + SEMANTIC_WEIGHT * group["semantic"])
+             / (QUALITY_WEIGHT + SEMANTIC_WEIGHT))
+    return {**group, "total": total}
+
+
+def score(args):
+    raw = load_results(args.results_dir)
+    scores = vbench_scores(raw)
+    ours = {**{dim: 100 * raw[dim] for dim in DIMENSIONS}, **{k: 100 * v for k, v in scores.items()}}
+    refs = list(PAPER)
+    print(f"{'dimension':<24}{'group':<10}{'ours':>8}" + "".join(f"{ref + ' *':>18}" for ref in refs))
+    rows = [(dim, group, dim) for dim, (group, *_) in DIMENSIONS.items()]
+    rows += [("Quality score", "", "quality"), ("Semantic score", "", "semantic"), ("Total score", "", "total")]
+    for label, group, key in rows:
+        print(f"{label:<24}{group:<10}{ours[key]:>8.2f}" + "".join(f"{PAPER[ref][key]:>18.2f}" for ref in refs))
+    print("* the paper's Table 3 (dimensions) and Table 1 (scores); dimensions are raw VBench scores in %, "
+          "the three scores use VBench's Min/Max normalization and weights")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"dimensions": {dim: ours[dim] for dim in DIMENSIONS},
+                                               **{k: ours[k] for k in scores}}, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    print(json.dumps({k: round(ours[k], 4) for k in ("total", "quality", "semantic")}))
+
+
+def dry_run_results(args):
+    """Stand-in result files for the dry run, in VBench's format: the paper's Table 3 numbers, not a measurement."""
+    videos = sorted(str(p) for p in Path(args.videos).glob("*.mp4"))
+    out = Path(args.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for dim in DIMENSIONS:
+        per_video = [{"video_path": v, "video_results": PAPER["Reward Forcing"][dim] / 100} for v in videos]
+        results = {dim: [PAPER["Reward Forcing"][dim] / 100, per_video]}
+        (out / f"dry_run_{dim}_eval_results.json").write_text(json.dumps(results))
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("jobs", "verify"):
+        p = sub.add_parser(name)
+        p.add_argument("--prompt-list", required=True, help="VBench_full_info.json of the installed vbench package")
+        p.add_argument("--videos", required=True, help="the one folder holding the videos")
+        p.add_argument("--limit", type=int, help="only the first LIMIT unique prompts (dry run)")
+        p.add_argument("--frames", type=int, default=81)
+        p.add_argument("--height", type=int, default=480)
+        p.add_argument("--width", type=int, default=832)
+        p.add_argument("--fps", type=float, default=16.0)
+        if name == "jobs":
+            p.add_argument("--extended-prompts", help="longer prompts to generate from, line-aligned with the list")
+            p.add_argument("--jobs-dir", required=True)
+            p.add_argument("--shards", type=int, default=1, help="one job file per GPU")
+    p = sub.add_parser("score")
+    p.add_argument("results_dir", help="folder searched recursively for VBench's *_eval_results.json")
+    p.add_argument("--json", help="also write the table here")
+    p = sub.add_parser("dry-run-results")
+    p.add_argument("--videos", required=True)
+    p.add_argument("--results-dir", required=True)
+    return parser.parse_args(argv)
+
+
+def main(args):
+    {"jobs": write_jobs, "verify": verify, "score": score, "dry-run-results": dry_run_results}[args.command](args)
+
+
+if __name__ == "__main__":
+    main(parse_args())
