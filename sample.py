@@ -17,6 +17,7 @@ import argparse
 import math
 import os
 import re
+import resource
 import sys
 import time
 
@@ -49,13 +50,14 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="default bf16 on GPU, fp32 on CPU")
     p.add_argument("--benchmark", action="store_true", help="measure speed with random weights (see BENCHMARKS.md)")
     p.add_argument("--baseline-steps", type=int, default=50, help="benchmark: steps of diffusers' WanPipeline")
-    p.add_argument("--long-frames", type=int, default=961, help="benchmark: video frames of the long-video run")
+    p.add_argument("--long-frames", type=int, help="benchmark: frames of the long-video run (961 = 1 min; 161 with --tiny)")
     args = p.parse_args(argv)
     if args.tiny:
         args.model = cw.tiny_model_dir() if args.model == cw.DEFAULT_MODEL else args.model
     args.height = args.height or (64 if args.tiny else 480)
     args.width = args.width or (64 if args.tiny else 832)
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    args.long_frames = args.long_frames or (161 if args.tiny else 961)
     return args
 
 
@@ -168,8 +170,160 @@ def main(args):
 # benchmark: python sample.py --benchmark [--tiny]
 
 
+PEAK_BF16_TFLOPS = {"H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0,
+                    "H200": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.0}  # dense, vendor sheets
+
+
+def transformer_flops(cfg, tokens, keys, text_len=512):
+    """Analytic FLOPs of one model call: `tokens` queries attending to `keys` self-attention keys.
+    Per layer: q/k/v/o and cross q/o projections (6 D^2 per token), FFN (2 D F), self-attention
+    scores + weighted sum (2 keys D), cross-attention (2 text_len D); x2 for multiply-add. The text
+    keys/values are computed once per prompt and not counted."""
+    D = cfg.dim
+    per_token = 6 * D * D + 2 * D * cfg.ffn_dim + 2 * keys * D + 2 * text_len * D
+    return 2 * tokens * per_token * cfg.num_layers
+
+
+def rollout_flops(cfg, latent_frames, tokens_per_frame, chunk, max_frames, steps=4):
+    total, cached = 0, 0
+    for start in range(0, latent_frames, chunk):
+        n = min(chunk, latent_frames - start) * tokens_per_frame
+        calls = steps + (start + chunk < latent_frames)  # the clean pass that writes the cache
+        total += calls * transformer_flops(cfg, n, cached + n)
+        held = min(start + chunk, max(max_frames - chunk, chunk))  # frames in the window afterwards
+        cached = held * tokens_per_frame
+    return total
+
+
+def rollout_recompute(model, noise, prompt_kv, chunk, generator=None):
+    """Reference without a KV cache: every step of every block runs the whole prefix (clean earlier
+    blocks at t=0 + the noisy block) through the block-causal forward. Equal output, more compute."""
+    done, B = [], noise.shape[0]
+    for start in range(0, noise.shape[2], chunk):
+        x = noise[:, :, start:start + chunk]
+        for i, t in enumerate(cw.DENOISING_TIMESTEPS):
+            tt = torch.tensor([[0.0] * start + [t] * x.shape[2]] * B, device=x.device)
+            x0 = cw.predict_x0(model, torch.cat(done + [x], 2), tt, prompt_kv, block_size=chunk)[:, :, start:]
+            if i + 1 < len(cw.DENOISING_TIMESTEPS):
+                s = cw.DENOISING_TIMESTEPS[i + 1] / 1000
+                x = (1 - s) * x0 + s * torch.randn(x0.shape, generator=generator).to(x0)
+        done.append(x0)
+    return torch.cat(done, 2)
+
+
 def benchmark(args):
-    raise cw.UserError("--benchmark is not implemented yet")
+    """Speed of the causal generator vs diffusers' bidirectional WanPipeline, same size, same run.
+    Random weights (speed does not depend on them): the full 1.3B config, or --tiny on the CPU."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+    device, dtype = torch.device(args.device), torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    torch.manual_seed(0)
+    if args.tiny:
+        cw.make_tiny_wan(args.model) if args.model == cw.tiny_model_dir() else None
+        reference = WanTransformer3DModel.from_pretrained(os.path.join(args.model, "transformer"))
+        vae = AutoencoderKLWan.from_pretrained(os.path.join(args.model, "vae"))
+        _, encoder = cw.load_text_encoder(args.model)
+        cfg = cw.WanConfig.from_diffusers(reference.config)
+    else:  # the real architectures: Wan2.1-T2V-1.3B, the Wan VAE (diffusers' defaults), UMT5-XXL
+        cfg = cw.WanConfig.wan_1_3b()
+        with torch.device(device):
+            reference, vae = WanTransformer3DModel(**cfg.to_diffusers()), AutoencoderKLWan()
+            encoder = UMT5EncoderModel(UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+                                                  num_heads=64, feed_forward_proj="gated-gelu", tie_word_embeddings=False))
+    reference, vae, encoder = (m.to(device, dtype).eval().requires_grad_(False) for m in (reference, vae, encoder))
+    model = cw.CausalWan(cfg)
+    model.load_state_dict(reference.state_dict())
+    model = model.to(device, dtype).eval().requires_grad_(False)
+    name = torch.cuda.get_device_name(device) if cuda else "CPU"
+    print(f"device: {name}, dtype {args.dtype}, config {'tiny' if args.tiny else 'Wan2.1-T2V-1.3B'} (random weights), "
+          f"{args.frames} frames {args.height}x{args.width}, batch 1")
+
+    lat_f, h, w = (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8
+    tokens_per_frame = (h // 2) * (w // 2)
+    ids = torch.randint(0, encoder.config.vocab_size, (1, 512), device=device)
+    with torch.no_grad():
+        encoder(ids)  # warm-up
+        sync(); t0 = time.perf_counter()
+        context = encoder(ids).last_hidden_state.to(dtype)
+        sync(); text_s = time.perf_counter() - t0
+    print(f"text encoding (UMT5, 512 tokens, once per prompt): {text_s:.3f} s")
+    prompt_kv = model.prompt_kv(context)
+
+    def run(frames, chunk, decode=True):
+        """Returns (seconds in total, seconds to the first decoded block, per-block seconds, cache bytes)."""
+        noise = torch.randn(1, 16, frames, h, w, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+        marks, cache_bytes = [], [0]
+
+        def on_block(b, x0, kv_cache):
+            if decode:
+                cw.vae_decode(vae, x0, first=b == 0)
+            sync()
+            marks.append(time.perf_counter())
+            cache_bytes[0] = max(cache_bytes[0], kv_cache.num_bytes())
+
+        with torch.no_grad():
+            sync(); t0 = time.perf_counter()
+            cw.rollout(model, noise, prompt_kv, block_size=chunk, max_frames=args.max_frames, on_block=on_block)
+        steps = [b - a for a, b in zip([t0] + marks[:-1], marks)]
+        return marks[-1] - t0, marks[0] - t0, steps, cache_bytes[0]
+
+    results = {}
+    for chunk in (3, 1):
+        run(lat_f, chunk)  # warm-up (kernels, allocator)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        total, first, _, cache = run(lat_f, chunk)
+        # GPU: the allocator's peak; CPU: the process's peak resident memory (includes Python and libraries)
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        dit, _, _, _ = run(lat_f, chunk, decode=False)
+        flops = rollout_flops(cfg, lat_f, tokens_per_frame, chunk, args.max_frames)
+        results[chunk] = dict(fps=args.frames / total, first=first, total=total, dit=dit, tflops=flops / dit / 1e12, peak=peak, cache=cache)
+        print(f"{'chunk-wise' if chunk == 3 else 'frame-wise'}: {args.frames / total:.2f} FPS ({total:.3f} s for {args.frames} frames, "
+              f"transformer {dit:.3f} s + VAE decode), first block {first:.3f} s, peak {'GPU memory' if cuda else 'RSS'} {peak:.2f} GiB, KV cache {cache / 2**20:.4g} MiB")
+        peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None) if cuda and dtype == torch.bfloat16 else None
+        print(f"  transformer: {flops / 1e12:.4g} TFLOP analytic ({lat_f} latent frames x {tokens_per_frame} tokens, D={cfg.dim}, "
+              f"FFN={cfg.ffn_dim}, {cfg.num_layers} layers, 4 steps + cache pass, text 512) -> {flops / dit / 1e12:.4g} TFLOP/s"
+              + (f" = {100 * flops / dit / 1e12 / peak_tflops:.1f}% of the {peak_tflops:.0f} TFLOP/s bf16 peak" if peak_tflops else " (no bf16 peak known for this device)"))
+
+    # long video: the time per block must stay flat once the attention window is full
+    long_f = (args.long_frames - 1) // 4 + 1
+    total, _, steps, cache = run(long_f, 3)
+    k = max(1, min(7, len(steps) // 3))
+    head, tail = sum(steps[1:k + 1]) / k, sum(steps[-k:]) / k
+    print(f"long video: {args.long_frames} frames ({len(steps)} blocks) in {total:.2f} s = {args.long_frames / total:.2f} FPS; "
+          f"per block: blocks 2-{k + 1} {head * 1e3:.1f} ms, last {k} {tail * 1e3:.1f} ms (ratio {tail / head:.2f}); KV cache {cache / 2**20:.4g} MiB")
+
+    # KV cache vs recomputing the whole prefix every step (transformer only)
+    noise = torch.randn(1, 16, lat_f, h, w, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    with torch.no_grad():
+        sync(); t0 = time.perf_counter()
+        recomputed = rollout_recompute(model, noise, prompt_kv, 3, generator=torch.Generator().manual_seed(1))
+        sync(); slow = time.perf_counter() - t0
+        cached = cw.rollout(model, noise, prompt_kv, block_size=3, max_frames=args.max_frames, generator=torch.Generator().manual_seed(1))
+        diff = (recomputed.float() - cached.float()).abs().max().item()
+    kv_speedup = slow / results[3]["dit"]
+    print(f"KV cache: {kv_speedup:.2f}x faster than recomputing the prefix ({slow:.3f} s vs {results[3]['dit']:.3f} s); max |diff| {diff:.2e}")
+    with torch.no_grad():  # the plain full-attention forward against diffusers' on the same weights
+        x = torch.randn(1, 16, 3, h, w, device=device, dtype=dtype)
+        t = torch.full((1,), 500.0, device=device)
+        d = (model(x, t, prompt_kv).float() - reference(x, t, context, return_dict=False)[0].float()).abs().max().item()
+    print(f"parity with diffusers' WanTransformer3DModel ({args.dtype}, 3 frames): max |diff| {d:.2e}")
+
+    # the bidirectional baseline: diffusers' WanPipeline, CFG, N steps, same size, same weights
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=reference, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(prompt_embeds=context, negative_prompt_embeds=torch.zeros_like(context), height=args.height, width=args.width,
+              num_frames=args.frames, guidance_scale=5.0, output_type="pt")
+    pipe(num_inference_steps=2, **kw)  # warm-up
+    sync(); t0 = time.perf_counter()
+    pipe(num_inference_steps=args.baseline_steps, **kw)
+    sync(); base = time.perf_counter() - t0
+    print(f"baseline WanPipeline ({args.baseline_steps} steps, CFG 5): {base:.2f} s = {args.frames / base:.3f} FPS, "
+          f"first frame after {base:.2f} s; causal chunk-wise is {results[3]['fps'] * base / args.frames:.1f}x its FPS")
+    print(f"fps={results[3]['fps']:.2f} first_block_s={results[3]['first']:.4f} kv_speedup={kv_speedup:.2f}")
 
 
 if __name__ == "__main__":

@@ -85,3 +85,16 @@ def test_error_exit_is_one_line_without_traceback(tmp_path):
     r = run("--prompt", "fox", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "x.mp4"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [f"error: model '{tmp_path / 'missing'}' is neither a diffusers-format folder nor a hub id like {cw.DEFAULT_MODEL}"]
+
+
+def test_benchmark_tiny_reports_speed(tiny_wan):
+    r = run("--benchmark", "--tiny", "--model", tiny_wan, "--frames", "21", "--long-frames", "61", "--baseline-steps", "4")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    m = re.fullmatch(r"fps=([\d.]+) first_block_s=([\d.]+) kv_speedup=([\d.]+)", lines[-1])
+    assert m and all(float(v) > 0 for v in m.groups()), lines[-1]
+    parity = next(line for line in lines if line.startswith("parity with diffusers"))
+    assert float(parity.rsplit(" ", 1)[1]) < 1e-5  # the benchmarked model is the diffusers network
+    kv = next(line for line in lines if line.startswith("KV cache:"))
+    assert float(kv.rsplit(" ", 1)[1]) < 1e-5  # cached rollout == recomputed prefix on the same noise
+    assert any(line.startswith("baseline WanPipeline (4 steps") for line in lines)
