@@ -280,7 +280,7 @@ class KVCache:
             self.frames -= drop
 
     def num_bytes(self):
-        return sum(k.numel() * k.element_size() * 2 for k, _ in self.kv if k is not None)
+        return sum(t.numel() * t.element_size() for kv in self.kv if kv is not None for t in kv)
 
 
 class CausalWan(nn.Module):

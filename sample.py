@@ -232,7 +232,10 @@ def benchmark(args):
             reference, vae = WanTransformer3DModel(**cfg.to_diffusers()), AutoencoderKLWan()
             encoder = UMT5EncoderModel(UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
                                                   num_heads=64, feed_forward_proj="gated-gelu", tie_word_embeddings=False))
+    rope = {k: v.clone() for k, v in reference.rope.named_buffers()}
     reference, vae, encoder = (m.to(device, dtype).eval().requires_grad_(False) for m in (reference, vae, encoder))
+    for k, v in rope.items():  # .to(bf16) also rounds diffusers' RoPE tables; keep them as diffusers computes them
+        setattr(reference.rope, k, v.to(device))
     model = cw.CausalWan(cfg)
     model.load_state_dict(reference.state_dict())
     model = model.to(device, dtype).eval().requires_grad_(False)
