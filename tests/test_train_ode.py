@@ -1,0 +1,246 @@
+"""train_ode.py on a tiny random Wan (CPU): generate -> verify -> train, resuming both phases,
+causality of the training forward, the diffusers teacher, the NaN stop, and both phases under
+torchrun with 2 processes."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import causal_wan as cw
+import train_ode as T
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = "a red fox running in snow\na boat on a lake\n\na city street at night\n"  # the blank line is skipped
+
+
+def run(*argv):
+    T.main(T.parse_args([str(a) for a in argv]))
+
+
+def read_shard(path):
+    with safe_open(path, "pt") as f:
+        return f.get_tensor("latents"), f.metadata()
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's ops are too small for threads: one thread is ~10x faster on a busy 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """What distill_dmd.py writes: {'model', 'ema', 'step', 'args'} with a (here random) tiny generator."""
+    folder = tmp_path_factory.mktemp("teacher")
+    torch.manual_seed(1)
+    sd = cw.CausalWan(cw.WanConfig.tiny()).state_dict()
+    cw.save_checkpoint(str(folder / "ckpt.pt"), {"model": sd, "ema": sd, "step": 0, "args": {}})
+    (folder / "prompts.txt").write_text(PROMPTS)
+    return str(folder / "ckpt.pt"), str(folder / "prompts.txt")
+
+
+@pytest.fixture(scope="module")
+def store(teacher, tiny_wan, tmp_path_factory):
+    """4 trajectories in 2 shards (3 + 1), from the tiny 4-step teacher."""
+    path = str(tmp_path_factory.mktemp("stores") / "ode")
+    run("generate", "--tiny", "--model", tiny_wan, "--teacher", teacher[0], "--prompts", teacher[1], "--store", path)
+    return path
+
+
+def eval_loss(model, store, tiny_wan):
+    """L_ode on every stored trajectory with every frame at each kept timestep in turn (no sampling noise)."""
+    tok, enc = cw.load_text_encoder(tiny_wan)
+    x = torch.stack([store[k] for k in range(store.num)]).float()
+    kv = model.prompt_kv(cw.encode_prompts(tok, enc, store.prompts))
+    with torch.no_grad():
+        return sum(T.ode_loss(T.student_x0(model, x, torch.full((x.shape[0], x.shape[3]), i), store.timesteps, kv, 3), x[:, -1]).item()
+                   for i in range(4)) / 4
+
+
+def test_generate_then_train(store, teacher, tiny_wan, tmp_path):
+    report = T.verify_store(store)
+    assert (report["num"], report["present"], report["shards"], report["missing"], report["bad"]) == (4, 4, 2, [], [])
+    assert report["trajectory_shape"] == [5, 16, 6, 8, 8]  # 4 noisy states + x0 of [C, F, H, W]
+    assert report["timesteps"] == cw.DENOISING_TIMESTEPS + [0.0]
+    data = T.TrajectoryStore(store)
+    assert data.prompts == ["a red fox running in snow", "a boat on a lake", "a city street at night", "a red fox running in snow"]
+    latents, meta = read_shard(os.path.join(store, "shard_00001.safetensors"))
+    assert latents.shape == (1, 5, 16, 6, 8, 8) and latents.dtype == torch.bfloat16
+    assert json.loads(meta["seeds"]) == [3] and json.loads(meta["prompts"]) == [data.prompts[3]]
+
+    # the stored trajectory is the teacher's own 4-step rollout from the trajectory's seed
+    net = cw.CausalWan(cw.WanConfig.tiny())
+    net.load_state_dict(cw.generator_state_dict(cw.load_checkpoint(teacher[0])))
+    tok, enc = cw.load_text_encoder(tiny_wan)
+    g = torch.Generator().manual_seed(0 + 2)
+    noise = torch.randn(1, 16, 6, 8, 8, generator=g)
+    steps = []
+    with torch.no_grad():
+        x0 = cw.rollout(net, noise, net.prompt_kv(cw.encode_prompts(tok, enc, [data.prompts[2]])), block_size=6, generator=g, trajectory=steps)
+    assert torch.equal(data[2], torch.cat(steps[0] + [x0]).to(torch.bfloat16))
+
+    out = str(tmp_path / "run")
+    run("train", "--tiny", "--model", tiny_wan, "--store", store, "--out", out)  # 20 steps, sample at 20
+    log = read_log(out)
+    assert [r["step"] for r in log] == list(range(1, 21)) and all(r["grad_norm"] > 0 for r in log)
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ckpt["step"] == 20 and {"model", "ema", "optimizer", "args"} <= ckpt.keys()
+    assert os.path.getsize(os.path.join(out, "sample_20.mp4")) > 0
+    student = cw.CausalWan(cw.WanConfig.tiny())
+    student.load_state_dict(ckpt["ema"], strict=True)  # what sample.py and train_reward.py load
+    before = eval_loss(cw.from_pretrained(tiny_wan), data, tiny_wan)
+    student.load_state_dict(ckpt["model"], strict=True)
+    after = eval_loss(student, data, tiny_wan)
+    print(f"L_ode before {before:.3f} after {after:.3f}")
+    # a tiny student fits four trajectories (down to a floor: the 4-step sampler re-noises with fresh
+    # noise, so x0 is not a function of the earlier states alone)
+    assert after < 0.75 * before, (before, after)
+    first, last = sum(r["loss"] for r in log[:5]) / 5, sum(r["loss"] for r in log[-5:]) / 5
+    print(f"logged loss first 5 {first:.3f} last 5 {last:.3f}")
+    assert last < 0.9 * first, (first, last)
+
+
+def test_generation_resume_skips_finished_shards(store, teacher, tiny_wan, tmp_path):
+    copy = str(tmp_path / "ode")
+    shutil.copytree(store, copy)
+    os.remove(os.path.join(copy, "shard_00001.safetensors"))
+    with open(os.path.join(copy, "shard_00001.safetensors.tmp999"), "wb") as f:
+        f.write(b"half a shard from a crashed run")
+    # the verify command names what is missing, and fails as one line
+    res = subprocess.run([sys.executable, "train_ode.py", "verify", "--store", copy], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 2 and "3 of 4 trajectories" in res.stdout and "missing shards: [1]" in res.stdout
+    assert res.stderr.strip().startswith("error: store") and len(res.stderr.strip().splitlines()) == 1
+
+    done = os.stat(os.path.join(copy, "shard_00000.safetensors")).st_mtime_ns
+    run("generate", "--tiny", "--model", tiny_wan, "--teacher", teacher[0], "--prompts", teacher[1], "--store", copy)
+    assert os.stat(os.path.join(copy, "shard_00000.safetensors")).st_mtime_ns == done  # not regenerated
+    for i in range(2):
+        (a, meta_a), (b, meta_b) = (read_shard(os.path.join(d, f"shard_{i:05d}.safetensors")) for d in (store, copy))
+        assert torch.equal(a, b) and meta_a == meta_b
+    with pytest.raises(cw.UserError, match=r"other settings \(num, prompts differ\)"):
+        run("generate", "--tiny", "--model", tiny_wan, "--teacher", teacher[0], "--prompts", teacher[1], "--store", copy, "--num", 5)
+
+
+def test_train_resume_is_exact(store, tiny_wan, tmp_path):
+    common = ["train", "--tiny", "--model", tiny_wan, "--store", store, "--sample-every", 0, "--save-every", 2]
+    run(*common, "--out", tmp_path / "a", "--max-steps", 4)
+    run(*common, "--out", tmp_path / "b", "--max-steps", 2)
+    with pytest.raises(cw.UserError, match="pass --resume"):
+        run(*common, "--out", tmp_path / "b", "--max-steps", 4)
+    run(*common, "--out", tmp_path / "b", "--max-steps", 4, "--resume")
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in "ab")
+    assert a["step"] == b["step"] == 4
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    state_a, state_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert all(torch.equal(state_a[p][s], state_b[p][s]) for p in state_a for s in state_a[p])
+    assert [r["loss"] for r in read_log(tmp_path / "a")] == [r["loss"] for r in read_log(tmp_path / "b")]
+
+
+def test_student_never_sees_later_frames(tiny_wan):
+    """The training forward itself (student_x0, as the loop calls it) under the block-causal mask:
+    changing the frames and timesteps of the second block leaves the first block's x0 untouched."""
+    model = cw.from_pretrained(tiny_wan)
+    g = torch.Generator().manual_seed(0)
+    trajectory = torch.randn(2, 5, 16, 6, 8, 8, generator=g)
+    timesteps = torch.tensor(cw.DENOISING_TIMESTEPS + [0.0])
+    index = torch.stack([T.timestep_index(6, 3, 4, g) for _ in range(2)])
+    kv = model.prompt_kv(torch.randn(2, 512, 32, generator=g))
+    changed, index2 = trajectory.clone(), index.clone()
+    changed[:, :, :, 3:] = torch.randn(2, 5, 16, 3, 8, 8, generator=g)
+    index2[:, 3:] = (index2[:, 3:] + 1) % 4
+    with torch.no_grad():
+        a = T.student_x0(model, trajectory, index, timesteps, kv, block_size=3)
+        b = T.student_x0(model, changed, index2, timesteps, kv, block_size=3)
+        full_a = T.student_x0(model, trajectory, index, timesteps, kv, block_size=None)
+        full_b = T.student_x0(model, changed, index2, timesteps, kv, block_size=None)
+    assert (a[:, :, :3] - b[:, :, :3]).abs().max() == 0
+    assert (a[:, :, 3:] - b[:, :, 3:]).abs().max() > 1e-2
+    assert (full_a[:, :, :3] - full_b[:, :, :3]).abs().max() > 1e-3  # the same change does leak without the mask
+
+
+def test_timestep_index_is_per_block():
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([T.timestep_index(7, 3, 4, g) for _ in range(200)])  # [200, 7]: blocks 0-2, 3-5, 6
+    assert torch.equal(draws[:, :3], draws[:, :1].expand(-1, 3)) and torch.equal(draws[:, 3:6], draws[:, 3:4].expand(-1, 3))
+    assert set(draws.flatten().tolist()) == {0, 1, 2, 3}
+    assert (draws[:, 0] != draws[:, 3]).any()  # blocks draw independently
+
+
+def test_diffusers_teacher(teacher, tiny_wan, tmp_path):
+    """A diffusers-format Wan through diffusers' own WanPipeline: the kept latents are the solver's,
+    at the grid points nearest the student's timesteps, with their true timesteps recorded."""
+    from diffusers import WanPipeline
+    path = str(tmp_path / "ode")
+    run("generate", "--tiny", "--model", tiny_wan, "--teacher", tiny_wan, "--prompts", teacher[1], "--store", path,
+        "--num", 1, "--teacher-steps", 8)
+    index = T.read_index(path)
+    pipe = WanPipeline.from_pretrained(tiny_wan)
+    pipe.scheduler.set_timesteps(8)
+    levels = (pipe.scheduler.sigmas.double() * 1000).tolist()
+    assert index["source"] == "diffusers" and index["timesteps"][-1] == 0.0
+    for t, kept in zip(cw.DENOISING_TIMESTEPS, index["timesteps"]):
+        assert kept in levels and abs(kept - t) == min(abs(level - t) for level in levels[:-1])
+    stored = T.TrajectoryStore(path)[0]
+    noise = torch.randn(1, 16, 6, 8, 8, generator=torch.Generator().manual_seed(0))
+    x0 = pipe(prompt="a red fox running in snow", negative_prompt=index["negative_prompt"],
+              height=64, width=64, num_frames=21, num_inference_steps=8, guidance_scale=5.0, latents=noise.clone(),
+              output_type="latent").frames
+    assert torch.equal(stored[0], noise[0].to(torch.bfloat16))
+    assert torch.equal(stored[-1], x0[0].to(torch.bfloat16))
+    assert stored[1:4].float().std() > 0.1 and not torch.equal(stored[1], stored[2])
+
+
+def test_nan_loss_stops_without_saving(store, tiny_wan, tmp_path):
+    bad = str(tmp_path / "ode")
+    shutil.copytree(store, bad)
+    for i in range(2):
+        latents, meta = read_shard(os.path.join(bad, f"shard_{i:05d}.safetensors"))
+        save_file({"latents": latents * float("nan")}, os.path.join(bad, f"shard_{i:05d}.safetensors"), metadata=meta)
+    out = tmp_path / "run"
+    with pytest.raises(cw.UserError, match="loss is nan at step 1: stopped without saving"):
+        run("train", "--tiny", "--model", tiny_wan, "--store", bad, "--out", out, "--max-steps", 2)
+    assert not os.path.exists(out / "ckpt.pt")
+
+
+def test_torchrun_two_processes(store, teacher, tiny_wan, tmp_path):
+    """Both phases on 2 CPU processes: generation splits the shards between the ranks and gives
+    the single-process store; training (FSDP over gloo, global batch 2 = 2 ranks x 1) gives the
+    same model as one process accumulating 2 micro-batches."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train_ode.py"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    path = str(tmp_path / "ode")
+    gen = subprocess.run(torchrun + ["generate", "--tiny", "--model", tiny_wan, "--teacher", teacher[0], "--prompts", teacher[1],
+                                     "--store", path], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert gen.returncode == 0, gen.stderr[-3000:]
+    for i in range(2):
+        (a, meta_a), (b, meta_b) = (read_shard(os.path.join(d, f"shard_{i:05d}.safetensors")) for d in (store, path))
+        assert torch.equal(a, b) and meta_a == meta_b
+
+    flags = ["train", "--tiny", "--model", tiny_wan, "--store", path, "--max-steps", 2, "--global-batch", 2,
+             "--micro-batch", 1, "--sample-every", 0]
+    res = subprocess.run(torchrun + [str(f) for f in flags + ["--out", tmp_path / "two"]], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run(*flags, "--out", tmp_path / "one")
+    two, one = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("two", "one"))
+    # equal up to float summation order (Adam's first steps, ~lr = 1e-2 per weight, amplify it to ~1e-5)
+    assert all(torch.allclose(two["model"][k], one["model"][k], atol=1e-4) for k in one["model"])
+    init = cw.from_pretrained(tiny_wan).state_dict()
+    assert not all(torch.equal(two["model"][k], init[k]) for k in init)  # it trained
+    losses = [[r["loss"] for r in read_log(tmp_path / d)] for d in ("two", "one")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)

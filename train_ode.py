@@ -1,0 +1,567 @@
+"""
+Stage 2 of Reward Forcing: ODE initialization of the causal student (paper, section 3.2).
+
+Two phases. `generate` samples ~1.4K noise -> video trajectories from a bidirectional teacher and
+keeps five latents of each: the noisy inputs at the student's four timesteps and the clean end
+point x0. `train` regresses the block-causal student onto them,
+
+    L_ode = E || G(x_{t_f} per frame, t_f per frame) - x0 ||^2,
+
+which teaches it motion (the paper's "ODE only" row, 68.77 VBench total). Its checkpoint is
+what train_reward.py starts from, and what `sample.py --checkpoint` renders.
+
+    # CPU demo with a tiny random Wan (built once in ~/.cache/reward_forcing/tiny_wan), seconds
+    python distill_dmd.py --tiny --generator bidirectional --out runs/dmd_tiny
+    python train_ode.py generate --tiny --teacher runs/dmd_tiny/ckpt.pt --prompts prompts/dmd_example.txt --store ode_tiny
+    python train_ode.py verify --store ode_tiny
+    python train_ode.py train --tiny --store ode_tiny --out runs/ode_tiny
+
+    # one GPU (teacher: distill_dmd.py --generator bidirectional; PROMPTS: ~1.4K lines)
+    python train_ode.py generate --teacher runs/dmd_bidirectional/ckpt.pt --prompts PROMPTS --store ode_store
+    python train_ode.py train --store ode_store --out runs/ode --global-batch 8
+
+    # 8 GPUs (both phases split across ranks; generation skips finished shards when rerun)
+    torchrun --nproc_per_node 8 train_ode.py generate --teacher runs/dmd_bidirectional/ckpt.pt --prompts PROMPTS --store ode_store
+    torchrun --nproc_per_node 8 train_ode.py train --store ode_store --out runs/ode
+
+Teachers (`--teacher`):
+  - a checkpoint file of distill_dmd.py: its 4-step bidirectional generator (`rollout` with one
+    block). The inputs of its four steps are exactly at the student's timesteps, and re-noised with
+    fresh noise as the student's own rollout does at inference, so they are exactly the inputs the
+    student meets. The flip side: x0 also depends on that later noise, so L_ode has a floor at the
+    early steps (there the student learns the mean x0 given its input).
+  - a diffusers-format Wan (folder or hub id): diffusers' own WanPipeline with its scheduler,
+    `--teacher-steps` steps, classifier-free guidance `--guidance` and `--negative-prompt` (these
+    three apply to this teacher only). A deterministic ODE solve: the kept latents are the solver's
+    latents nearest to the student's timesteps; their true timesteps go into the store.
+
+Training: each block of `--block-size` latent frames takes its input from one of the four noisy
+states, drawn at random per block, with that state's true t; the student predicts x0 for all
+frames at once under the block-causal mask, and L_ode compares it with the teacher's x0.
+
+Store: DIR/index.json (settings, shapes, timesteps, every trajectory's prompt) and
+DIR/shard_00000.safetensors, ... Shard i holds trajectories [i*S, (i+1)*S): `latents`
+[n, 5, C, F, H, W] bf16 (in the order noisiest -> x0) and, as metadata, their prompts and seeds.
+Trajectory k is drawn from seed + k alone, so rerunning `generate` (any world size) skips the
+finished shards and regenerates the missing ones identically.
+"""
+import argparse
+import copy
+import functools
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+import causal_wan as cw
+from causal_wan import UserError
+
+# Wan's own negative prompt (Wan 2.1's shared_config), the one CausVid and Self Forcing use
+# when they sample ODE pairs from Wan with CFG
+WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+                       "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+                       "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
+
+
+@dataclass
+class Config:
+    # generate
+    num: int = 1400  # trajectories (paper: 1.4K)
+    shard_size: int = 16  # trajectories per shard file (~335 MB at full size)
+    height: int = 480
+    width: int = 832
+    frames: int = 81  # pixel frames -> 21 latent frames
+    teacher_steps: int = 50  # solver steps of a diffusers-format teacher (Wan's default)
+    guidance: float = 5.0  # its CFG scale (WanPipeline's default)
+    # train
+    block_size: int = 3  # latent frames per causal block (chunk-wise; 1 = frame-wise)
+    max_steps: int = 1000
+    global_batch: int = 64
+    micro_batch: int = 1
+    lr: float = 2e-6  # CausVid's ODE regression
+    ema_decay: float = 0.99
+    grad_clip: float = 10.0
+    save_every: int = 100
+    log_every: int = 10
+    sample_every: int = 200
+
+    @staticmethod
+    def tiny():
+        # 64x64 pixels, 21 frames -> latents [16, 6, 8, 8] (two blocks of 3); a tiny student fits
+        # four trajectories visibly within 20 steps
+        return Config(num=4, shard_size=3, height=64, width=64, frames=21, teacher_steps=8, max_steps=20,
+                      global_batch=2, micro_batch=2, lr=1e-2, ema_decay=0.9, save_every=10, log_every=1, sample_every=20)
+
+
+# -----------------------------------------------------------------------------
+# the trajectory store
+
+
+def latent_shape(args, channels=16):
+    """[C, F, H, W] of the Wan VAE's latents for the pixel size (4x time, 8x space compression)."""
+    if (args.frames - 1) % 4 or args.height % 16 or args.width % 16:
+        raise UserError(f"--frames must be 4k+1 and --height/--width multiples of 16 "
+                        f"(got {args.frames}, {args.height}x{args.width})")
+    return [channels, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8]
+
+
+def shard_path(store, i):
+    return os.path.join(store, f"shard_{i:05d}.safetensors")
+
+
+def shard_range(index, i):
+    start = i * index["shard_size"]
+    return range(start, min(start + index["shard_size"], index["num"]))
+
+
+def read_index(store):
+    path = os.path.join(store, "index.json")
+    if not os.path.isfile(path):
+        raise UserError(f"'{store}' is not a trajectory store (no index.json): make one with `train_ode.py generate`")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def write_atomic(path, write):
+    tmp = f"{path}.tmp{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)  # a crash mid-write never leaves a file that looks finished
+
+
+def write_json(path, obj):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, ensure_ascii=False)
+
+
+def verify_store(store):
+    """Check every shard against the index: count, shapes, dtype, prompts, seeds. Returns a report."""
+    index = read_index(store)
+    shape = [len(index["timesteps"])] + index["latent_shape"]
+    present, missing, bad = 0, [], []
+    for i in range(index["num_shards"]):
+        path, ids = shard_path(store, i), shard_range(index, i)
+        if not os.path.isfile(path):
+            missing.append(i)
+            continue
+        try:
+            with safe_open(path, "pt") as f:
+                meta = f.metadata()
+                got = f.get_slice("latents").get_shape()
+                dtype = f.get_slice("latents").get_dtype()
+            ok = (got == [len(ids)] + shape and dtype == "BF16" and json.loads(meta["seeds"]) == [index["seed"] + k for k in ids]
+                  and json.loads(meta["prompts"]) == [index["prompts"][k] for k in ids])
+        except Exception:
+            ok = False
+        if ok:
+            present += len(ids)
+        else:
+            bad.append(i)
+    return dict(num=index["num"], present=present, shards=index["num_shards"], missing=missing, bad=bad,
+                trajectory_shape=shape, dtype="bfloat16", timesteps=index["timesteps"], source=index["source"])
+
+
+def print_report(store, r):
+    bytes_per = 2 * math.prod(r["trajectory_shape"])
+    print(f"store {store}: {r['present']} of {r['num']} trajectories in {r['shards'] - len(r['missing']) - len(r['bad'])} of "
+          f"{r['shards']} shards; per trajectory latents {r['trajectory_shape']} {r['dtype']} ({bytes_per / 1e6:.1f} MB), "
+          f"timesteps {[round(t, 1) for t in r['timesteps']]}, teacher {r['source']}")
+    if r["missing"] or r["bad"]:
+        print(f"missing shards: {r['missing']}; unreadable or inconsistent shards: {r['bad']} "
+              f"(delete those, then rerun generate)")
+
+
+class TrajectoryStore:
+    """Random access to the stored trajectories; each read maps one trajectory from its shard."""
+
+    def __init__(self, store):
+        report = verify_store(store)
+        if report["missing"] or report["bad"]:
+            raise UserError(f"store '{store}' is incomplete ({len(report['missing'])} missing, {len(report['bad'])} bad "
+                            f"shards): run `train_ode.py generate` again with the same flags to finish it")
+        self.dir, self.index = store, read_index(store)
+        self.num, self.prompts = self.index["num"], self.index["prompts"]
+        self.timesteps = torch.tensor(self.index["timesteps"], dtype=torch.float32)  # [K+1], noisiest first, 0 last
+        self.shards = {}
+
+    def __getitem__(self, k):
+        """Trajectory k: [K+1, C, F, H, W] bf16 (K noisy states, then x0)."""
+        i, j = divmod(k, self.index["shard_size"])
+        if i not in self.shards:
+            self.shards[i] = safe_open(shard_path(self.dir, i), "pt")
+        return self.shards[i].get_slice("latents")[j:j + 1][0]
+
+
+# -----------------------------------------------------------------------------
+# generate: trajectories from the teacher
+
+
+def read_prompts(path, num):
+    if not os.path.isfile(path):
+        raise UserError(f"prompt file '{path}' does not exist")
+    with open(path, encoding="utf-8") as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise UserError(f"prompt file '{path}' has no prompts (one per line)")
+    return [prompts[k % len(prompts)] for k in range(num)]  # cycled (with new seeds) if num > lines
+
+
+class DMDTeacher:
+    """distill_dmd.py's 4-step bidirectional generator: the whole video is one block of `rollout`,
+    whose step inputs are the noisy latents at DENOISING_TIMESTEPS."""
+    timesteps = cw.DENOISING_TIMESTEPS + [0.0]
+
+    def __init__(self, args, device):
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        folder = cw.resolve_folder(args.model, "transformer")
+        with open(os.path.join(folder, "config.json")) as f:
+            cfg = cw.WanConfig.from_diffusers(json.load(f))
+        self.model = cw.CausalWan(cfg)
+        try:
+            self.model.load_state_dict(cw.generator_state_dict(cw.load_checkpoint(args.teacher)), strict=True)
+        except RuntimeError as e:
+            raise UserError(f"teacher '{args.teacher}' does not fit the --model '{args.model}' config ({str(e)[:150]})") from None
+        self.model = self.model.to(device, dtype).eval().requires_grad_(False)
+        self.tokenizer, self.encoder = cw.load_text_encoder(args.model, dtype, device)
+
+    def __call__(self, prompt, noise, generator):
+        prompt_kv = self.model.prompt_kv(cw.encode_prompts(self.tokenizer, self.encoder, [prompt]))
+        steps = []
+        x0 = cw.rollout(self.model, noise.to(self.model.proj_out.weight.dtype), prompt_kv, block_size=noise.shape[2],
+                        generator=generator, trajectory=steps)
+        return steps[0] + [x0]  # 4 step inputs + x0, each [1, C, F, H, W]
+
+
+class DiffusersTeacher:
+    """A diffusers-format Wan run by diffusers' WanPipeline (its scheduler, its CFG). The latents the
+    pipeline's transformer sees are VAE-normalized, the same space our transformer works in, so they
+    are stored as they are (output_type='latent' skips the denormalization before the VAE)."""
+
+    def __init__(self, args, device):
+        from diffusers import WanPipeline
+        cw.resolve_folder(args.teacher, "transformer")  # a clear error for a wrong path
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        try:
+            self.pipe = WanPipeline.from_pretrained(args.teacher, torch_dtype=dtype).to(device)
+        except OSError as e:
+            raise UserError(f"could not load the diffusers Wan '{args.teacher}' ({str(e)[:150]})") from None
+        self.pipe.set_progress_bar_config(disable=True)
+        self.args = args
+        # the pipeline calls set_timesteps(steps) itself; a copy of its scheduler tells us in advance
+        # the noise level of the latent before each step (1000 * sigma; sigma_N = 0 after the last)
+        scheduler = copy.deepcopy(self.pipe.scheduler)
+        scheduler.set_timesteps(args.teacher_steps)
+        levels = (scheduler.sigmas.double() * 1000).tolist()  # [N + 1]
+        self.keep = [min(range(args.teacher_steps), key=lambda k: abs(levels[k] - t)) for t in cw.DENOISING_TIMESTEPS]
+        if len(set(self.keep)) < len(self.keep):
+            raise UserError(f"--teacher-steps {args.teacher_steps} is too few: the student's timesteps "
+                            f"{[round(t, 1) for t in cw.DENOISING_TIMESTEPS]} share solver steps")
+        self.keep.append(args.teacher_steps)  # the end point x0
+        # true noise level of each kept latent (Self Forcing issue #64: the solver grid misses 937.5, 625)
+        self.timesteps = [levels[k] for k in self.keep[:-1]] + [0.0]
+
+    def __call__(self, prompt, noise, generator):
+        latents = {0: noise}  # latent k is the transformer's input at step k; the callback sees latent i + 1
+
+        def record(pipe, i, t, tensors):
+            latents[i + 1] = tensors["latents"].clone()
+            return {}
+        self.pipe(prompt=prompt, negative_prompt=self.args.negative_prompt, height=self.args.height, width=self.args.width,
+                  num_frames=self.args.frames, num_inference_steps=self.args.teacher_steps, guidance_scale=self.args.guidance,
+                  latents=noise, output_type="latent", callback_on_step_end=record)
+        return [latents[k] for k in self.keep]
+
+
+@torch.no_grad()
+def generate(args, rank, world, device):
+    prompts = read_prompts(args.prompts, args.num)
+    dmd = os.path.isfile(args.teacher)  # a checkpoint file; otherwise a diffusers-format Wan
+    teacher = DMDTeacher(args, device) if dmd else DiffusersTeacher(args, device)
+    shape = latent_shape(args)
+    index = dict(source="dmd_checkpoint" if dmd else "diffusers", teacher=args.teacher, num=args.num,
+                 shard_size=args.shard_size, num_shards=-(-args.num // args.shard_size), latent_shape=shape,
+                 dtype="bfloat16", timesteps=teacher.timesteps, seed=args.seed, prompts=prompts,
+                 **({} if dmd else dict(teacher_steps=args.teacher_steps, guidance=args.guidance,
+                                         negative_prompt=args.negative_prompt)))
+    path = os.path.join(args.store, "index.json")
+    if rank == 0:
+        os.makedirs(args.store, exist_ok=True)
+        if not os.path.isfile(path):
+            write_atomic(path, lambda tmp: write_json(tmp, index))
+    dist.barrier()
+    old = read_index(args.store)
+    if old != index:
+        diff = sorted(k for k in index.keys() | old.keys() if old.get(k) != index.get(k))
+        raise UserError(f"store '{args.store}' was made with other settings ({', '.join(diff)} differ): "
+                        f"use the same flags to finish it, or another --store")
+
+    todo = [i for i in range(rank, index["num_shards"], world) if not os.path.isfile(shard_path(args.store, i))]
+    bar = tqdm(total=sum(len(shard_range(index, i)) for i in todo), desc=f"trajectories (rank 0 of {world})", disable=rank != 0)
+    for i in todo:
+        trajectories = []
+        for k in shard_range(index, i):
+            g = torch.Generator(device).manual_seed(args.seed + k)  # noise and re-noising of trajectory k
+            noise = torch.randn([1] + shape, generator=g, device=device)
+            kept = teacher(prompts[k], noise, g)
+            trajectories.append(torch.stack([x[0] for x in kept]).to(torch.bfloat16).cpu())  # [5, C, F, H, W]
+            bar.update()
+        ids = shard_range(index, i)
+        meta = dict(prompts=json.dumps([prompts[k] for k in ids], ensure_ascii=False),
+                    seeds=json.dumps([args.seed + k for k in ids]))  # safetensors metadata is str -> str
+        write_atomic(shard_path(args.store, i), lambda tmp: save_file({"latents": torch.stack(trajectories)}, tmp, metadata=meta))
+    bar.close()
+    dist.barrier()
+    if rank == 0:
+        print_report(args.store, verify_store(args.store))
+
+
+# -----------------------------------------------------------------------------
+# train: regress the causal student onto the trajectories
+
+
+def timestep_index(num_frames, block_size, num_noisy, generator):
+    """Which kept state each latent frame is taken from: one per block of `block_size` frames, as at
+    inference, where all frames of a block share a timestep (CausVid and Self Forcing's ODE regression
+    do the same) -> [F] in [0, num_noisy)."""
+    per_block = torch.randint(0, num_noisy, (-(-num_frames // block_size),), generator=generator)
+    return per_block.repeat_interleave(block_size)[:num_frames]
+
+
+def student_x0(model, trajectory, index, timesteps, prompt_kv, block_size):
+    """The student's x0 from noisy frames picked out of the teacher's trajectories, under the
+    block-causal mask. trajectory [B, K+1, C, F, H, W] (K noisy states, then x0), index [B, F] in
+    [0, K), timesteps [K+1] (true t of each state) -> x0 [B, C, F, H, W]."""
+    B, _, C, nF, H, W = trajectory.shape
+    pick = index.view(B, 1, 1, nF, 1, 1).expand(B, 1, C, nF, H, W)
+    x_t = trajectory.gather(1, pick)[:, 0]  # [B, C, F, H, W]: frame f from state index[b, f]
+    t = timesteps[index]  # [B, F]
+    return cw.predict_x0(model, x_t, t, prompt_kv, block_size=block_size)
+
+
+def ode_loss(x0_pred, x0_teacher):
+    """L_ode: mean squared error between the student's x0 and the teacher's, over all frames."""
+    return F.mse_loss(x0_pred.float(), x0_teacher.float())
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(seed, num, epoch):
+    return torch.randperm(num, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+
+
+def sample_position(seed, num, position):
+    """What global sample number `position` trains on: a trajectory (the store reshuffled every
+    epoch) and a generator for its timesteps. Both depend on the seed and the position only, so a
+    resumed run continues exactly and any world size / accumulation sees the same samples."""
+    epoch, k = divmod(position, num)
+    return epoch_order(seed, num, epoch)[k], torch.Generator().manual_seed(seed * 1_000_003 + 7919 * position + 1)
+
+
+def text_contexts(args, prompts, device, dtype):
+    """Text embeddings of the unique prompts, encoded once and kept on this rank's device with the
+    zero padding cut off (a 1.4K-prompt store would be 6 GB per GPU at 512 x 4096)."""
+    tokenizer, encoder = cw.load_text_encoder(args.model, dtype, device)
+    unique = sorted(set(prompts))
+    contexts = {}
+    for s in tqdm(range(0, len(unique), 16), desc="text", disable=dist.get_rank() != 0):
+        emb = cw.encode_prompts(tokenizer, encoder, unique[s:s + 16])  # [b, 512, text_dim]
+        for p, e in zip(unique[s:s + 16], emb):
+            n = int((e.abs().sum(-1) > 0).nonzero().max()) + 1
+            contexts[p] = e[:n].clone()
+    del encoder
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return contexts
+
+
+def padded(contexts, prompts, length=512):
+    """[B, 512, text_dim] with exact zeros after each prompt, as encode_prompts returns it."""
+    return torch.stack([F.pad(contexts[p], (0, 0, 0, length - len(contexts[p]))) for p in prompts])
+
+
+@torch.no_grad()
+def write_sample(args, ema, vae, context, shape, step, rank, device):
+    """A video from the EMA student by the real autoregressive rollout (every rank takes part: the
+    weights are sharded), decoded and written by rank 0."""
+    g = torch.Generator(device).manual_seed(args.seed)
+    noise = torch.randn([1] + shape, generator=g, device=device)
+    video = cw.rollout(ema, noise, ema.prompt_kv(context), block_size=args.block_size, generator=g)
+    if rank == 0:
+        cw.save_video(os.path.join(args.out, f"sample_{step}.mp4"), cw.vae_decode(vae, video.float())[0])
+
+
+def train(args, rank, world, device):
+    if args.global_batch % (world * args.micro_batch):
+        raise UserError(f"--global-batch {args.global_batch} is not divisible by world size {world} "
+                        f"x --micro-batch {args.micro_batch}")
+    accum = args.global_batch // (world * args.micro_batch)
+    ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
+    if not args.resume and os.path.isfile(ckpt_path):
+        raise UserError(f"'{ckpt_path}' exists: pass --resume to continue it, or choose another --out")
+    store = TrajectoryStore(args.store)
+    bf16 = device.type == "cuda"  # bf16 compute with fp32 master weights on GPU; fp32 on CPU
+    contexts = text_contexts(args, store.prompts, device, torch.bfloat16 if bf16 else torch.float32)
+    timesteps = store.timesteps.to(device)
+    num_noisy = len(timesteps) - 1
+
+    model = cw.from_pretrained(args.model, torch.float32, device)  # the student starts from Wan (or --init)
+    if store.index["latent_shape"][0] != model.cfg.in_channels:
+        raise UserError(f"store latents have {store.index['latent_shape'][0]} channels, the model takes {model.cfg.in_channels}")
+    if args.init:
+        model.load_state_dict(cw.generator_state_dict(cw.load_checkpoint(args.init)), strict=True)
+    model.gradient_checkpointing = bf16
+    ema = copy.deepcopy(model).requires_grad_(False)
+    cw.shard_model(model, bf16)
+    cw.shard_model(ema, bf16)
+    # beta1 = 0.9 as in CausVid's ODE regression: this stage is plain supervised regression, where
+    # momentum helps; the DMD/reward stages use (0.0, 0.999) for their moving targets
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=0.01, eps=1e-8)
+    step = 0
+    if args.resume:
+        ckpt = cw.load_checkpoint(ckpt_path)
+        cw.load_full_state_dict(model, ckpt["model"])
+        cw.load_full_state_dict(ema, ckpt["ema"])
+        cw.load_full_state_dict(model, ckpt["optimizer"], optimizer)
+        step = ckpt["step"]
+        del ckpt
+    vae = cw.load_vae(args.model, device=device) if rank == 0 and args.sample_every else None
+    wandb = None
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        # a resumed run rewrites the log from its checkpoint on: lines of a crashed run after it go
+        lines = []
+        if args.resume and os.path.isfile(log_path):
+            with open(log_path) as f:
+                lines = [line for line in f if json.loads(line)["step"] <= step]
+        with open(log_path, "w") as f:
+            f.writelines(lines)
+        if args.wandb:
+            import wandb
+            wandb.init(project="reward-forcing", name=f"ode-{os.path.basename(os.path.abspath(args.out))}",
+                       config=vars(args), resume="allow")
+
+    bar = tqdm(initial=step, total=args.max_steps, desc="ode", disable=rank != 0)
+    while step < args.max_steps:
+        t0 = time.time()
+        step_loss = torch.zeros((), device=device)
+        for m in range(accum):
+            first = ((step * accum + m) * world + rank) * args.micro_batch
+            picks = [sample_position(args.seed, store.num, first + b) for b in range(args.micro_batch)]
+            trajectory = torch.stack([store[k] for k, _ in picks]).to(device, torch.float32)  # [B, 5, C, F, H, W]
+            index = torch.stack([timestep_index(trajectory.shape[3], args.block_size, num_noisy, g) for _, g in picks]).to(device)
+            context = padded(contexts, [store.prompts[k] for k, _ in picks])
+            x0 = student_x0(model, trajectory, index, timesteps, model.prompt_kv(context), args.block_size)
+            loss = ode_loss(x0, trajectory[:, -1])
+            (loss / accum).backward()
+            step_loss += loss.detach() / accum
+        dist.all_reduce(step_loss)  # gloo has no AVG
+        step_loss /= world
+        if not torch.isfinite(step_loss):
+            raise UserError(f"loss is {step_loss.item()} at step {step + 1}: stopped without saving; "
+                            f"the last good checkpoint is {ckpt_path}")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).full_tensor()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        cw.ema_update(ema, model, args.ema_decay)
+        step += 1
+
+        record = dict(step=step, loss=step_loss.item(), grad_norm=grad_norm.item(), lr=args.lr, step_time=time.time() - t0)
+        if device.type == "cuda":
+            record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        bar.update()
+        bar.set_postfix(loss=f"{record['loss']:.4f}", gnorm=f"{record['grad_norm']:.3f}", s=f"{record['step_time']:.2f}",
+                        **({"mem_gb": f"{record['gpu_mem_gb']:.1f}"} if "gpu_mem_gb" in record else {}))
+        if rank == 0 and (step % args.log_every == 0 or step == args.max_steps):
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if wandb is not None:
+                wandb.log(record, step=step)
+        if args.sample_every and step % args.sample_every == 0:
+            write_sample(args, ema, vae, padded(contexts, store.prompts[:1]), store.index["latent_shape"], step, rank, device)
+        if step % args.save_every == 0 or step == args.max_steps:
+            ckpt = dict(model=cw.full_state_dict(model), ema=cw.full_state_dict(ema),
+                        optimizer=cw.full_state_dict(model, optimizer), step=step, args=vars(args))
+            if rank == 0:
+                cw.save_checkpoint(ckpt_path, ckpt)
+    bar.close()
+
+
+# -----------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="sample trajectories from the teacher into a store")
+    ver = sub.add_parser("verify", help="report a store's count, shapes and missing shards")
+    tr = sub.add_parser("train", help="regress the causal student onto a store")
+    for p in (gen, tr):
+        p.add_argument("--tiny", action="store_true", help="tiny random Wan, small sizes (CPU demo, tests)")
+        p.add_argument("--model", help=f"base diffusers-format Wan: config, text encoder, VAE, student init "
+                                       f"(default {cw.DEFAULT_MODEL}; with --tiny the cached tiny Wan)")
+        p.add_argument("--seed", type=int, default=0)
+    for p in (gen, ver, tr):
+        p.add_argument("--store", required=True, help="trajectory store folder")
+    gen.add_argument("--teacher", required=True,
+                     help="distill_dmd.py checkpoint file, or a diffusers-format Wan (folder or hub id)")
+    gen.add_argument("--prompts", required=True, help="text file, one prompt per line (cycled if --num is larger)")
+    gen.add_argument("--num", type=int, help="number of trajectories (1400)")
+    gen.add_argument("--shard-size", type=int, help="trajectories per shard (16)")
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--frames", type=int, help="pixel frames, 4k+1 (81)")
+    gen.add_argument("--teacher-steps", type=int, help="solver steps of a diffusers teacher (50)")
+    gen.add_argument("--guidance", type=float, help="CFG scale of a diffusers teacher (5.0)")
+    gen.add_argument("--negative-prompt", default=WAN_NEGATIVE_PROMPT, help="of a diffusers teacher (default: Wan's)")
+    tr.add_argument("--out", required=True, help="folder for ckpt.pt, log.jsonl, sample_<step>.mp4")
+    tr.add_argument("--init", help="start the student from this checkpoint's generator instead of --model's weights")
+    tr.add_argument("--resume", action="store_true", help="continue exactly from OUT/ckpt.pt")
+    tr.add_argument("--block-size", type=int, help="latent frames per causal block (3)")
+    tr.add_argument("--max-steps", type=int)
+    tr.add_argument("--global-batch", type=int, help="trajectories per optimizer step, all ranks (64)")
+    tr.add_argument("--micro-batch", type=int, help="trajectories per rank per forward (1)")
+    tr.add_argument("--lr", type=float)
+    tr.add_argument("--ema-decay", type=float)
+    tr.add_argument("--grad-clip", type=float)
+    tr.add_argument("--save-every", type=int)
+    tr.add_argument("--log-every", type=int)
+    tr.add_argument("--sample-every", type=int, help="write OUT/sample_<step>.mp4 from the EMA student (0: never)")
+    tr.add_argument("--wandb", action="store_true")
+    args = parser.parse_args(argv)
+    if args.command != "verify":
+        preset = asdict(Config.tiny() if args.tiny else Config())
+        for name, value in list(vars(args).items()):
+            if value is None and name in preset:  # a flag left unset takes the preset's value
+                setattr(args, name, preset[name])
+        if args.model is None:
+            args.model = cw.make_tiny_wan(cw.tiny_model_dir()) if args.tiny else cw.DEFAULT_MODEL
+    return args
+
+
+def main(args):
+    if args.command == "verify":
+        report = verify_store(args.store)
+        print_report(args.store, report)
+        if report["missing"] or report["bad"]:
+            raise UserError(f"store '{args.store}' is incomplete: rerun `train_ode.py generate` with the same flags")
+        return
+    rank, world, device = cw.init_distributed()
+    try:
+        (generate if args.command == "generate" else train)(args, rank, world, device)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
