@@ -298,7 +298,8 @@ class CausalWan(nn.Module):
     def prompt_kv(self, context):
         """Text embeddings [B, S, text_dim] -> per-layer cross-attention keys/values. Compute once
         per prompt and reuse for every block and step."""
-        c = self.condition_embedder.text_embedder(context)
+        text_embedder = self.condition_embedder.text_embedder
+        c = text_embedder(context.to(text_embedder.linear_1.weight.dtype))
         return [blk.cross_kv(c) for blk in self.blocks]
 
     def forward(self, x, t, prompt_kv, block_size=None, kv_cache=None, update_cache=False):
@@ -315,7 +316,7 @@ class CausalWan(nn.Module):
         angles = rope_angles(head_dim, f, h, w, kv_cache.pos if kv_cache is not None else 0, x.device)
         rope = (angles.cos().float()[:, None], angles.sin().float()[:, None])
 
-        x = self.patch_embedding(x).flatten(2).transpose(1, 2)  # [B, f*h*w, D]
+        x = self.patch_embedding(x.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)  # [B, f*h*w, D]
         t = t.reshape(B, -1)  # [B, 1] or [B, F]
         emb = self.condition_embedder
         sinus = timestep_sinusoid(t.flatten(), self.cfg.freq_dim).to(emb.time_proj.weight.dtype)
@@ -657,7 +658,11 @@ def shard_model(model, bf16):
     """FSDP2: shard every transformer block and the rest of the model across ranks. With bf16,
     compute runs in bf16 while the sharded master weights, gradients and optimizer stay fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    # cast_forward_inputs=False: FSDP would otherwise round every float input to bf16, including
+    # the timesteps (937.5 -> 936), the fp32 modulation and the RoPE tables; forward() casts x
+    # and prompt_kv() the text to the weights' dtype itself.
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None,
+                              cast_forward_inputs=False)
     for blk in model.blocks:
         fully_shard(blk, mp_policy=mp)
         register_fsdp_forward_method(blk, "cross_kv")  # called outside forward: gather its weights too
