@@ -567,6 +567,7 @@ def vae_decode(vae, z, first=True):
     cache of the previous call, so decoding a video block by block (streaming) gives the same
     frames as one decode of the whole video: latent frame 0 -> 1 frame, each later one -> 4.
     Follows AutoencoderKLWan._decode, which clears that cache on every call."""
+    z = z.to(vae.dtype)
     mean = torch.tensor(vae.config.latents_mean, device=z.device, dtype=z.dtype).view(1, -1, 1, 1, 1)
     std = torch.tensor(vae.config.latents_std, device=z.device, dtype=z.dtype).view(1, -1, 1, 1, 1)
     if first:

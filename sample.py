@@ -149,7 +149,7 @@ def main(args):
     tokenizer, encoder = cw.load_text_encoder(args.model, dtype=dtype, device=device)
     contexts = {p: cw.encode_prompts(tokenizer, encoder, [p]) for p in dict.fromkeys(j[0] for j in jobs)}
     del tokenizer, encoder  # the text encoder (5.7B for Wan) is not needed during generation
-    vae = cw.load_vae(args.model, dtype=dtype, device=device)
+    vae = cw.load_vae(args.model, dtype=torch.float32, device=device)  # fp32, as diffusers runs the Wan VAE
     latent_frames, h, w = (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8
     blocks = math.ceil(latent_frames / args.chunk)
     bar = tqdm(total=blocks * len(jobs), unit="block", desc="generating")
@@ -233,7 +233,8 @@ def benchmark(args):
             encoder = UMT5EncoderModel(UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
                                                   num_heads=64, feed_forward_proj="gated-gelu", tie_word_embeddings=False))
     rope = {k: v.clone() for k, v in reference.rope.named_buffers()}
-    reference, vae, encoder = (m.to(device, dtype).eval().requires_grad_(False) for m in (reference, vae, encoder))
+    reference, encoder = (m.to(device, dtype).eval().requires_grad_(False) for m in (reference, encoder))
+    vae = vae.to(device, torch.float32).eval().requires_grad_(False)  # fp32, as in sample.py
     for k, v in rope.items():  # .to(bf16) also rounds diffusers' RoPE tables; keep them as diffusers computes them
         setattr(reference.rope, k, v.to(device))
     model = cw.CausalWan(cfg)
