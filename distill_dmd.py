@@ -1,0 +1,458 @@
+"""
+Stage 1 of Reward Forcing: distill Wan2.1 into a 4-step generator with DMD (Distribution Matching
+Distillation; paper section 3.1, recipe of Self Forcing).
+
+Three networks: the frozen teacher (real score: bidirectional Wan with classifier-free guidance),
+a critic (fake score: a bidirectional Wan initialized from the base model and trained with the
+flow-matching loss on the generator's samples), and the generator, trained with
+
+    grad L_DMD = E_t[ (s_fake(x_t) - s_real(x_t)) dG/dtheta ],   x_t = noised G(z)
+
+by 5 critic updates for each generator update. `--generator causal` trains the block-causal model
+by self-rollout (Self Forcing: the generator makes the whole video with its own KV cache, the
+gradient flows through one denoising step); `--generator bidirectional` distills the 4-step
+bidirectional model that `train_ode.py generate --teacher OUT/ckpt.pt` samples trajectories from.
+
+    # CPU demo with a tiny random Wan (built once in ~/.cache/reward_forcing/tiny_wan), seconds
+    python distill_dmd.py --tiny --out runs/dmd_tiny
+    python distill_dmd.py --tiny --out runs/dmd_tiny --resume --max-steps 20
+
+    # one GPU (global batch by gradient accumulation; see docs_distill_dmd.md for memory)
+    python distill_dmd.py --generator bidirectional --out runs/dmd_bidirectional
+    python distill_dmd.py --generator causal --init runs/ode/ckpt.pt --out runs/dmd_causal
+
+    # 8 GPUs (FSDP: the three networks are sharded; bf16 compute, fp32 master weights)
+    torchrun --nproc_per_node 8 distill_dmd.py --generator bidirectional --out runs/dmd_bidirectional
+    # the paper's teacher ablation: 14B teacher, 1.3B generator and critic
+    torchrun --nproc_per_node 8 distill_dmd.py --teacher Wan-AI/Wan2.1-T2V-14B-Diffusers --out runs/dmd_14b
+
+One step = `--critic-steps` critic updates then one generator update, each over `--global-batch`
+videos. OUT/ckpt.pt holds the generator ('model', 'ema', 'optimizer'), the critic ('critic',
+'critic_optimizer'), 'step' and 'args'; `sample.py --checkpoint OUT/ckpt.pt` renders its EMA.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import causal_wan as cw
+from causal_wan import UserError
+
+# Wan 2.1's own negative prompt (its shared_config): the unconditional branch of the teacher's CFG
+# in Self Forcing's DMD config, and what train_ode.py samples the teacher with
+WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+                       "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+                       "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
+EXAMPLE_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts", "dmd_example.txt")
+TEXT_LEN = 512  # tokens of every text embedding (encode_prompts pads to it)
+
+
+@dataclass
+class Config:
+    generator: str = "causal"  # or "bidirectional"
+    prompts: str = EXAMPLE_PROMPTS
+    negative_prompt: str = WAN_NEGATIVE_PROMPT
+    height: int = 480
+    width: int = 832
+    frames: int = 81  # pixel frames -> 21 latent frames
+    block_size: int = 3  # latent frames per block of the causal generator (1: frame-wise)
+    # Self Forcing's guidance_scale 3.0, which it applies as cond + 3 (cond - uncond); written the
+    # usual way (diffusers, Wan: uncond + g (cond - uncond)) that is g = 4
+    guidance: float = 4.0
+    critic_steps: int = 5  # critic updates per generator update (Self Forcing's dfake_gen_update_ratio)
+    lr: float = 2e-6  # generator
+    critic_lr: float = 4e-7
+    ema_decay: float = 0.99
+    grad_clip: float = 10.0
+    global_batch: int = 64  # Self Forcing: 64 GPUs x 1 video
+    micro_batch: int = 1
+    max_steps: int = 120  # = Self Forcing's 600 iterations (a generator update every 5th)
+    save_every: int = 20
+    log_every: int = 1
+    sample_every: int = 20
+
+    @staticmethod
+    def tiny():
+        # 64x64 pixels, 21 frames -> latents [16, 6, 8, 8] (two causal blocks of 3); a step takes ~0.5 s
+        return Config(height=64, width=64, frames=21, critic_steps=2, lr=1e-4, critic_lr=1e-3, global_batch=2,
+                      max_steps=10, save_every=5, sample_every=5)
+
+
+# -----------------------------------------------------------------------------
+# the DMD losses (train_reward.py imports them for its --dmd-weight ablation)
+
+
+def sample_timesteps(batch, generator, device, shift=5.0, min_t=20.0, max_t=980.0):
+    """One noise level per video for the DMD and critic losses, as Self Forcing samples it: t ~ U[0, 1000)
+    warped with the shift of the 4-step schedule (towards high noise), then kept in [20, 980] -> [B]."""
+    s = torch.rand(batch, generator=generator, device=device, dtype=torch.float64)
+    return (shift * s / (1 + (shift - 1) * s) * 1000).clamp(min_t, max_t).float()
+
+
+def add_noise(x0, t, generator):
+    """x_t = (1 - s) x0 + s eps with s = t / 1000 (one t per video): returns x_t and eps, fp32."""
+    eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=torch.float32)
+    s = (t / 1000).view(-1, *[1] * (x0.dim() - 1))
+    return (1 - s) * x0.float() + s * eps, eps
+
+
+def dmd_loss(x0, teacher, critic, context, uncond_context, guidance, generator):
+    """The distribution matching loss (paper section 3.1; DMD eqs. 7-8) of the generator's videos.
+
+    x0 [B, C, F, H, W]: the generator's output, with its graph. teacher / critic: the bidirectional
+    real and fake scores (CausalWan, called with full attention). context [B, 512, text_dim]: the
+    prompts' embeddings; uncond_context [1 or B, 512, text_dim]: the negative prompt's. The real score
+    is the teacher's x0 with CFG, uncond + guidance (cond - uncond); the fake score is the critic's
+    conditional x0. The gradient of the loss w.r.t. x0 is (fake - real) / mean|x0 - real| (per video)
+    / numel: the loss value itself only measures the size of that step. Returns (loss, logs)."""
+    B = x0.shape[0]
+    with torch.no_grad():
+        t = sample_timesteps(B, generator, x0.device)  # [B]
+        x_t, _ = add_noise(x0.detach(), t, generator)
+        kv = teacher.prompt_kv(torch.cat([context, uncond_context.expand_as(context)]))  # cond and uncond in one batch
+        real_cond, real_uncond = cw.predict_x0(teacher, torch.cat([x_t, x_t]), torch.cat([t, t]), kv).float().chunk(2)
+        real = real_uncond + guidance * (real_cond - real_uncond)
+        fake = cw.predict_x0(critic, x_t, t, critic.prompt_kv(context)).float()
+        # DMD's normalization makes the step size independent of how far the sample is from the
+        # teacher's; the clamp only avoids 0/0 (a NaN from the networks still reaches the loss)
+        normalizer = (x0.detach().float() - real).abs().mean(dim=list(range(1, x0.dim())), keepdim=True)
+        grad = (fake - real) / normalizer.clamp_min(1e-12)
+    x0 = x0.double()  # fp64 as Self Forcing: the step is tiny next to x0
+    loss = 0.5 * F.mse_loss(x0, (x0 - grad.double()).detach())
+    return loss, dict(dmd_t=t.mean(), dmd_grad=grad.abs().mean())
+
+
+def critic_loss(x0, critic, context, generator):
+    """The fake score's denoising loss on the generator's videos (detached): flow matching, i.e. the
+    critic's velocity against eps - x0 at x_t = (1 - s) x0 + s eps, with t drawn as in dmd_loss.
+    x0 [B, C, F, H, W], context [B, 512, text_dim]. Returns (loss, logs)."""
+    x0 = x0.detach().float()
+    t = sample_timesteps(x0.shape[0], generator, x0.device)
+    x_t, eps = add_noise(x0, t, generator)
+    v = critic(x_t, t, critic.prompt_kv(context))
+    return F.mse_loss(v.float(), eps - x0), dict(critic_t=t.mean())
+
+
+def generate(model, noise, context, exit_step, block_size, generator):
+    """The generator's videos for the losses: the self-rollout (Self Forcing; DMD2's backward
+    simulation) in which every block stops after denoising step `exit_step` (0..3) and returns that
+    step's x0. With grad enabled the gradient flows through that step only; the earlier steps and
+    the KV-cache passes run without it. block_size >= frames is the bidirectional generator."""
+    num_blocks = math.ceil(noise.shape[2] / block_size)
+    return cw.rollout(model, noise, model.prompt_kv(context), block_size=block_size,
+                      exit_steps=[exit_step] * num_blocks, generator=generator)
+
+
+# -----------------------------------------------------------------------------
+# prompts: every text embedding is computed once, at start
+
+
+@torch.no_grad()
+def encode_negative_prompt(tokenizer, encoder, text):
+    """[1, 512, text_dim] embedding of the negative prompt. "" (WanPipeline's default) is the encoder
+    output of the lone </s> token followed by zeros, not all zeros; encode_prompts refuses "" because
+    for a user's prompt it is a mistake, so that case is encoded here the same way."""
+    if text.strip():
+        return cw.encode_prompts(tokenizer, encoder, [text])
+    tok = tokenizer([""], padding="max_length", max_length=TEXT_LEN, truncation=True, add_special_tokens=True,
+                    return_attention_mask=True, return_tensors="pt")
+    ids, mask = tok.input_ids.to(encoder.device), tok.attention_mask.to(encoder.device)
+    out = encoder(ids, mask).last_hidden_state
+    return out * mask[..., None].to(out.dtype)
+
+
+def read_prompts(path):
+    if not os.path.isfile(path):
+        raise UserError(f"prompt file '{path}' does not exist")
+    with open(path, encoding="utf-8") as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise UserError(f"prompt file '{path}' has no prompts (one per line)")
+    return prompts
+
+
+def text_contexts(args, prompts, device):
+    """Embeddings of the given prompts {index: [n, text_dim]} with the zero padding cut off (kept
+    on the CPU), and of the negative prompt [1, 512, text_dim]. The text encoder is freed after."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tokenizer, encoder = cw.load_text_encoder(args.model, dtype, device)
+    ids = sorted(prompts)
+    contexts = {}
+    for s in tqdm(range(0, len(ids), 16), desc="text", disable=dist.get_rank() != 0 or len(ids) <= 16):
+        emb = cw.encode_prompts(tokenizer, encoder, [prompts[i] for i in ids[s:s + 16]])  # [b, 512, text_dim]
+        for i, e in zip(ids[s:s + 16], emb):
+            n = int((e.abs().sum(-1) > 0).nonzero().max()) + 1
+            contexts[i] = e[:n].cpu().clone()
+    uncond = encode_negative_prompt(tokenizer, encoder, args.negative_prompt).float().to(device)
+    del encoder
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return contexts, uncond
+
+
+def padded(contexts, ids, device):
+    """[B, 512, text_dim] fp32 with exact zeros after each prompt, as encode_prompts returns it."""
+    return torch.stack([F.pad(contexts[i].float(), (0, 0, 0, TEXT_LEN - len(contexts[i]))) for i in ids]).to(device)
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+@torch.no_grad()
+def write_sample(args, ema, vae, context, latent_shape, block_size, step, rank, device):
+    """A video from the EMA generator with all 4 steps, the same noise every time (every rank takes
+    part: the weights are sharded), decoded and written by rank 0."""
+    g = torch.Generator(device).manual_seed(args.seed)
+    noise = torch.randn([1] + latent_shape, generator=g, device=device)
+    video = cw.rollout(ema, noise, ema.prompt_kv(context), block_size=block_size, generator=g)
+    if rank == 0:
+        cw.save_video(os.path.join(args.out, f"sample_{step}.mp4"), cw.vae_decode(vae, video.float())[0])
+
+
+def all_mean(x):
+    """Average of a scalar tensor over ranks (the loss every rank logs)."""
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x.item() / dist.get_world_size()
+
+
+def grad_norm(model, clip):
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # a DTensor under FSDP
+
+
+def stop_if_diverged(step, ckpt_path, **values):
+    bad = ", ".join(f"{k} = {v}" for k, v in values.items() if not math.isfinite(v))
+    if bad:
+        raise UserError(f"training diverged at step {step} ({bad}): stopped without saving; the last good "
+                        f"checkpoint stays in {ckpt_path} (lower --lr / --critic-lr and --resume)")
+
+
+def load_resume(path):
+    """Our checkpoint for --resume. mmap: the ranks of one machine share the file's pages instead
+    of each holding a copy (the full-size checkpoint is ~40 GB)."""
+    if not os.path.isfile(path):
+        raise UserError(f"nothing to resume: '{path}' does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise UserError(f"checkpoint '{path}' is not readable ({type(e).__name__}: {str(e)[:100]})") from None
+
+
+def main(args):
+    rank, world, device = cw.init_distributed()
+    try:
+        train(args, rank, world, device)
+    finally:
+        dist.destroy_process_group()
+
+
+def train(args, rank, world, device):
+    # The global batch is `slots` groups of micro_batch videos; rank r runs slots [r*accum, (r+1)*accum).
+    # Slot j of update u draws its noise, prompts and timesteps from its own generator
+    # step_generator(seed, u, j), and its prompts from its own share of the prompt file (lines j,
+    # j + slots, ...): one GPU with accumulation and N GPUs compute the same step.
+    if args.global_batch % (world * args.micro_batch):
+        raise UserError(f"--global-batch {args.global_batch} is not divisible by world size {world} x --micro-batch {args.micro_batch}")
+    if (args.frames - 1) % 4 or args.height % 16 or args.width % 16:
+        raise UserError(f"--frames must be 4k+1 and --height/--width multiples of 16 (got {args.frames}, {args.height}x{args.width})")
+    slots = args.global_batch // args.micro_batch
+    accum = slots // world
+    my_slots = range(rank * accum, (rank + 1) * accum)
+    ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
+    if not args.resume and os.path.isfile(ckpt_path):
+        raise UserError(f"'{ckpt_path}' exists: pass --resume to continue it, or choose another --out")
+    ckpt = load_resume(ckpt_path) if args.resume else None
+    if ckpt is not None and ckpt["args"]["generator"] != args.generator:
+        raise UserError(f"'{ckpt_path}' trains a {ckpt['args']['generator']} generator, not {args.generator}")
+
+    prompts = read_prompts(args.prompts)
+    prompts = prompts * math.ceil(slots / len(prompts))  # every slot needs at least one line
+    shares = {j: list(range(j, len(prompts), slots)) for j in my_slots}
+    needed = {i for share in shares.values() for i in share} | {0}  # + prompt 0 for the sample videos
+    contexts, uncond = text_contexts(args, {i: prompts[i] for i in needed}, device)
+
+    bf16 = device.type == "cuda"  # bf16 compute with fp32 master weights on GPU; fp32 on CPU
+    teacher = cw.from_pretrained(args.teacher, torch.bfloat16 if bf16 else torch.float32).requires_grad_(False)
+    generator = cw.from_pretrained(args.model, torch.float32)  # the base model (1.3B): generator and critic
+    critic = copy.deepcopy(generator)
+    if args.init:
+        try:
+            generator.load_state_dict(cw.generator_state_dict(cw.load_checkpoint(args.init)), strict=True)
+        except RuntimeError as e:
+            raise UserError(f"--init '{args.init}' does not fit the model of '{args.model}' ({str(e).splitlines()[1].strip()[:120]})") from None
+    if (teacher.cfg.in_channels, teacher.cfg.text_dim) != (critic.cfg.in_channels, critic.cfg.text_dim):
+        raise UserError(f"--teacher '{args.teacher}' does not share latent channels and text encoder with --model '{args.model}'")
+    ema = copy.deepcopy(generator).requires_grad_(False)
+    generator.gradient_checkpointing = critic.gradient_checkpointing = bf16  # per block, on GPU
+    for net in (teacher, critic, generator, ema):  # one code path for 1 and N GPUs, 1.3B and 14B teachers
+        cw.shard_model(net, bf16)
+    # betas (0.0, 0.999): no momentum, as DMD2 and Self Forcing; both targets move every step
+    opt = torch.optim.AdamW(generator.parameters(), lr=args.lr, betas=(0.0, 0.999), weight_decay=0.01, eps=1e-8)
+    critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, betas=(0.0, 0.999), weight_decay=0.01, eps=1e-8)
+    step = 0
+    if ckpt is not None:
+        cw.load_full_state_dict(generator, ckpt["model"])
+        cw.load_full_state_dict(ema, ckpt["ema"])
+        cw.load_full_state_dict(generator, ckpt["optimizer"], opt)
+        cw.load_full_state_dict(critic, ckpt["critic"])
+        cw.load_full_state_dict(critic, ckpt["critic_optimizer"], critic_opt)
+        step = ckpt["step"]
+        del ckpt
+
+    latent_shape = [generator.cfg.in_channels, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8]
+    block_size = args.block_size if args.generator == "causal" else latent_shape[1]
+    vae = cw.load_vae(args.model, device=device) if rank == 0 and args.sample_every else None
+    wandb = None
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        # a resumed run rewrites the log from its checkpoint on: lines of a crashed run after it go
+        lines = open(log_path).read().splitlines() if args.resume and os.path.isfile(log_path) else []
+        with open(log_path, "w") as f:
+            f.writelines(line + "\n" for line in lines if json.loads(line)["step"] <= step)
+        if args.wandb:
+            import wandb
+            wandb.init(project="reward-forcing", name=f"dmd-{os.path.basename(os.path.abspath(args.out))}",
+                       config=vars(args), resume="allow")
+
+    def draw(update, slot):
+        """Noise [B, C, F, H, W], prompt embeddings and the generator for the rest of this slot's draws."""
+        g = cw.step_generator(args.seed, update, slot, device)
+        share = shares[slot]
+        ids = [share[k] for k in torch.randint(len(share), (args.micro_batch,), generator=g, device=device).tolist()]
+        noise = torch.randn([args.micro_batch] + latent_shape, generator=g, device=device)
+        return noise, padded(contexts, ids, device), g
+
+    def exit_step(update):
+        """Where every block of this update's rollouts stops: the same on every rank (and slot), so
+        all ranks run the same number of sharded forwards."""
+        g = cw.step_generator(args.seed, update, -1, "cpu")  # slot -1: a stream no slot uses
+        return int(torch.randint(len(cw.DENOISING_TIMESTEPS), (1,), generator=g))
+
+    bar = tqdm(initial=step, total=args.max_steps, desc=f"dmd {args.generator}", disable=rank != 0)
+    while step < args.max_steps:
+        t0 = time.time()
+        updates = step * (args.critic_steps + 1)  # this step's update numbers: critic ..., generator
+
+        # critic: learn the score of the generator's current distribution (its videos detached)
+        critic_losses, critic_norms = [], []
+        for c in range(args.critic_steps):
+            k = exit_step(updates + c)
+            loss_sum = torch.zeros((), device=device)
+            for slot in my_slots:
+                noise, context, g = draw(updates + c, slot)
+                with torch.no_grad():
+                    x0 = generate(generator, noise, context, k, block_size, g)
+                loss, _ = critic_loss(x0, critic, context, g)
+                (loss / accum).backward()
+                loss_sum += loss.detach() / accum
+            critic_losses.append(all_mean(loss_sum))
+            critic_norms.append(grad_norm(critic, args.grad_clip))
+            stop_if_diverged(step + 1, ckpt_path, critic_loss=critic_losses[-1], critic_grad_norm=critic_norms[-1])
+            critic_opt.step()
+            critic_opt.zero_grad(set_to_none=True)
+
+        # generator: one DMD step through the rollout, scored by the teacher (real) and the critic (fake)
+        k = exit_step(updates + args.critic_steps)
+        loss_sum, dmd_grad = torch.zeros((), device=device), torch.zeros((), device=device)
+        for slot in my_slots:
+            noise, context, g = draw(updates + args.critic_steps, slot)
+            x0 = generate(generator, noise, context, k, block_size, g)
+            loss, logs = dmd_loss(x0, teacher, critic, context, uncond, args.guidance, g)
+            (loss / accum).backward()
+            loss_sum += loss.detach().float() / accum
+            dmd_grad += logs["dmd_grad"] / accum
+        record = dict(step=step + 1, loss=all_mean(loss_sum), grad_norm=grad_norm(generator, args.grad_clip))
+        stop_if_diverged(step + 1, ckpt_path, loss=record["loss"], grad_norm=record["grad_norm"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        cw.ema_update(ema, generator, args.ema_decay)
+        step += 1
+
+        record.update(critic_loss=sum(critic_losses) / max(len(critic_losses), 1),
+                      critic_grad_norm=sum(critic_norms) / max(len(critic_norms), 1),
+                      dmd_grad=all_mean(dmd_grad), exit_step=k, step_time=time.time() - t0)
+        if device.type == "cuda":
+            record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        bar.update()
+        bar.set_postfix(loss=f"{record['loss']:.2e}", critic=f"{record['critic_loss']:.4f}", gnorm=f"{record['grad_norm']:.3f}",
+                        s=f"{record['step_time']:.2f}", **({"mem": f"{record['gpu_mem_gb']:.1f}G"} if "gpu_mem_gb" in record else {}))
+        if rank == 0 and (step % args.log_every == 0 or step == args.max_steps):
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if wandb is not None:
+                wandb.log(record, step=step)
+        if args.sample_every and step % args.sample_every == 0:
+            write_sample(args, ema, vae, padded(contexts, [0], device), latent_shape, block_size, step, rank, device)
+        if step % args.save_every == 0 or step == args.max_steps:
+            ckpt = dict(model=cw.full_state_dict(generator), ema=cw.full_state_dict(ema),
+                        optimizer=cw.full_state_dict(generator, opt), critic=cw.full_state_dict(critic),
+                        critic_optimizer=cw.full_state_dict(critic, critic_opt), step=step, args=vars(args))
+            if rank == 0:
+                cw.save_checkpoint(ckpt_path, ckpt)
+            del ckpt
+    bar.close()
+
+
+# -----------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="tiny random Wan, small sizes (CPU demo, tests)")
+    p.add_argument("--model", help=f"base diffusers-format Wan (folder or hub id): generator and critic init, text encoder, "
+                                   f"VAE (default {cw.DEFAULT_MODEL}; with --tiny the cached tiny Wan)")
+    p.add_argument("--teacher", help="diffusers-format Wan of the real score, loaded in bf16 and frozen "
+                                     "(default: --model; Wan-AI/Wan2.1-T2V-14B-Diffusers for the paper's ablation)")
+    p.add_argument("--init", help="start the generator from this checkpoint's weights (e.g. train_ode.py's, or Self Forcing's ode_init.pt)")
+    p.add_argument("--generator", choices=["causal", "bidirectional"], help="causal: self-rollout in blocks (default); "
+                                                                            "bidirectional: the 4-step full-attention model")
+    p.add_argument("--prompts", help="text file, one prompt per line (default prompts/dmd_example.txt)")
+    p.add_argument("--negative-prompt", help="unconditional branch of the teacher's CFG (default: Wan's own)")
+    p.add_argument("--guidance", type=float, help="teacher CFG, uncond + g (cond - uncond) (4.0 = Self Forcing's 3.0)")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--frames", type=int, help="pixel frames, 4k+1 (81)")
+    p.add_argument("--block-size", type=int, help="latent frames per causal block (3)")
+    p.add_argument("--critic-steps", type=int, help="critic updates per generator update (5)")
+    p.add_argument("--out", required=True, help="folder for ckpt.pt, log.jsonl, sample_<step>.mp4")
+    p.add_argument("--resume", action="store_true", help="continue exactly from OUT/ckpt.pt")
+    p.add_argument("--max-steps", type=int, help="generator updates (120)")
+    p.add_argument("--global-batch", type=int, help="videos per update, all ranks (64)")
+    p.add_argument("--micro-batch", type=int, help="videos per rank per forward (1)")
+    p.add_argument("--lr", type=float, help="generator learning rate (2e-6)")
+    p.add_argument("--critic-lr", type=float, help="critic learning rate (4e-7)")
+    p.add_argument("--ema-decay", type=float, help="EMA of the generator (0.99)")
+    p.add_argument("--grad-clip", type=float, help="gradient norm clipping, both networks (10)")
+    p.add_argument("--save-every", type=int)
+    p.add_argument("--log-every", type=int)
+    p.add_argument("--sample-every", type=int, help="write OUT/sample_<step>.mp4 from the EMA generator (0: never)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--wandb", action="store_true")
+    args = p.parse_args(argv)
+    preset = Config.tiny() if args.tiny else Config()
+    for name, value in asdict(preset).items():
+        if getattr(args, name) is None:  # flags left unset take the preset
+            setattr(args, name, value)
+    if args.model is None:
+        args.model = cw.make_tiny_wan(cw.tiny_model_dir()) if args.tiny else cw.DEFAULT_MODEL
+    args.teacher = args.teacher or args.model
+    return args
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
