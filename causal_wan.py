@@ -28,6 +28,12 @@ from torch.utils.checkpoint import checkpoint
 
 DEFAULT_MODEL = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 
+# Wan 2.1's own negative prompt (its shared_config): the unconditional branch of classifier-free
+# guidance in Wan, CausVid and Self Forcing
+WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+                       "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+                       "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
+
 
 class UserError(Exception):
     """A problem the user can fix (bad flag, missing weights). Scripts print it as one line."""

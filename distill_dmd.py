@@ -45,13 +45,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import causal_wan as cw
-from causal_wan import UserError
+from causal_wan import WAN_NEGATIVE_PROMPT, UserError
 
-# Wan 2.1's own negative prompt (its shared_config): the unconditional branch of the teacher's CFG
-# in Self Forcing's DMD config, and what train_ode.py samples the teacher with
-WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
-                       "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
-                       "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
 EXAMPLE_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts", "dmd_example.txt")
 TEXT_LEN = 512  # tokens of every text embedding (encode_prompts pads to it)
 
