@@ -670,6 +670,10 @@ def shard_model(model, bf16):
     # and prompt_kv() the text to the weights' dtype itself.
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None,
                               cast_forward_inputs=False)
+    # FSDP2 warns when a module returns a view (our blocks return k/v as transposed views), because an
+    # in-place op on it would skip a hook. Nothing here modifies a module output in place.
+    import warnings
+    warnings.filterwarnings("ignore", message=r".*returned a view tensor", category=UserWarning)
     for blk in model.blocks:
         fully_shard(blk, mp_policy=mp)
         register_fsdp_forward_method(blk, "cross_kv")  # called outside forward: gather its weights too
