@@ -1,12 +1,49 @@
 """
-Stage 3 of Reward Forcing: fine-tune the few-step causal generator with a differentiable reward
-of the last generated frame.
+Stage 3 of Reward Forcing (the paper's contribution, section 3.2): fine-tune the ODE-initialized
+causal generator so that the LAST frame of the video it rolls out by itself scores high under a
+differentiable image reward,
 
-This file reads top to bottom: first the reward models (this section), then the training loop.
+    L_reward(theta) = -E_z[ R(x_T) ],    x_{1:T} = G_theta(z),  x_T its last frame.
 
-A reward is a function reward_fn(frames, prompts) -> scores: frames [B, 3, H, W] in [-1, 1] (RGB,
-any H, W), prompts a list of B strings, scores [B] float32, differentiable w.r.t. the frames only
-(the reward model is frozen). Two are available, picked with --reward:
+No teacher and no critic: the generator, the VAE (to reach pixels) and a frozen reward model.
+
+    # CPU demo with a tiny random Wan and a tiny random ImageReward (built once in ~/.cache/reward_forcing)
+    python train_reward.py --tiny --out runs/reward_tiny
+    python train_reward.py --tiny --out runs/reward_tiny --resume --max-steps 40
+
+    # one GPU (the global batch of 8 by gradient accumulation)
+    python train_reward.py --init runs/ode/ckpt.pt --prompts prompts.txt --out runs/reward
+
+    # 8 GPUs (FSDP; bf16 compute, fp32 master weights, activation checkpointing)
+    torchrun --nproc_per_node 8 train_reward.py --init runs/ode/ckpt.pt --prompts prompts.txt --out runs/reward
+    # starting from Self Forcing's released ODE initialization instead of train_ode.py's
+    torchrun --nproc_per_node 8 train_reward.py --init checkpoints/ode_init.pt --prompts prompts.txt --out runs/reward
+
+The paper's ablations, as flags:
+
+    --reward-frames random       section 5.2: score one random frame of the whole video instead of the last
+                                 (the paper: dynamic degree drops by more than 10 points)
+    --dmd-weight 1 --teacher Wan-AI/Wan2.1-T2V-1.3B-Diffusers
+                                 section 5.1, Table 2 ("Reward + Distill", 82.55 total vs 84.92):
+                                 reward and DMD jointly, each normalized (see joint_gradient), with
+                                 distill_dmd.py's DMD loss and critic
+    --dmd-weight 1 --teacher Wan-AI/Wan2.1-T2V-14B-Diffusers
+                                 section 5.3: the same with the 14B teacher (no substantial difference)
+    --reward pickscore           another differentiable image reward in place of ImageReward
+
+One step: for each video of the global batch, the generator rolls out the whole latent video
+block by block with its KV cache, exactly as at inference (causal_wan.rollout); every block stops
+at one randomly drawn denoising step, the same for all blocks and all ranks (Self Forcing's
+same_step_across_blocks), and the gradient flows through that step only. The last latent frame is
+decoded by the real Wan VAE with gradient, after the earlier ones without gradient (the causal VAE
+needs them as context, see decode_reward_frames); its last pixel frame is scored against the
+prompt; AdamW steps on -mean(reward). OUT/ckpt.pt holds 'model', 'ema', 'optimizer', 'step',
+'args' (+ 'critic', 'critic_optimizer', 'loss_scales' with --dmd-weight);
+`sample.py --checkpoint OUT/ckpt.pt` renders its EMA generator.
+
+Rewards: reward_fn(frames, prompts) -> scores, frames [B, 3, H, W] in [-1, 1] (RGB, any H, W),
+prompts a list of B strings, scores [B] float32, differentiable w.r.t. the frames only (the reward
+model is frozen). Two are available, picked with --reward:
 
     --reward imagereward   ImageReward-v1.0 (THUDM/ImageReward, the `image-reward` package)
     --reward pickscore     PickScore_v1 (yuvalkirstain/PickScore_v1, a CLIP-H through transformers)
@@ -17,16 +54,60 @@ Weights come from the Hugging Face hub cache, or from a folder with --reward-pat
 bert-base-uncased from the hub) or PickScore's processor (default
 laion/CLIP-ViT-H-14-laion2B-s32B-b79K), so a machine with everything on disk needs no hub at all.
 """
+import argparse
+import copy
 import importlib.util
 import json
 import math
 import os
+import shutil
 import sys
+import time
 import types
 import warnings
+from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm import tqdm
+
+import causal_wan as cw
+import distill_dmd as dmd
+from causal_wan import UserError
+
+
+@dataclass
+class Config:
+    prompts: str = dmd.EXAMPLE_PROMPTS  # for real runs, pass your own list (Self Forcing trains on extended VidProM prompts)
+    height: int = 480
+    width: int = 832
+    frames: int = 81  # pixel frames -> 21 latent frames
+    block_size: int = 3  # latent frames per causal block (chunk-wise; 1: frame-wise)
+    reward: str = "imagereward"
+    reward_frames: str = "last"  # the paper's choice; "random" is the section 5.2 ablation
+    # appendix B.2: batch 8, AdamW (0, 0.999), eps 1e-8, weight decay 0.01, lr 2e-6, EMA 0.99
+    global_batch: int = 8
+    micro_batch: int = 1
+    lr: float = 2e-6
+    ema_decay: float = 0.99
+    grad_clip: float = 10.0  # Self Forcing's
+    max_steps: int = 500  # the paper does not state it: watch sample_reward in log.jsonl and the samples
+    save_every: int = 50
+    log_every: int = 1
+    sample_every: int = 50
+    # --dmd-weight ablation (section 5.1): distill_dmd.py's settings for the DMD term and its critic
+    dmd_weight: float = 0.0
+    guidance: float = 4.0
+    critic_steps: int = 5
+    critic_lr: float = 4e-7
+    negative_prompt: str = cw.WAN_NEGATIVE_PROMPT
+
+    @staticmethod
+    def tiny():
+        # 64x64 pixels, 21 frames -> latents [16, 6, 8, 8] (two causal blocks of 3); a step takes ~1 s on a CPU
+        return Config(height=64, width=64, frames=21, global_batch=2, lr=1e-2, ema_decay=0.9, max_steps=20,
+                      save_every=10, log_every=1, sample_every=10, critic_steps=1, critic_lr=1e-3)
 
 # -----------------------------------------------------------------------------
 # rewards
@@ -117,7 +198,7 @@ def build_image_reward(med_config, tokenizer, vit_width=1024, vit_depth=24, devi
         try:
             return BertTokenizer.from_pretrained(tokenizer)
         except OSError as e:
-            raise SystemExit(f"BERT tokenizer {tokenizer!r} not found locally and the hub is unreachable: {fix}") from e
+            raise UserError(f"BERT tokenizer {tokenizer!r} not found locally and the hub is unreachable: {fix}") from e
 
     def create_vit(vit, image_size, *args):  # BLIP's ViTs all use 64-wide attention heads
         return blip.VisionTransformer(img_size=image_size, patch_size=16, embed_dim=vit_width,
@@ -131,7 +212,7 @@ def build_image_reward(med_config, tokenizer, vit_width=1024, vit_depth=24, devi
         blip.BertTokenizer, blip_pretrain.create_vit = saved
     vocab_size = model.blip.text_encoder.config.vocab_size
     if len(model.blip.tokenizer) != vocab_size:  # transformers 5 quietly builds a 5-token tokenizer from an empty folder
-        raise SystemExit(f"BERT tokenizer {tokenizer!r} has {len(model.blip.tokenizer)} tokens with BLIP's [DEC] [ENC], "
+        raise UserError(f"BERT tokenizer {tokenizer!r} has {len(model.blip.tokenizer)} tokens with BLIP's [DEC] [ENC], "
                          f"ImageReward's text encoder {vocab_size} (not found, or not bert-base-uncased): {fix}")
     return model
 
@@ -145,14 +226,14 @@ def load_image_reward(path=None, tokenizer=None, device="cpu", dtype=torch.float
             ckpt = hf_hub_download("THUDM/ImageReward", "ImageReward.pt")
             med_config = hf_hub_download("THUDM/ImageReward", "med_config.json")
         except OSError as e:
-            raise SystemExit(f"ImageReward weights not in the hub cache and the hub is unreachable: {fix}") from e
+            raise UserError(f"ImageReward weights not in the hub cache and the hub is unreachable: {fix}") from e
     else:
         ckpt, med_config = os.path.join(path, "ImageReward.pt"), os.path.join(path, "med_config.json")
         if not (os.path.isfile(ckpt) and os.path.isfile(med_config)):
-            raise SystemExit(f"ImageReward weights not found at {path} (no ImageReward.pt + med_config.json): {fix}")
+            raise UserError(f"ImageReward weights not found at {path} (no ImageReward.pt + med_config.json): {fix}")
     state_dict = torch.load(ckpt, map_location="cpu", weights_only=True)
     if "blip.visual_encoder.pos_embed" not in state_dict:
-        raise SystemExit(f"{ckpt} is not an ImageReward checkpoint (no blip.visual_encoder): {fix}")
+        raise UserError(f"{ckpt} is not an ImageReward checkpoint (no blip.visual_encoder): {fix}")
     vit_width = state_dict["blip.visual_encoder.pos_embed"].shape[-1]  # 1024 for the real ViT-L
     vit_depth = 1 + max(int(k.split(".")[3]) for k in state_dict if k.startswith("blip.visual_encoder.blocks."))
     model = build_image_reward(med_config, tokenizer or "bert-base-uncased", vit_width, vit_depth, device)
@@ -160,7 +241,7 @@ def load_image_reward(path=None, tokenizer=None, device="cpu", dtype=torch.float
     used = ("blip.visual_encoder.", "blip.text_encoder.", "mlp.")  # what score_gard() runs; position_ids is a fixed buffer
     missing = [k for k in missing if k.startswith(used) and not k.endswith("position_ids")]
     if missing:
-        raise SystemExit(f"{ckpt} is not an ImageReward checkpoint (missing {missing[:3]}...): {fix}")
+        raise UserError(f"{ckpt} is not an ImageReward checkpoint (missing {missing[:3]}...): {fix}")
     model = freeze(model).to(device, dtype)
     resize, crop, _, _, normalize = model.preprocess.transforms  # the package's PIL pipeline: read its numbers
 
@@ -182,16 +263,16 @@ def load_pickscore(path=None, processor=None, device="cpu", dtype=torch.float32)
     try:
         model = freeze(CLIPModel.from_pretrained(path)).to(device, dtype)
     except OSError as e:
-        raise SystemExit(f"PickScore weights {path!r} not found locally and not downloadable from the hub: "
+        raise UserError(f"PickScore weights {path!r} not found locally and not downloadable from the hub: "
                          "download the yuvalkirstain/PickScore_v1 repo into a folder and pass --reward-path DIR") from e
     try:
         processor = AutoProcessor.from_pretrained(processor_path)
     except OSError as e:
-        raise SystemExit(f"CLIP processor {processor_path!r} not found locally and not downloadable from the hub: "
+        raise UserError(f"CLIP processor {processor_path!r} not found locally and not downloadable from the hub: "
                          "save laion/CLIP-ViT-H-14-laion2B-s32B-b79K's processor to a folder "
                          "and pass --reward-tokenizer DIR") from e
     if len(processor.tokenizer) != model.config.text_config.vocab_size:
-        raise SystemExit(f"CLIP processor {processor_path!r} has {len(processor.tokenizer)} tokens, PickScore's text "
+        raise UserError(f"CLIP processor {processor_path!r} has {len(processor.tokenizer)} tokens, PickScore's text "
                          f"encoder {model.config.text_config.vocab_size}: pass laion/CLIP-ViT-H-14-laion2B-s32B-b79K's "
                          "processor folder as --reward-tokenizer DIR")
     ip = processor.image_processor
@@ -215,7 +296,7 @@ def load_reward(name, path=None, tokenizer=None, device="cpu", dtype=torch.float
     dtype is the reward model's (bf16 is fine on GPU); preprocessing and the scores stay fp32."""
     loaders = {"imagereward": load_image_reward, "pickscore": load_pickscore}
     if name not in loaders:
-        raise SystemExit(f"unknown reward {name!r}: use --reward imagereward or --reward pickscore")
+        raise UserError(f"unknown reward {name!r}: use --reward imagereward or --reward pickscore")
     return loaders[name](path, tokenizer, device, dtype)
 
 
@@ -272,3 +353,401 @@ def make_tiny_pickscore(folder):
     torch.manual_seed(0)
     CLIPModel(config).save_pretrained(folder)
     return folder, folder
+
+
+def tiny_reward_dir(name):
+    """The tiny reward of --tiny: built once in ~/.cache/reward_forcing/tiny_<name>, atomically (ranks
+    or runs started together never see a half-written folder). Returns the folder."""
+    folder = os.path.join(os.path.dirname(cw.tiny_model_dir()), f"tiny_{name}")
+    if not os.path.isdir(folder):
+        tmp = f"{folder}.tmp{os.getpid()}"
+        {"imagereward": make_tiny_image_reward, "pickscore": make_tiny_pickscore}[name](tmp)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+# -----------------------------------------------------------------------------
+# the reward of the generated video
+
+
+def reward_loss(rewards):
+    """L_reward = -E_z[R(x_T)] (section 3.2): minus the mean reward [B] of the scored frames."""
+    return -rewards.mean()
+
+
+def reward_frame_indices(mode, num_latent_frames, batch, generator):
+    """Which decoded frame of each video the reward scores -> [B] indices into its 1 + 4 (F - 1)
+    pixel frames. 'last': the final frame (the paper: supervising more frames encourages static
+    videos; the last frame, the end of the autoregressive rollout, keeps the motion). 'random'
+    (section 5.2's ablation): one frame drawn uniformly from the whole video, one per video as
+    for 'last'."""
+    num_pixel_frames = 1 + 4 * (num_latent_frames - 1)
+    if mode == "last":
+        return [num_pixel_frames - 1] * batch
+    return torch.randint(num_pixel_frames, (batch,), generator=generator, device=generator.device).tolist()
+
+
+def latent_frame_of(pixel_frame):
+    """The latent frame the Wan VAE decodes a pixel frame from: 0 -> 0, 1..4 -> 1, 5..8 -> 2, ..."""
+    return 0 if pixel_frame == 0 else (pixel_frame - 1) // 4 + 1
+
+
+def free_unreached_blocks(reached):
+    """A rollout on_block callback that drops the autograd graph of every block outside `reached`
+    as soon as it is made. The KV cache is detached, so a loss on some frames reaches only the
+    blocks that hold them (the last one for the last frame); the other blocks' graphs would keep
+    their activations and cache versions alive until the backward for nothing (~15 GB at 81 frames)."""
+    def on_block(b, x0, kv_cache):
+        if b not in reached:
+            x0.detach_()
+    return on_block
+
+
+def decode_reward_frames(vae, video, pixel_frames):
+    """The frames the reward scores, with gradient to the video: video [B, C, F, h, w] (normalized
+    latents), pixel_frames [B] indices into each decoded video -> pixels [B, 3, H, W] in [-1, 1].
+
+    The Wan VAE is causal: latent frame j decodes to pixel frames 1+4(j-1) .. 4j (frame 0 to pixel
+    frame 0) from a feature cache of the frames before it. So the latent frames before j are decoded
+    first without gradient, only to fill that cache, then frame j with gradient: the pixels equal
+    those of one decode of the whole video exactly, and the backward runs through the VAE for one
+    latent frame, not for the video. The whole prefix is needed for exactness: each of the decoder's
+    ~30 causal convs reads the two frames before its input, so the last frame depends on every
+    latent frame (Wan 2.1's VAE architecture, random weights, 21 latent frames: decoding from latent
+    frame 1 instead of 0 moves the last frame by up to 0.02, from frame 10 by up to 0.5)."""
+    frames = []
+    for b, p in enumerate(pixel_frames):
+        j = latent_frame_of(p)
+        if j > 0:
+            with torch.no_grad():
+                cw.vae_decode(vae, video[b:b + 1, :, :j].detach())  # context: fills the causal cache, output unused
+        pixels = cw.vae_decode(vae, video[b:b + 1, :, j:j + 1], first=j == 0)  # [1, 3, 1 or 4, H, W]
+        frames.append(pixels[:, :, p - (0 if j == 0 else 1 + 4 * (j - 1))])
+    return torch.cat(frames)  # [B, 3, H, W]
+
+
+# the normalizers of --dmd-weight follow each term's gradient size over about the last 10 steps
+LOSS_SCALE_DECAY = 0.9
+
+
+def joint_gradient(video, loss_reward, loss_dmd, scales, dmd_weight):
+    """Gradient w.r.t. the generated video of section 5.1's joint objective, with the normalization of
+    appendix B.2 ("we normalize the losses so that they are on the same scale"):
+
+        L = s_reward * (L_reward / s_reward + W * L_dmd / s_dmd),   s_k = running mean of ||dL_k / dvideo||
+
+    Both losses reach the generator only through the video, so there the two terms push with equal
+    norms for W = 1 (W times the reward's for --dmd-weight W), and the sum keeps the reward's own
+    size: gradient clipping and Adam see the magnitudes of the reward-only method. The size of the
+    gradient is normalized, not the loss value: ImageReward's scores are standardized (mean ~0), so
+    |L_reward| passes through 0 and dividing by it would explode, and the DMD loss value is
+    0.5 mean(step^2), so dividing by it would make its push inversely proportional to its step.
+
+    video [B, C, F, h, w] with its graph; scales {'reward', 'dmd': running mean, or None before the
+    first update: then this micro-batch's own norms} -> (dL/dvideo, norms {'reward', 'dmd'}, s_reward / s_dmd)."""
+    grad_reward = torch.autograd.grad(loss_reward, video)[0]  # autograd stops at the video: cheap
+    grad_dmd = torch.autograd.grad(loss_dmd, video)[0]
+    norms = dict(reward=grad_reward.norm(), dmd=grad_dmd.norm())
+    s_reward, s_dmd = (norms[k] if scales[k] is None else torch.tensor(scales[k], device=video.device) for k in ("reward", "dmd"))
+    factor = s_reward / s_dmd.clamp_min(1e-30)
+    return grad_reward + dmd_weight * factor * grad_dmd, norms, factor
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def load_generator(args, init):
+    """The generator: --model's architecture (and, with --tiny and no --init, its random weights) with
+    the weights of `init`: train_ode.py's checkpoint (its EMA) or Self Forcing's ode_init.pt."""
+    model = cw.from_pretrained(args.model, torch.float32)
+    if init:
+        try:
+            model.load_state_dict(cw.generator_state_dict(cw.load_checkpoint(init)), strict=True)
+        except RuntimeError as e:
+            raise UserError(f"--init '{init}' does not fit the --model '{args.model}' config ({str(e)[:150]})") from None
+    return model
+
+
+@torch.no_grad()
+def write_sample(args, ema, vae, reward_fn, context, prompt, latent_shape, step, rank, device):
+    """A video from the EMA generator with all 4 steps, from the same noise every time (every rank
+    takes part: the weights are sharded). Rank 0 writes OUT/sample_<step>.mp4 and returns the reward
+    of its last frame; the other ranks return None."""
+    g = torch.Generator(device).manual_seed(args.seed)
+    noise = torch.randn([1] + latent_shape, generator=g, device=device)
+    video = cw.rollout(ema, noise, ema.prompt_kv(context), block_size=args.block_size, generator=g)
+    if rank != 0:
+        return None
+    pixels = cw.vae_decode(vae, video)  # [1, 3, T, H, W]
+    cw.save_video(os.path.join(args.out, f"sample_{step}.mp4"), pixels[0])
+    return reward_fn(pixels[:, :, -1], [prompt]).item()
+
+
+def stop_if_diverged(step, ckpt_path, values):
+    bad = ", ".join(f"{k} = {v}" for k, v in values.items() if not math.isfinite(v))
+    if bad:
+        raise UserError(f"training diverged at step {step} ({bad}): stopped without saving; the last good "
+                        f"checkpoint stays in {ckpt_path} (lower --lr and --resume)")
+
+
+def train(args, rank, world, device):
+    # As in distill_dmd.py, the global batch is `slots` groups of micro_batch videos; rank r runs slots
+    # [r*accum, (r+1)*accum). Slot j of update u draws its noise, prompts and frames from its own
+    # generator step_generator(seed, u, j), and its prompts from its own share of the prompt file
+    # (lines j, j + slots, ...): one GPU with accumulation and N GPUs compute the same step.
+    if args.global_batch % (world * args.micro_batch):
+        raise UserError(f"--global-batch {args.global_batch} is not divisible by world size {world} x --micro-batch {args.micro_batch}")
+    if (args.frames - 1) % 4 or args.height % 16 or args.width % 16:
+        raise UserError(f"--frames must be 4k+1 and --height/--width multiples of 16 (got {args.frames}, {args.height}x{args.width})")
+    joint = args.dmd_weight > 0  # section 5.1's ablation: reward + DMD
+    if args.dmd_weight < 0:
+        raise UserError(f"--dmd-weight must be >= 0 (got {args.dmd_weight})")
+    if joint and not args.teacher:
+        raise UserError("--dmd-weight W > 0 needs --teacher, a diffusers-format Wan (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers)")
+    slots = args.global_batch // args.micro_batch
+    accum = slots // world
+    my_slots = range(rank * accum, (rank + 1) * accum)
+    ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
+    if not args.resume and os.path.isfile(ckpt_path):
+        raise UserError(f"'{ckpt_path}' exists: pass --resume to continue it, or choose another --out")
+    ckpt = dmd.load_resume(ckpt_path) if args.resume else None
+    if ckpt is None and not args.init and not args.tiny:
+        raise UserError("--init is required: the ODE-initialized generator (runs/ode/ckpt.pt from train_ode.py, "
+                        "or Self Forcing's checkpoints/ode_init.pt)")
+    if ckpt is not None and joint != ("critic" in ckpt):
+        raise UserError(f"'{ckpt_path}' was trained {'without' if joint else 'with'} --dmd-weight: resume it with the same flags")
+
+    prompts = dmd.read_prompts(args.prompts)
+    prompts = prompts * math.ceil(slots / len(prompts))  # every slot needs at least one line
+    shares = {j: list(range(j, len(prompts), slots)) for j in my_slots}
+    needed = {i for share in shares.values() for i in share} | {0}  # + prompt 0 for the sample videos
+    contexts, uncond = dmd.text_contexts(args, {i: prompts[i] for i in needed}, device)
+
+    bf16 = device.type == "cuda"  # bf16 compute with fp32 master weights on GPU; fp32 on CPU
+    generator = load_generator(args, None if ckpt is not None else args.init)
+    ema = copy.deepcopy(generator).requires_grad_(False)
+    generator.gradient_checkpointing = bf16  # per block, on GPU
+    nets = [generator, ema]
+    if joint:  # the real score (frozen teacher) and the fake score (critic, from the base model), as in distill_dmd.py
+        teacher = cw.from_pretrained(args.teacher, torch.bfloat16 if bf16 else torch.float32).requires_grad_(False)
+        critic = cw.from_pretrained(args.model, torch.float32)
+        if (teacher.cfg.in_channels, teacher.cfg.text_dim) != (critic.cfg.in_channels, critic.cfg.text_dim):
+            raise UserError(f"the teacher '{args.teacher}' does not share latent channels and text encoder with --model '{args.model}'")
+        critic.gradient_checkpointing = bf16
+        nets += [teacher, critic]
+    for net in nets:  # one code path for 1 and N GPUs
+        cw.shard_model(net, bf16)
+    # betas (0.0, 0.999): no momentum (appendix B.2, as DMD2 and Self Forcing): the rollout the
+    # gradient comes from changes with the weights every step
+    opt = torch.optim.AdamW(generator.parameters(), lr=args.lr, betas=(0.0, 0.999), weight_decay=0.01, eps=1e-8)
+    if joint:
+        critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, betas=(0.0, 0.999), weight_decay=0.01, eps=1e-8)
+    step, loss_scales = 0, {"reward": None, "dmd": None}
+    if ckpt is not None:
+        cw.load_full_state_dict(generator, ckpt["model"])
+        cw.load_full_state_dict(ema, ckpt["ema"])
+        cw.load_full_state_dict(generator, ckpt["optimizer"], opt)
+        if joint:
+            cw.load_full_state_dict(critic, ckpt["critic"])
+            cw.load_full_state_dict(critic, ckpt["critic_optimizer"], critic_opt)
+            loss_scales = dict(ckpt["loss_scales"])
+        step = ckpt["step"]
+        del ckpt
+
+    latent_shape = [generator.cfg.in_channels, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8]
+    num_blocks = math.ceil(latent_shape[1] / args.block_size)
+    # both frozen and in fp32, so the reward judges the pixels sample.py writes (fp32 VAE, as diffusers)
+    # and scores as the reward package computes them; every rank decodes and scores its own videos
+    vae = cw.load_vae(args.model, torch.float32, device)
+    reward_fn = load_reward(args.reward, args.reward_path, args.reward_tokenizer, device, torch.float32)
+    wandb = None
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        # a resumed run rewrites the log from its checkpoint on: lines of a crashed run after it go
+        lines = open(log_path).read().splitlines() if args.resume and os.path.isfile(log_path) else []
+        with open(log_path, "w") as f:
+            f.writelines(line + "\n" for line in lines if json.loads(line)["step"] <= step)
+        if args.wandb:
+            import wandb
+            wandb.init(project="reward-forcing", name=f"reward-{os.path.basename(os.path.abspath(args.out))}",
+                       config=vars(args), resume="allow")
+
+    def draw(update, slot):
+        """This slot's prompts (line numbers), noise [B, C, F, h, w], scored frames, and the generator
+        for the rest of its draws (the rollout's re-noising, DMD's timesteps)."""
+        g = cw.step_generator(args.seed, update, slot, device)
+        share = shares[slot]
+        ids = [share[k] for k in torch.randint(len(share), (args.micro_batch,), generator=g, device=device).tolist()]
+        noise = torch.randn([args.micro_batch] + latent_shape, generator=g, device=device)
+        return ids, noise, reward_frame_indices(args.reward_frames, latent_shape[1], args.micro_batch, g), g
+
+    def exit_step(update):
+        """The denoising step where every block of this update's rollouts stops: the same on every
+        rank (and slot), so all ranks run the same number of sharded forwards."""
+        g = cw.step_generator(args.seed, update, -1, "cpu")  # slot -1: a stream no slot uses
+        return int(torch.randint(len(cw.DENOISING_TIMESTEPS), (1,), generator=g))
+
+    def rollout(update, slot, grad):
+        ids, noise, pixel_frames, g = draw(update, slot)
+        context = dmd.padded(contexts, ids, device)
+        reached = range(num_blocks) if joint else {latent_frame_of(p) // args.block_size for p in pixel_frames}
+        with torch.set_grad_enabled(grad):
+            video = cw.rollout(generator, noise, generator.prompt_kv(context), block_size=args.block_size,
+                               exit_steps=[exit_step(update)] * num_blocks, generator=g,
+                               on_block=free_unreached_blocks(reached))  # [B, C, F, h, w]
+        return video, [prompts[i] for i in ids], context, pixel_frames, g
+
+    critic_steps = args.critic_steps if joint else 0
+    bar = tqdm(initial=step, total=args.max_steps, desc="reward", disable=rank != 0)
+    while step < args.max_steps:
+        t0 = time.time()
+        updates = step * (critic_steps + 1)  # this step's update numbers: critic ..., generator
+        record = dict(step=step + 1)
+
+        # --dmd-weight: the critic learns the score of the generator's current videos, as in distill_dmd.py
+        critic_logs = []
+        for c in range(critic_steps):
+            loss_sum = torch.zeros((), device=device)
+            for slot in my_slots:
+                video, _, context, _, g = rollout(updates + c, slot, grad=False)
+                loss, _ = dmd.critic_loss(video, critic, context, g)
+                (loss / accum).backward()
+                loss_sum += loss.detach() / accum
+            critic_logs.append(dict(critic_loss=dmd.all_mean(loss_sum), critic_grad_norm=dmd.grad_norm(critic, args.grad_clip)))
+            stop_if_diverged(step + 1, ckpt_path, critic_logs[-1])
+            critic_opt.step()
+            critic_opt.zero_grad(set_to_none=True)
+        if critic_logs:
+            record.update({k: sum(log[k] for log in critic_logs) / len(critic_logs) for k in critic_logs[0]})
+
+        # generator: the reward of the frames of its own rollout (+ the normalized DMD term with --dmd-weight)
+        update = updates + critic_steps
+        sums = {}
+        for slot in my_slots:
+            video, texts, context, pixel_frames, g = rollout(update, slot, grad=True)
+            rewards = reward_fn(decode_reward_frames(vae, video, pixel_frames), texts)  # [B]
+            loss = reward_loss(rewards)
+            stats = dict(loss=loss, reward=rewards.mean())
+            if joint:
+                loss_dmd, _ = dmd.dmd_loss(video, teacher, critic, context, uncond, args.guidance, g)
+                grad, norms, factor = joint_gradient(video, loss, loss_dmd, loss_scales, args.dmd_weight)
+                video.backward(grad / accum)
+                stats.update(dmd_loss=loss_dmd.float(), reward_grad_norm=norms["reward"], dmd_grad_norm=norms["dmd"],
+                             dmd_factor=factor)
+            else:
+                (loss / accum).backward()
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0) + v.detach() / accum
+            del video  # before the next rollout
+        record.update({k: dmd.all_mean(v) for k, v in sums.items()})
+        record.update(grad_norm=dmd.grad_norm(generator, args.grad_clip), exit_step=exit_step(update))
+        stop_if_diverged(step + 1, ckpt_path, record)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        cw.ema_update(ema, generator, args.ema_decay)
+        if joint:  # the running means take this step's gradient norms (mean over the global batch)
+            for k, used in loss_scales.items():
+                norm = record[f"{k}_grad_norm"]
+                loss_scales[k] = norm if used is None else LOSS_SCALE_DECAY * used + (1 - LOSS_SCALE_DECAY) * norm
+        step += 1
+
+        if args.sample_every and step % args.sample_every == 0:
+            record["sample_reward"] = write_sample(args, ema, vae, reward_fn, dmd.padded(contexts, [0], device),
+                                                   prompts[0], latent_shape, step, rank, device)
+        record["step_time"] = time.time() - t0
+        if device.type == "cuda":
+            record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        bar.update()
+        bar.set_postfix(reward=f"{record['reward']:.3f}", loss=f"{record['loss']:.3f}", gnorm=f"{record['grad_norm']:.3f}",
+                        s=f"{record['step_time']:.2f}", **({"mem": f"{record['gpu_mem_gb']:.1f}G"} if "gpu_mem_gb" in record else {}))
+        if rank == 0 and record.get("sample_reward") is not None:
+            bar.write(f"step {step}: {args.out}/sample_{step}.mp4, reward of its last frame {record['sample_reward']:.4f}")
+        if rank == 0 and (step % args.log_every == 0 or step == args.max_steps):
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if wandb is not None:
+                wandb.log(record, step=step)
+        if step % args.save_every == 0 or step == args.max_steps:
+            ckpt = dict(model=cw.full_state_dict(generator), ema=cw.full_state_dict(ema),
+                        optimizer=cw.full_state_dict(generator, opt), step=step, args=vars(args))
+            if joint:
+                ckpt.update(critic=cw.full_state_dict(critic), critic_optimizer=cw.full_state_dict(critic, critic_opt),
+                            loss_scales=dict(loss_scales))
+            if rank == 0:
+                cw.save_checkpoint(ckpt_path, ckpt)
+            del ckpt
+    bar.close()
+
+
+# -----------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="tiny random Wan and reward, small sizes (CPU demo, tests)")
+    p.add_argument("--model", help=f"base diffusers-format Wan (folder or hub id): config, text encoder, VAE, critic init "
+                                   f"(default {cw.DEFAULT_MODEL}; with --tiny the cached tiny Wan)")
+    p.add_argument("--init", help="the generator to start from: train_ode.py's OUT/ckpt.pt (its EMA) or Self Forcing's "
+                                  "ode_init.pt (required, except with --tiny: the tiny Wan's random weights)")
+    p.add_argument("--prompts", help="text file, one prompt per line (default prompts/dmd_example.txt)")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--frames", type=int, help="pixel frames, 4k+1 (81)")
+    p.add_argument("--block-size", type=int, help="latent frames per causal block (3; 1: frame-wise)")
+    p.add_argument("--reward", choices=["imagereward", "pickscore"], help="the differentiable image reward (imagereward)")
+    p.add_argument("--reward-path", help="folder with the reward's weights (default: the hub cache; with --tiny a tiny random one)")
+    p.add_argument("--reward-tokenizer", help="folder with ImageReward's BERT tokenizer or PickScore's CLIP processor")
+    p.add_argument("--reward-frames", choices=["last", "random"],
+                   help="last: the final frame (the paper); random: one random frame of the whole video (section 5.2)")
+    p.add_argument("--dmd-weight", type=float, help="0: reward only (the paper's method); W > 0: + W x the normalized DMD "
+                                                    "loss of distill_dmd.py (section 5.1, Table 2), needs --teacher")
+    p.add_argument("--teacher", help="with --dmd-weight: the real score's diffusers-format Wan (Wan-AI/Wan2.1-T2V-1.3B-Diffusers, "
+                                     "or Wan-AI/Wan2.1-T2V-14B-Diffusers for section 5.3)")
+    p.add_argument("--guidance", type=float, help="with --dmd-weight: teacher CFG, uncond + g (cond - uncond) (4.0)")
+    p.add_argument("--critic-steps", type=int, help="with --dmd-weight: critic updates per generator update (5)")
+    p.add_argument("--critic-lr", type=float, help="with --dmd-weight: critic learning rate (4e-7)")
+    p.add_argument("--negative-prompt", help="with --dmd-weight: unconditional branch of the teacher's CFG (default: Wan's own)")
+    p.add_argument("--out", required=True, help="folder for ckpt.pt, log.jsonl, sample_<step>.mp4")
+    p.add_argument("--resume", action="store_true", help="continue exactly from OUT/ckpt.pt")
+    p.add_argument("--max-steps", type=int, help="generator updates (500)")
+    p.add_argument("--global-batch", type=int, help="videos per update, all ranks (8)")
+    p.add_argument("--micro-batch", type=int, help="videos per rank per forward (1)")
+    p.add_argument("--lr", type=float, help="generator learning rate (2e-6)")
+    p.add_argument("--ema-decay", type=float, help="EMA of the generator (0.99)")
+    p.add_argument("--grad-clip", type=float, help="gradient norm clipping (10)")
+    p.add_argument("--save-every", type=int)
+    p.add_argument("--log-every", type=int)
+    p.add_argument("--sample-every", type=int, help="write OUT/sample_<step>.mp4 from the EMA generator and log its "
+                                                    "last frame's reward (0: never)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--wandb", action="store_true")
+    args = p.parse_args(argv)
+    preset = Config.tiny() if args.tiny else Config()
+    for name, value in asdict(preset).items():
+        if getattr(args, name) is None:  # flags left unset take the preset
+            setattr(args, name, value)
+    if args.model is None:
+        args.model = cw.make_tiny_wan(cw.tiny_model_dir()) if args.tiny else cw.DEFAULT_MODEL
+    if args.tiny and args.reward_path is None:
+        args.reward_path = args.reward_tokenizer = tiny_reward_dir(args.reward)
+    return args
+
+
+def main(args):
+    rank, world, device = cw.init_distributed()
+    try:
+        train(args, rank, world, device)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

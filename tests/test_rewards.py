@@ -132,19 +132,19 @@ def test_bf16_reward_close_to_fp32(tiny_image_reward):
 
 
 def test_missing_weights_say_what_to_do(tmp_path, tiny_image_reward, monkeypatch):
-    with pytest.raises(SystemExit, match=r"ImageReward weights not found at .*nope.*pass --reward-path DIR"):
+    with pytest.raises(tr.UserError, match=r"ImageReward weights not found at .*nope.*pass --reward-path DIR"):
         tr.load_reward("imagereward", str(tmp_path / "nope"))
-    with pytest.raises(SystemExit, match=r"PickScore weights .*nope.* not found .*pass --reward-path DIR"):
+    with pytest.raises(tr.UserError, match=r"PickScore weights .*nope.* not found .*pass --reward-path DIR"):
         tr.load_reward("pickscore", str(tmp_path / "nope"))
     os.makedirs(tmp_path / "empty")  # transformers 5 loads a 5-token BertTokenizer from it without complaint
-    with pytest.raises(SystemExit, match=r"BERT tokenizer .*empty.* has \d+ tokens.*--reward-tokenizer DIR"):
+    with pytest.raises(tr.UserError, match=r"BERT tokenizer .*empty.* has \d+ tokens.*--reward-tokenizer DIR"):
         tr.load_reward("imagereward", tiny_image_reward[0], str(tmp_path / "empty"))
-    with pytest.raises(SystemExit, match="unknown reward 'hpsv2'"):
+    with pytest.raises(tr.UserError, match="unknown reward 'hpsv2'"):
         tr.load_reward("hpsv2")
     import huggingface_hub.constants
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # an empty cache and no hub
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(SystemExit, match="ImageReward weights not in the hub cache and the hub is unreachable"):
+    with pytest.raises(tr.UserError, match="ImageReward weights not in the hub cache and the hub is unreachable"):
         tr.load_reward("imagereward")
-    with pytest.raises(SystemExit, match="PickScore weights 'yuvalkirstain/PickScore_v1' not found"):
+    with pytest.raises(tr.UserError, match="PickScore weights 'yuvalkirstain/PickScore_v1' not found"):
         tr.load_reward("pickscore")

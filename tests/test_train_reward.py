@@ -1,0 +1,328 @@
+"""train_reward.py on a tiny random Wan and a tiny random ImageReward (CPU): the reward rises and only
+the generator learns, the last-frame decode is exact and local, --reward-frames random, the
+normalized --dmd-weight term, exact resume, the NaN stop, one-line errors, --init formats, and
+torchrun with 2 processes."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import causal_wan as cw
+import train_reward as tr
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = ["a red car on the sea", "a dog running in the sky", "a man with a green tree", "a cat on a blue car"]
+
+
+def run(*argv):
+    tr.main(tr.parse_args([str(a) for a in argv]))
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def tiny_reward(tmp_path_factory):
+    return tr.make_tiny_image_reward(str(tmp_path_factory.mktemp("imagereward")))
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def sensitive_wan(tiny_wan, tmp_path_factory):
+    """The tiny Wan with its VAE decoder's convs re-initialized variance-preserving (std 1.5/sqrt(fan_in)).
+    With the default init the random tiny decoder barely looks at the latent frame it decodes: noise of
+    0.1 on the last latent frame moves the last pixel frame by 0.002 (the same noise on the first latent
+    frame, through the causal cache: 0.05), so almost no reward gradient reaches the generator; after the
+    re-init 0.045 (and 0.07)."""
+    from diffusers import AutoencoderKLWan
+    folder = str(tmp_path_factory.mktemp("models") / "sensitive_wan")
+    shutil.copytree(tiny_wan, folder)
+    vae = AutoencoderKLWan.from_pretrained(os.path.join(folder, "vae"))
+    torch.manual_seed(0)
+    for m in vae.decoder.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)):
+            torch.nn.init.normal_(m.weight, std=1.5 / math.sqrt(m.weight[0].numel()))
+    vae.save_pretrained(os.path.join(folder, "vae"))
+    return folder
+
+
+@torch.no_grad()
+def eval_rewards(model_dir, state_dict, reward):
+    """Reward of the last frame of 4 fixed videos (fixed noise, all 4 steps, as sample.py makes them) -> [4]."""
+    model = cw.from_pretrained(model_dir)
+    if state_dict is not None:
+        model.load_state_dict(state_dict, strict=True)
+    tok, enc = cw.load_text_encoder(model_dir)
+    g = torch.Generator().manual_seed(1234)
+    noise = torch.randn(4, 16, 6, 8, 8, generator=g)
+    video = cw.rollout(model, noise, model.prompt_kv(cw.encode_prompts(tok, enc, PROMPTS)), block_size=3, generator=g)
+    return tr.load_reward("imagereward", *reward)(cw.vae_decode(cw.load_vae(model_dir), video)[:, :, -1], PROMPTS)
+
+
+def test_reward_rises_and_only_the_generator_learns(sensitive_wan, tiny_reward, prompts_file, tmp_path, monkeypatch):
+    frozen, scored = {}, []
+    real_load_reward, real_load_vae, real_decode = tr.load_reward, cw.load_vae, tr.decode_reward_frames
+
+    def load_reward(*a, **kw):  # the real loaders, keeping the frozen models to inspect after training
+        fn = real_load_reward(*a, **kw)
+        frozen["reward"] = fn.model
+        return fn
+
+    def load_vae(*a, **kw):
+        frozen["vae"] = real_load_vae(*a, **kw)
+        return frozen["vae"]
+
+    def decode_reward_frames(vae, video, pixel_frames):
+        scored.append((video.shape[2], list(pixel_frames)))
+        return real_decode(vae, video, pixel_frames)
+    monkeypatch.setattr(tr, "load_reward", load_reward)
+    monkeypatch.setattr(cw, "load_vae", load_vae)
+    monkeypatch.setattr(tr, "decode_reward_frames", decode_reward_frames)
+    out = tmp_path / "run"
+    # the --tiny preset: 20 steps, global batch 2, lr 1e-2, samples at 10 and 20
+    run("--tiny", "--model", sensitive_wan, "--reward-path", tiny_reward[0], "--reward-tokenizer", tiny_reward[1],
+        "--prompts", prompts_file, "--out", out)
+    monkeypatch.undo()
+
+    log = read_log(out)
+    assert [r["step"] for r in log] == list(range(1, 21)) and all(r["grad_norm"] > 0 for r in log)
+    assert all(r["loss"] == pytest.approx(-r["reward"]) for r in log)  # L_reward = -E[R(x_T)]
+    assert [r["step"] for r in log if r.get("sample_reward") is not None] == [10, 20]
+    assert all(os.path.getsize(out / f"sample_{s}.mp4") > 0 for s in (10, 20))
+    assert scored == [(6, [20])] * 40  # every micro-batch scored the last of its 21 frames, nothing else
+
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 20 and {"model", "ema", "optimizer", "args"} <= ckpt.keys() and "critic" not in ckpt
+    student = cw.CausalWan(cw.WanConfig.tiny())
+    student.load_state_dict(ckpt["ema"], strict=True)  # what sample.py loads
+
+    before = eval_rewards(sensitive_wan, None, tiny_reward)
+    after = eval_rewards(sensitive_wan, ckpt["model"], tiny_reward)
+    print(f"eval rewards before {before.tolist()} after {after.tolist()}")
+    # measured over seeds 0, 1: +0.018 to +0.042 per video, +0.023 to +0.037 on average; the same run with
+    # the default tiny VAE (no signal reaches the generator) drifts by -0.003 to -0.012, and with the
+    # loss's sign flipped the mean falls by 0.13
+    assert (after > before).all() and (after - before).mean() > 0.01, (before, after)
+
+    # only the generator learned: the reward model and the VAE got no gradients and kept their weights
+    for name in ("reward", "vae"):
+        assert all(not p.requires_grad and p.grad is None for p in frozen[name].parameters()), name
+    reward_sd = torch.load(os.path.join(tiny_reward[0], "ImageReward.pt"), weights_only=True)
+    assert all(torch.equal(v, reward_sd[k]) for k, v in frozen["reward"].state_dict().items() if k in reward_sd)
+    vae_sd = cw.load_vae(sensitive_wan).state_dict()
+    assert all(torch.equal(v, vae_sd[k]) for k, v in frozen["vae"].state_dict().items())
+
+
+def test_last_frame_decode_is_exact_and_local(tiny_wan):
+    vae = cw.load_vae(tiny_wan)
+    video = torch.randn(2, 16, 6, 8, 8, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    with torch.no_grad():
+        full = torch.cat([cw.vae_decode(vae, video[b:b + 1]) for b in range(2)])  # [2, 3, 21, 64, 64], one video per call
+    assert full.shape[2] == 21
+    # pixel frames 20 (last), 0 (first: latent frame 0), 7 (latent frame 2), 12 (last of latent frame 3)
+    for frames, latent in [([20, 20], 5), ([0, 0], 0), ([7, 12], None)]:
+        video.grad = None
+        pixels = tr.decode_reward_frames(vae, video, frames)  # [2, 3, 64, 64]
+        assert (pixels - full[torch.arange(2), :, frames]).abs().max() < 1e-5  # the full decode's frames (up to rounding)
+        pixels.square().sum().backward()
+        touched = [sorted(set((video.grad[b].abs().sum((0, 2, 3)) > 0).nonzero().flatten().tolist())) for b in range(2)]
+        assert touched == ([[latent]] * 2 if latent is not None else [[2], [3]])  # the gradient reaches that latent frame only
+    # the whole prefix is needed: starting the decode one latent frame later changes the last frame
+    with torch.no_grad():
+        shorter = cw.vae_decode(vae, video[:, :, 1:])[:, :, -1]
+    assert (shorter - full[:, :, -1]).abs().max() > 1e-2
+
+    g = torch.Generator().manual_seed(0)
+    assert tr.reward_frame_indices("last", 6, 3, g) == [20, 20, 20]
+    picks = [p for _ in range(300) for p in tr.reward_frame_indices("random", 6, 4, g)]  # 1200 draws over 21 frames
+    counts = torch.bincount(torch.tensor(picks), minlength=21)
+    assert len(counts) == 21 and counts.min() > 20  # every frame of the video, ~57 each
+
+
+def test_freeing_unreached_blocks_keeps_the_gradient(tiny_wan):
+    """The reward of the last frame reaches only the last block (the KV cache is detached): dropping the
+    other blocks' graphs during the rollout, as training does, leaves the generator's gradient as it is."""
+    model = cw.from_pretrained(tiny_wan)
+    vae = cw.load_vae(tiny_wan)
+    noise = torch.randn(1, 16, 6, 8, 8, generator=torch.Generator().manual_seed(0))
+    kv = model.prompt_kv(torch.randn(1, 512, 32, generator=torch.Generator().manual_seed(1)))
+    grads, free = [], tr.free_unreached_blocks({1})
+    for drop in (False, True):
+        blocks = []
+
+        def on_block(b, x0, kv_cache):
+            if drop:
+                free(b, x0, kv_cache)
+            blocks.append(x0)
+        model.zero_grad(set_to_none=True)
+        video = cw.rollout(model, noise, [(k.detach(), v.detach()) for k, v in kv], block_size=3, exit_steps=[2, 2],
+                           generator=torch.Generator().manual_seed(2), on_block=on_block)
+        assert [x0.grad_fn is not None for x0 in blocks] == [not drop, True]
+        tr.decode_reward_frames(vae, video, [20]).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    assert all(torch.allclose(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-10) for n in grads[0])
+
+
+def test_random_frames_and_pickscore_in_the_loop(tiny_wan, prompts_file, tmp_path_factory, tmp_path, monkeypatch):
+    """--reward-frames random scores frames from the whole video (one per video); --reward pickscore."""
+    pickscore = tr.make_tiny_pickscore(str(tmp_path_factory.mktemp("pickscore")))
+    scored = []
+    original = tr.decode_reward_frames
+
+    def decode_reward_frames(vae, video, pixel_frames):
+        scored.extend(pixel_frames)
+        return original(vae, video, pixel_frames)
+    monkeypatch.setattr(tr, "decode_reward_frames", decode_reward_frames)
+    run("--tiny", "--model", tiny_wan, "--reward", "pickscore", "--reward-path", pickscore[0], "--reward-tokenizer", pickscore[1],
+        "--prompts", prompts_file, "--reward-frames", "random", "--max-steps", 5, "--global-batch", 4, "--micro-batch", 2,
+        "--sample-every", 0, "--out", tmp_path / "run")
+    log = read_log(tmp_path / "run")
+    assert len(log) == 5 and all(math.isfinite(r["reward"]) and r["grad_norm"] > 0 for r in log)
+    assert len(scored) == 20 and all(0 <= p <= 20 for p in scored)  # one frame per video, 4 videos x 5 steps
+    assert len(set(scored)) >= 8 and sum(p < 10 for p in scored) >= 3  # spread over the video, early frames too
+
+
+def test_joint_gradient_puts_both_terms_on_the_same_scale():
+    g = torch.Generator().manual_seed(0)
+    video = torch.randn(2, 16, 6, 8, 8, generator=g, requires_grad=True)
+    a, b = torch.randn(video.shape, generator=g), torch.randn(video.shape, generator=g)
+    loss_reward = -1e3 * (video * a).mean()  # gradient norms 9 and 1.3e-6: 7e6 apart
+    loss_dmd = 0.5e-4 * (video - b).square().mean()
+    grad, norms, factor = tr.joint_gradient(video, loss_reward, loss_dmd, {"reward": None, "dmd": None}, dmd_weight=1.0)
+    grad_reward, grad_dmd = -1e3 * a / a.numel(), 1e-4 * (video - b).detach() / a.numel()
+    assert norms["reward"] / norms["dmd"] > 1e6
+    assert torch.allclose(grad, grad_reward + grad_dmd * norms["reward"] / norms["dmd"], rtol=1e-4, atol=1e-6)
+    dmd_part = grad - grad_reward
+    assert dmd_part.norm() == pytest.approx(grad_reward.norm().item(), rel=1e-4)  # equal pushes for W = 1
+    # with running means: W * s_reward / s_dmd times the DMD gradient, the reward's own gradient unchanged
+    loss_reward = -1e3 * (video * a).mean()
+    loss_dmd = 0.5e-4 * (video - b).square().mean()
+    grad, _, factor = tr.joint_gradient(video, loss_reward, loss_dmd, {"reward": 2.0, "dmd": 0.5}, dmd_weight=0.3)
+    assert factor.item() == pytest.approx(4.0)
+    assert torch.allclose(grad, grad_reward + 0.3 * 4.0 * grad_dmd, rtol=1e-4, atol=1e-6)
+
+
+def test_dmd_weight_and_exact_resume(tiny_wan, tiny_reward, prompts_file, tmp_path):
+    """--dmd-weight 1 --teacher: the critic trains beside the generator, the DMD term enters at the
+    reward's scale; a run resumed at step 2 equals one run straight to 4 (weights, optimizers, critic,
+    normalizers, logged numbers)."""
+    common = ["--tiny", "--model", tiny_wan, "--reward-path", tiny_reward[0], "--reward-tokenizer", tiny_reward[1],
+              "--prompts", prompts_file, "--dmd-weight", 1, "--teacher", tiny_wan, "--sample-every", 0, "--save-every", 2]
+    run(*common, "--out", tmp_path / "a", "--max-steps", 4)
+    run(*common, "--out", tmp_path / "b", "--max-steps", 2)
+    with pytest.raises(cw.UserError, match="pass --resume"):
+        run(*common, "--out", tmp_path / "b", "--max-steps", 4)
+    with pytest.raises(cw.UserError, match="trained with --dmd-weight: resume it with the same flags"):
+        run(*common[:-8], "--sample-every", 0, "--out", tmp_path / "b", "--max-steps", 4, "--resume")
+    run(*common, "--out", tmp_path / "b", "--max-steps", 4, "--resume")
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in "ab")
+    assert a["step"] == b["step"] == 4 and a["loss_scales"] == b["loss_scales"]
+    for key in ("model", "ema", "critic"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    for key in ("optimizer", "critic_optimizer"):
+        state_a, state_b = a[key]["state"], b[key]["state"]
+        assert all(torch.equal(state_a[p][s], state_b[p][s]) for p in state_a for s in state_a[p]), key
+    log_a, log_b = read_log(tmp_path / "a"), read_log(tmp_path / "b")
+    drop = ("step_time",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in log_a] == [{k: v for k, v in r.items() if k not in drop} for r in log_b]
+
+    base = cw.from_pretrained(tiny_wan).state_dict()
+    assert not all(torch.equal(a["critic"][k], base[k]) for k in base)  # the critic trained
+    # the DMD gradient enters at the reward's scale: at step 1 each video's two terms have equal norms (the
+    # log averages over the 2 videos); then the factor is s_reward / s_dmd, running means of the logged norms
+    assert all(r["dmd_loss"] > 0 and math.isfinite(r["critic_loss"]) for r in log_a)
+    first = log_a[0]
+    assert first["dmd_factor"] * first["dmd_grad_norm"] / first["reward_grad_norm"] == pytest.approx(1, rel=0.1)
+    s_reward, s_dmd = first["reward_grad_norm"], first["dmd_grad_norm"]
+    for r in log_a[1:]:
+        assert r["dmd_factor"] == pytest.approx(s_reward / s_dmd, rel=1e-5)
+        s_reward = tr.LOSS_SCALE_DECAY * s_reward + (1 - tr.LOSS_SCALE_DECAY) * r["reward_grad_norm"]
+        s_dmd = tr.LOSS_SCALE_DECAY * s_dmd + (1 - tr.LOSS_SCALE_DECAY) * r["dmd_grad_norm"]
+    assert a["loss_scales"] == pytest.approx({"reward": s_reward, "dmd": s_dmd}, rel=1e-5)
+
+
+def test_nan_stops_without_saving(tiny_wan, tiny_reward, prompts_file, tmp_path, monkeypatch):
+    calls = []
+    original = tr.load_reward
+
+    def load_reward(*a, **kw):
+        fn = original(*a, **kw)
+
+        def poisoned(frames, prompts):  # NaN from the 5th micro-batch on: step 3 of global batch 2
+            calls.append(1)
+            r = fn(frames, prompts)
+            return r * float("nan") if len(calls) >= 5 else r
+        return poisoned
+    monkeypatch.setattr(tr, "load_reward", load_reward)
+    out = tmp_path / "run"
+    with pytest.raises(cw.UserError, match=r"training diverged at step 3 \(loss = nan, reward = nan.*stopped without saving"):
+        run("--tiny", "--model", tiny_wan, "--reward-path", tiny_reward[0], "--reward-tokenizer", tiny_reward[1],
+            "--prompts", prompts_file, "--out", out, "--max-steps", 4, "--save-every", 1, "--sample-every", 0)
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2  # the last good checkpoint stays
+
+
+def test_errors_are_one_line(tiny_wan, tiny_reward, prompts_file, tmp_path):
+    res = subprocess.run([sys.executable, "train_reward.py", "--model", tiny_wan, "--out", str(tmp_path / "x")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [res.stderr.strip()]
+    assert res.stderr.startswith("error: --init is required: the ODE-initialized generator")
+    common = ["--tiny", "--model", tiny_wan, "--reward-path", tiny_reward[0], "--reward-tokenizer", tiny_reward[1],
+              "--prompts", prompts_file, "--out", tmp_path / "y"]
+    with pytest.raises(cw.UserError, match="--dmd-weight W > 0 needs --teacher"):
+        run(*common, "--dmd-weight", 1)
+    with pytest.raises(cw.UserError, match="--global-batch 3 is not divisible by world size 1 x --micro-batch 2"):
+        run(*common, "--global-batch", 3, "--micro-batch", 2)
+    with pytest.raises(cw.UserError, match="checkpoint '.*nope.pt' does not exist"):
+        run(*common, "--init", tmp_path / "nope.pt")
+    with pytest.raises(cw.UserError, match="ImageReward weights not found at"):
+        run(*common[:3], "--reward-path", tmp_path, "--reward-tokenizer", tiny_reward[1], *common[7:])
+
+
+def test_init_from_ours_or_self_forcing(tiny_wan, tmp_path):
+    """--init takes train_ode.py's checkpoint (its EMA) and Self Forcing's original-layout dict."""
+    torch.manual_seed(3)
+    ema = cw.CausalWan(cw.WanConfig.tiny()).state_dict()
+    cw.save_checkpoint(str(tmp_path / "ours.pt"), {"model": cw.CausalWan(cw.WanConfig.tiny()).state_dict(), "ema": ema,
+                                                    "step": 7, "args": {}})
+    original = {"model." + k: v for k, v in cw.diffusers_to_original(ema).items()}
+    torch.save({"generator": original}, tmp_path / "ode_init.pt")  # Self Forcing's ode_init.pt layout
+    args = tr.parse_args(["--tiny", "--model", tiny_wan, "--reward-path", str(tmp_path), "--out", str(tmp_path)])
+    for path in ("ours.pt", "ode_init.pt"):
+        sd = tr.load_generator(args, str(tmp_path / path)).state_dict()
+        assert all(torch.equal(sd[k], ema[k]) for k in ema), path
+    base = cw.from_pretrained(tiny_wan).state_dict()
+    assert all(torch.equal(v, base[k]) for k, v in tr.load_generator(args, None).state_dict().items())  # --tiny, no --init
+
+
+def test_torchrun_two_processes(tiny_wan, tiny_reward, prompts_file, tmp_path):
+    """FSDP over gloo with 2 processes (global batch 2 = 2 ranks x 1) gives the model of one process
+    accumulating 2 micro-batches, and both log the same numbers."""
+    flags = ["--tiny", "--model", tiny_wan, "--reward-path", tiny_reward[0], "--reward-tokenizer", tiny_reward[1],
+             "--prompts", prompts_file, "--max-steps", 2, "--global-batch", 2, "--sample-every", 0]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train_reward.py"]
+    res = subprocess.run(torchrun + [str(f) for f in flags + ["--out", tmp_path / "two"]], cwd=ROOT,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run(*flags, "--out", tmp_path / "one")
+    two, one = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("two", "one"))
+    # equal up to float summation order (Adam's first steps move each weight by ~lr = 1e-2 and amplify it)
+    assert all(torch.allclose(two["model"][k], one["model"][k], atol=1e-4) for k in one["model"])
+    init = cw.from_pretrained(tiny_wan).state_dict()
+    assert not all(torch.equal(two["model"][k], init[k]) for k in init)  # it trained
+    logs = [read_log(tmp_path / d) for d in ("two", "one")]
+    for key in ("reward", "loss", "grad_norm"):
+        assert [r[key] for r in logs[0]] == pytest.approx([r[key] for r in logs[1]], rel=1e-4), key
