@@ -372,7 +372,7 @@ def predict_x0(model, x, t, prompt_kv, **kw):
 
 
 def rollout(model, noise, prompt_kv, block_size=3, timesteps=DENOISING_TIMESTEPS, exit_steps=None,
-            max_frames=21, generator=None, on_block=None, trajectory=None):
+            max_frames=21, generator=None, on_block=None, trajectory=None, grad_blocks=None):
     """Generate a video block by block with the KV cache: noise [B, C, F, H, W] -> clean latents.
 
     Each block: denoise with the few-step schedule (predict x0, re-noise it to the next timestep
@@ -382,7 +382,9 @@ def rollout(model, noise, prompt_kv, block_size=3, timesteps=DENOISING_TIMESTEPS
 
     Training (Self Forcing): exit_steps[b] stops block b after that denoising step and returns
     its x0; when grad is enabled it flows only through that step. Earlier steps and the cache
-    pass run without grad. Inference: exit_steps=None runs every step.
+    pass run without grad. Inference: exit_steps=None runs every step. grad_blocks (None: all)
+    limits the gradient to those blocks: the cache is detached, so a loss on the last frame reaches
+    only the last block, and the other blocks need neither the graph nor its memory.
     on_block(b, x0, kv_cache) is called after each block (streaming decode, benchmarks).
     trajectory: a list that receives, per block, the noisy input x_t of every step taken.
     """
@@ -397,7 +399,7 @@ def rollout(model, noise, prompt_kv, block_size=3, timesteps=DENOISING_TIMESTEPS
         for i in range(last + 1):
             steps.append(x)
             t = torch.full((B,), timesteps[i], device=x.device, dtype=torch.float32)
-            with torch.set_grad_enabled(grad and i == last):
+            with torch.set_grad_enabled(grad and i == last and (grad_blocks is None or b in grad_blocks)):
                 x0 = predict_x0(model, x, t, prompt_kv, kv_cache=kv_cache)
             if i < last:
                 s = timesteps[i + 1] / 1000

@@ -395,17 +395,6 @@ def latent_frame_of(pixel_frame):
     return 0 if pixel_frame == 0 else (pixel_frame - 1) // 4 + 1
 
 
-def free_unreached_blocks(reached):
-    """A rollout on_block callback that drops the autograd graph of every block outside `reached`
-    as soon as it is made. The KV cache is detached, so a loss on some frames reaches only the
-    blocks that hold them (the last one for the last frame); the other blocks' graphs would keep
-    their activations and cache versions alive until the backward for nothing (~15 GB at 81 frames)."""
-    def on_block(b, x0, kv_cache):
-        if b not in reached:
-            x0.detach_()
-    return on_block
-
-
 def decode_reward_frames(vae, video, pixel_frames):
     """The frames the reward scores, with gradient to the video: video [B, C, F, h, w] (normalized
     latents), pixel_frames [B] indices into each decoded video -> pixels [B, 3, H, W] in [-1, 1].
@@ -598,7 +587,7 @@ def train(args, rank, world, device):
         with torch.set_grad_enabled(grad):
             video = cw.rollout(generator, noise, generator.prompt_kv(context), block_size=args.block_size,
                                exit_steps=[exit_step(update)] * num_blocks, generator=g,
-                               on_block=free_unreached_blocks(reached))  # [B, C, F, h, w]
+                               grad_blocks=reached)  # [B, C, F, h, w]
         return video, [prompts[i] for i in ids], context, pixel_frames, g
 
     critic_steps = args.critic_steps if joint else 0

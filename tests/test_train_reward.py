@@ -152,25 +152,22 @@ def test_last_frame_decode_is_exact_and_local(tiny_wan):
     assert len(counts) == 21 and counts.min() > 20  # every frame of the video, ~57 each
 
 
-def test_freeing_unreached_blocks_keeps_the_gradient(tiny_wan):
-    """The reward of the last frame reaches only the last block (the KV cache is detached): dropping the
-    other blocks' graphs during the rollout, as training does, leaves the generator's gradient as it is."""
+def test_grad_blocks_keeps_the_gradient(tiny_wan):
+    """The reward of the last frame reaches only the last block (the KV cache is detached): a rollout
+    with grad_blocks={last}, as training runs it, gives the generator the same gradient as one with
+    a graph for every block."""
     model = cw.from_pretrained(tiny_wan)
     vae = cw.load_vae(tiny_wan)
     noise = torch.randn(1, 16, 6, 8, 8, generator=torch.Generator().manual_seed(0))
     kv = model.prompt_kv(torch.randn(1, 512, 32, generator=torch.Generator().manual_seed(1)))
-    grads, free = [], tr.free_unreached_blocks({1})
-    for drop in (False, True):
+    grads = []
+    for grad_blocks in (None, {1}):
         blocks = []
-
-        def on_block(b, x0, kv_cache):
-            if drop:
-                free(b, x0, kv_cache)
-            blocks.append(x0)
         model.zero_grad(set_to_none=True)
         video = cw.rollout(model, noise, [(k.detach(), v.detach()) for k, v in kv], block_size=3, exit_steps=[2, 2],
-                           generator=torch.Generator().manual_seed(2), on_block=on_block)
-        assert [x0.grad_fn is not None for x0 in blocks] == [not drop, True]
+                           generator=torch.Generator().manual_seed(2), grad_blocks=grad_blocks,
+                           on_block=lambda b, x0, kv_cache: blocks.append(x0))
+        assert [x0.grad_fn is not None for x0 in blocks] == [grad_blocks is None, True]
         tr.decode_reward_frames(vae, video, [20]).square().mean().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
