@@ -17,7 +17,7 @@ bidirectional model that `train_ode.py generate --teacher OUT/ckpt.pt` samples t
     python distill_dmd.py --tiny --out runs/dmd_tiny
     python distill_dmd.py --tiny --out runs/dmd_tiny --resume --max-steps 20
 
-    # one GPU (global batch by gradient accumulation; see docs_distill_dmd.md for memory)
+    # one GPU (global batch by gradient accumulation; see the README for memory)
     python distill_dmd.py --generator bidirectional --out runs/dmd_bidirectional
     python distill_dmd.py --generator causal --init runs/ode/ckpt.pt --out runs/dmd_causal
 
