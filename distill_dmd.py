@@ -248,6 +248,7 @@ def main(args):
     rank, world, device = cw.init_distributed()
     try:
         train(args, rank, world, device)
+        dist.barrier()  # no rank tears the group down while rank 0 still writes the checkpoint
     finally:
         dist.destroy_process_group()
 
