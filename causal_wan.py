@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import sys
 from dataclasses import asdict, dataclass
 
 import torch
@@ -37,6 +38,15 @@ WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，�
 
 class UserError(Exception):
     """A problem the user can fix (bad flag, missing weights). Scripts print it as one line."""
+
+
+def positive_int(text):
+    """argparse type for counts and sizes (batch, block, shard, intervals): an integer >= 1."""
+    import argparse
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
 
 
 # -----------------------------------------------------------------------------
@@ -131,6 +141,17 @@ def apply_rope(x, cos, sin):
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
 
 
+def attention(q, k, v):
+    """SDPA over [B, H, L, D]. On a GPU only fused kernels may run (flash, cuDNN, memory-efficient):
+    the math fallback would materialize [L, L] scores (7 GB per block call at full size), so an
+    unsupported case raises instead of silently going slow."""
+    if q.is_cuda:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+            return F.scaled_dot_product_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
 def block_causal_mask(num_frames, tokens_per_frame, block_size, device=None):
     """The training mask [L, L] (True = may attend): a token sees every token of its own block of
     `block_size` latent frames and of all earlier blocks. The model never builds it: it computes
@@ -168,7 +189,7 @@ class Attention(nn.Module):
         cache), else cross-attention to the given keys/values."""
         q = self.norm_q(self.to_q(x)).unflatten(2, (self.num_heads, -1))  # [B, L, H, D]
         if kv is not None:
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), *kv)
+            out = attention(q.transpose(1, 2), *kv)
             return self.to_out[0](out.transpose(1, 2).flatten(2).type_as(x))
         k = self.norm_k(self.to_k(x)).unflatten(2, (self.num_heads, -1))
         v = self.to_v(x).unflatten(2, (self.num_heads, -1))
@@ -176,17 +197,17 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, L, D]
         if past_kv is not None:
             # rollout: the block attends to every cached key and to itself; no mask is needed
-            out = F.scaled_dot_product_attention(q, torch.cat([past_kv[0], k], 2), torch.cat([past_kv[1], v], 2))
+            out = attention(q, torch.cat([past_kv[0], k], 2), torch.cat([past_kv[1], v], 2))
         elif block_tokens is not None:
             # block-causal: queries of block i attend to the key prefix up to the end of block i.
             # Equal to SDPA with block_causal_mask, but each call is unmasked (flash-eligible)
             # and the dense [L, L] mask never exists (it would be 1 GB at 32,760 tokens).
             L = q.shape[2]
             out = torch.cat([
-                F.scaled_dot_product_attention(q[:, :, s:s + block_tokens], k[:, :, :s + block_tokens], v[:, :, :s + block_tokens])
+                attention(q[:, :, s:s + block_tokens], k[:, :, :s + block_tokens], v[:, :, :s + block_tokens])
                 for s in range(0, L, block_tokens)], dim=2)
         else:
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = attention(q, k, v)
         return self.to_out[0](out.transpose(1, 2).flatten(2).type_as(x)), (k, v)
 
 
@@ -479,7 +500,7 @@ def resolve_folder(model, subfolder):
             raise UserError(f"'{model}' has no '{subfolder}/' folder: expected a diffusers-format Wan "
                             f"folder (model_index.json, transformer/, vae/, text_encoder/, tokenizer/)")
         return path
-    if os.path.exists(model) or model.count("/") != 1:
+    if os.path.exists(model) or not re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", model):
         raise UserError(f"model '{model}' is neither a diffusers-format folder nor a hub id like {DEFAULT_MODEL}")
     from huggingface_hub import snapshot_download
     try:
@@ -525,15 +546,36 @@ def load_checkpoint(path):
 def generator_state_dict(ckpt, use_ema=True):
     """The generator weights (diffusers names) inside a checkpoint dict: ours ({'model', 'ema',
     ...}), Self Forcing's ({'generator', 'generator_ema'}), or a bare state dict in either layout."""
+    if not isinstance(ckpt, dict):
+        raise UserError(f"checkpoint holds a {type(ckpt).__name__}, not a dict of weights")
     for key in (["ema", "generator_ema"] if use_ema else []) + ["model", "generator"]:
         if isinstance(ckpt.get(key), dict):
             sd = ckpt[key]
+            if use_ema and key in ("model", "generator"):  # e.g. Self Forcing's ode_init.pt
+                print(f"note: the checkpoint has no EMA weights; using its '{key}' weights", file=sys.stderr)
             break
     else:
         sd = ckpt
     if not sd or not all(torch.is_tensor(v) for v in sd.values()):
         raise UserError("checkpoint holds no generator weights (expected 'ema'/'model' or 'generator_ema'/'generator')")
     return original_to_diffusers(sd) if is_original_layout(sd) else dict(sd)
+
+
+def load_generator_weights(model, path, use_ema=True, kind="causal"):
+    """Load the generator weights of the checkpoint at `path` into model (strict), or say in one
+    line why they do not fit. kind: the generator the caller runs; distill_dmd.py records
+    'bidirectional' for its 4-step bidirectional model, every other checkpoint is causal."""
+    ckpt = load_checkpoint(path)
+    saved = ckpt.get("args", {}).get("generator", "causal") if isinstance(ckpt, dict) and isinstance(ckpt.get("args"), dict) else "causal"
+    if saved != kind:
+        raise UserError(f"checkpoint '{path}' holds a {saved} generator, but a {kind} one is needed here"
+                        + (" (the bidirectional 4-step model is train_ode.py's --teacher)" if saved == "bidirectional" else ""))
+    state_dict = generator_state_dict(ckpt, use_ema)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"checkpoint '{path}' does not fit the model ({' '.join(str(e).split())[:200]})") from None
+    return model
 
 
 # -----------------------------------------------------------------------------

@@ -283,10 +283,7 @@ def train(args, rank, world, device):
     generator = cw.from_pretrained(args.model, torch.float32)  # the base model (1.3B): generator and critic
     critic = copy.deepcopy(generator)
     if args.init:
-        try:
-            generator.load_state_dict(cw.generator_state_dict(cw.load_checkpoint(args.init)), strict=True)
-        except RuntimeError as e:
-            raise UserError(f"--init '{args.init}' does not fit the model of '{args.model}' ({str(e).splitlines()[1].strip()[:120]})") from None
+        cw.load_generator_weights(generator, args.init, kind=args.generator)
     if (teacher.cfg.in_channels, teacher.cfg.text_dim) != (critic.cfg.in_channels, critic.cfg.text_dim):
         raise UserError(f"--teacher '{args.teacher}' does not share latent channels and text encoder with --model '{args.model}'")
     ema = copy.deepcopy(generator).requires_grad_(False)
@@ -419,19 +416,19 @@ def parse_args(argv=None):
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--frames", type=int, help="pixel frames, 4k+1 (81)")
-    p.add_argument("--block-size", type=int, help="latent frames per causal block (3)")
+    p.add_argument("--block-size", type=cw.positive_int, help="latent frames per causal block (3)")
     p.add_argument("--critic-steps", type=int, help="critic updates per generator update (5)")
     p.add_argument("--out", required=True, help="folder for ckpt.pt, log.jsonl, sample_<step>.mp4")
     p.add_argument("--resume", action="store_true", help="continue exactly from OUT/ckpt.pt")
     p.add_argument("--max-steps", type=int, help="generator updates (120)")
-    p.add_argument("--global-batch", type=int, help="videos per update, all ranks (64)")
-    p.add_argument("--micro-batch", type=int, help="videos per rank per forward (1)")
+    p.add_argument("--global-batch", type=cw.positive_int, help="videos per update, all ranks (64)")
+    p.add_argument("--micro-batch", type=cw.positive_int, help="videos per rank per forward (1)")
     p.add_argument("--lr", type=float, help="generator learning rate (2e-6)")
     p.add_argument("--critic-lr", type=float, help="critic learning rate (4e-7)")
     p.add_argument("--ema-decay", type=float, help="EMA of the generator (0.99)")
     p.add_argument("--grad-clip", type=float, help="gradient norm clipping, both networks (10)")
-    p.add_argument("--save-every", type=int)
-    p.add_argument("--log-every", type=int)
+    p.add_argument("--save-every", type=cw.positive_int)
+    p.add_argument("--log-every", type=cw.positive_int)
     p.add_argument("--sample-every", type=int, help="write OUT/sample_<step>.mp4 from the EMA generator (0: never)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--wandb", action="store_true")

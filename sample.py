@@ -36,7 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", help="a generator trained by this repo (or Self Forcing's .pt)")
     p.add_argument("--no-ema", action="store_true", help="use the checkpoint's raw weights instead of its EMA")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-videos", type=int, default=1, help="videos per prompt (seeds seed, seed+1, ...)")
+    p.add_argument("--num-videos", type=cw.positive_int, default=1, help="videos per prompt (seeds seed, seed+1, ...)")
     p.add_argument("--frames", type=int, default=81, help="video frames, 4k+1 (81 = 5 s at 16 fps)")
     p.add_argument("--height", type=int, help="multiple of 16 (default 480; 64 with --tiny)")
     p.add_argument("--width", type=int, help="multiple of 16 (default 832; 64 with --tiny)")
@@ -44,7 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--max-frames", type=int, default=21, help="attention window in latent frames (long videos)")
     p.add_argument("--out", default="out.mp4", help="an .mp4 path for one video, else a folder")
     p.add_argument("--fps", type=int, default=16)
-    p.add_argument("--stream", action="store_true", help="fragmented mp4: playable while it is being written")
+    p.add_argument("--stream", action="store_true", help="write each block into the mp4 as soon as it is decoded (fragmented mp4, playable while written)")
     p.add_argument("--tiny", action="store_true", help="random tiny Wan built on the fly (CPU demo; output is noise)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="default bf16 on GPU, fp32 on CPU")
@@ -54,10 +54,13 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.tiny:
         args.model = cw.tiny_model_dir() if args.model == cw.DEFAULT_MODEL else args.model
-    args.height = args.height or (64 if args.tiny else 480)
-    args.width = args.width or (64 if args.tiny else 832)
+    if args.height is None:
+        args.height = 64 if args.tiny else 480
+    if args.width is None:
+        args.width = 64 if args.tiny else 832
+    if args.long_frames is None:
+        args.long_frames = 161 if args.tiny else 961
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
-    args.long_frames = args.long_frames or (161 if args.tiny else 961)
     return args
 
 
@@ -78,11 +81,15 @@ def read_jobs(args):
     if sum(x is not None for x in (args.prompt, args.prompts_file, args.jobs)) != 1:
         raise cw.UserError("give exactly one of --prompt, --prompts-file, --jobs")
     if args.jobs:
+        if not os.path.isfile(args.jobs):
+            raise cw.UserError(f"--jobs '{args.jobs}' does not exist")
         jobs = []
         for n, line in enumerate(open(args.jobs, encoding="utf-8").read().splitlines(), 1):
             parts = line.split("\t")
             if len(parts) != 3 or not parts[1].lstrip("-").isdigit():
                 raise cw.UserError(f"{args.jobs}:{n}: expected 'prompt<TAB>seed<TAB>out.mp4'")
+            if not parts[0].strip():
+                raise cw.UserError(f"{args.jobs}:{n}: empty prompt")
             jobs.append((parts[0], int(parts[1]), parts[2]))
         return jobs
     if args.prompts_file:
@@ -94,6 +101,8 @@ def read_jobs(args):
     else:
         prompts = [args.prompt]
     pairs = [(p, args.seed + k) for p in prompts for k in range(args.num_videos)]
+    if not all(p.strip() for p, _ in pairs):
+        raise cw.UserError("empty prompt: give a text description of the video")
     if len(pairs) == 1 and args.out.endswith(".mp4"):
         return [(pairs[0][0], pairs[0][1], args.out)]
     if args.out.endswith(".mp4"):
@@ -112,19 +121,19 @@ def load_generator(args, device, dtype):
         print("--tiny: random-init tiny Wan, the video is noise (it tests the pipeline, not the model)", file=sys.stderr)
     model = cw.from_pretrained(args.model, dtype=torch.float32)
     if args.checkpoint:
-        state_dict = cw.generator_state_dict(cw.load_checkpoint(args.checkpoint), use_ema=not args.no_ema)
-        try:
-            model.load_state_dict(state_dict, strict=True)
-        except RuntimeError as e:
-            raise cw.UserError(f"checkpoint '{args.checkpoint}' does not fit the model of '{args.model}' ({str(e).splitlines()[1].strip()[:120]})") from None
+        cw.load_generator_weights(model, args.checkpoint, use_ema=not args.no_ema)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
-def open_writer(path, fps, stream):
+def open_writer(path, fps, stream, frames_per_block):
+    """An mp4 writer. stream: a fragmented mp4 (its index up front), one fragment per frame, a
+    keyframe per block and no encoder look-ahead, flushed per packet: each block is in the file,
+    playable, as soon as it is decoded (but its last frame, whose duration the muxer learns from
+    the next frame)."""
     import imageio
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    # a fragmented mp4 has its index up front: players can start before the last block exists
-    params = ["-movflags", "frag_keyframe+empty_moov+default_base_moof"] if stream else None
+    params = ["-movflags", "frag_every_frame+empty_moov+default_base_moof", "-g", str(frames_per_block),
+              "-tune", "zerolatency", "-flush_packets", "1"] if stream else None
     return imageio.get_writer(path, fps=fps, codec="libx264", macro_block_size=1, ffmpeg_params=params)
 
 
@@ -157,11 +166,12 @@ def main(args):
         prompt_kv = model.prompt_kv(contexts[prompt])
         g = torch.Generator().manual_seed(seed)  # on the CPU: the same video on every device
         noise = torch.randn(1, 16, latent_frames, h, w, generator=g).to(device, dtype)
-        tmp = path + ".part.mp4"
-        with open_writer(tmp, args.fps, args.stream) as writer:
+        # without --stream a finished file is always a whole video: write aside, then rename
+        tmp = path if args.stream else path + ".part.mp4"
+        with open_writer(tmp, args.fps, args.stream, 4 * args.chunk) as writer:
             generate(model, vae, prompt_kv, noise, args.chunk, args.max_frames,
                      lambda frames: [writer.append_data(f) for f in frames], generator=g, progress=bar)
-        os.replace(tmp, path)  # a finished file is always a whole video
+        os.replace(tmp, path)
         bar.write(f"wrote {path} ({args.frames} frames, seed {seed}): {prompt[:80]}")
     bar.close()
 

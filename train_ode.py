@@ -219,10 +219,7 @@ class DMDTeacher:
         with open(os.path.join(folder, "config.json")) as f:
             cfg = cw.WanConfig.from_diffusers(json.load(f))
         self.model = cw.CausalWan(cfg)
-        try:
-            self.model.load_state_dict(cw.generator_state_dict(cw.load_checkpoint(args.teacher)), strict=True)
-        except RuntimeError as e:
-            raise UserError(f"teacher '{args.teacher}' does not fit the --model '{args.model}' config ({str(e)[:150]})") from None
+        cw.load_generator_weights(self.model, args.teacher, kind="bidirectional")  # distill_dmd.py --generator bidirectional
         self.model = self.model.to(device, dtype).eval().requires_grad_(False)
         self.tokenizer, self.encoder = cw.load_text_encoder(args.model, dtype, device)
 
@@ -409,7 +406,7 @@ def train(args, rank, world, device):
     if store.index["latent_shape"][0] != model.cfg.in_channels:
         raise UserError(f"store latents have {store.index['latent_shape'][0]} channels, the model takes {model.cfg.in_channels}")
     if args.init:
-        model.load_state_dict(cw.generator_state_dict(cw.load_checkpoint(args.init)), strict=True)
+        cw.load_generator_weights(model, args.init)
     model.gradient_checkpointing = bf16
     ema = copy.deepcopy(model).requires_grad_(False)
     cw.shard_model(model, bf16)
@@ -461,6 +458,9 @@ def train(args, rank, world, device):
             raise UserError(f"loss is {step_loss.item()} at step {step + 1}: stopped without saving; "
                             f"the last good checkpoint is {ckpt_path}")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).full_tensor()
+        if not torch.isfinite(grad_norm):  # clipping would turn the weights into NaN
+            raise UserError(f"gradient norm is {grad_norm.item()} at step {step + 1}: stopped without saving; "
+                            f"the last good checkpoint is {ckpt_path}")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         cw.ema_update(ema, model, args.ema_decay)
@@ -484,6 +484,7 @@ def train(args, rank, world, device):
                         optimizer=cw.full_state_dict(model, optimizer), step=step, args=vars(args))
             if rank == 0:
                 cw.save_checkpoint(ckpt_path, ckpt)
+            del ckpt
     bar.close()
 
 
@@ -507,7 +508,7 @@ def parse_args(argv=None):
                      help="distill_dmd.py checkpoint file, or a diffusers-format Wan (folder or hub id)")
     gen.add_argument("--prompts", required=True, help="text file, one prompt per line (cycled if --num is larger)")
     gen.add_argument("--num", type=int, help="number of trajectories (1400)")
-    gen.add_argument("--shard-size", type=int, help="trajectories per shard (16)")
+    gen.add_argument("--shard-size", type=cw.positive_int, help="trajectories per shard (16)")
     gen.add_argument("--height", type=int)
     gen.add_argument("--width", type=int)
     gen.add_argument("--frames", type=int, help="pixel frames, 4k+1 (81)")
@@ -517,15 +518,15 @@ def parse_args(argv=None):
     tr.add_argument("--out", required=True, help="folder for ckpt.pt, log.jsonl, sample_<step>.mp4")
     tr.add_argument("--init", help="start the student from this checkpoint's generator instead of --model's weights")
     tr.add_argument("--resume", action="store_true", help="continue exactly from OUT/ckpt.pt")
-    tr.add_argument("--block-size", type=int, help="latent frames per causal block (3)")
+    tr.add_argument("--block-size", type=cw.positive_int, help="latent frames per causal block (3)")
     tr.add_argument("--max-steps", type=int)
-    tr.add_argument("--global-batch", type=int, help="trajectories per optimizer step, all ranks (64)")
-    tr.add_argument("--micro-batch", type=int, help="trajectories per rank per forward (1)")
+    tr.add_argument("--global-batch", type=cw.positive_int, help="trajectories per optimizer step, all ranks (64)")
+    tr.add_argument("--micro-batch", type=cw.positive_int, help="trajectories per rank per forward (1)")
     tr.add_argument("--lr", type=float)
     tr.add_argument("--ema-decay", type=float)
     tr.add_argument("--grad-clip", type=float)
-    tr.add_argument("--save-every", type=int)
-    tr.add_argument("--log-every", type=int)
+    tr.add_argument("--save-every", type=cw.positive_int)
+    tr.add_argument("--log-every", type=cw.positive_int)
     tr.add_argument("--sample-every", type=int, help="write OUT/sample_<step>.mp4 from the EMA student (0: never)")
     tr.add_argument("--wandb", action="store_true")
     args = parser.parse_args(argv)

@@ -454,10 +454,7 @@ def load_generator(args, init):
     the weights of `init`: train_ode.py's checkpoint (its EMA) or Self Forcing's ode_init.pt."""
     model = cw.from_pretrained(args.model, torch.float32)
     if init:
-        try:
-            model.load_state_dict(cw.generator_state_dict(cw.load_checkpoint(init)), strict=True)
-        except RuntimeError as e:
-            raise UserError(f"--init '{init}' does not fit the --model '{args.model}' config ({str(e)[:150]})") from None
+        cw.load_generator_weights(model, init)
     return model
 
 
@@ -504,6 +501,8 @@ def train(args, rank, world, device):
     if not args.resume and os.path.isfile(ckpt_path):
         raise UserError(f"'{ckpt_path}' exists: pass --resume to continue it, or choose another --out")
     ckpt = dmd.load_resume(ckpt_path) if args.resume else None
+    if ckpt is None and args.init and not os.path.isfile(args.init):  # before the text encoder loads
+        raise UserError(f"checkpoint '{args.init}' does not exist (--init)")
     if ckpt is None and not args.init and not args.tiny:
         raise UserError("--init is required: the ODE-initialized generator (runs/ode/ckpt.pt from train_ode.py, "
                         "or Self Forcing's checkpoints/ode_init.pt)")
@@ -686,7 +685,7 @@ def parse_args(argv=None):
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--frames", type=int, help="pixel frames, 4k+1 (81)")
-    p.add_argument("--block-size", type=int, help="latent frames per causal block (3; 1: frame-wise)")
+    p.add_argument("--block-size", type=cw.positive_int, help="latent frames per causal block (3; 1: frame-wise)")
     p.add_argument("--reward", choices=["imagereward", "pickscore"], help="the differentiable image reward (imagereward)")
     p.add_argument("--reward-path", help="folder with the reward's weights (default: the hub cache; with --tiny a tiny random one)")
     p.add_argument("--reward-tokenizer", help="folder with ImageReward's BERT tokenizer or PickScore's CLIP processor")
@@ -703,13 +702,13 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="folder for ckpt.pt, log.jsonl, sample_<step>.mp4")
     p.add_argument("--resume", action="store_true", help="continue exactly from OUT/ckpt.pt")
     p.add_argument("--max-steps", type=int, help="generator updates (500)")
-    p.add_argument("--global-batch", type=int, help="videos per update, all ranks (8)")
-    p.add_argument("--micro-batch", type=int, help="videos per rank per forward (1)")
+    p.add_argument("--global-batch", type=cw.positive_int, help="videos per update, all ranks (8)")
+    p.add_argument("--micro-batch", type=cw.positive_int, help="videos per rank per forward (1)")
     p.add_argument("--lr", type=float, help="generator learning rate (2e-6)")
     p.add_argument("--ema-decay", type=float, help="EMA of the generator (0.99)")
     p.add_argument("--grad-clip", type=float, help="gradient norm clipping (10)")
-    p.add_argument("--save-every", type=int)
-    p.add_argument("--log-every", type=int)
+    p.add_argument("--save-every", type=cw.positive_int)
+    p.add_argument("--log-every", type=cw.positive_int)
     p.add_argument("--sample-every", type=int, help="write OUT/sample_<step>.mp4 from the EMA generator and log its "
                                                     "last frame's reward (0: never)")
     p.add_argument("--seed", type=int, default=0)

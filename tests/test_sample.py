@@ -68,13 +68,21 @@ def test_jobs_file(tiny_wan, tmp_path):
     (["--prompt", "fox", "--checkpoint", "/no/such.pt"], "does not exist"),
     (["--prompt", "fox", "--checkpoint", "WRONG"], "does not fit the model"),
     (["--prompt", "fox", "--prompts-file", "/no/such.txt"], "exactly one of"),
+    (["--jobs", "/no/such.tsv"], "--jobs '/no/such.tsv' does not exist"),
+    (["--prompt", "fox", "--model", "./wan"], "neither a diffusers-format folder nor a hub id"),
+    (["--prompt", "fox", "--checkpoint", "LIST"], "holds a list, not a dict"),
+    (["--prompt", "fox", "--checkpoint", "BIDI"], "holds a bidirectional generator"),
+    (["--prompt", "fox", "--height", "0"], "not a positive multiple of 16"),
 ])
 def test_bad_input_is_a_user_error(tiny_wan, tmp_path, args, message):
     import sample
     (tmp_path / "bad.pt").write_bytes(b"\x00not a checkpoint")
     wrong = cw.CausalWan(cw.WanConfig(dim=48, ffn_dim=64, num_heads=3, num_layers=2, text_dim=32, freq_dim=32))
     cw.save_checkpoint(str(tmp_path / "wrong.pt"), {"model": wrong.state_dict()})
-    args = [str(tmp_path / "bad.pt") if a == "CORRUPT" else str(tmp_path / "wrong.pt") if a == "WRONG" else a for a in args]
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    cw.save_checkpoint(str(tmp_path / "bidi.pt"), {"ema": cw.from_pretrained(tiny_wan).state_dict(), "args": {"generator": "bidirectional"}})
+    names = {"CORRUPT": "bad.pt", "WRONG": "wrong.pt", "LIST": "list.pt", "BIDI": "bidi.pt"}
+    args = [str(tmp_path / names[a]) if a in names else a for a in args]
     with pytest.raises(cw.UserError, match=re.escape(message)) as e:
         sample.main(sample.parse_args(["--tiny", "--model", tiny_wan, "--frames", "5", "--out", str(tmp_path / "x.mp4"), *args]))
     assert "\n" not in str(e.value)
@@ -98,3 +106,25 @@ def test_benchmark_tiny_reports_speed(tiny_wan):
     kv = next(line for line in lines if line.startswith("KV cache:"))
     assert float(kv.rsplit(" ", 1)[1]) < 1e-5  # cached rollout == recomputed prefix on the same noise
     assert any(line.startswith("baseline WanPipeline (4 steps") for line in lines)
+
+
+def test_stream_writes_each_block_while_generating(tmp_path):
+    """--stream: every block is in the file (a fragmented mp4) as soon as it is appended, not at close
+    (but its last frame: the muxer learns a frame's duration from the next one)."""
+    import time
+    import numpy as np
+    import sample
+    path = tmp_path / "s.mp4"
+    rng = np.random.default_rng(0)
+    sizes = []
+    with sample.open_writer(str(path), 16, True, 12) as writer:
+        for block in range(3):
+            for _ in range(9 if block == 0 else 12):  # chunk-wise blocks: 1 + 4 * 2, then 4 * 3 frames
+                writer.append_data(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+            before = sizes[-1] if sizes else 0
+            deadline = time.time() + 20
+            while (os.path.getsize(path) if path.exists() else 0) <= before and time.time() < deadline:
+                time.sleep(0.05)
+            sizes.append(os.path.getsize(path))
+    assert sizes[0] > 1000 and sizes[0] < sizes[1] < sizes[2], sizes
+    assert frames_of(path)[0] == 33

@@ -48,7 +48,7 @@ def teacher(tmp_path_factory):
     folder = tmp_path_factory.mktemp("teacher")
     torch.manual_seed(1)
     sd = cw.CausalWan(cw.WanConfig.tiny()).state_dict()
-    cw.save_checkpoint(str(folder / "ckpt.pt"), {"model": sd, "ema": sd, "step": 0, "args": {}})
+    cw.save_checkpoint(str(folder / "ckpt.pt"), {"model": sd, "ema": sd, "step": 0, "args": {"generator": "bidirectional"}})
     (folder / "prompts.txt").write_text(PROMPTS)
     return str(folder / "ckpt.pt"), str(folder / "prompts.txt")
 
