@@ -753,6 +753,39 @@ def save_checkpoint(path, ckpt):
     os.replace(tmp, path)
 
 
+def all_mean(x):
+    """Average of a scalar tensor over ranks (the loss every rank logs)."""
+    x = x.detach().clone()
+    torch.distributed.all_reduce(x)
+    return x.item() / torch.distributed.get_world_size()
+
+
+def grad_norm(model, clip):
+    """Clip the gradients to norm `clip` and return their global norm before clipping (all ranks)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # a DTensor under FSDP
+
+
+def load_resume(path):
+    """Our checkpoint for --resume. mmap: the ranks of one machine share the file's pages instead
+    of each holding a copy (the full-size checkpoint is ~40 GB)."""
+    if not os.path.isfile(path):
+        raise UserError(f"nothing to resume: '{path}' does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise UserError(f"checkpoint '{path}' is not readable ({type(e).__name__}: {str(e)[:100]})") from None
+
+
+def stop_if_diverged(step, ckpt_path, values, hint="lower --lr and --resume"):
+    """Stop (before the optimizer step, without saving) when any logged value is NaN or inf: the
+    last good checkpoint stays."""
+    bad = ", ".join(f"{k} = {v}" for k, v in values.items() if not math.isfinite(v))
+    if bad:
+        raise UserError(f"training diverged at step {step} ({bad}): stopped without saving; the last good "
+                        f"checkpoint stays in {ckpt_path} ({hint})")
+
+
 @torch.no_grad()
 def ema_update(ema, model, decay):
     """ema <- decay * ema + (1 - decay) * model, on the local shards (same sharding for both)."""

@@ -49,6 +49,7 @@ from causal_wan import WAN_NEGATIVE_PROMPT, UserError
 
 EXAMPLE_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts", "dmd_example.txt")
 TEXT_LEN = 512  # tokens of every text embedding (encode_prompts pads to it)
+DIVERGED_HINT = "lower --lr / --critic-lr and --resume"
 
 
 @dataclass
@@ -214,36 +215,6 @@ def write_sample(args, ema, vae, context, latent_shape, block_size, step, rank, 
         cw.save_video(os.path.join(args.out, f"sample_{step}.mp4"), cw.vae_decode(vae, video.float())[0])
 
 
-def all_mean(x):
-    """Average of a scalar tensor over ranks (the loss every rank logs)."""
-    x = x.detach().clone()
-    dist.all_reduce(x)
-    return x.item() / dist.get_world_size()
-
-
-def grad_norm(model, clip):
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # a DTensor under FSDP
-
-
-def stop_if_diverged(step, ckpt_path, **values):
-    bad = ", ".join(f"{k} = {v}" for k, v in values.items() if not math.isfinite(v))
-    if bad:
-        raise UserError(f"training diverged at step {step} ({bad}): stopped without saving; the last good "
-                        f"checkpoint stays in {ckpt_path} (lower --lr / --critic-lr and --resume)")
-
-
-def load_resume(path):
-    """Our checkpoint for --resume. mmap: the ranks of one machine share the file's pages instead
-    of each holding a copy (the full-size checkpoint is ~40 GB)."""
-    if not os.path.isfile(path):
-        raise UserError(f"nothing to resume: '{path}' does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise UserError(f"checkpoint '{path}' is not readable ({type(e).__name__}: {str(e)[:100]})") from None
-
-
 def main(args):
     rank, world, device = cw.init_distributed()
     try:
@@ -268,7 +239,7 @@ def train(args, rank, world, device):
     ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
     if not args.resume and os.path.isfile(ckpt_path):
         raise UserError(f"'{ckpt_path}' exists: pass --resume to continue it, or choose another --out")
-    ckpt = load_resume(ckpt_path) if args.resume else None
+    ckpt = cw.load_resume(ckpt_path) if args.resume else None
     if ckpt is not None and ckpt["args"]["generator"] != args.generator:
         raise UserError(f"'{ckpt_path}' trains a {ckpt['args']['generator']} generator, not {args.generator}")
 
@@ -349,9 +320,9 @@ def train(args, rank, world, device):
                 loss, _ = critic_loss(x0, critic, context, g)
                 (loss / accum).backward()
                 loss_sum += loss.detach() / accum
-            critic_losses.append(all_mean(loss_sum))
-            critic_norms.append(grad_norm(critic, args.grad_clip))
-            stop_if_diverged(step + 1, ckpt_path, critic_loss=critic_losses[-1], critic_grad_norm=critic_norms[-1])
+            critic_losses.append(cw.all_mean(loss_sum))
+            critic_norms.append(cw.grad_norm(critic, args.grad_clip))
+            cw.stop_if_diverged(step + 1, ckpt_path, dict(critic_loss=critic_losses[-1], critic_grad_norm=critic_norms[-1]), DIVERGED_HINT)
             critic_opt.step()
             critic_opt.zero_grad(set_to_none=True)
 
@@ -365,8 +336,8 @@ def train(args, rank, world, device):
             (loss / accum).backward()
             loss_sum += loss.detach().float() / accum
             dmd_grad += logs["dmd_grad"] / accum
-        record = dict(step=step + 1, loss=all_mean(loss_sum), grad_norm=grad_norm(generator, args.grad_clip))
-        stop_if_diverged(step + 1, ckpt_path, loss=record["loss"], grad_norm=record["grad_norm"])
+        record = dict(step=step + 1, loss=cw.all_mean(loss_sum), grad_norm=cw.grad_norm(generator, args.grad_clip))
+        cw.stop_if_diverged(step + 1, ckpt_path, dict(loss=record["loss"], grad_norm=record["grad_norm"]), DIVERGED_HINT)
         opt.step()
         opt.zero_grad(set_to_none=True)
         cw.ema_update(ema, generator, args.ema_decay)
@@ -374,7 +345,7 @@ def train(args, rank, world, device):
 
         record.update(critic_loss=sum(critic_losses) / max(len(critic_losses), 1),
                       critic_grad_norm=sum(critic_norms) / max(len(critic_norms), 1),
-                      dmd_grad=all_mean(dmd_grad), exit_step=k, step_time=time.time() - t0)
+                      dmd_grad=cw.all_mean(dmd_grad), exit_step=k, step_time=time.time() - t0)
         if device.type == "cuda":
             record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         bar.update()

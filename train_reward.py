@@ -473,13 +473,6 @@ def write_sample(args, ema, vae, reward_fn, context, prompt, latent_shape, step,
     return reward_fn(pixels[:, :, -1], [prompt]).item()
 
 
-def stop_if_diverged(step, ckpt_path, values):
-    bad = ", ".join(f"{k} = {v}" for k, v in values.items() if not math.isfinite(v))
-    if bad:
-        raise UserError(f"training diverged at step {step} ({bad}): stopped without saving; the last good "
-                        f"checkpoint stays in {ckpt_path} (lower --lr and --resume)")
-
-
 def train(args, rank, world, device):
     # As in distill_dmd.py, the global batch is `slots` groups of micro_batch videos; rank r runs slots
     # [r*accum, (r+1)*accum). Slot j of update u draws its noise, prompts and frames from its own
@@ -500,7 +493,7 @@ def train(args, rank, world, device):
     ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
     if not args.resume and os.path.isfile(ckpt_path):
         raise UserError(f"'{ckpt_path}' exists: pass --resume to continue it, or choose another --out")
-    ckpt = dmd.load_resume(ckpt_path) if args.resume else None
+    ckpt = cw.load_resume(ckpt_path) if args.resume else None
     if ckpt is None and args.init and not os.path.isfile(args.init):  # before the text encoder loads
         raise UserError(f"checkpoint '{args.init}' does not exist (--init)")
     if ckpt is None and not args.init and not args.tiny:
@@ -605,8 +598,8 @@ def train(args, rank, world, device):
                 loss, _ = dmd.critic_loss(video, critic, context, g)
                 (loss / accum).backward()
                 loss_sum += loss.detach() / accum
-            critic_logs.append(dict(critic_loss=dmd.all_mean(loss_sum), critic_grad_norm=dmd.grad_norm(critic, args.grad_clip)))
-            stop_if_diverged(step + 1, ckpt_path, critic_logs[-1])
+            critic_logs.append(dict(critic_loss=cw.all_mean(loss_sum), critic_grad_norm=cw.grad_norm(critic, args.grad_clip)))
+            cw.stop_if_diverged(step + 1, ckpt_path, critic_logs[-1])
             critic_opt.step()
             critic_opt.zero_grad(set_to_none=True)
         if critic_logs:
@@ -631,9 +624,9 @@ def train(args, rank, world, device):
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0) + v.detach() / accum
             del video  # before the next rollout
-        record.update({k: dmd.all_mean(v) for k, v in sums.items()})
-        record.update(grad_norm=dmd.grad_norm(generator, args.grad_clip), exit_step=exit_step(update))
-        stop_if_diverged(step + 1, ckpt_path, record)
+        record.update({k: cw.all_mean(v) for k, v in sums.items()})
+        record.update(grad_norm=cw.grad_norm(generator, args.grad_clip), exit_step=exit_step(update))
+        cw.stop_if_diverged(step + 1, ckpt_path, record)
         opt.step()
         opt.zero_grad(set_to_none=True)
         cw.ema_update(ema, generator, args.ema_decay)
