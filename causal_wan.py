@@ -21,6 +21,7 @@ import os
 import re
 import sys
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -197,7 +198,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, L, D]
         if past_kv is not None:
             # rollout: the block attends to every cached key and to itself; no mask is needed
-            out = attention(q, torch.cat([past_kv[0], k], 2), torch.cat([past_kv[1], v], 2))
+            out = attend_to_cache(q, k, v, past_kv)
         elif block_tokens is not None:
             # block-causal: queries of block i attend to the key prefix up to the end of block i.
             # Equal to SDPA with block_causal_mask, but each call is unmasked (flash-eligible)
@@ -277,6 +278,26 @@ class ConditionEmbedder(nn.Module):
         self.text_embedder = MLP(cfg.text_dim, cfg.dim, nn.GELU(approximate="tanh"))
 
 
+@torch.compiler.disable  # its shapes change every block: keep it out of compiled graphs (sample.py --compile)
+def attend_to_cache(q, k, v, past_kv):
+    """Attention of a block (q, k, v [B, H, L, D]) over the cached keys/values and its own.
+    past_kv: the layer's `KVCache.past(i)`."""
+    return attention(q, *past_kv(k, v))
+
+
+def _concat_kv(old_k, old_v, k, v):
+    return torch.cat([old_k, k], 2), torch.cat([old_v, v], 2)
+
+
+def _in_place_kv(buf_k, buf_v, n, k, v):
+    end = n + k.shape[2]
+    if end > buf_k.shape[2]:
+        raise ValueError(f"a block of {k.shape[2]} tokens does not fit the KV cache ({n} of {buf_k.shape[2]} held)")
+    buf_k[:, :, n:end] = k
+    buf_v[:, :, n:end] = v
+    return buf_k[:, :, :end], buf_v[:, :, :end]
+
+
 class KVCache:
     """Per-layer keys (after RoPE) and values [B, H, L, D] of the clean frames generated so far.
 
@@ -284,27 +305,59 @@ class KVCache:
     longer than the model was trained on, the cache keeps the first `sink_frames` frames (an
     attention sink) plus the most recent ones, so that a block of n frames attends to at most
     `max_frames` frames, itself included: the cost per block stays flat however long the video.
+
+    Two storages, equal results. static=True (inference): one buffer per layer, allocated once
+    for the whole window; a block writes its keys/values in place after the cached ones and
+    attends to that prefix, so no call copies the cache. static=False (training): every call
+    concatenates into new tensors, because autograd and activation checkpointing's recompute need
+    the tensors a step read to stay unchanged while later blocks extend the cache.
     """
 
-    def __init__(self, num_layers, max_frames=21, sink_frames=3):
-        self.kv = [None] * num_layers
-        self.max_frames, self.sink_frames = max_frames, sink_frames
+    def __init__(self, num_layers, max_frames=21, sink_frames=3, static=False):
+        self.kv = [None] * num_layers  # static: the buffers; else the cached tensors themselves
+        self.max_frames, self.sink_frames, self.static = max_frames, sink_frames, static
         self.pos = 0  # absolute frame index of the next block
         self.frames = 0  # frames currently held
+        self.tokens = 0  # tokens currently held (per layer)
+
+    def past(self, i):
+        """What layer i's attention needs: a function (k, v) of the new block -> the keys/values it
+        attends to (the cache's, then its own). None while the cache is empty. Bound to the cache as
+        it is now, so a recompute (activation checkpointing) sees the same keys."""
+        if self.kv[i] is None:
+            return None
+        if self.static:
+            return partial(_in_place_kv, *self.kv[i], self.tokens)
+        return partial(_concat_kv, *self.kv[i])
 
     def append(self, kvs, num_frames):
-        tokens_per_frame = kvs[0][0].shape[2] // num_frames
+        L = kvs[0][0].shape[2]
+        tokens_per_frame = L // num_frames
         for i, (k, v) in enumerate(kvs):
-            old = self.kv[i]
-            self.kv[i] = (k, v) if old is None else (torch.cat([old[0], k], 2), torch.cat([old[1], v], 2))
+            if not self.static:
+                old = self.kv[i]
+                self.kv[i] = (k, v) if old is None else _concat_kv(*old, k, v)
+                continue
+            if self.kv[i] is None:  # room for the window: what is kept after a block, plus the next block
+                frames = max(self.max_frames - num_frames, self.sink_frames) + num_frames
+                shape = (k.shape[0], k.shape[1], frames * tokens_per_frame, k.shape[3])
+                self.kv[i] = (k.new_empty(shape), v.new_empty(shape))
+            _in_place_kv(*self.kv[i], self.tokens, k, v)
         self.pos += num_frames
         self.frames += num_frames
+        self.tokens += L
         # leave room for a next block of the same size: attention span <= max_frames
         drop = self.frames - max(self.max_frames - num_frames, self.sink_frames)
         if drop > 0:
             s, e = self.sink_frames * tokens_per_frame, (self.sink_frames + drop) * tokens_per_frame
-            self.kv = [(torch.cat([k[:, :, :s], k[:, :, e:]], 2), torch.cat([v[:, :, :s], v[:, :, e:]], 2)) for k, v in self.kv]
+            if self.static:  # move the recent frames down over the dropped ones (clone: the ranges overlap)
+                for buf_k, buf_v in self.kv:
+                    buf_k[:, :, s:self.tokens - e + s] = buf_k[:, :, e:self.tokens].clone()
+                    buf_v[:, :, s:self.tokens - e + s] = buf_v[:, :, e:self.tokens].clone()
+            else:
+                self.kv = [(torch.cat([k[:, :, :s], k[:, :, e:]], 2), torch.cat([v[:, :, :s], v[:, :, e:]], 2)) for k, v in self.kv]
             self.frames -= drop
+            self.tokens -= e - s
 
     def num_bytes(self):
         return sum(t.numel() * t.element_size() for kv in self.kv if kv is not None for t in kv)
@@ -354,7 +407,7 @@ class CausalWan(nn.Module):
         block_tokens = None if block_size is None else block_size * h * w
         new_kvs = []
         for i, blk in enumerate(self.blocks):
-            past = kv_cache.kv[i] if kv_cache is not None else None
+            past = kv_cache.past(i) if kv_cache is not None else None
             args = (x, mod, rope, prompt_kv[i], past, block_tokens)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x, kv = checkpoint(blk, *args, use_reentrant=False)
@@ -393,7 +446,7 @@ def predict_x0(model, x, t, prompt_kv, **kw):
 
 
 def rollout(model, noise, prompt_kv, block_size=3, timesteps=DENOISING_TIMESTEPS, exit_steps=None,
-            max_frames=21, generator=None, on_block=None, trajectory=None, grad_blocks=None):
+            max_frames=21, generator=None, on_block=None, trajectory=None, grad_blocks=None, static_cache=None):
     """Generate a video block by block with the KV cache: noise [B, C, F, H, W] -> clean latents.
 
     Each block: denoise with the few-step schedule (predict x0, re-noise it to the next timestep
@@ -408,10 +461,13 @@ def rollout(model, noise, prompt_kv, block_size=3, timesteps=DENOISING_TIMESTEPS
     only the last block, and the other blocks need neither the graph nor its memory.
     on_block(b, x0, kv_cache) is called after each block (streaming decode, benchmarks).
     trajectory: a list that receives, per block, the noisy input x_t of every step taken.
+    static_cache: the KV cache's storage (None: in place without grad, concatenated with grad).
     """
     B, C, nF, H, W = noise.shape
     grad = torch.is_grad_enabled()
-    kv_cache = KVCache(len(model.blocks), max_frames=max_frames, sink_frames=min(block_size, nF))
+    # inference writes the cache in place; training concatenates (see KVCache)
+    static = not grad if static_cache is None else static_cache
+    kv_cache = KVCache(len(model.blocks), max_frames=max_frames, sink_frames=min(block_size, nF), static=static)
     blocks = []
     for b, start in enumerate(range(0, nF, block_size)):
         x = noise[:, :, start:start + block_size]

@@ -160,6 +160,35 @@ def test_long_video_window_is_bounded(model):
     assert len({nb for _, _, nb in held[2:]}) == 1  # memory flat once the window is full
 
 
+@pytest.mark.parametrize("frames,block_size,max_frames", [(7, 3, 21), (7, 1, 21), (30, 3, 9), (11, 1, 4), (8, 3, 7)])
+def test_in_place_cache_equals_concatenated(model, frames, block_size, max_frames):
+    """The preallocated in-place KV cache (inference) gives the rollout of the concatenating one
+    (training): short and long videos, window eviction, a shorter last block, frame-wise."""
+    x, ctx, _ = _inputs(model, frames=frames, hw=4, batch=1)
+    kv = model.prompt_kv(ctx)
+    outs, sizes = [], []
+    with torch.no_grad():
+        for static in (False, True):
+            caches = []
+            outs.append(cw.rollout(model, x, kv, block_size=block_size, max_frames=max_frames, static_cache=static,
+                                   generator=torch.Generator().manual_seed(1), on_block=lambda b, x0, c: caches.append(c)))
+            assert caches[0].static is static
+            sizes.append(caches[-1].frames)
+    assert sizes[0] == sizes[1]
+    assert (outs[0] - outs[1]).abs().max() < 1e-6
+    assert outs[0].abs().mean() > 0.1
+
+
+def test_rollout_picks_the_cache_storage(model):
+    x, ctx, _ = _inputs(model, frames=6, hw=4, batch=1)
+    kv = [(k.detach(), v.detach()) for k, v in model.prompt_kv(ctx)]
+    seen = []
+    with torch.no_grad():
+        cw.rollout(model, x, kv, on_block=lambda b, x0, c: seen.append(c.static))
+    cw.rollout(model, x, kv, exit_steps=[0, 0], on_block=lambda b, x0, c: seen.append(c.static))
+    assert seen == [True, True, False, False]  # in place without grad, concatenated with grad
+
+
 def test_vae_streaming_decode_equals_full_decode(tiny_wan):
     vae = cw.load_vae(tiny_wan)
     z = torch.randn(1, 16, 5, 4, 4)

@@ -5,10 +5,12 @@ import subprocess
 import sys
 
 import imageio
+import numpy as np
 import pytest
 import torch
 
 import causal_wan as cw
+import sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -106,6 +108,49 @@ def test_benchmark_tiny_reports_speed(tiny_wan):
     kv = next(line for line in lines if line.startswith("KV cache:"))
     assert float(kv.rsplit(" ", 1)[1]) < 1e-5  # cached rollout == recomputed prefix on the same noise
     assert any(line.startswith("baseline WanPipeline (4 steps") for line in lines)
+    ladder = {label: next((line for line in lines if line.startswith(f"  {label}:")), None) for label, _, _ in sample.LEVERS}
+    assert all(ladder.values()), ladder  # every optimization has its row (measured, skipped on the CPU, or failed)
+    assert all("FAILED" not in line for line in ladder.values()), ladder
+    diffs = {label: [(float(a), int(b)) for a, b in re.findall(r"diff ([\d.e+-]+) / (\d+)", line)] for label, line in ladder.items()}
+    assert diffs[sample.LEVERS[1][0]] == [(0.0, 0), (0.0, 0)]  # in-place cache: the same latents and pixels
+    assert diffs[sample.LEVERS[2][0]] == [(0.0, 0), (0.0, 0)]  # overlapped decode: the same pixels
+    assert all(dl < 1e-5 and dp <= 1 for dl, dp in diffs[sample.LEVERS[4][0]])  # torch.compile: fp32 rounding only
+    assert all("warm-up with compilation" in part for part in ladder[sample.LEVERS[4][0]].split(";"))
+    assert "skipped (needs a GPU)" in ladder[sample.LEVERS[5][0]]
+
+
+def test_speed_flags_give_the_same_video(tiny_wan, tmp_path):
+    """--overlap-decode and --compile do not change the video; --vae-dtype bf16 changes it a little."""
+    videos = {}
+    for name, flags in [("plain", []), ("fast", ["--overlap-decode", "--compile"]), ("bf16", ["--vae-dtype", "bf16"])]:
+        out = tmp_path / f"{name}.mp4"
+        r = run("--tiny", "--model", tiny_wan, "--prompt", "a red fox", "--frames", "21", "--out", str(out), *flags)
+        assert r.returncode == 0, r.stderr
+        with imageio.get_reader(out) as rd:
+            videos[name] = np.stack([f.astype(int) for f in rd])
+    assert videos["plain"].shape == videos["fast"].shape == (21, 64, 64, 3)
+    diff = np.abs(videos["plain"] - videos["fast"])
+    assert diff.mean() < 0.3 and (diff > 0).mean() < 0.05, (diff.mean(), (diff > 0).mean())  # compile's fp32 rounding, through H.264
+    assert 1 < np.abs(videos["plain"] - videos["bf16"]).mean() < 10  # seen: 0.06 (fast) and 3.7 (bf16 VAE)
+
+
+def test_overlapped_decode_keeps_order_and_raises(tiny_wan):
+    """The worker thread hands over every block in order, and a decode error reaches the caller."""
+    model = cw.from_pretrained(tiny_wan).eval().requires_grad_(False)
+    vae = cw.load_vae(tiny_wan)
+    kv = model.prompt_kv(torch.randn(1, 12, model.cfg.text_dim))
+    noise = torch.randn(1, 16, 7, 8, 8, generator=torch.Generator().manual_seed(0))
+    got = {}
+    for overlap in (False, True):
+        got[overlap] = []
+        sample.generate(model, vae, kv, noise, 3, 21, got[overlap].append, generator=torch.Generator().manual_seed(1), overlap=overlap)
+    assert [len(f) for f in got[True]] == [9, 12, 4]
+    assert all((a == b).all() for a, b in zip(got[False], got[True]))
+
+    def broken(frames):
+        raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError, match="disk full"):
+        sample.generate(model, vae, kv, noise, 3, 21, broken, overlap=True)
 
 
 def test_stream_writes_each_block_while_generating(tmp_path):
