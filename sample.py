@@ -57,7 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--vae-dtype", default="fp32", choices=["fp32", "bf16"], help="VAE decode precision (fp32 as diffusers runs the Wan VAE)")
     p.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN autotune the VAE's convolutions (GPU)")
     p.add_argument("--benchmark", action="store_true", help="measure speed with random weights (see BENCHMARKS.md)")
-    p.add_argument("--baseline-steps", type=int, default=50, help="benchmark: steps of diffusers' WanPipeline")
+    p.add_argument("--baseline-steps", type=int, default=50, help="benchmark: steps of diffusers' WanPipeline (0: skip it)")
+    p.add_argument("--levers", help="benchmark: which optimization rows to measure, e.g. 1,2,5 (default all; row 1 is the plain path)")
     p.add_argument("--long-frames", type=int, help="benchmark: frames of the long-video run (961 = 1 min; 161 with --tiny)")
     args = p.parse_args(argv)
     if args.tiny:
@@ -80,6 +81,15 @@ def check_args(args):
             raise cw.UserError(f"--{name} {getattr(args, name)} is not a positive multiple of 16 (VAE 8x and patch 2x)")
     if args.num_videos < 1:
         raise cw.UserError("--num-videos must be at least 1")
+    if args.levers is not None:
+        try:
+            args.levers = sorted({int(n) for n in args.levers.split(",")})
+        except ValueError:
+            args.levers = [0]
+        if not args.levers or not all(1 <= n <= len(LEVERS) for n in args.levers):
+            raise cw.UserError(f"--levers takes row numbers 1-{len(LEVERS)} separated by commas (see BENCHMARKS.md)")
+    if args.baseline_steps < 0:
+        raise cw.UserError("--baseline-steps must be 0 (skip the baseline) or more")
     if args.max_frames < 2 * args.chunk:
         raise cw.UserError(f"--max-frames {args.max_frames} must hold at least two blocks of --chunk {args.chunk}")
 
@@ -368,13 +378,38 @@ def benchmark(args):
         sync()
         return time.perf_counter() - t0
 
+    # KV cache vs recomputing the whole prefix every step: transformer only, eager, same noise
+    transformer_only(min(lat_f, 6), 3)  # warm-up
+    with torch.no_grad():
+        sync(); t0 = time.perf_counter()
+        recomputed = rollout_recompute(model, noise_of(lat_f), prompt_kv, 3, generator=torch.Generator().manual_seed(1))
+        sync(); slow = time.perf_counter() - t0
+        cached = cw.rollout(model, noise_of(lat_f), prompt_kv, block_size=3, max_frames=args.max_frames,
+                            generator=torch.Generator().manual_seed(1))
+    fast = transformer_only(lat_f, 3)
+    kv_speedup = slow / fast
+    kv_line = (f"KV cache: {kv_speedup:.2f}x faster than recomputing the prefix ({slow:.3f} s vs {fast:.3f} s, transformer only, "
+               f"eager); max |diff| {(recomputed.float() - cached.float()).abs().max().item():.2e}")
+    with torch.no_grad():  # the plain full-attention forward against diffusers' on the same weights
+        x = torch.randn(1, 16, 3, h, w, device=device, dtype=dtype)
+        t = torch.full((1,), 500.0, device=device)
+        d = (model(x, t, prompt_kv).float() - reference(x, t, context, return_dict=False)[0].float()).abs().max().item()
+    print(kv_line)
+    print(f"parity with diffusers' WanTransformer3DModel ({args.dtype}, 3 frames): max |diff| {d:.2e}", flush=True)
+
     # 1. the ladder: each optimization on top of the ones above it, chunk-wise and frame-wise
     print(f"\noptimizations, each on top of the rows above (FPS for {args.frames} frames incl. VAE decode; first = seconds to the first "
-          f"block's frames on the CPU; diff = max |difference| from the plain row's latents / uint8 pixels, same noise):")
-    setting, rows, plain, kv_speedup = {}, [], {}, None
-    for label, change, cuda_only in LEVERS:
+          f"block's frames on the CPU; diff = max |difference| from the first row's latents / uint8 pixels, same noise):")
+    setting, rows, plain = {}, [], {}
+    for n, (label, change, cuda_only) in enumerate(LEVERS, 1):
+        label = f"{n}. {label}"
         if cuda_only and not cuda:
             print(f"  {label}: skipped (needs a GPU)")
+            continue
+        if args.levers and n not in args.levers:  # not measured, but it stays on for the rows below
+            setting = {**setting, **change}
+            if change.get("compile"):
+                compile_blocks(model, change["compile"])
             continue
         before, setting = setting, {**setting, **change}
         parts = []
@@ -406,30 +441,15 @@ def benchmark(args):
             continue
         print(f"  {label}: " + "; ".join(parts), flush=True)
         rows.append(row)
-        if kv_speedup is None and setting["static_cache"]:
-            # KV cache vs recomputing the whole prefix every step: transformer only, eager, same noise
-            with torch.no_grad():
-                sync(); t0 = time.perf_counter()
-                recomputed = rollout_recompute(model, noise_of(lat_f), prompt_kv, 3, generator=torch.Generator().manual_seed(1))
-                sync(); slow = time.perf_counter() - t0
-                cached = cw.rollout(model, noise_of(lat_f), prompt_kv, block_size=3, max_frames=args.max_frames,
-                                    generator=torch.Generator().manual_seed(1))
-            fast = transformer_only(lat_f, 3)
-            kv_speedup = slow / fast
-            kv_line = (f"KV cache: {kv_speedup:.2f}x faster than recomputing the prefix ({slow:.3f} s vs {fast:.3f} s, transformer only, "
-                       f"eager); max |diff| {(recomputed.float() - cached.float()).abs().max().item():.2e}")
-            with torch.no_grad():  # the plain full-attention forward against diffusers' on the same weights
-                x = torch.randn(1, 16, 3, h, w, device=device, dtype=dtype)
-                t = torch.full((1,), 500.0, device=device)
-                d = (model(x, t, prompt_kv).float() - reference(x, t, context, return_dict=False)[0].float()).abs().max().item()
-            parity_line = f"parity with diffusers' WanTransformer3DModel ({args.dtype}, 3 frames): max |diff| {d:.2e}"
 
     # 2. the fastest setting that keeps diffusers' fp32 VAE, in detail
-    best = max((r for r in rows if r["setting"].get("vae_dtype", "fp32") == "fp32"), key=lambda r: r[3]["fps"])
+    if not rows:
+        raise cw.UserError("no optimization row could be measured (see the FAILED lines above)")
+    best = max([r for r in rows if r["setting"].get("vae_dtype", "fp32") == "fp32"] or rows, key=lambda r: r[3]["fps"])
     s = best["setting"]
     if s.get("compile") != setting.get("compile"):
         compile_blocks(model, s.get("compile"))
-    print(f"\nfastest with the fp32 VAE: {best['label']}\n  sample.py flags: {lever_flags(s)}")
+    print(f"\nfastest{' with the fp32 VAE' if best['setting'].get('vae_dtype', 'fp32') == 'fp32' else ''}: {best['label']}\n  sample.py flags: {lever_flags(s)}")
     for chunk in (3, 1):
         r = best[chunk]
         dit = transformer_only(lat_f, chunk)
@@ -455,23 +475,24 @@ def benchmark(args):
     print(f"long video: {args.long_frames} frames ({len(steps)} blocks) in {total:.2f} s = {args.long_frames / total:.2f} FPS; "
           f"per block: blocks 2-{k + 1} {head * 1e3:.1f} ms, last {k} {tail * 1e3:.1f} ms (ratio {tail / head:.2f}); "
           f"KV cache {max(kv_bytes) / 2**20:.4g} MiB")
-    print(kv_line)
-    print(parity_line)
 
     # 4. the bidirectional baseline: diffusers' WanPipeline, CFG, N steps, same size, same weights
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=reference, scheduler=scheduler)
-    pipe.set_progress_bar_config(disable=True)
-    kw = dict(prompt_embeds=context, negative_prompt_embeds=torch.zeros_like(context), height=args.height, width=args.width,
-              num_frames=args.frames, guidance_scale=5.0, output_type="pt")
-    torch.backends.cudnn.benchmark = False  # diffusers' default
-    pipe(num_inference_steps=2, **kw)  # warm-up
-    sync(); t0 = time.perf_counter()
-    pipe(num_inference_steps=args.baseline_steps, **kw)
-    sync(); base = time.perf_counter() - t0
     fps = best[3]["fps"]
-    print(f"baseline WanPipeline ({args.baseline_steps} steps, CFG 5): {base:.2f} s = {args.frames / base:.3f} FPS, "
-          f"first frame after {base:.2f} s; causal chunk-wise (fastest setting) is {fps * base / args.frames:.1f}x its FPS")
+    if args.baseline_steps == 0:
+        print("baseline WanPipeline: skipped (--baseline-steps 0)")
+    else:
+        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+        pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=reference, scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        kw = dict(prompt_embeds=context, negative_prompt_embeds=torch.zeros_like(context), height=args.height, width=args.width,
+                  num_frames=args.frames, guidance_scale=5.0, output_type="pt")
+        torch.backends.cudnn.benchmark = False  # diffusers' default
+        pipe(num_inference_steps=2, **kw)  # warm-up
+        sync(); t0 = time.perf_counter()
+        pipe(num_inference_steps=args.baseline_steps, **kw)
+        sync(); base = time.perf_counter() - t0
+        print(f"baseline WanPipeline ({args.baseline_steps} steps, CFG 5): {base:.2f} s = {args.frames / base:.3f} FPS, "
+              f"first frame after {base:.2f} s; causal chunk-wise (fastest setting) is {fps * base / args.frames:.1f}x its FPS")
     print(f"fps={fps:.2f} first_block_s={best[3]['first']:.4f} kv_speedup={kv_speedup:.2f}")
 
 
