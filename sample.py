@@ -267,6 +267,20 @@ def rollout_flops(cfg, latent_frames, tokens_per_frame, chunk, max_frames, steps
     return total
 
 
+def vae_decode_flops(vae_config, latent_frames, h, w, chunk):
+    """FLOPs of decoding a latent video block by block with the Wan VAE, counted by torch's
+    FlopCounterMode on meta tensors (nothing is computed; seconds on a CPU)."""
+    from diffusers import AutoencoderKLWan
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"):
+        vae = AutoencoderKLWan.from_config(vae_config).eval()
+        z = torch.zeros(1, vae.config.z_dim, latent_frames, h, w)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        for b, start in enumerate(range(0, latent_frames, chunk)):
+            cw.vae_decode(vae, z[:, :, start:start + chunk], first=b == 0)
+    return counter.get_total_flops()
+
+
 def rollout_recompute(model, noise, prompt_kv, chunk, generator=None):
     """Reference without a KV cache: every step of every block runs the whole prefix (clean earlier
     blocks at t=0 + the noisy block) through the block-causal forward. Equal output, more compute."""
@@ -388,7 +402,7 @@ def benchmark(args):
                             generator=torch.Generator().manual_seed(1))
     fast = transformer_only(lat_f, 3)
     kv_speedup = slow / fast
-    kv_line = (f"KV cache: {kv_speedup:.2f}x faster than recomputing the prefix ({slow:.3f} s vs {fast:.3f} s, transformer only, "
+    kv_line = (f"KV cache: speedup {kv_speedup:.2f}x over recomputing the prefix ({slow:.3f} s vs {fast:.3f} s, transformer only, "
                f"eager); max |diff| {(recomputed.float() - cached.float()).abs().max().item():.2e}")
     with torch.no_grad():  # the plain full-attention forward against diffusers' on the same weights
         x = torch.randn(1, 16, 3, h, w, device=device, dtype=dtype)
@@ -429,7 +443,7 @@ def benchmark(args):
                     plain[chunk] = (latents.float(), frames)
                 dl = (latents.float() - plain[chunk][0]).abs().max().item()
                 dp = max(int(abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(frames, plain[chunk][1]))
-                row[chunk] = dict(fps=args.frames / total, first=marks[0], total=total, peak=peak, marks=marks)
+                row[chunk] = dict(fps=args.frames / total, first=marks[0], total=total, peak=peak, marks=marks, latents=latents)
                 parts.append(f"{'chunk' if chunk == 3 else 'frame'}-wise {args.frames / total:.2f} FPS, first {marks[0]:.3f} s"
                              + (f", peak {peak:.1f} GiB" if cuda else "") + f", diff {dl:.1e} / {dp}"
                              + (f", warm-up with compilation {warm:.1f} s" if change.get("compile") else ""))
@@ -450,17 +464,28 @@ def benchmark(args):
     if s.get("compile") != setting.get("compile"):
         compile_blocks(model, s.get("compile"))
     print(f"\nfastest{' with the fp32 VAE' if best['setting'].get('vae_dtype', 'fp32') == 'fp32' else ''}: {best['label']}\n  sample.py flags: {lever_flags(s)}")
+    peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None) if cuda and dtype == torch.bfloat16 else None
+    vae_flops = vae_decode_flops(vae.config, lat_f, h, w, 3)
     for chunk in (3, 1):
         r = best[chunk]
         dit = transformer_only(lat_f, chunk)
         flops = rollout_flops(cfg, lat_f, tokens_per_frame, chunk, args.max_frames)
-        peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None) if cuda and dtype == torch.bfloat16 else None
         mem = f"peak GPU memory {r['peak']:.2f} GiB" if cuda else f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
         print(f"{'chunk-wise' if chunk == 3 else 'frame-wise'}: {r['fps']:.2f} FPS ({r['total']:.3f} s for {args.frames} frames, "
               f"transformer alone {dit:.3f} s), first block {r['first']:.3f} s, {mem} (all resident weights included)")
         print(f"  transformer: {flops / 1e12:.4g} TFLOP analytic ({lat_f} latent frames x {tokens_per_frame} tokens, D={cfg.dim}, "
               f"FFN={cfg.ffn_dim}, {cfg.num_layers} layers, 4 steps + cache pass, text 512) -> {flops / dit / 1e12:.4g} TFLOP/s"
               + (f" = {100 * flops / dit / 1e12 / peak_tflops:.1f}% of the {peak_tflops:.0f} TFLOP/s bf16 peak" if peak_tflops else " (no bf16 peak known for this device)"))
+        if chunk == 3:  # the VAE alone, on these latents, block by block as sample.py decodes
+            vae_dtype = s.get("vae_dtype", "fp32")
+            sync(); t0 = time.perf_counter()
+            with torch.no_grad():
+                for b, start in enumerate(range(0, lat_f, 3)):
+                    cw.to_uint8_frames(cw.vae_decode(vaes[vae_dtype], r["latents"][:, :, start:start + 3], first=b == 0)[0])
+            sync(); vae_s = time.perf_counter() - t0
+            print(f"  VAE decode alone ({vae_dtype}): {vae_s:.3f} s, {vae_flops / 1e12:.4g} TFLOP counted by torch.utils.flop_counter "
+                  f"-> {vae_flops / vae_s / 1e12:.4g} TFLOP/s; transformer + VAE = {(flops + vae_flops) / 1e12:.4g} TFLOP"
+                  + (f": {args.frames / ((flops + vae_flops) / 1e12 / peak_tflops):.1f} FPS if all of it ran at the bf16 peak" if peak_tflops else ""))
 
     # 3. long video: the time per block must stay flat once the attention window is full
     long_f = (args.long_frames - 1) // 4 + 1

@@ -119,6 +119,23 @@ def test_benchmark_tiny_reports_speed(tiny_wan):
     assert "skipped (needs a GPU)" in ladder[sample.LEVERS[5][0]]
 
 
+@pytest.mark.parametrize("chunk,max_frames", [(3, 21), (1, 21), (3, 9)])
+def test_flop_count_matches_torch_counter(chunk, max_frames):
+    """sample.py's analytic transformer FLOPs (the TFLOP/s it reports) agree with torch's own
+    FlopCounterMode over a rollout with the real layer sizes, on meta tensors (nothing is computed)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    cfg = cw.WanConfig(num_layers=2)  # Wan2.1-1.3B's dims, 2 of its 30 layers
+    with torch.device("meta"):
+        model = cw.CausalWan(cfg).eval().requires_grad_(False)
+        context, noise = torch.randn(1, 512, cfg.text_dim), torch.randn(1, 16, 13, 60, 104)  # 480x832: attention is half the work
+    prompt_kv = model.prompt_kv(context)  # once per prompt: not part of the count
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        cw.rollout(model, noise, prompt_kv, block_size=chunk, max_frames=max_frames)
+    counted = counter.get_total_flops()
+    analytic = sample.rollout_flops(cfg, 13, 30 * 52, chunk, max_frames)
+    assert abs(counted / analytic - 1) < 0.01, (counted, analytic)  # the rest: patch embedding, time MLP, output head
+
+
 def test_benchmark_subset_of_levers(tiny_wan):
     r = run("--benchmark", "--tiny", "--model", tiny_wan, "--frames", "9", "--long-frames", "21", "--levers", "3,7", "--baseline-steps", "0")
     assert r.returncode == 0, r.stderr
