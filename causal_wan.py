@@ -319,30 +319,36 @@ class KVCache:
         self.pos = 0  # absolute frame index of the next block
         self.frames = 0  # frames currently held
         self.tokens = 0  # tokens currently held (per layer)
+        self.tokens_per_frame = None  # in place: set when the buffers are allocated
 
-    def past(self, i):
-        """What layer i's attention needs: a function (k, v) of the new block -> the keys/values it
-        attends to (the cache's, then its own). None while the cache is empty. Bound to the cache as
-        it is now, so a recompute (activation checkpointing) sees the same keys."""
-        if self.kv[i] is None:
-            return None
+    def past(self, i, num_frames):
+        """What layer i's attention needs for a block of num_frames frames: a function (k, v) of the
+        block -> the keys/values it attends to (the cache's, then its own). In place, it also writes
+        the block's keys/values after the cached ones, so the clean pass leaves them where `append`
+        wants them. Concatenating: None while the cache is empty, and bound to the cache as it is
+        now, so a recompute (activation checkpointing) sees the same keys."""
         if self.static:
-            return partial(_in_place_kv, *self.kv[i], self.tokens)
-        return partial(_concat_kv, *self.kv[i])
+            return partial(self._write_in_place, i, num_frames, self.tokens)
+        return None if self.kv[i] is None else partial(_concat_kv, *self.kv[i])
+
+    def _write_in_place(self, i, num_frames, n, k, v):
+        if self.kv[i] is None:  # room for the window: what is kept after a block, plus the next block
+            self.tokens_per_frame = k.shape[2] // num_frames
+            frames = max(self.max_frames - num_frames, self.sink_frames) + num_frames
+            shape = (k.shape[0], k.shape[1], frames * self.tokens_per_frame, k.shape[3])
+            self.kv[i] = (k.new_empty(shape), v.new_empty(shape))
+        return _in_place_kv(*self.kv[i], n, k, v)
 
     def append(self, kvs, num_frames):
-        L = kvs[0][0].shape[2]
+        """Make the block the model just ran (its clean pass) part of the cache. In place, its
+        keys/values are already there (the forward wrote them): kvs is not read and may be None."""
+        if self.static:
+            L = num_frames * self.tokens_per_frame
+        else:
+            L = kvs[0][0].shape[2]
+            for i, (k, v) in enumerate(kvs):
+                self.kv[i] = (k, v) if self.kv[i] is None else _concat_kv(*self.kv[i], k, v)
         tokens_per_frame = L // num_frames
-        for i, (k, v) in enumerate(kvs):
-            if not self.static:
-                old = self.kv[i]
-                self.kv[i] = (k, v) if old is None else _concat_kv(*old, k, v)
-                continue
-            if self.kv[i] is None:  # room for the window: what is kept after a block, plus the next block
-                frames = max(self.max_frames - num_frames, self.sink_frames) + num_frames
-                shape = (k.shape[0], k.shape[1], frames * tokens_per_frame, k.shape[3])
-                self.kv[i] = (k.new_empty(shape), v.new_empty(shape))
-            _in_place_kv(*self.kv[i], self.tokens, k, v)
         self.pos += num_frames
         self.frames += num_frames
         self.tokens += L
@@ -407,15 +413,15 @@ class CausalWan(nn.Module):
         block_tokens = None if block_size is None else block_size * h * w
         new_kvs = []
         for i, blk in enumerate(self.blocks):
-            past = kv_cache.past(i) if kv_cache is not None else None
+            past = kv_cache.past(i, f) if kv_cache is not None else None
             args = (x, mod, rope, prompt_kv[i], past, block_tokens)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x, kv = checkpoint(blk, *args, use_reentrant=False)
             else:
                 x, kv = blk(*args)
             new_kvs.append(kv)
-        if update_cache:
-            kv_cache.append([(k.detach(), v.detach()) for k, v in new_kvs], f)
+        if update_cache:  # in place, the keys/values are already in the cache (and compiled blocks' outputs are not read)
+            kv_cache.append(None if kv_cache.static else [(k.detach(), v.detach()) for k, v in new_kvs], f)
 
         shift, scale = (self.scale_shift_table.unsqueeze(0) + temb).unsqueeze(2).unbind(3)  # [B, Fm, 1, D]
         x = (self.norm_out(x.float()).view(B, temb.shape[1], -1, self.cfg.dim) * (1 + scale) + shift).flatten(1, 2).type_as(x)

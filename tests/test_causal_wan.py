@@ -77,13 +77,14 @@ def test_causality(model, block_size):
     assert (full_a[:, :, :block_size] - full_b[:, :, :block_size]).abs().max() > 1e-3  # full mode does leak
 
 
+@pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("block_size", [3, 1])
-def test_kv_cache_equals_masked_forward(model, block_size):
+def test_kv_cache_equals_masked_forward(model, block_size, static):
     x, ctx, t = _inputs(model, frames=7)  # the last block is shorter for block_size 3
     kv = model.prompt_kv(ctx)
     with torch.no_grad():
         masked = model(x, t, kv, block_size=block_size)
-        cache = cw.KVCache(len(model.blocks), max_frames=64)
+        cache = cw.KVCache(len(model.blocks), max_frames=64, static=static)
         cached = [model(x[:, :, s:s + block_size], t[:, s:s + block_size], kv, kv_cache=cache, update_cache=True)
                   for s in range(0, 7, block_size)]
     assert cache.pos == 7
