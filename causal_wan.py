@@ -419,9 +419,10 @@ class CausalWan(nn.Module):
                 x, kv = checkpoint(blk, *args, use_reentrant=False)
             else:
                 x, kv = blk(*args)
-            new_kvs.append(kv)
-        if update_cache:  # in place, the keys/values are already in the cache (and compiled blocks' outputs are not read)
-            kv_cache.append(None if kv_cache.static else [(k.detach(), v.detach()) for k, v in new_kvs], f)
+            if update_cache and not kv_cache.static:  # in place, nothing holds on to a block's outputs
+                new_kvs.append(kv)
+        if update_cache:  # in place, the keys/values are already in the cache
+            kv_cache.append([(k.detach(), v.detach()) for k, v in new_kvs] or None, f)
 
         shift, scale = (self.scale_shift_table.unsqueeze(0) + temb).unsqueeze(2).unbind(3)  # [B, Fm, 1, D]
         x = (self.norm_out(x.float()).view(B, temb.shape[1], -1, self.cfg.dim) * (1 + scale) + shift).flatten(1, 2).type_as(x)
