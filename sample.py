@@ -53,6 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="default bf16 on GPU, fp32 on CPU")
     p.add_argument("--compile", nargs="?", const="default", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
                    help="torch.compile the transformer blocks (reduce-overhead: also CUDA graphs); the first video pays the compilation")
+    p.add_argument("--compile-vae", action="store_true", help="torch.compile the VAE decoder too (minutes of compilation on the first video)")
     p.add_argument("--overlap-decode", action="store_true", help="decode block b while block b+1 is denoised (a worker thread, on a GPU its own stream)")
     p.add_argument("--vae-dtype", default="fp32", choices=["fp32", "bf16"], help="VAE decode precision (fp32 as diffusers runs the Wan VAE)")
     p.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN autotune the VAE's convolutions (GPU)")
@@ -196,6 +197,17 @@ def generate(model, vae, prompt_kv, noise, chunk, max_frames, on_frames, generat
     return out
 
 
+def compile_vae(vae, on=True):
+    """torch.compile the VAE decoder in place (on=False: eager again). The convolutions stay
+    cuDNN's; the norms, activations and the causal-cache padding around them fuse. It compiles a
+    few variants (first frame, filling cache, steady state), then reuses them."""
+    if on != (vae.decoder._compiled_call_impl is not None):  # where nn.Module.compile keeps the compiled forward
+        vae.decoder._compiled_call_impl = None
+        if on:
+            vae.decoder.compile()
+    return vae
+
+
 def compile_blocks(model, mode="default"):
     """torch.compile every transformer block in place (state_dict names unchanged); mode None
     makes them eager again. Norms, RoPE, modulation and the projections fuse; attention over the
@@ -220,6 +232,7 @@ def main(args):
     vae = cw.load_vae(args.model, dtype=torch.bfloat16 if args.vae_dtype == "bf16" else torch.float32, device=device)
     if args.compile:
         compile_blocks(model, args.compile)
+    compile_vae(vae, args.compile_vae)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     latent_frames, h, w = (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8
     blocks = math.ceil(latent_frames / args.chunk)
@@ -298,19 +311,22 @@ def rollout_recompute(model, noise, prompt_kv, chunk, generator=None):
 
 
 # the optimizations, measured one by one, each on top of the rows above it: (label, setting, CUDA only)
+# the optimizations, measured one by one, each on top of the rows above it:
+# (label, setting, why the CPU skips it or None)
 LEVERS = [
-    ("plain: concatenating KV cache, eager, fp32 VAE, decode in line", {"static_cache": False}, False),
-    ("+ in-place KV cache (always on)", {"static_cache": True}, False),
-    ("+ decode overlapped with the next block (--overlap-decode)", {"overlap": True}, False),
-    ("+ cuDNN autotuning of the VAE convolutions (--cudnn-benchmark)", {"cudnn": True}, True),
-    ("+ torch.compile of the blocks (--compile)", {"compile": "default"}, False),
-    ("+ CUDA graphs (--compile reduce-overhead)", {"compile": "reduce-overhead"}, True),
-    ("+ bf16 VAE decode (--vae-dtype bf16; changes pixels)", {"vae_dtype": "bf16"}, False),
+    ("plain: concatenating KV cache, eager, fp32 VAE, decode in line", {"static_cache": False}, None),
+    ("+ in-place KV cache (always on)", {"static_cache": True}, None),
+    ("+ decode overlapped with the next block (--overlap-decode)", {"overlap": True}, None),
+    ("+ cuDNN autotuning of the VAE convolutions (--cudnn-benchmark)", {"cudnn": True}, "needs a GPU"),
+    ("+ torch.compile of the blocks (--compile)", {"compile": "default"}, None),
+    ("+ CUDA graphs (--compile reduce-overhead)", {"compile": "reduce-overhead"}, "needs a GPU"),
+    ("+ torch.compile of the VAE decoder (--compile-vae)", {"compile_vae": True}, "its compilation takes ~90 s on a CPU"),
+    ("+ bf16 VAE decode (--vae-dtype bf16; changes pixels)", {"vae_dtype": "bf16"}, None),
 ]
 
 
 def lever_flags(setting):
-    flags = [f"--compile {setting['compile']}" if setting.get("compile") else "",
+    flags = [f"--compile {setting['compile']}" if setting.get("compile") else "", "--compile-vae" if setting.get("compile_vae") else "",
              "--overlap-decode" if setting.get("overlap") else "", "--cudnn-benchmark" if setting.get("cudnn") else "",
              "--vae-dtype bf16" if setting.get("vae_dtype") == "bf16" else ""]
     return " ".join(f for f in flags if f) or "(none)"
@@ -379,6 +395,8 @@ def benchmark(args):
             frames_out.append(f)
 
         torch.backends.cudnn.benchmark = bool(s.get("cudnn"))
+        for v in vaes.values():
+            compile_vae(v, bool(s.get("compile_vae")))
         sync(); t0 = time.perf_counter()
         latents = generate(model, vaes[s.get("vae_dtype", "fp32")], prompt_kv, noise_of(frames), chunk, args.max_frames, on_frames,
                            generator=torch.Generator().manual_seed(1), overlap=bool(s.get("overlap")), static_cache=s["static_cache"])
@@ -415,10 +433,10 @@ def benchmark(args):
     print(f"\noptimizations, each on top of the rows above (FPS for {args.frames} frames incl. VAE decode; first = seconds to the first "
           f"block's frames on the CPU; diff = max |difference| from the first row's latents / uint8 pixels, same noise):")
     setting, rows, plain = {}, [], {}
-    for n, (label, change, cuda_only) in enumerate(LEVERS, 1):
+    for n, (label, change, cpu_skip) in enumerate(LEVERS, 1):
         label = f"{n}. {label}"
-        if cuda_only and not cuda:
-            print(f"  {label}: skipped (needs a GPU)")
+        if cpu_skip and not cuda:
+            print(f"  {label}: skipped ({cpu_skip})")
             continue
         if args.levers and n not in args.levers:  # not measured, but it stays on for the rows below
             setting = {**setting, **change}
