@@ -204,14 +204,22 @@ def compile_vae(vae, on=True):
     if on != (vae.decoder._compiled_call_impl is not None):  # where nn.Module.compile keeps the compiled forward
         vae.decoder._compiled_call_impl = None
         if on:
+            allow_recompiles()
             vae.decoder.compile()
     return vae
+
+
+def allow_recompiles(limit=32):
+    """Each shape/dtype variant (first block, frame-wise, fp32 and bf16 VAE, two compile modes) is a
+    recompilation of the same code; past torch's default limit of 8 it would run eager again."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
 
 
 def compile_blocks(model, mode="default"):
     """torch.compile every transformer block in place (state_dict names unchanged); mode None
     makes them eager again. Norms, RoPE, modulation and the projections fuse; attention over the
     KV cache stays outside the graphs (attend_to_cache), so their shapes do not change per block."""
+    allow_recompiles()
     for blk in model.blocks:
         blk._compiled_call_impl = None  # where nn.Module.compile keeps the compiled forward
         if mode is not None:
