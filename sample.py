@@ -7,6 +7,7 @@ decoded as soon as it is denoised.
     python sample.py --prompts-file prompts.txt --num-videos 2 --out videos/          # one video per prompt and seed
     python sample.py --prompt "..." --frames 321 --stream                             # 20 s, playable while written
     python sample.py --tiny --prompt "a red fox" --frames 21 --out /tmp/fox.mp4       # CPU, seconds, random weights
+    python sample.py --prompts-file prompts.txt --out videos/ --compile --overlap-decode  # speed options (BENCHMARKS.md)
     python sample.py --benchmark [--tiny]                                             # speed (see BENCHMARKS.md)
 
 --chunk 3 generates 3 latent frames (12 video frames) per block, --chunk 1 one latent frame.
