@@ -313,9 +313,10 @@ class KVCache:
     the tensors a step read to stay unchanged while later blocks extend the cache.
     """
 
-    def __init__(self, num_layers, max_frames=21, sink_frames=3, static=False):
+    def __init__(self, num_layers, max_frames=21, sink_frames=3, static=False, total_frames=None):
         self.kv = [None] * num_layers  # static: the buffers; else the cached tensors themselves
         self.max_frames, self.sink_frames, self.static = max_frames, sink_frames, static
+        self.total_frames = total_frames  # the video's length if known: in place, no buffer needs more
         self.pos = 0  # absolute frame index of the next block
         self.frames = 0  # frames currently held
         self.tokens = 0  # tokens currently held (per layer)
@@ -335,6 +336,7 @@ class KVCache:
         if self.kv[i] is None:  # room for the window: what is kept after a block, plus the next block
             self.tokens_per_frame = k.shape[2] // num_frames
             frames = max(self.max_frames - num_frames, self.sink_frames) + num_frames
+            frames = min(frames, self.total_frames or frames)
             shape = (k.shape[0], k.shape[1], frames * self.tokens_per_frame, k.shape[3])
             self.kv[i] = (k.new_empty(shape), v.new_empty(shape))
         return _in_place_kv(*self.kv[i], n, k, v)
@@ -468,13 +470,15 @@ def rollout(model, noise, prompt_kv, block_size=3, timesteps=DENOISING_TIMESTEPS
     only the last block, and the other blocks need neither the graph nor its memory.
     on_block(b, x0, kv_cache) is called after each block (streaming decode, benchmarks).
     trajectory: a list that receives, per block, the noisy input x_t of every step taken.
-    static_cache: the KV cache's storage (None: in place without grad, concatenated with grad).
+    static_cache: the KV cache's storage (None: in place without grad if there are several blocks,
+    else concatenated).
     """
     B, C, nF, H, W = noise.shape
     grad = torch.is_grad_enabled()
     # inference writes the cache in place; training concatenates (see KVCache)
-    static = not grad if static_cache is None else static_cache
-    kv_cache = KVCache(len(model.blocks), max_frames=max_frames, sink_frames=min(block_size, nF), static=static)
+    # (a single block reads no cache: then nothing is preallocated)
+    static = (not grad and nF > block_size) if static_cache is None else static_cache
+    kv_cache = KVCache(len(model.blocks), max_frames=max_frames, sink_frames=min(block_size, nF), static=static, total_frames=nF)
     blocks = []
     for b, start in enumerate(range(0, nF, block_size)):
         x = noise[:, :, start:start + block_size]

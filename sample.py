@@ -165,8 +165,7 @@ def generate(model, vae, prompt_kv, noise, chunk, max_frames, on_frames, generat
     4n after). overlap: decode block b in a worker thread, on a GPU on its own CUDA stream, while
     this thread denoises block b + 1 (same frames; the VAE's causal cache is only touched there).
     static_cache=False: the concatenating KV cache instead of the in-place one (benchmark only)."""
-    cuda = noise.is_cuda
-    side = torch.cuda.Stream(noise.device) if overlap and cuda else None
+    side = side_stream(noise.device) if overlap and noise.is_cuda else None
 
     def decode(b, x0, ready=None):
         with torch.no_grad(), torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
@@ -186,7 +185,7 @@ def generate(model, vae, prompt_kv, noise, chunk, max_frames, on_frames, generat
             ready = None
             if side is not None:
                 ready = torch.cuda.Event()
-                ready.record()
+                ready.record(torch.cuda.current_stream(x0.device))
                 x0.record_stream(side)  # the allocator must not reuse x0 before the side stream is done
             pending.append(worker.submit(decode, b, x0, ready))
             if pending[0].done():
@@ -196,6 +195,17 @@ def generate(model, vae, prompt_kv, noise, chunk, max_frames, on_frames, generat
         for f in pending:
             f.result()
     return out
+
+
+_SIDE_STREAMS = {}
+
+
+def side_stream(device):
+    """One decoding stream per GPU for the whole run (the caching allocator keeps memory per
+    stream, so a new stream per video would hold a new pool of VAE activations)."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
 
 
 def compile_vae(vae, on=True):
@@ -234,6 +244,8 @@ def main(args):
         return benchmark(args)
     jobs = read_jobs(args)
     device, dtype = torch.device(args.device), torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # --device cuda:1: streams, events and synchronize on that GPU
     model = load_generator(args, device, dtype)
     tokenizer, encoder = cw.load_text_encoder(args.model, dtype=dtype, device=device)
     contexts = {p: cw.encode_prompts(tokenizer, encoder, [p]) for p in dict.fromkeys(j[0] for j in jobs)}
@@ -349,6 +361,8 @@ def benchmark(args):
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
     device, dtype = torch.device(args.device), torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # --device cuda:1: streams, events and synchronize on that GPU
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     torch.manual_seed(0)
@@ -503,8 +517,10 @@ def benchmark(args):
         print(f"  transformer: {flops / 1e12:.4g} TFLOP analytic ({lat_f} latent frames x {tokens_per_frame} tokens, D={cfg.dim}, "
               f"FFN={cfg.ffn_dim}, {cfg.num_layers} layers, 4 steps + cache pass, text 512) -> {flops / dit / 1e12:.4g} TFLOP/s"
               + (f" = {100 * flops / dit / 1e12 / peak_tflops:.1f}% of the {peak_tflops:.0f} TFLOP/s bf16 peak" if peak_tflops else " (no bf16 peak known for this device)"))
-        if chunk == 3:  # the VAE alone, on these latents, block by block as sample.py decodes
+        if chunk == 3:  # the VAE alone, on these latents, block by block as sample.py decodes, with the row's settings
             vae_dtype = s.get("vae_dtype", "fp32")
+            torch.backends.cudnn.benchmark = bool(s.get("cudnn"))
+            compile_vae(vaes[vae_dtype], bool(s.get("compile_vae")))
             sync(); t0 = time.perf_counter()
             with torch.no_grad():
                 for b, start in enumerate(range(0, lat_f, 3)):
@@ -538,7 +554,8 @@ def benchmark(args):
         pipe.set_progress_bar_config(disable=True)
         kw = dict(prompt_embeds=context, negative_prompt_embeds=torch.zeros_like(context), height=args.height, width=args.width,
                   num_frames=args.frames, guidance_scale=5.0, output_type="pt")
-        torch.backends.cudnn.benchmark = False  # diffusers' default
+        torch.backends.cudnn.benchmark = False  # diffusers' defaults: cuDNN heuristics, an eager VAE
+        compile_vae(vae, False)
         pipe(num_inference_steps=2, **kw)  # warm-up
         sync(); t0 = time.perf_counter()
         pipe(num_inference_steps=args.baseline_steps, **kw)

@@ -188,6 +188,13 @@ def test_rollout_picks_the_cache_storage(model):
         cw.rollout(model, x, kv, on_block=lambda b, x0, c: seen.append(c.static))
     cw.rollout(model, x, kv, exit_steps=[0, 0], on_block=lambda b, x0, c: seen.append(c.static))
     assert seen == [True, True, False, False]  # in place without grad, concatenated with grad
+    one, sizes = [], []
+    with torch.no_grad():
+        cw.rollout(model, x[:, :, :3], kv, on_block=lambda b, x0, c: one.append(c.static))
+        cw.rollout(model, x, kv, max_frames=21, on_block=lambda b, x0, c: sizes.append(c.num_bytes()))
+    assert one == [False]  # a single block reads no cache: nothing is preallocated
+    per_frame = 2 * len(model.blocks) * x.shape[3] * x.shape[4] // 4 * model.cfg.dim * x.element_size()
+    assert sizes == [6 * per_frame] * 2  # the buffers hold the 6-frame video, not the 21-frame window
 
 
 def test_vae_streaming_decode_equals_full_decode(tiny_wan):

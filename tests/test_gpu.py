@@ -73,7 +73,10 @@ def test_overlapped_decode_gives_the_same_frames(setup):
 
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_compiled_blocks_match_eager(setup, mode):
+    from torch._dynamo.utils import counters
     model = setup["model"]
+    torch._dynamo.reset()  # count this test's compilations only
+    counters.clear()
     with torch.no_grad():
         eager = cw.rollout(model, setup["noise"], setup["prompt_kv"], generator=torch.Generator().manual_seed(1))
         sample.compile_blocks(model, mode)
@@ -82,10 +85,17 @@ def test_compiled_blocks_match_eager(setup, mode):
                 compiled = cw.rollout(model, setup["noise"], setup["prompt_kv"], generator=torch.Generator().manual_seed(1))
         finally:
             sample.compile_blocks(model, None)
+    print(f"graphs compiled: {counters['stats']['unique_graphs']}; inductor counters: {dict(counters['inductor'])}")
+    assert counters["stats"]["unique_graphs"] > 0  # compiled, not silently eager
+    if mode == "reduce-overhead" and DEVICE.type == "cuda":
+        assert counters["inductor"]["cudagraph_skips"] == 0  # CUDA graphs really used
     assert rel(compiled, eager) < 5e-2  # bf16: fused kernels round differently, and errors carry over blocks
 
 
 def test_compiled_vae_decoder_matches_eager(setup):
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
     frames = {}
     for on in (False, True):
         sample.compile_vae(setup["vae"], on)
@@ -97,5 +107,6 @@ def test_compiled_vae_decoder_matches_eager(setup):
         finally:
             sample.compile_vae(setup["vae"], False)
     diff = max(abs(a.astype(int) - b.astype(int)).max() for a, b in zip(frames[False], frames[True]))
-    print(f"max pixel difference {diff}")
+    print(f"max pixel difference {diff}; graphs compiled: {counters['stats']['unique_graphs']}")
+    assert counters["stats"]["unique_graphs"] > 0
     assert diff <= 2  # fp32 VAE: the fused kernels round differently, by at most a level or two of 255
