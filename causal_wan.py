@@ -833,15 +833,46 @@ def grad_norm(model, clip):
     return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # a DTensor under FSDP
 
 
-def load_resume(path):
-    """Our checkpoint for --resume. mmap: the ranks of one machine share the file's pages instead
-    of each holding a copy (the full-size checkpoint is ~40 GB)."""
+def load_resume(path, resume):
+    """Our checkpoint for --resume (mmap: the ranks of one machine share the file's pages instead of
+    each holding a copy; the full-size checkpoint is ~40 GB). Without --resume: None, and a
+    checkpoint already at path is an error rather than something to overwrite."""
+    if not resume:
+        if os.path.isfile(path):
+            raise UserError(f"'{path}' exists: pass --resume to continue it, or choose another --out")
+        return None
     if not os.path.isfile(path):
         raise UserError(f"nothing to resume: '{path}' does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise UserError(f"checkpoint '{path}' is not readable ({type(e).__name__}: {str(e)[:100]})") from None
+
+
+def open_log(log_path, step, resume, wandb_name=None, config=None):
+    """Rank 0's training log: one JSON line per logged step in log_path. A resumed run keeps the
+    lines up to its checkpoint's step (those a crashed run wrote after it go). With a wandb run
+    name (--wandb), also starts wandb and returns it; else None."""
+    os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+    lines = []
+    if resume and os.path.isfile(log_path):
+        with open(log_path) as f:
+            lines = [line for line in f if json.loads(line)["step"] <= step]
+    with open(log_path, "w") as f:
+        f.writelines(lines)
+    if wandb_name is None:
+        return None
+    import wandb
+    wandb.init(project="reward-forcing", name=wandb_name, config=config, resume="allow")
+    return wandb
+
+
+def log_step(log_path, record, wandb=None):
+    """Append a step's record (it has a 'step') to the log, and to wandb when it runs."""
+    with open(log_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if wandb is not None:
+        wandb.log(record, step=record["step"])
 
 
 def stop_if_diverged(step, ckpt_path, values, hint="lower --lr and --resume"):

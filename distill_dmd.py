@@ -32,7 +32,6 @@ videos. OUT/ckpt.pt holds the generator ('model', 'ema', 'optimizer'), the criti
 """
 import argparse
 import copy
-import json
 import math
 import os
 import sys
@@ -237,9 +236,7 @@ def train(args, rank, world, device):
     accum = slots // world
     my_slots = range(rank * accum, (rank + 1) * accum)
     ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
-    if not args.resume and os.path.isfile(ckpt_path):
-        raise UserError(f"'{ckpt_path}' exists: pass --resume to continue it, or choose another --out")
-    ckpt = cw.load_resume(ckpt_path) if args.resume else None
+    ckpt = cw.load_resume(ckpt_path, args.resume)
     if ckpt is not None and ckpt["args"]["generator"] != args.generator:
         raise UserError(f"'{ckpt_path}' trains a {ckpt['args']['generator']} generator, not {args.generator}")
 
@@ -279,15 +276,8 @@ def train(args, rank, world, device):
     vae = cw.load_vae(args.model, device=device) if rank == 0 and args.sample_every else None
     wandb = None
     if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        # a resumed run rewrites the log from its checkpoint on: lines of a crashed run after it go
-        lines = open(log_path).read().splitlines() if args.resume and os.path.isfile(log_path) else []
-        with open(log_path, "w") as f:
-            f.writelines(line + "\n" for line in lines if json.loads(line)["step"] <= step)
-        if args.wandb:
-            import wandb
-            wandb.init(project="reward-forcing", name=f"dmd-{os.path.basename(os.path.abspath(args.out))}",
-                       config=vars(args), resume="allow")
+        wandb = cw.open_log(log_path, step, args.resume, config=vars(args),
+                            wandb_name=f"dmd-{os.path.basename(os.path.abspath(args.out))}" if args.wandb else None)
 
     def draw(update, slot):
         """Noise [B, C, F, H, W], prompt embeddings and the generator for the rest of this slot's draws."""
@@ -352,10 +342,7 @@ def train(args, rank, world, device):
         bar.set_postfix(loss=f"{record['loss']:.2e}", critic=f"{record['critic_loss']:.4f}", gnorm=f"{record['grad_norm']:.3f}",
                         s=f"{record['step_time']:.2f}", **({"mem": f"{record['gpu_mem_gb']:.1f}G"} if "gpu_mem_gb" in record else {}))
         if rank == 0 and (step % args.log_every == 0 or step == args.max_steps):
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if wandb is not None:
-                wandb.log(record, step=step)
+            cw.log_step(log_path, record, wandb)
         if args.sample_every and step % args.sample_every == 0:
             write_sample(args, ema, vae, padded(contexts, [0], device), latent_shape, block_size, step, rank, device)
         if step % args.save_every == 0 or step == args.max_steps:

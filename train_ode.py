@@ -394,8 +394,7 @@ def train(args, rank, world, device):
                         f"x --micro-batch {args.micro_batch}")
     accum = args.global_batch // (world * args.micro_batch)
     ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
-    if not args.resume and os.path.isfile(ckpt_path):
-        raise UserError(f"'{ckpt_path}' exists: pass --resume to continue it, or choose another --out")
+    ckpt = cw.load_resume(ckpt_path, args.resume)
     store = TrajectoryStore(args.store)
     bf16 = device.type == "cuda"  # bf16 compute with fp32 master weights on GPU; fp32 on CPU
     contexts = text_contexts(args, store.prompts, device, torch.bfloat16 if bf16 else torch.float32)
@@ -415,8 +414,7 @@ def train(args, rank, world, device):
     # momentum helps; the DMD/reward stages use (0.0, 0.999) for their moving targets
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=0.01, eps=1e-8)
     step = 0
-    if args.resume:
-        ckpt = cw.load_checkpoint(ckpt_path)
+    if ckpt is not None:
         cw.load_full_state_dict(model, ckpt["model"])
         cw.load_full_state_dict(ema, ckpt["ema"])
         cw.load_full_state_dict(model, ckpt["optimizer"], optimizer)
@@ -425,18 +423,8 @@ def train(args, rank, world, device):
     vae = cw.load_vae(args.model, device=device) if rank == 0 and args.sample_every else None
     wandb = None
     if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        # a resumed run rewrites the log from its checkpoint on: lines of a crashed run after it go
-        lines = []
-        if args.resume and os.path.isfile(log_path):
-            with open(log_path) as f:
-                lines = [line for line in f if json.loads(line)["step"] <= step]
-        with open(log_path, "w") as f:
-            f.writelines(lines)
-        if args.wandb:
-            import wandb
-            wandb.init(project="reward-forcing", name=f"ode-{os.path.basename(os.path.abspath(args.out))}",
-                       config=vars(args), resume="allow")
+        wandb = cw.open_log(log_path, step, args.resume, config=vars(args),
+                            wandb_name=f"ode-{os.path.basename(os.path.abspath(args.out))}" if args.wandb else None)
 
     bar = tqdm(initial=step, total=args.max_steps, desc="ode", disable=rank != 0)
     while step < args.max_steps:
@@ -473,10 +461,7 @@ def train(args, rank, world, device):
         bar.set_postfix(loss=f"{record['loss']:.4f}", gnorm=f"{record['grad_norm']:.3f}", s=f"{record['step_time']:.2f}",
                         **({"mem_gb": f"{record['gpu_mem_gb']:.1f}"} if "gpu_mem_gb" in record else {}))
         if rank == 0 and (step % args.log_every == 0 or step == args.max_steps):
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if wandb is not None:
-                wandb.log(record, step=step)
+            cw.log_step(log_path, record, wandb)
         if args.sample_every and step % args.sample_every == 0:
             write_sample(args, ema, vae, padded(contexts, store.prompts[:1]), store.index["latent_shape"], step, rank, device)
         if step % args.save_every == 0 or step == args.max_steps:

@@ -491,9 +491,7 @@ def train(args, rank, world, device):
     accum = slots // world
     my_slots = range(rank * accum, (rank + 1) * accum)
     ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
-    if not args.resume and os.path.isfile(ckpt_path):
-        raise UserError(f"'{ckpt_path}' exists: pass --resume to continue it, or choose another --out")
-    ckpt = cw.load_resume(ckpt_path) if args.resume else None
+    ckpt = cw.load_resume(ckpt_path, args.resume)
     if ckpt is None and args.init and not os.path.isfile(args.init):  # before the text encoder loads
         raise UserError(f"checkpoint '{args.init}' does not exist (--init)")
     if ckpt is None and not args.init and not args.tiny:
@@ -547,15 +545,8 @@ def train(args, rank, world, device):
     reward_fn = load_reward(args.reward, args.reward_path, args.reward_tokenizer, device, torch.float32)
     wandb = None
     if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        # a resumed run rewrites the log from its checkpoint on: lines of a crashed run after it go
-        lines = open(log_path).read().splitlines() if args.resume and os.path.isfile(log_path) else []
-        with open(log_path, "w") as f:
-            f.writelines(line + "\n" for line in lines if json.loads(line)["step"] <= step)
-        if args.wandb:
-            import wandb
-            wandb.init(project="reward-forcing", name=f"reward-{os.path.basename(os.path.abspath(args.out))}",
-                       config=vars(args), resume="allow")
+        wandb = cw.open_log(log_path, step, args.resume, config=vars(args),
+                            wandb_name=f"reward-{os.path.basename(os.path.abspath(args.out))}" if args.wandb else None)
 
     def draw(update, slot):
         """This slot's prompts (line numbers), noise [B, C, F, h, w], scored frames, and the generator
@@ -648,10 +639,7 @@ def train(args, rank, world, device):
         if rank == 0 and record.get("sample_reward") is not None:
             bar.write(f"step {step}: {args.out}/sample_{step}.mp4, reward of its last frame {record['sample_reward']:.4f}")
         if rank == 0 and (step % args.log_every == 0 or step == args.max_steps):
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if wandb is not None:
-                wandb.log(record, step=step)
+            cw.log_step(log_path, record, wandb)
         if step % args.save_every == 0 or step == args.max_steps:
             ckpt = dict(model=cw.full_state_dict(generator), ema=cw.full_state_dict(ema),
                         optimizer=cw.full_state_dict(generator, opt), step=step, args=vars(args))
