@@ -114,13 +114,49 @@ def test_rollout_equals_recomputing_the_prefix(model):
 
 
 def test_rollout_gradient_only_through_exit_step(model):
-    x, ctx, _ = _inputs(model, frames=6, batch=1)
+    """Self Forcing's self-rollout: the gradient of a loss on the video equals that of a reference,
+    written out here with the KV cache, in which each block's steps before its exit step and its
+    cache pass run under no_grad and the exit step starts from a detached input.
+
+    Planted in rollout: grad enabled for every denoising step of a block (not only i == last) ->
+    a parameter's gradient differs by 69% of its norm (blocks.1.attn1.to_k.bias; here the
+    reference's gradients equal the rollout's exactly)."""
+    x, ctx, _ = _inputs(model, frames=6, hw=4, batch=1)
     kv = [(k.detach(), v.detach()) for k, v in model.prompt_kv(ctx)]
-    out = cw.rollout(model, x, kv, block_size=3, exit_steps=[1, 3])
+    exit_steps = [1, 3]
+    weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))  # loss = sum(weights * video)
+    out = cw.rollout(model, x, kv, block_size=3, exit_steps=exit_steps, generator=torch.Generator().manual_seed(2))
     assert out.shape == x.shape and out.requires_grad
-    out.square().mean().backward()
-    assert model.blocks[0].attn1.to_q.weight.grad.abs().sum() > 0
+    (weights * out).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
+
+    g = torch.Generator().manual_seed(2)  # the same re-noising draws
+    steps = cw.DENOISING_TIMESTEPS
+    cache = cw.KVCache(len(model.blocks))  # concatenating, as under grad
+    blocks = []
+    for b, last in enumerate(exit_steps):
+        xb = x[:, :, 3 * b:3 * b + 3]
+        with torch.no_grad():  # the steps before the exit step
+            for i in range(last):
+                x0 = xb - steps[i] / 1000 * model(xb, torch.tensor([steps[i]]), kv, kv_cache=cache)
+                s = steps[i + 1] / 1000
+                xb = (1 - s) * x0 + s * torch.randn(x0.shape, generator=g)
+        xb = xb.detach()
+        x0 = xb - steps[last] / 1000 * model(xb, torch.tensor([steps[last]]), kv, kv_cache=cache)  # with grad
+        if b + 1 < len(exit_steps):
+            with torch.no_grad():  # the clean pass writes the cache
+                model(x0.detach(), torch.zeros(1), kv, kv_cache=cache, update_cache=True)
+        blocks.append(x0)
+    reference = torch.cat(blocks, 2)
+    (weights * reference).sum().backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    assert (out - reference).abs().max() < 1e-5
+    assert grads.keys() == ref_grads.keys() and "blocks.0.attn1.to_q.weight" in grads
+    relative = {n: ((grads[n] - ref_grads[n]).norm() / ref_grads[n].norm().clamp_min(1e-12)).item() for n in grads}
+    worst = max(relative, key=relative.get)
+    assert relative[worst] < 1e-4, (worst, relative[worst])
 
 
 def test_denoising_timesteps():

@@ -70,7 +70,11 @@ class GaussianScore(nn.Module):
 
 
 def test_dmd_gradient_is_the_papers_formula():
-    """d loss / d x0 = (fake - real) / mean|x0 - real| / numel, real = uncond + g (cond - uncond)."""
+    """d loss / d x0 = (fake - real) / mean|x0 - real| / numel, real = uncond + g (cond - uncond), at
+    x_t = (1 - s) x0 + s eps with Self Forcing's shifted t, all written out here (not the script's
+    sample_timesteps / add_noise). Planted: x_t = s x0 + (1 - s) eps in add_noise, or shift 3
+    instead of 5 in sample_timesteps -> the gradient is off (both passed when the expected value
+    was built with the script's own helpers)."""
     teacher = GaussianScore([0.0, 2.0], [1.0, 0.5]).requires_grad_(False)
     critic = GaussianScore([0.0, 0.7], [1.0, 1.3])
     x0 = torch.randn(3, 2, 2, 4, 4, requires_grad=True)
@@ -78,8 +82,10 @@ def test_dmd_gradient_is_the_papers_formula():
     loss, _ = dmd.dmd_loss(x0, teacher, critic, ctx, unc, 3.0, torch.Generator().manual_seed(0))
     loss.backward()
     g = torch.Generator().manual_seed(0)  # the same draws: t, then eps
-    t = dmd.sample_timesteps(3, g, "cpu")
-    x_t, _ = dmd.add_noise(x0.detach(), t, g)
+    u = torch.rand(3, generator=g, dtype=torch.float64)
+    t = (5 * u / (1 + 4 * u) * 1000).clamp(20, 980).float()  # U[0, 1000) warped with shift 5, kept in [20, 980]
+    s = (t / 1000).view(3, 1, 1, 1, 1)
+    x_t = (1 - s) * x0.detach() + s * torch.randn(x0.shape, generator=g)
     cond, uncond = teacher.x0(x_t, t, torch.ones(3).long()), teacher.x0(x_t, t, torch.zeros(3).long())
     real = uncond + 3.0 * (cond - uncond)
     fake = critic.x0(x_t, t, torch.ones(3).long())
