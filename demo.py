@@ -13,7 +13,9 @@ shown so far, the generation FPS (after the first block: frames per second of th
 before: frames / seconds since Start), the latency from Start to the first frame shown, and a
 status line. The video runs on as a long video (attention sink + a window of --max-frames latent
 frames, flat time per block) until Stop or --max-seconds; then Download gets it as an mp4, which the
-server wrote while generating (sample.py's fragmented-mp4 writer).
+server wrote while generating (sample.py's fragmented-mp4 writer). For now the noise of the whole
+--max-seconds video is drawn at Start and every block's latents are kept until the end (1.6 MB per
+second of video at 480x832, fp32 noise alone): keep --max-seconds in minutes, not hours.
 
 The models load once at start-up (the text encoder stays resident to encode each new prompt:
 ~11 GB for UMT5-XXL in bf16). One generation runs at a time on the device, in a worker thread (the
@@ -49,6 +51,7 @@ import math
 import os
 import secrets
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -120,6 +123,8 @@ def check_args(args):
         raise cw.UserError(f"--device '{args.device}' is not a torch device (cpu, cuda, cuda:1, ...)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise cw.UserError(f"--device {args.device}: CUDA is not available on this machine (use --device cpu, e.g. with --tiny)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise cw.UserError(f"--device {args.device}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     if args.checkpoint and not os.path.isfile(args.checkpoint):
         raise cw.UserError(f"checkpoint '{args.checkpoint}' does not exist")
     try:  # the port must be free now, not after the models have loaded
@@ -222,8 +227,8 @@ class Session:
         error = None
         try:
             m = self.models
-            if m.device.type == "cuda":
-                torch.cuda.set_device(m.device)  # the current device is per thread
+            if m.device.type == "cuda" and m.device.index is not None:
+                torch.cuda.set_device(m.device)  # --device cuda:1: the current device is per thread
             self.t0 = time.perf_counter()
             self.writer = sample.open_writer(self.video_path, FPS, True, 4 * self.args.chunk)
             try:
@@ -479,14 +484,18 @@ def main(args):
         print(f"warning: listening on {args.host}: anyone who can reach port {args.port} can use this GPU", file=sys.stderr)
     models = load_models(args)
     import uvicorn
-    video_dir = tempfile.mkdtemp(prefix="reward_forcing_demo_")
+    video_dir, demo = tempfile.mkdtemp(prefix="reward_forcing_demo_"), None
     try:
         demo = Demo(models, args, video_dir)
+        # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal: make SIGTERM's
+        # an exit that runs the cleanup below too (its default action ends the process on the spot)
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
         print(f"serving on http://{args.host}:{args.port} (Ctrl+C to quit)", file=sys.stderr, flush=True)
         uvicorn.run(create_app(demo), host=args.host, port=args.port, log_level="warning", ws_max_size=64 * 1024,
                     timeout_graceful_shutdown=5)
-        demo.shutdown()
     finally:
+        if demo is not None:
+            demo.shutdown()
         shutil.rmtree(video_dir, ignore_errors=True)
 
 
