@@ -141,7 +141,7 @@ def test_stop_ends_the_video_and_the_page_can_start_again(models, tmp_path):
     """Stop after two blocks: 'stopped' (reason stop) counts exactly the JPEG frames sent, which
     decode to the video size and match the downloadable mp4 (within JPEG/x264 loss); the same
     page can start again at once. Planted: stop ignored (the video runs on to its 60 s, reason
-    'done'); the download link given before the mp4 is closed (frames missing) -> fail."""
+    'done'); the mp4 writer not closed when the video ends (frames missing from the download) -> fail."""
     with client(models, tmp_path / "videos") as c, contextlib.ExitStack() as viewer:
         ws, _ = connect(c, viewer)
         ws.send_json({"type": "start", "prompt": "a red fox", "seed": 1})
@@ -353,8 +353,9 @@ def test_twenty_connect_disconnect_cycles_leak_no_thread_session_or_memory(model
     (["--port", "BUSY"], "choose another --port"),
 ])
 def test_bad_flags_are_one_line_errors_before_loading(tmp_path, monkeypatch, flags, message):
-    """Planted: the port check after the models load (load_models is replaced by a failure here)
-    -> the BUSY case fails; no CUDA check -> the cuda case fails."""
+    """load_models is replaced by a failure: every error comes before loading. Planted: no port
+    check (uvicorn would fail only after the models load) -> the BUSY case fails; no CUDA check ->
+    the cuda case fails."""
     if "cuda" in flags and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     monkeypatch.setattr(demo, "load_models", lambda args: pytest.fail("models loaded before the flags were checked"))
