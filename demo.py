@@ -1,0 +1,507 @@
+"""
+Live demo: a web page that shows the video while it is generated, block by block.
+
+    python demo.py                                           # the 1.3B Wan on a GPU; open http://127.0.0.1:7860
+    python demo.py --checkpoint runs/reward/ckpt.pt          # a generator trained here (EMA weights)
+    python demo.py --compile --overlap-decode                # sample.py's speed flags
+    python demo.py --host 0.0.0.0 --port 8000                # reachable from other machines: anyone who can reach it uses the GPU
+    python demo.py --tiny                                    # CPU, random tiny Wan: the video is noise, the pipeline is real
+
+Type a prompt, press Start: each block's frames are sent as soon as they are decoded, and the page
+plays them at the video's 16 fps (a queue absorbs the bursts of a block). It shows the frames
+shown so far, the generation FPS (after the first block: frames per second of the blocks since;
+before: frames / seconds since Start), the latency from Start to the first frame shown, and a
+status line. The video runs on as a long video (attention sink + a window of --max-frames latent
+frames, flat time per block) until Stop or --max-seconds; then Download gets it as an mp4, which the
+server wrote while generating (sample.py's fragmented-mp4 writer). For now the noise of the whole
+--max-seconds video is drawn at Start and every block's latents are kept until the end (1.6 MB per
+second of video at 480x832, fp32 noise alone): keep --max-seconds in minutes, not hours.
+
+The models load once at start-up (the text encoder stays resident to encode each new prompt:
+~11 GB for UMT5-XXL in bf16). One generation runs at a time on the device, in a worker thread (the
+server stays responsive): a viewer who presses Start while another generates is told it is busy;
+a viewer who closes the page stops its generation and frees the device.
+
+The page (demo.html, plain JavaScript, nothing fetched from the internet) talks to the server over
+one WebSocket per viewer, /ws:
+
+  viewer -> server, JSON text:
+    {"type": "start", "prompt": str, "seed": int}     start a video (prompt <= 2000 characters)
+    {"type": "switch", "prompt": str}                 change the prompt from the next block on
+    {"type": "stop"}                                  end the video
+  server -> viewer:
+    binary: one JPEG per frame, in order
+    {"type": "hello", "fps", "width", "height", "chunk", "max_seconds", "max_prompt_chars", "model", "busy", "switch"}   on connecting
+    {"type": "started", "prompt", "seed", "frames_max"}      the device is this viewer's
+    {"type": "stats", "block", "block_frames", "frames", "fps", "first_frame_s"}   after each block's JPEGs
+    {"type": "stopped", "reason": "stop"|"done"|"error", "frames", "download": url or null, "error": str or null}   the device is free
+    {"type": "busy", "message"}, {"type": "error", "message"}   a refused or malformed message; the server keeps serving
+The download url is /video/<token>, a server-chosen random name; nothing a viewer sends is used
+as a file path. The finished videos live in a temporary folder (the newest 10), removed on exit.
+
+Switch is not available yet: it arrives with the streaming API (hello says "switch": false, the
+page disables the button, and a switch message gets an error reply).
+"""
+import argparse
+import asyncio
+import io
+import ipaddress
+import json
+import math
+import os
+import secrets
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+import causal_wan as cw
+import sample
+
+FPS = 16  # Wan's frame rate: the page plays at it, the mp4 is written at it
+MAX_PROMPT_CHARS = 2000  # UMT5 reads 512 tokens; longer text is refused, not cut silently
+JPEG_QUALITY = 90
+KEEP_VIDEOS = 10  # finished mp4s kept for download; older ones are deleted
+HTML = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.html")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (other than loopback: anyone who can reach it uses the GPU)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--max-seconds", type=float, default=60.0, help="a video ends after this many seconds (16 fps) unless stopped")
+    # as in sample.py
+    p.add_argument("--model", default=cw.DEFAULT_MODEL, help="diffusers-format Wan: hub id or local folder")
+    p.add_argument("--checkpoint", help="a generator trained by this repo (or Self Forcing's .pt)")
+    p.add_argument("--no-ema", action="store_true", help="use the checkpoint's raw weights instead of its EMA")
+    p.add_argument("--height", type=int, help="multiple of 16 (default 480; 64 with --tiny)")
+    p.add_argument("--width", type=int, help="multiple of 16 (default 832; 64 with --tiny)")
+    p.add_argument("--chunk", type=int, default=3, choices=[1, 3], help="latent frames per block: 3 chunk-wise, 1 frame-wise")
+    p.add_argument("--max-frames", type=int, default=21, help="attention window in latent frames (long videos)")
+    p.add_argument("--tiny", action="store_true", help="random tiny Wan built on the fly (CPU demo; output is noise)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="default bf16 on GPU, fp32 on CPU")
+    p.add_argument("--compile", nargs="?", const="default", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                   help="torch.compile the transformer blocks (reduce-overhead: also CUDA graphs); the first video pays the compilation")
+    p.add_argument("--compile-vae", action="store_true", help="torch.compile the VAE decoder too (minutes of compilation on the first video)")
+    p.add_argument("--overlap-decode", action="store_true", help="decode block b while block b+1 is denoised")
+    p.add_argument("--vae-dtype", default="fp32", choices=["fp32", "bf16"], help="VAE decode precision")
+    p.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN autotune the VAE's convolutions (GPU)")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.model = cw.tiny_model_dir() if args.model == cw.DEFAULT_MODEL else args.model
+    if args.height is None:
+        args.height = 64 if args.tiny else 480
+    if args.width is None:
+        args.width = 64 if args.tiny else 832
+    args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    return args
+
+
+def check_args(args):
+    """Everything that can be checked before the models load (a minute for the real ones)."""
+    for name in ("height", "width"):
+        if getattr(args, name) <= 0 or getattr(args, name) % 16:
+            raise cw.UserError(f"--{name} {getattr(args, name)} is not a positive multiple of 16 (VAE 8x and patch 2x)")
+    if args.max_frames < 2 * args.chunk:
+        raise cw.UserError(f"--max-frames {args.max_frames} must hold at least two blocks of --chunk {args.chunk}")
+    if not args.max_seconds > 0 or not math.isfinite(args.max_seconds):
+        raise cw.UserError(f"--max-seconds {args.max_seconds} must be a positive number of seconds")
+    if not 1 <= args.port <= 65535:
+        raise cw.UserError(f"--port {args.port} is not a TCP port (1-65535)")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise cw.UserError(f"--device '{args.device}' is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise cw.UserError(f"--device {args.device}: CUDA is not available on this machine (use --device cpu, e.g. with --tiny)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise cw.UserError(f"--device {args.device}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if args.checkpoint and not os.path.isfile(args.checkpoint):
+        raise cw.UserError(f"checkpoint '{args.checkpoint}' does not exist")
+    try:  # the port must be free now, not after the models have loaded
+        family, _, _, _, address = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            s.bind(address)
+    except OSError as e:
+        raise cw.UserError(f"cannot listen on --host {args.host} --port {args.port} ({e.strerror or e}): choose another --port"
+                           + (" or --host" if isinstance(e, socket.gaierror) else "")) from None
+
+
+def is_loopback(host):
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def video_latent_frames(max_seconds):
+    """Latent frames of a --max-seconds video (1 + 4k pixel frames, the first latent frame is 1)."""
+    return math.ceil(max_seconds * FPS / 4) + 1
+
+
+@dataclass
+class Models:
+    model: torch.nn.Module  # the causal generator
+    tokenizer: object
+    encoder: torch.nn.Module  # UMT5: kept, every Start encodes a new prompt
+    vae: torch.nn.Module
+    device: torch.device
+    dtype: torch.dtype
+
+
+def load_models(args):
+    """The generator, text encoder and VAE, with sample.py's loaders and speed flags; one line per component."""
+    device, dtype = torch.device(args.device), torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    t0 = time.perf_counter()
+    print(f"loading 1/3: the generator from {args.model}" + (f" + {args.checkpoint}" if args.checkpoint else ""), file=sys.stderr, flush=True)
+    model = sample.load_generator(args, device, dtype)
+    print("loading 2/3: the text encoder", file=sys.stderr, flush=True)
+    tokenizer, encoder = cw.load_text_encoder(args.model, dtype=dtype, device=device)
+    print("loading 3/3: the VAE", file=sys.stderr, flush=True)
+    vae = cw.load_vae(args.model, dtype=torch.bfloat16 if args.vae_dtype == "bf16" else torch.float32, device=device)
+    if args.compile:
+        sample.compile_blocks(model, args.compile)
+    sample.compile_vae(vae, args.compile_vae)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    print(f"models loaded in {time.perf_counter() - t0:.1f} s on {device} ({args.dtype})"
+          + ("; the first video pays the compilation" if args.compile or args.compile_vae else ""), file=sys.stderr, flush=True)
+    return Models(model, tokenizer, encoder, vae, device, dtype)
+
+
+def jpeg(frame):
+    """uint8 frame [H, W, 3] -> JPEG bytes."""
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(frame).save(buf, format="JPEG", quality=JPEG_QUALITY)
+    return buf.getvalue()
+
+
+class Stopped(Exception):
+    """Raised from the frame callback: ends the rollout between two blocks."""
+
+
+class Session:
+    """One video on the device, generated in a worker thread: the adapter between a viewer and the
+    generator. start() / stop() / switch() are called from the server's event loop; emit(item)
+    gets every message for the viewer (JPEG bytes or a dict), from the worker thread; release()
+    frees the device lock. Each block's frames are written to the mp4, sent as JPEGs, then a stats
+    message; after the last one (Stop, --max-seconds, an error) the mp4 is closed, the device
+    released, and 'stopped' sent, in that order: a viewer told 'stopped' can start at once.
+
+    Phase 2 (the streaming API of issue 14) replaces only `_generate`: a loop over the stream's
+    blocks that checks `self.stopping` between blocks (instead of raising Stopped from on_frames)
+    and hands a pending `switch` prompt to the stream, and `switch` queues that prompt."""
+
+    def __init__(self, models, args, prompt, seed, video_path, emit, release):
+        self.models, self.args, self.prompt, self.seed = models, args, prompt, seed
+        self.video_path, self.emit, self.release = video_path, emit, release
+        self.stopping, self.finished = threading.Event(), threading.Event()
+        self.reason = "done"
+        self.frames = self.blocks = 0  # sent so far
+        self.thread = threading.Thread(target=self._run, name="demo-generation", daemon=True)
+
+    def start(self):
+        self.thread.start()
+
+    def stop(self, reason="stop"):
+        if not self.stopping.is_set():
+            self.reason = reason
+            self.stopping.set()
+
+    def switch(self, prompt):
+        raise cw.UserError("switching the prompt arrives with the streaming API (not in this version)")
+
+    def _run(self):
+        error = None
+        try:
+            m = self.models
+            if m.device.type == "cuda" and m.device.index is not None:
+                torch.cuda.set_device(m.device)  # --device cuda:1: the current device is per thread
+            self.t0 = time.perf_counter()
+            self.writer = sample.open_writer(self.video_path, FPS, True, 4 * self.args.chunk)
+            try:
+                self._generate(self._on_frames)
+            finally:  # not `with`: imageio's writer leaves the file unfinished when the block raises (as Stopped does)
+                self.writer.close()
+        except Stopped:
+            pass
+        except Exception as e:  # the viewer sees one line; the server log keeps the traceback
+            self.reason, error = "error", f"{type(e).__name__}: {str(e)[:300]}"
+            traceback.print_exc()
+        finally:
+            if self.models.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.finished.set()
+            self.release()
+            self.emit({"type": "stopped", "reason": self.reason, "frames": self.frames, "error": error})
+
+    def _generate(self, on_frames):
+        """Phase 1: sample.py's generation (sample.generate: rollout with the KV cache, each block
+        decoded) over the noise of a whole --max-seconds video, drawn as sample.py draws it, so
+        the frames are the ones `sample.py --frames N --seed S` writes for the same length.
+        Stop = on_frames raises Stopped. PHASE 2 PLUGS THE STREAMING API IN HERE."""
+        m, a = self.models, self.args
+        prompt_kv = m.model.prompt_kv(cw.encode_prompts(m.tokenizer, m.encoder, [self.prompt]))
+        if self.stopping.is_set():  # stopped (or the viewer left) while the prompt was encoded
+            raise Stopped
+        g = torch.Generator().manual_seed(self.seed)  # on the CPU: the same video on every device
+        noise = torch.randn(1, 16, video_latent_frames(a.max_seconds), a.height // 8, a.width // 8, generator=g)
+        sample.generate(m.model, m.vae, prompt_kv, noise.to(m.device, m.dtype), a.chunk, a.max_frames, on_frames,
+                        generator=g, overlap=a.overlap_decode)
+
+    def _on_frames(self, frames):
+        """uint8 frames [T, H, W, 3] of the next block, in order."""
+        if self.stopping.is_set():
+            raise Stopped
+        now = time.perf_counter() - self.t0
+        if self.frames == 0:
+            self.first_frame_s, self.first_block_frames = now, len(frames)
+        for frame in frames:
+            self.writer.append_data(frame)
+            self.emit(jpeg(frame))
+        self.frames += len(frames)
+        # generation FPS: over the blocks after the first (steady state), else over the first
+        later = now - self.first_frame_s
+        fps = (self.frames - self.first_block_frames) / later if later > 0 else self.frames / now
+        self.emit({"type": "stats", "block": self.blocks, "block_frames": len(frames), "frames": self.frames,
+                   "fps": round(fps, 2), "first_frame_s": round(self.first_frame_s, 3)})
+        self.blocks += 1
+
+
+def parse_message(message):
+    """A viewer's WebSocket message -> a valid control dict; ValueError(why) for anything else."""
+    text = message.get("text")
+    if text is None:
+        raise ValueError("binary messages are not understood: send JSON text")
+    try:
+        m = json.loads(text)
+    except json.JSONDecodeError:
+        raise ValueError("not JSON: send {\"type\": \"start\", \"prompt\": ..., \"seed\": ...}, {\"type\": \"switch\", ...} or {\"type\": \"stop\"}") from None
+    if not isinstance(m, dict) or m.get("type") not in ("start", "switch", "stop"):
+        raise ValueError("expected a JSON object with \"type\": \"start\", \"switch\" or \"stop\"")
+    if m["type"] in ("start", "switch"):
+        prompt = m.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("empty prompt: give a text description of the video")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise ValueError(f"the prompt has {len(prompt)} characters; at most {MAX_PROMPT_CHARS}")
+    if m["type"] == "start":
+        seed = m.get("seed", 0)
+        if type(seed) is not int or not 0 <= seed < 2**63:
+            raise ValueError(f"seed {json.dumps(seed)[:20]} is not a whole number from 0 to 2^63-1")
+    return m
+
+
+class Demo:
+    """What every viewer shares: the models, the lock that gives the device to one video at a time,
+    and the finished videos (token -> mp4 path, newest last)."""
+
+    def __init__(self, models, args, video_dir):
+        self.models, self.args, self.video_dir = models, args, video_dir
+        self.device_lock = threading.Lock()
+        self.current = None  # the Session that holds the device lock
+        self.videos, self.videos_lock = OrderedDict(), threading.Lock()  # published by the workers, read by the routes
+        self.model_name = "tiny random Wan (the video is noise)" if args.tiny else (
+            os.path.basename(args.checkpoint) if args.checkpoint else args.model)
+
+    def new_video(self):
+        """A server-chosen name for the next mp4: (token, path)."""
+        token = secrets.token_urlsafe(12)
+        return token, os.path.join(self.video_dir, f"{token}.mp4")
+
+    def publish(self, token, path):
+        """Offer a finished mp4 for download (keep the newest KEEP_VIDEOS); its URL."""
+        with self.videos_lock:
+            self.videos[token] = path
+            while len(self.videos) > KEEP_VIDEOS:
+                _, old = self.videos.popitem(last=False)
+                if os.path.exists(old):
+                    os.remove(old)
+        return f"/video/{token}"
+
+    def video(self, token):
+        with self.videos_lock:
+            return self.videos.get(token)
+
+    def release(self):
+        """The worker's last act on the device: free it for the next video."""
+        self.current = None
+        self.device_lock.release()
+
+    def shutdown(self, timeout=60):
+        """Stop the video being generated, if any, and wait for its worker (torch must not be
+        running in a thread when the interpreter exits)."""
+        session = self.current
+        if session is not None:
+            session.stop("shutdown")
+            session.thread.join(timeout)
+
+
+class Viewer:
+    """One page's WebSocket: its control messages in, its frames and stats out, at most one Session."""
+
+    def __init__(self, ws, demo):
+        self.ws, self.demo, self.session = ws, demo, None
+        self.loop = asyncio.get_running_loop()
+        self.outbox = asyncio.Queue()  # everything sent goes through one task, in order
+
+    def emit(self, item):
+        """Queue a message for this viewer, from any thread."""
+        try:
+            self.loop.call_soon_threadsafe(self.outbox.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: the server is shutting down
+            if self.session is not None:
+                self.session.stop("disconnect")
+
+    async def send_all(self):
+        try:
+            while True:
+                item = await self.outbox.get()
+                if isinstance(item, bytes):
+                    await self.ws.send_bytes(item)
+                else:
+                    await self.ws.send_text(json.dumps(item))
+        except Exception:  # the connection is gone: the receive loop sees the disconnect
+            pass
+
+    async def serve(self):
+        a = self.demo.args
+        sender = asyncio.create_task(self.send_all())
+        self.emit({"type": "hello", "fps": FPS, "width": a.width, "height": a.height, "chunk": a.chunk,
+                   "max_seconds": a.max_seconds, "max_prompt_chars": MAX_PROMPT_CHARS, "model": self.demo.model_name,
+                   "busy": self.demo.device_lock.locked(), "switch": False})
+        try:
+            while True:
+                message = await self.ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                try:
+                    await self.on_message(parse_message(message))
+                except (ValueError, cw.UserError) as e:
+                    self.emit({"type": "error", "message": str(e)})
+        finally:  # a viewer who leaves frees the device: the worker ends at the next block
+            if self.session is not None:
+                self.session.stop("disconnect")
+            sender.cancel()
+
+    async def on_message(self, m):
+        running = self.session is not None and not self.session.finished.is_set()
+        if m["type"] == "stop":
+            if not running:
+                raise ValueError("nothing to stop: no video is being generated for this page")
+            self.session.stop("stop")
+        elif m["type"] == "switch":
+            if not running:
+                raise ValueError("nothing to switch: press Start first")
+            self.session.switch(m["prompt"])
+        elif running:
+            raise ValueError("a video is already being generated for this page: press Stop first")
+        elif not await self.acquire_device():
+            self.emit({"type": "busy", "message": "busy: another viewer is generating a video; try again when it ends"})
+        else:
+            self.start(m["prompt"], m.get("seed", 0))
+
+    async def acquire_device(self, patience_s=30):
+        """The device lock (True), or False when another viewer's video holds it. A video that is
+        ending (Stop, its viewer gone) frees the device within one block: wait for that."""
+        deadline = time.monotonic() + patience_s
+        while not self.demo.device_lock.acquire(blocking=False):
+            current = self.demo.current  # None: its worker is releasing the lock right now
+            if (current is not None and not current.stopping.is_set()) or time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
+    def start(self, prompt, seed):
+        """With the device lock held: a new Session, whose mp4 is published when it ends."""
+        token, path = self.demo.new_video()
+
+        def emit(item):
+            if isinstance(item, dict) and item["type"] == "stopped":
+                item["download"] = None
+                if item["frames"] and item["reason"] not in ("disconnect", "shutdown"):
+                    item["download"] = self.demo.publish(token, path)
+                elif os.path.exists(path):  # nobody is left to download it
+                    os.remove(path)
+            self.emit(item)
+
+        a = self.demo.args
+        self.session = self.demo.current = Session(self.demo.models, a, prompt, seed, path, emit, self.demo.release)
+        self.emit({"type": "started", "prompt": prompt, "seed": seed, "frames_max": 4 * (video_latent_frames(a.max_seconds) - 1) + 1})
+        try:
+            self.session.start()
+        except RuntimeError:  # no thread could be started: give the device back
+            self.demo.release()
+            self.session = None
+            raise ValueError("the server could not start a generation thread") from None
+
+
+def create_app(demo):
+    from fastapi import FastAPI, HTTPException, WebSocket
+    from fastapi.responses import FileResponse, HTMLResponse
+    app = FastAPI(title="Reward Forcing live demo", docs_url=None, redoc_url=None, openapi_url=None)
+    with open(HTML, encoding="utf-8") as f:
+        page = f.read()
+
+    @app.get("/")
+    def index():
+        return HTMLResponse(page, headers={"Cache-Control": "no-store"})
+
+    @app.get("/video/{token}")
+    def video(token: str):
+        path = demo.video(token)  # only names the server made; the token is never a path
+        if path is None or not os.path.exists(path):
+            raise HTTPException(404, "no such video (the server keeps the newest 10)")
+        return FileResponse(path, media_type="video/mp4", filename="reward_forcing.mp4")
+
+    @app.websocket("/ws")
+    async def ws(websocket: WebSocket):
+        origin, host = websocket.headers.get("origin"), websocket.headers.get("host")
+        if origin is not None and origin.split("://", 1)[-1] != host:  # another site's page in this browser
+            await websocket.close(code=1008)
+            return
+        await websocket.accept()
+        await Viewer(websocket, demo).serve()
+
+    return app
+
+
+def main(args):
+    check_args(args)
+    if not is_loopback(args.host):
+        print(f"warning: listening on {args.host}: anyone who can reach port {args.port} can use this GPU", file=sys.stderr)
+    models = load_models(args)
+    import uvicorn
+    video_dir, demo = tempfile.mkdtemp(prefix="reward_forcing_demo_"), None
+    try:
+        demo = Demo(models, args, video_dir)
+        # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal: make SIGTERM's
+        # an exit that runs the cleanup below too (its default action ends the process on the spot)
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+        print(f"serving on http://{args.host}:{args.port} (Ctrl+C to quit)", file=sys.stderr, flush=True)
+        uvicorn.run(create_app(demo), host=args.host, port=args.port, log_level="warning", ws_max_size=64 * 1024,
+                    timeout_graceful_shutdown=5)
+    finally:
+        if demo is not None:
+            demo.shutdown()
+        shutil.rmtree(video_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except cw.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,465 @@
+"""demo.py: the app through FastAPI's test client (WebSocket) on the tiny Wan, load (several viewers,
+connect/disconnect cycles), bad flags, and one end-to-end run in headless Chromium."""
+import contextlib
+import gc
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import weakref
+
+import imageio
+import numpy as np
+import pytest
+import torch
+
+import causal_wan as cw
+
+fastapi = pytest.importorskip("fastapi", reason="the demo needs fastapi (pip install -r requirements.txt)")
+from fastapi.testclient import TestClient  # noqa: E402
+from starlette.websockets import WebSocketDisconnect  # noqa: E402
+
+import demo  # noqa: E402
+import sample  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZE = 32  # the app tests run at 32x32 (the VAE dominates the tiny model's time); the browser test at --tiny's 64x64
+
+
+@pytest.fixture(scope="module")
+def models(tiny_wan):
+    return demo.load_models(demo.parse_args(["--tiny", "--model", tiny_wan]))
+
+
+@contextlib.contextmanager
+def client(models, folder, *flags):
+    """The app on the shared tiny models, through FastAPI's test client; on exit, no worker runs."""
+    args = demo.parse_args(["--tiny", "--height", str(SIZE), "--width", str(SIZE), *flags])
+    app = demo.Demo(models, args, str(folder))
+    try:
+        with TestClient(demo.create_app(app)) as c:
+            c.demo = app
+            yield c
+    finally:
+        app.shutdown()
+
+
+def recv(ws):
+    """The next message from the server: bytes (a frame) or a dict."""
+    m = ws.receive()
+    if m["type"] == "websocket.close":
+        raise AssertionError(f"the server closed the WebSocket ({m.get('code')})")
+    return m["bytes"] if m.get("bytes") is not None else json.loads(m["text"])
+
+
+def until(ws, kind):
+    """Receive up to the first dict of type `kind`: (that dict, frames before it, dicts before it)."""
+    frames, dicts = [], []
+    while True:
+        m = recv(ws)
+        if isinstance(m, bytes):
+            frames.append(m)
+        elif m["type"] == kind:
+            return m, frames, dicts
+        else:
+            dicts.append(m)
+
+
+def connect(c, stack, **kw):
+    """A viewer's WebSocket, open until `stack` (a contextlib.ExitStack) closes: (ws, hello)."""
+    ws = stack.enter_context(c.websocket_connect("/ws", **kw))
+    hello = recv(ws)
+    assert hello["type"] == "hello"
+    return ws, hello
+
+
+def mp4_frames(data, path):
+    path.write_bytes(data)
+    with imageio.get_reader(str(path)) as r:
+        return [f for f in r], r.get_meta_data()["fps"]
+
+
+def wait_for(condition, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+# -----------------------------------------------------------------------------
+# the app, one viewer
+
+
+def test_frames_arrive_in_order_per_block_and_are_sample_py_frames(models, tmp_path, monkeypatch):
+    """A 1 s video (17 frames = latent 3 + 2: blocks of 9 and 8 frames) streams exactly the uint8
+    frames sample.py's generate gives for the same prompt, seed and noise (drawn here as
+    sample.main draws it), in order, each block followed by its stats; the download is that mp4.
+    The JPEG step is replaced by the raw bytes so the comparison is exact.
+    Planted: frames of a block sent in reverse order; the seed ignored (seed 0) -> both fail."""
+    monkeypatch.setattr(demo, "jpeg", lambda frame: frame.tobytes())
+    with client(models, tmp_path / "videos", "--max-seconds", "1") as c, contextlib.ExitStack() as viewer:
+        ws, hello = connect(c, viewer)
+        assert (hello["fps"], hello["width"], hello["height"], hello["busy"]) == (16, SIZE, SIZE, False)
+        ws.send_json({"type": "start", "prompt": "a red fox", "seed": 3})
+        started = recv(ws)
+        assert started["type"] == "started" and started["frames_max"] == 17
+        blocks, frames = [], []
+        while True:
+            m = recv(ws)
+            if isinstance(m, bytes):
+                frames.append(np.frombuffer(m, np.uint8).reshape(SIZE, SIZE, 3))
+            elif m["type"] == "stats":
+                blocks.append((m["block_frames"], len(frames)))
+            else:
+                break
+        assert m["type"] == "stopped" and m["reason"] == "done" and m["frames"] == 17, m
+        assert blocks == [(9, 9), (8, 17)]  # each stats message right after its block's frames
+        mp4, fps = mp4_frames(c.get(m["download"]).content, tmp_path / "download.mp4")
+    # the reference: sample.main's noise and sample.generate on the same models
+    g = torch.Generator().manual_seed(3)
+    noise = torch.randn(1, 16, 5, SIZE // 8, SIZE // 8, generator=g)
+    prompt_kv = models.model.prompt_kv(cw.encode_prompts(models.tokenizer, models.encoder, ["a red fox"]))
+    reference = []
+    sample.generate(models.model, models.vae, prompt_kv, noise, 3, 21, reference.extend, generator=g)
+    assert len(reference) == 17
+    for i, (got, want) in enumerate(zip(frames, reference)):
+        assert np.array_equal(got, want), f"frame {i} differs from sample.py's"
+    assert (len(mp4), fps, mp4[0].shape) == (17, 16.0, (SIZE, SIZE, 3))
+    assert np.mean([np.abs(a.astype(int) - b.astype(int)).mean() for a, b in zip(mp4, reference)]) < 20  # x264 on noise
+
+
+def test_stop_ends_the_video_and_the_page_can_start_again(models, tmp_path):
+    """Stop after two blocks: 'stopped' (reason stop) counts exactly the JPEG frames sent, which
+    decode to the video size and match the downloadable mp4 (within JPEG/x264 loss); the same
+    page can start again at once. Planted: stop ignored (the video runs on to its 60 s, reason
+    'done'); the mp4 writer not closed when the video ends (frames missing from the download) -> fail."""
+    with client(models, tmp_path / "videos") as c, contextlib.ExitStack() as viewer:
+        ws, _ = connect(c, viewer)
+        ws.send_json({"type": "start", "prompt": "a red fox", "seed": 1})
+        assert recv(ws)["type"] == "started"
+        jpegs, stats = [], []
+        while True:
+            m = recv(ws)
+            if isinstance(m, bytes):
+                jpegs.append(m)
+            elif m["type"] == "stats":
+                stats.append(m)
+                if len(stats) == 2:
+                    ws.send_json({"type": "stop"})
+            elif m["type"] == "stopped":
+                break
+        assert m["reason"] == "stop" and m["frames"] == len(jpegs) == stats[-1]["frames"], m
+        assert 21 <= len(jpegs) < 961
+        mp4, _ = mp4_frames(c.get(m["download"]).content, tmp_path / "download.mp4")
+        ws.send_json({"type": "start", "prompt": "a blue bird", "seed": 2})
+        assert recv(ws)["type"] == "started"  # the device was freed by the stop
+        ws.send_json({"type": "stop"})
+        assert until(ws, "stopped")[0]["reason"] == "stop"
+    from PIL import Image
+    shown = [np.asarray(Image.open(io.BytesIO(j)).convert("RGB")) for j in jpegs]
+    assert len(mp4) == len(shown) and shown[0].shape == (SIZE, SIZE, 3)
+    diffs = [np.abs(a.astype(int) - b.astype(int)).mean() for a, b in zip(shown, mp4)]
+    assert max(diffs) < 25, diffs
+
+
+@pytest.mark.parametrize("message,error", [
+    ("hello", "not JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    ({"type": "dance"}, "expected a JSON object"),
+    ({"type": "start"}, "empty prompt"),
+    ({"type": "start", "prompt": "  \n"}, "empty prompt"),
+    ({"type": "start", "prompt": "x" * 2001}, "at most 2000"),
+    ({"type": "start", "prompt": "fox", "seed": "7"}, "not a whole number"),
+    ({"type": "start", "prompt": "fox", "seed": True}, "not a whole number"),
+    ({"type": "start", "prompt": "fox", "seed": -1}, "not a whole number"),
+    ({"type": "start", "prompt": "fox", "seed": 1.5}, "not a whole number"),
+    ({"type": "start", "prompt": "fox", "seed": 2**63}, "not a whole number"),
+    ({"type": "switch", "prompt": 5}, "empty prompt"),
+    (b"\x00\x01", "binary messages"),
+    ({"type": "stop"}, "nothing to stop"),
+    ({"type": "switch", "prompt": "a cat"}, "nothing to switch"),
+])
+def test_parse_message_refuses_malformed_messages(message, error):
+    """Every malformed control message is a ValueError with a reason (the app turns it into an
+    'error' message; the next test checks that). Planted: no prompt length cap; bool accepted as
+    a seed -> those cases fail."""
+    raw = {"bytes": message} if isinstance(message, bytes) else {"text": message if isinstance(message, str) else json.dumps(message)}
+    if error.startswith("nothing"):  # well-formed: refused by the app, not the parser
+        assert demo.parse_message(raw)["type"] == message["type"]
+        return
+    with pytest.raises(ValueError, match=re.escape(error)):
+        demo.parse_message(raw)
+
+
+def test_malformed_and_refused_messages_get_an_error_and_the_server_keeps_serving(models, tmp_path):
+    """Garbage, a stop or switch with nothing running, a second start, a switch (phase 1): each
+    gets an 'error' message and the same WebSocket then starts a video. Nothing the viewer sends
+    is a path: /video/<anything else> is 404. Planted: parse errors not caught in the receive
+    loop (the handler dies, the socket closes) -> fail."""
+    with client(models, tmp_path / "videos") as c, contextlib.ExitStack() as viewer:
+        ws, _ = connect(c, viewer)
+        for text in ("hello", "{\"type\": \"dance\"}", json.dumps({"type": "start", "prompt": "x" * 3000})):
+            ws.send_text(text)
+            assert recv(ws)["type"] == "error"
+        ws.send_bytes(b"\x00")
+        assert "binary" in recv(ws)["message"]
+        for m, error in (({"type": "stop"}, "nothing to stop"), ({"type": "switch", "prompt": "a cat"}, "nothing to switch")):
+            ws.send_json(m)
+            reply = recv(ws)
+            assert reply["type"] == "error" and error in reply["message"]
+        ws.send_json({"type": "start", "prompt": "a red fox", "seed": 0})
+        assert recv(ws)["type"] == "started"
+        ws.send_json({"type": "start", "prompt": "a red fox", "seed": 0})
+        assert "already being generated" in until(ws, "error")[0]["message"]
+        ws.send_json({"type": "switch", "prompt": "a cat"})
+        assert "streaming API" in until(ws, "error")[0]["message"]
+        ws.send_json({"type": "stop"})
+        stopped = until(ws, "stopped")[0]
+        assert stopped["reason"] == "stop"
+        for path in ("/video/..%2f..%2fetc%2fpasswd", "/video/" + os.path.basename(str(tmp_path)), "/video/x.mp4"):
+            assert c.get(path).status_code == 404
+        assert c.get("/").text.count('id="video"') == 1
+
+
+def test_a_page_of_another_site_cannot_connect(models, tmp_path):
+    """The WebSocket refuses a browser Origin other than the server's own (another site's page
+    could otherwise drive the GPU of someone who runs the demo locally); the own origin is
+    accepted. Planted: no origin check -> fail."""
+    with client(models, tmp_path / "videos") as c, contextlib.ExitStack() as viewer:
+        with pytest.raises(WebSocketDisconnect) as e:
+            with c.websocket_connect("/ws", headers={"origin": "http://evil.example"}):
+                pass
+        assert e.value.code == 1008
+        connect(c, viewer, headers={"origin": "http://testserver"})
+
+
+# -----------------------------------------------------------------------------
+# the app, several viewers (load)
+
+
+def start(ws, prompt="a red fox", seed=0):
+    ws.send_json({"type": "start", "prompt": prompt, "seed": seed})
+    return recv(ws)
+
+
+def test_three_viewers_one_generates_two_are_told_busy_then_one_takes_over(models, tmp_path):
+    """A generates; B and C (C connects meanwhile and is told in hello) are told busy; after A's
+    Stop, B starts and generates, C is still busy; after B's, C gets the device.
+    Planted: no device lock (every Start starts) -> fail."""
+    with client(models, tmp_path / "videos") as c, contextlib.ExitStack() as viewers:
+        a, _ = connect(c, viewers)
+        b, _ = connect(c, viewers)
+        assert start(a)["type"] == "started"
+        cc, hello = connect(c, viewers)
+        assert hello["busy"] is True
+        for ws in (b, cc):
+            assert start(ws)["type"] == "busy"
+        until(a, "stats")
+        a.send_json({"type": "stop"})
+        assert until(a, "stopped")[0]["reason"] == "stop"
+        assert start(b, seed=1)["type"] == "started"
+        assert start(cc)["type"] == "busy"
+        stats, frames, _ = until(b, "stats")
+        assert len(frames) == stats["block_frames"] == 9
+        b.send_json({"type": "stop"})
+        until(b, "stopped")
+        assert start(cc)["type"] == "started"
+        cc.send_json({"type": "stop"})
+        until(cc, "stopped")
+
+
+def test_a_viewer_who_disconnects_mid_stream_frees_the_device(models, tmp_path):
+    """A closes its page while its video streams: its worker ends (the thread count is back to
+    where it was) and B's Start gets the device, not 'busy'.
+    Planted: the session not stopped on disconnect -> B busy, the worker runs on -> fail."""
+    baseline = threading.active_count()
+    with client(models, tmp_path / "videos") as c:
+        with c.websocket_connect("/ws") as a:
+            recv(a)
+            assert start(a)["type"] == "started"
+            until(a, "stats")
+        with c.websocket_connect("/ws") as b:
+            recv(b)
+            assert start(b)["type"] == "started"  # waits for A's worker to end its block, if needed
+            until(b, "stats")
+            b.send_json({"type": "stop"})
+            until(b, "stopped")
+        assert not c.demo.device_lock.locked()
+    assert wait_for(lambda: threading.active_count() <= baseline), [t.name for t in threading.enumerate()]
+
+
+def rss_mib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def test_twenty_connect_disconnect_cycles_leak_no_thread_session_or_memory(models, tmp_path, monkeypatch):
+    """Twenty viewers in turn connect, start and leave (every fifth one after its first block):
+    every Start gets the device, afterwards no thread is left over, no Session object is alive,
+    the resident memory did not grow between cycle 5 and cycle 20 (beyond allocator noise), and
+    no departed viewer's video is left on disk. Planted: sessions kept in a list -> 'session alive' fails;
+    the session not stopped on disconnect -> the next Start is busy -> fail."""
+    alive = weakref.WeakSet()
+
+    class TrackedSession(demo.Session):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            alive.add(self)
+
+    monkeypatch.setattr(demo, "Session", TrackedSession)
+    baseline = threading.active_count()
+    with client(models, tmp_path / "videos") as c:
+        for cycle in range(20):
+            with c.websocket_connect("/ws") as ws:
+                recv(ws)
+                assert start(ws, seed=cycle)["type"] == "started", f"cycle {cycle}"
+                if cycle % 5 == 4:
+                    until(ws, "stats")
+            if cycle == 4:  # the first mid-stream disconnect is done
+                assert wait_for(lambda: not c.demo.device_lock.locked())
+                gc.collect()
+                rss_after_5 = rss_mib()
+        assert wait_for(lambda: not c.demo.device_lock.locked())
+        assert os.listdir(tmp_path / "videos") == []  # nobody is left to download a departed viewer's video
+    assert wait_for(lambda: threading.active_count() <= baseline), [t.name for t in threading.enumerate()]
+    gc.collect()
+    assert len(alive) == 0, "Session objects are still referenced after their viewers left"
+    assert rss_mib() - rss_after_5 < 40, (rss_after_5, rss_mib())
+
+
+# -----------------------------------------------------------------------------
+# flags
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--height", "30"], "--height 30 is not a positive multiple of 16"),
+    (["--max-frames", "4"], "--max-frames 4 must hold at least two blocks"),
+    (["--max-seconds", "0"], "--max-seconds 0.0 must be a positive number"),
+    (["--max-seconds", "nan"], "--max-seconds nan must be a positive number"),
+    (["--port", "70000"], "--port 70000 is not a TCP port"),
+    (["--device", "banana"], "--device 'banana' is not a torch device"),
+    (["--device", "cuda"], "CUDA is not available"),
+    (["--checkpoint", "/no/such.pt"], "checkpoint '/no/such.pt' does not exist"),
+    (["--host", "no-such-host.invalid"], "cannot listen on --host no-such-host.invalid"),
+    (["--port", "BUSY"], "choose another --port"),
+])
+def test_bad_flags_are_one_line_errors_before_loading(tmp_path, monkeypatch, flags, message):
+    """load_models is replaced by a failure: every error comes before loading. Planted: no port
+    check (uvicorn would fail only after the models load) -> the BUSY case fails; no CUDA check ->
+    the cuda case fails."""
+    if "cuda" in flags and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.setattr(demo, "load_models", lambda args: pytest.fail("models loaded before the flags were checked"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        flags = [str(busy.getsockname()[1]) if f == "BUSY" else f for f in flags]
+        with pytest.raises(cw.UserError, match=re.escape(message)) as e:
+            demo.main(demo.parse_args(["--tiny", *flags]))
+    assert "\n" not in str(e.value)
+
+
+def test_non_loopback_host_says_who_can_use_the_gpu(monkeypatch, capsys):
+    monkeypatch.setattr(demo, "load_models", lambda args: (_ for _ in ()).throw(cw.UserError("stop here")))
+    port = free_port()
+    with pytest.raises(cw.UserError, match="stop here"):
+        demo.main(demo.parse_args(["--tiny", "--host", "0.0.0.0", "--port", str(port)]))
+    assert capsys.readouterr().err.splitlines() == [f"warning: listening on 0.0.0.0: anyone who can reach port {port} can use this GPU"]
+
+
+def test_error_exit_is_one_line_without_traceback():
+    r = subprocess.run([sys.executable, "demo.py", "--tiny", "--height", "30"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: --height 30 is not a positive multiple of 16 (VAE 8x and patch 2x)"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -----------------------------------------------------------------------------
+# a real browser
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=900,900"]
+
+# distinct colours on the canvas: a blank (or single-colour) canvas has 1
+CANVAS_COLOURS = """
+const c = document.getElementById("video");
+const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+const seen = new Set();
+for (let i = 0; i < d.length; i += 4) seen.add((d[i] << 16) | (d[i + 1] << 8) | d[i + 2]);
+return seen.size;
+"""
+
+
+def test_browser_start_watch_stop_download(tiny_wan, tmp_path):
+    """`python demo.py --tiny` on a free port, driven in headless Chromium as a person would:
+    type a prompt and a seed, press Start, wait until two blocks of frames (9 + 12) are shown
+    and the canvas holds a picture, press Stop, and download the mp4 the page links to (as many
+    frames as the page says were generated). Saves a screenshot (demo.png in the test's tmp dir).
+    Planted: frames not drawn on the canvas -> 'blank' fails; frames counted but not played
+    (no queue tick) -> the counter never reaches 21."""
+    driver_path = shutil.which("chromedriver")
+    if shutil.which("chromium") is None or driver_path is None:
+        pytest.skip("Chromium is absent: `apt-get install -y chromium chromium-driver` (.ci/run does)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -r requirements.txt)")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "demo.py", "--tiny", "--model", tiny_wan, "--port", str(port)],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    driver = None
+    try:
+        options = webdriver.ChromeOptions()
+        options.binary_location = shutil.which("chromium")
+        for flag in CHROMIUM_FLAGS + [f"--user-data-dir={tmp_path / 'profile'}"]:
+            options.add_argument(flag)
+        driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path), options=options)
+        url = f"http://127.0.0.1:{port}"
+
+        def serving():
+            assert server.poll() is None, f"demo.py exited: {server.communicate()[0][-2000:]}"
+            try:
+                return urllib.request.urlopen(url, timeout=2).status == 200
+            except OSError:
+                return False
+
+        assert wait_for(serving, timeout=120), "demo.py did not serve the page"
+        driver.get(url)
+        text = lambda i: driver.find_element(By.ID, i).text  # noqa: E731
+        WebDriverWait(driver, 20).until(lambda d: text("status").startswith("ready"))
+        prompt, seed = driver.find_element(By.ID, "prompt"), driver.find_element(By.ID, "seed")
+        prompt.clear()
+        prompt.send_keys("a red fox running in the snow")
+        seed.clear()
+        seed.send_keys("5")
+        driver.find_element(By.ID, "start").click()
+        WebDriverWait(driver, 30).until(lambda d: int(text("frames")) >= 21)
+        assert driver.execute_script(CANVAS_COLOURS) > 50, "the canvas is blank"
+        assert re.fullmatch(r"\d+\.\d\d s", text("latency")) and float(text("fps")) > 0
+        assert text("status").startswith("generating (seed 5): a red fox running in the snow")
+        driver.save_screenshot(str(tmp_path / "demo.png"))
+        driver.find_element(By.ID, "stop").click()
+        WebDriverWait(driver, 20).until(lambda d: text("status").startswith("stopped"))
+        generated = int(re.search(r"(\d+) frames generated", text("status")).group(1))
+        link = driver.find_element(By.ID, "download")
+        assert link.is_displayed() and generated >= 21
+        mp4, fps = mp4_frames(urllib.request.urlopen(link.get_attribute("href"), timeout=10).read(), tmp_path / "download.mp4")
+        assert (len(mp4), fps, mp4[0].shape) == (generated, 16.0, (64, 64, 3))
+    finally:
+        if driver is not None:
+            driver.quit()
+        server.terminate()
+        server.wait(timeout=30)
