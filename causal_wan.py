@@ -484,10 +484,15 @@ class VideoStream:
     cache passes ran (the sink block first, then the recent frames in their blocks). `prefill`
     places given latents by the same replay: the frames a long video of that length would hold
     (the sink and the most recent ones). So a switch with re-cache after b blocks equals continuing
-    the first b blocks' latents under the new prompt, exactly, with or without eviction. Past the
-    window, though, the replay re-derives the recent frames' keys from the held frames only (the
-    evicted ones are gone), so a continuation equals the original video's remaining blocks only
-    while the whole video so far fits the window.
+    the first b blocks' latents under the new prompt, exactly, with or without eviction.
+
+    Within the window (no frame evicted yet) a continuation is exact: prefill of the first k blocks
+    of a video, then the same noise, gives exactly that video's remaining blocks (later evictions
+    included). Past the window it is not: like LongLive's re-cache, the replay re-derives the
+    recent frames' keys from the held frames only (sink + recent window), while the original
+    computed them when the evicted frames were still in the cache. So continuation == original
+    only within the window; past it, a continuation (and a re-cache under the same prompt) is a
+    close relative of the original, not the original.
     """
 
     def __init__(self, model, prompt_kv, block_size=3, max_frames=21, timesteps=DENOISING_TIMESTEPS,

@@ -169,6 +169,8 @@ def check_interactive(args, kind):
     """Before any model loads: (latent frames per block, the switches [(frame, prompt)], the
     frames the video starts from (uint8 [T, H, W, 3]) or None)."""
     latent_frames = (args.frames - 1) // 4 + 1
+    if args.no_recache and not args.switch:
+        raise cw.UserError("--no-recache changes how --switch switches prompts: give a --switch FRAME PROMPT too")
     if kind == "bidirectional":
         given = [f for f, on in [("--chunk", args.chunk_given), ("--switch", args.switch), ("--extend", args.extend),
                                  ("--image", args.image)] if on]
@@ -181,14 +183,14 @@ def check_interactive(args, kind):
     start_frames = read_start_frames(args)
     start = 0 if start_frames is None else (len(start_frames) - 1) // 4 + 1  # latent frames given
     first = max(1, pixel_frame(start))  # the first frame a switch may name
-    switches = []
+    switches, at = [], {}  # at: the frame each switch takes effect
     for frame, prompt in args.switch:
         if not re.fullmatch(r"-?\d+", frame):
             raise cw.UserError(f"--switch '{frame}': FRAME must be a video frame number, e.g. --switch 41 \"the fox jumps\"")
         frame = int(frame)
         if not first <= frame < args.frames:
-            raise cw.UserError(f"--switch {frame} is outside the video's generated frames {first}-{args.frames - 1}"
-                               + (f" (frames 0-{first - 1} are given by --extend/--image)" if start else ""))
+            raise cw.UserError(f"--switch {frame} is outside the frames a switch can name, {first}-{args.frames - 1}"
+                               + (f" (frames 0-{first - 1} come from --extend/--image)" if start else " (frame 0 is --prompt's)"))
         if not prompt.strip():
             raise cw.UserError(f"--switch {frame}: empty prompt")
         boundary = start  # the switch takes effect at the first block boundary at or after the frame
@@ -197,6 +199,10 @@ def check_interactive(args, kind):
         if boundary >= latent_frames:
             raise cw.UserError(f"--switch {frame}: the first block boundary at or after it is frame {pixel_frame(boundary)}, "
                                f"after the video's last frame {args.frames - 1}; switch earlier or make the video longer")
+        if pixel_frame(boundary) in at:
+            raise cw.UserError(f"--switch {at[pixel_frame(boundary)]} and --switch {frame} both take effect at frame "
+                               f"{pixel_frame(boundary)} (switches happen at block boundaries): give one of them")
+        at[pixel_frame(boundary)] = frame
         switches.append((frame, prompt))
     return args.chunk, switches, start_frames
 
@@ -206,31 +212,39 @@ def read_start_frames(args):
     [T, H, W, 3] of --height x --width, resized and center-cropped when needed; None without them."""
     if args.image and args.extend:
         raise cw.UserError("--extend and --image together: a video continues a clip or starts from an image, give one")
+    path = args.image or args.extend
+    if path is None:
+        return None
+    name = f"--{'image' if args.image else 'extend'} '{path}'"
+    if not os.path.isfile(path):
+        raise cw.UserError(f"{name} does not exist")
     if args.image:
         from PIL import Image
         try:
-            with Image.open(args.image) as image:
-                frames, name = np.asarray(image.convert("RGB"))[None], f"--image '{args.image}'"
-        except Exception as e:  # missing, not an image, truncated
-            raise cw.UserError(f"--image '{args.image}' is not a readable image ({type(e).__name__}): give a PNG or JPEG") from None
-    elif args.extend:
-        import imageio
-        try:
-            with imageio.get_reader(args.extend, "ffmpeg") as reader:  # (not list(reader): its length is inf)
-                frames, name = np.stack([frame for frame in reader]), f"--extend '{args.extend}'"
-        except Exception as e:  # missing, not a video, unknown format
-            raise cw.UserError(f"--extend '{args.extend}' is not a readable video ({type(e).__name__}): give an mp4") from None
-        if len(frames) < 2:
-            raise cw.UserError(f"--extend '{args.extend}' has a single frame: for image-to-video use --image")
-        usable = 4 * ((len(frames) - 1) // 4) + 1
-        if usable != len(frames):
-            print(f"note: {name} has {len(frames)} frames, not 4k+1: using its first {usable}", file=sys.stderr)
-        frames = frames[:usable]
+            with Image.open(path) as image:
+                frames = np.array(image.convert("RGB"))[None]  # [1, H, W, 3]
+        except Exception as e:  # not an image, truncated
+            raise cw.UserError(f"{name} is not a readable image ({type(e).__name__}): give a PNG or JPEG") from None
     else:
-        return None
+        import imageio
+        frames = []
+        try:
+            with imageio.get_reader(path, "ffmpeg") as reader:
+                for frame in reader:  # at most --frames of them: a longer clip leaves nothing to generate anyway
+                    frames.append(frame)
+                    if len(frames) == args.frames:
+                        break
+        except Exception as e:  # not a video, unknown format
+            raise cw.UserError(f"{name} is not a readable video ({type(e).__name__}): give an mp4") from None
+        if len(frames) < 5:
+            raise cw.UserError(f"{name} has {len(frames)} frame(s): continue a video of 5 frames or more, or use --image")
+        usable = 4 * ((len(frames) - 1) // 4) + 1
+        if usable != len(frames) and len(frames) < args.frames:
+            print(f"note: {name} has {len(frames)} frames, not 4k+1: using its first {usable}", file=sys.stderr)
+        frames = np.stack(frames[:usable])
     if len(frames) >= args.frames:
-        raise cw.UserError(f"{name} gives {len(frames)} frames and --frames {args.frames} counts the whole video, "
-                           f"nothing is left to generate: give more, e.g. --frames {len(frames) + 80}")
+        raise cw.UserError(f"{name} gives {len(frames)}{'+' if args.extend else ''} frames and --frames {args.frames} counts the "
+                           f"whole video, so nothing is left to generate: make --frames larger than the clip")
     return fit_frames(frames, args.height, args.width, name)
 
 
@@ -305,7 +319,7 @@ def block_noise(seed, start, shape, device, dtype):
     re-noising draws from next: seeded by (seed, start), on the CPU. A block's noise depends neither
     on the video's length nor on switches, so a finite video is the first frames of the endless
     stream with the same seed, on every device."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + start)
+    g = torch.Generator().manual_seed((seed * 1_000_003 + start) % 2**64)  # distinct per block; any seed
     return torch.randn(shape, generator=g).to(device, dtype), g
 
 
@@ -379,6 +393,8 @@ class FrameStream:
         if self.prefix is not None:
             stream.prefill(self.prefix)  # the decoder's causal cache is primed by decoding the prefix
             for start in range(0, self.prefix.shape[2], self.chunk):
+                if self._stop.is_set():
+                    return
                 yield self._kept(self.prefix[:, :, start:start + self.chunk]), start == 0
         while not self._stop.is_set() and (self.latent_frames is None or stream.pos < self.latent_frames):
             self._take_switches(stream)
@@ -393,16 +409,20 @@ class FrameStream:
         return z
 
     def _take_switches(self, stream):
-        """Apply, in the order asked, the switches due at this block boundary."""
+        """Apply the switch due at this block boundary; of several due at once, the last one asked
+        (the others would not generate a single frame)."""
         frame = pixel_frame(stream.pos)
         with self._lock:
             due = [r for r in self._requests if r[0] is None or r[0] <= frame]
             self._requests = [r for r in self._requests if not (r[0] is None or r[0] <= frame)]
-        for asked, prompt, recache in due:
-            stream.set_prompt(self.model.prompt_kv(self.encode(prompt)), recache=recache)
-            self.switches_done.append((frame, prompt, recache))
-            self.log(f"switch at frame {frame}" + (f" (asked for {asked})" if asked not in (None, frame) else "")
-                     + ("" if recache else " without re-cache") + f": {prompt[:80]}")
+        if not due:
+            return
+        asked, prompt, recache = due[-1]
+        stream.set_prompt(self.model.prompt_kv(self.encode(prompt)), recache=recache)
+        self.switches_done.append((frame, prompt, recache))
+        self.log(f"switch at frame {frame}" + (f" (asked for {asked})" if asked not in (None, frame) else "")
+                 + ("" if recache else " without re-cache") + f": {prompt[:80]}"
+                 + (f" ({len(due) - 1} earlier switch(es) due here dropped)" if len(due) > 1 else ""))
 
 
 def decode_blocks(blocks, decode, overlap=False):
@@ -423,10 +443,11 @@ def decode_blocks(blocks, decode, overlap=False):
                 ready.record(torch.cuda.current_stream(z.device))
                 z.record_stream(side_stream(z.device))  # the allocator must not reuse z before the side stream is done
             pending.append(worker.submit(decode_aside, decode, z, first, ready))
-            if first:
-                yield pending.popleft().result()
-            while pending and pending[0].done():
-                yield pending.popleft().result()  # a decode error is raised as soon as it is seen
+            # the first block at once (first-frame latency); then block b once b+1 is generated: at most
+            # one block waits, so frames are never late by more than a block and a slow decoder slows
+            # the generation down instead of queueing blocks without bound
+            while len(pending) > 1 or first and pending:
+                yield pending.popleft().result()  # a decode error is raised here
         while pending:
             yield pending.popleft().result()
 
