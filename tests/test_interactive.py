@@ -251,7 +251,9 @@ def bidirectional_checkpoint(tiny_wan, path):
 
 
 def test_cli_switch_extend_image_bidirectional(tiny_wan, tmp_path, capsys):
-    """The issue's commands on the tiny model write playable mp4s of the stated length."""
+    """The issue's commands on the tiny model write playable mp4s of the stated length (--frames
+    counts the whole output: an --extend clip's frames included).
+    Planted: the prefix primes the decoder but its frames are not yielded -> the --extend mp4 has 16 frames, fails."""
     from PIL import Image
     cli(tiny_wan, tmp_path, "--prompt", "a corgi", "--frames", 25, "--switch", 10, "the corgi jumps", "--out", tmp_path / "switch.mp4")
     assert "switch at frame 21 (asked for 10): the corgi jumps" in capsys.readouterr().out
