@@ -1,6 +1,6 @@
 """
 Text -> video with the causal (autoregressive) Wan: block by block with a KV cache, each block
-decoded as soon as it is denoised.
+decoded as soon as it is denoised; the prompt can change mid-video, a clip or an image can be continued.
 
     python sample.py --prompt "a corgi running in a park at sunset"                  # 81 frames 480x832
     python sample.py --checkpoint out/reward/ckpt.pt --prompt "..." --out corgi.mp4   # a trained generator (EMA)
@@ -10,9 +10,44 @@ decoded as soon as it is denoised.
     python sample.py --prompts-file prompts.txt --out videos/ --compile --overlap-decode  # speed options (BENCHMARKS.md)
     python sample.py --benchmark [--tiny]                                             # speed (see BENCHMARKS.md)
 
+    python sample.py --prompt "a corgi runs on a beach" --switch 41 "the corgi jumps into the sea" --frames 161
+    python sample.py --prompt "..." --frames 961 --switch 241 "..." --switch 481 "..." --switch 721 "..."  # 1 min, 4 prompts
+    python sample.py --prompt "the corgi swims back" --extend corgi.mp4 --frames 241  # the clip, then new frames
+    python sample.py --prompt "a corgi runs on a beach" --image first.png              # image-to-video
+    python sample.py --checkpoint runs/dmd/ckpt.pt --prompt "..."  # distill_dmd.py's bidirectional 4-step model
+
 --chunk 3 generates 3 latent frames (12 video frames) per block, --chunk 1 one latent frame.
 Videos longer than 81 frames keep an attention window of --max-frames latent frames (the first
 block stays as an attention sink), so the time per block stays flat.
+
+--switch FRAME PROMPT (repeatable): from the first block boundary at or after video frame FRAME
+(blocks start at frames 0, 9, 21, 33, ... chunk-wise; 0, 1, 5, 9, ... frame-wise) the video
+follows PROMPT; the log says at which frame. The KV cache of the frames the window holds (sink +
+recent frames) is recomputed under the new prompt from their clean latents, each at its own RoPE
+position (re-cache, as LongLive does), so the new prompt takes hold without a cut. --no-recache
+swaps only the cross-attention prompt (for comparison: the cached frames keep the old prompt).
+
+--extend CLIP continues a video: the clip (its longest 4k+1 prefix) is encoded by the Wan VAE
+(causal: first frame alone, then groups of 4) and its latents are placed in the KV cache as clean
+context, as a long video would hold them (the sink and the most recent frames). The output is the
+clip as the VAE reconstructs it, then the new frames, decoded in one pass of the causal decoder (no
+seam); --frames counts both. --image IMG starts the video from an image (the first latent frame),
+as Self Forcing's image-to-video does with a text-to-video generator: its quality with T2V-trained
+weights is untested. Clips and images of another size are resized and center-cropped to
+--height x --width. A bidirectional checkpoint (distill_dmd.py --generator bidirectional) renders
+the whole video as one block with full attention (no --chunk, --switch, --extend, --image).
+
+Exact (tests/test_interactive.py, on the tiny model): without a switch the video is training's
+rollout, bit for bit; frames before a switch are the single-prompt video's; a switch with re-cache
+after b blocks is bit for bit the continuation of those b blocks' latents under the new prompt;
+continuing the first latent frames of a video gives exactly its remaining frames while they fit
+the window (at most --max-frames minus --chunk latent frames: 69 video frames with the defaults),
+and its decode equals one decode of the whole video. Past the window a continuation is not the
+original: like LongLive's re-cache, it re-derives the recent frames' keys from the frames the
+window holds, while the original computed them with the evicted frames still in view. (--extend
+goes through the VAE encoder, so a clip's latents are the encoder's, not the generator's.) The
+noise of each block depends only on --seed and where the block starts: a video of N frames is the
+first N frames of a longer one with the same seed and switches (up to a shorter last block).
 """
 import argparse
 import collections
