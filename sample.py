@@ -218,14 +218,14 @@ def check_interactive(args, kind):
     start_frames = read_start_frames(args)
     start = 0 if start_frames is None else (len(start_frames) - 1) // 4 + 1  # latent frames given
     first = max(1, pixel_frame(start))  # the first frame a switch may name
-    switches, at = [], {}  # at: the frame each switch takes effect
+    switches, at = [], {}  # at: {the frame a switch takes effect: the frame it named}
     for frame, prompt in args.switch:
         if not re.fullmatch(r"-?\d+", frame):
             raise cw.UserError(f"--switch '{frame}': FRAME must be a video frame number, e.g. --switch 41 \"the fox jumps\"")
         frame = int(frame)
         if not first <= frame < args.frames:
-            raise cw.UserError(f"--switch {frame} is outside the frames a switch can name, {first}-{args.frames - 1}"
-                               + (f" (frames 0-{first - 1} come from --extend/--image)" if start else " (frame 0 is --prompt's)"))
+            why = "" if frame >= first else f" (frames 0-{first - 1} come from --extend/--image)" if start else " (frame 0 is --prompt's)"
+            raise cw.UserError(f"--switch {frame} is outside the frames a switch can name, {first}-{args.frames - 1}{why}")
         if not prompt.strip():
             raise cw.UserError(f"--switch {frame}: empty prompt")
         boundary = start  # the switch takes effect at the first block boundary at or after the frame
