@@ -163,6 +163,23 @@ def test_continuing_a_video_gives_its_remaining_blocks(model, vae, contexts, chu
     assert np.abs(frames.astype(int) - whole).max() <= 1 and (frames != whole).mean() < 1e-3  # fp32 order of ops only
 
 
+def test_clip_encoding_is_causal_and_normalized_as_decoding_expects(vae):
+    """vae_encode: 9 frames -> 3 latent frames, the first from frame 0 alone (causal: changing
+    frames 1-8 leaves it), normalized with the VAE's latents mean/std the other way round from
+    cw.vae_decode. Planted: normalized like decoding (mu * std + mean) -> fails."""
+    frames = np.random.default_rng(0).integers(0, 255, (9, 32, 32, 3), dtype=np.uint8)
+    later = frames.copy()
+    later[1:] = 255 - later[1:]
+    z, z_later = sample.vae_encode(vae, frames, "cpu"), sample.vae_encode(vae, later, "cpu")
+    assert z.shape == (1, 16, 3, 4, 4)
+    assert torch.equal(z[:, :, 0], z_later[:, :, 0]) and (z[:, :, 1:] - z_later[:, :, 1:]).abs().max() > 1e-3
+    with torch.no_grad():
+        x = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+        mu = vae.encode(x).latent_dist.mean
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1, 1) for v in (vae.config.latents_mean, vae.config.latents_std))
+    assert torch.allclose(z * std + mean, mu, atol=1e-5)
+
+
 def test_no_recache_differs_from_recache(model, contexts):
     """--no-recache switches only the cross-attention: its next blocks differ from the re-cached
     switch's and from no switch at all; the blocks before are the same.
