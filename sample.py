@@ -40,9 +40,9 @@ the whole video as one block with full attention (no --chunk, --switch, --extend
 Exact (tests/test_interactive.py, on the tiny model): without a switch the video is training's
 rollout, bit for bit; frames before a switch are the single-prompt video's; a switch with re-cache
 after b blocks is bit for bit the continuation of those b blocks' latents under the new prompt;
-continuing the first latent frames of a video gives exactly its remaining frames while they fit
-the window (at most --max-frames minus --chunk latent frames: 69 video frames with the defaults),
-and its decode equals one decode of the whole video. Past the window a continuation is not the
+continuing the first blocks of a video's latents gives exactly its remaining blocks while those
+first blocks fit the window (at most --max-frames minus --chunk latent frames: 69 video frames
+with the defaults), and its decode equals one decode of the whole video. Past the window a continuation is not the
 original: like LongLive's re-cache, it re-derives the recent frames' keys from the frames the
 window holds, while the original computed them with the evicted frames still in view. (--extend
 goes through the VAE encoder, so a clip's latents are the encoder's, not the generator's.) The
