@@ -354,8 +354,7 @@ class KVCache:
         self.pos += num_frames
         self.frames += num_frames
         self.tokens += L
-        # leave room for a next block of the same size: attention span <= max_frames
-        drop = self.frames - max(self.max_frames - num_frames, self.sink_frames)
+        drop = self.frames - self.frames_kept(num_frames)
         if drop > 0:
             s, e = self.sink_frames * tokens_per_frame, (self.sink_frames + drop) * tokens_per_frame
             if self.static:  # move the recent frames down over the dropped ones (clone: the ranges overlap)
@@ -366,6 +365,17 @@ class KVCache:
                 self.kv = [(torch.cat([k[:, :, :s], k[:, :, e:]], 2), torch.cat([v[:, :, :s], v[:, :, e:]], 2)) for k, v in self.kv]
             self.frames -= drop
             self.tokens -= e - s
+
+    def frames_kept(self, num_frames):
+        """How many frames the cache keeps after a block of num_frames: the sink plus the most recent
+        ones, leaving room for a next block of the same size (attention span <= max_frames)."""
+        return max(self.max_frames - num_frames, self.sink_frames)
+
+    def clear(self):
+        """Forget every frame (a re-cache refills the cache); in place, the buffers stay allocated."""
+        if not self.static:
+            self.kv = [None] * len(self.kv)
+        self.pos = self.frames = self.tokens = 0
 
     def num_bytes(self):
         return sum(t.numel() * t.element_size() for kv in self.kv if kv is not None for t in kv)
@@ -454,14 +464,140 @@ def predict_x0(model, x, t, prompt_kv, **kw):
     return (x.float() - s * v.float()).to(x.dtype)
 
 
+class VideoStream:
+    """A latent video generated block by block with the KV cache: the one generation loop that
+    training (`rollout`), sample.py and the live demo share.
+
+        stream = VideoStream(model, prompt_kv, block_size=3)       # total_frames=None: endless
+        x0 = stream.next_block(noise, generator)                  # noise [B, C, n, H, W] -> clean block
+        stream.set_prompt(model.prompt_kv(new_context))           # switch the prompt (re-cache)
+        stream.prefill(latents)                                   # a fresh stream continues these frames
+
+    Each block: denoise with the few-step schedule at RoPE position `pos` (predict x0, re-noise it
+    to the next timestep with noise from `generator`), then run the clean x0 once more at t=0 to
+    write its keys/values into the cache (skipped after the last block of a video of known length:
+    nothing reads it). The stream also holds the clean latents of exactly the frames the cache
+    holds (attention sink + recent window), with their positions and the blocks they were cached in.
+
+    Re-cache (LongLive's): `set_prompt(kv, recache=True)` rebuilds the cache under the new prompt
+    from those held latents, each frame at its own RoPE position, replayed block by block as the
+    cache passes ran (the sink block first, then the recent frames in their blocks). `prefill`
+    places given latents by the same replay: the frames a long video of that length would hold
+    (the sink and the most recent ones). So a switch with re-cache after b blocks equals continuing
+    the first b blocks' latents under the new prompt, exactly, with or without eviction.
+
+    Within the window (no frame evicted yet) a continuation is exact: prefill of the first k blocks
+    of a video, then the same noise, gives exactly that video's remaining blocks (later evictions
+    included). Past the window it is not: like LongLive's re-cache, the replay re-derives the
+    recent frames' keys from the held frames only (sink + recent window), while the original
+    computed them when the evicted frames were still in the cache. So continuation == original
+    only within the window; past it, a continuation (and a re-cache under the same prompt) is a
+    close relative of the original, not the original.
+    """
+
+    def __init__(self, model, prompt_kv, block_size=3, max_frames=21, timesteps=DENOISING_TIMESTEPS,
+                 total_frames=None, static=None):
+        self.model, self.prompt_kv, self.block_size, self.timesteps = model, prompt_kv, block_size, timesteps
+        self.total_frames = total_frames  # latent frames of the video, or None (endless)
+        if static is None:  # in place, except for a single block (it reads no cache)
+            static = total_frames is None or total_frames > block_size
+        sink = block_size if total_frames is None else min(block_size, total_frames)
+        self.kv_cache = KVCache(len(model.blocks), max_frames=max_frames, sink_frames=sink, static=static,
+                                total_frames=total_frames)
+        self.pos = 0  # latent frames so far = the RoPE position of the next block
+        self.held = None  # [B, C, n, H, W]: clean latents of the n frames the cache holds
+        self.held_pos = []  # the absolute position of each
+        self.held_block = []  # the position of the block each was cached with (a re-cache replays the same blocks)
+
+    def next_block(self, noise, generator=None, exit_step=None, grad=False, steps=None):
+        """noise [B, C, n, H, W] -> the clean block x0 at positions pos..pos+n-1.
+
+        exit_step (training): stop after that denoising step; with grad=True the gradient flows
+        through that step only. steps: a list that receives the noisy input x_t of every step."""
+        B, n = noise.shape[0], noise.shape[2]
+        last = len(self.timesteps) - 1 if exit_step is None else int(exit_step)
+        x = noise
+        for i in range(last + 1):
+            if steps is not None:
+                steps.append(x)
+            t = torch.full((B,), self.timesteps[i], device=x.device, dtype=torch.float32)
+            with torch.set_grad_enabled(grad and i == last):
+                x0 = predict_x0(self.model, x, t, self.prompt_kv, kv_cache=self.kv_cache)
+            if i < last:
+                s = self.timesteps[i + 1] / 1000
+                eps = torch.randn(x0.shape, generator=generator, device=generator.device if generator else x0.device)
+                eps = eps.to(x0.device, x0.dtype)  # a CPU generator gives the same noise on every device
+                x = (1 - s) * x0 + s * eps
+        if self.total_frames is None or self.pos + n < self.total_frames:
+            self._cache_block(x0.detach(), self.pos)
+        self.pos += n
+        return x0
+
+    @torch.no_grad()
+    def _cache_block(self, x0, block_pos):
+        """The clean pass: x0 [B, C, n, H, W] at t=0 writes its keys/values at position kv_cache.pos;
+        then hold its latents, dropping those of the frames the cache just evicted."""
+        first = self.kv_cache.pos
+        self.model(x0, torch.zeros(x0.shape[0], device=x0.device), self.prompt_kv, kv_cache=self.kv_cache, update_cache=True)
+        n = x0.shape[2]
+        self.held = x0 if self.held is None else torch.cat([self.held, x0], 2)
+        self.held_pos += range(first, first + n)
+        self.held_block += [block_pos] * n
+        if len(self.held_pos) > self.kv_cache.frames:  # the cache keeps its sink and its most recent frames
+            sink, recent = self.kv_cache.sink_frames, self.kv_cache.frames - self.kv_cache.sink_frames
+            keep = list(range(sink)) + list(range(len(self.held_pos) - recent, len(self.held_pos)))
+            self._keep(keep)
+
+    def _keep(self, frames):
+        """Hold only these (indices into the held frames)."""
+        self.held = self.held[:, :, frames]
+        self.held_pos = [self.held_pos[i] for i in frames]
+        self.held_block = [self.held_block[i] for i in frames]
+
+    def _replay(self):
+        """Rebuild the cache under self.prompt_kv from the held latents: each run of frames that
+        was cached in one block is cached again in one block, at its own positions."""
+        held, pos, block = self.held, self.held_pos, self.held_block
+        self.kv_cache.clear()
+        self.held, self.held_pos, self.held_block = None, [], []
+        start = 0
+        for i in range(1, len(pos) + 1):
+            if i == len(pos) or block[i] != block[start] or pos[i] != pos[i - 1] + 1:
+                self.kv_cache.pos = pos[start]
+                self._cache_block(held[:, :, start:i], block[start])
+                start = i
+        self.kv_cache.pos = self.pos
+
+    def set_prompt(self, prompt_kv, recache=True):
+        """Generate the next blocks under a new prompt (its `model.prompt_kv`). recache=True
+        recomputes the cache of the held frames under it; False switches only the cross-attention
+        keys/values (the cached frames keep the old prompt's keys: the new prompt takes hold slowly)."""
+        self.prompt_kv = prompt_kv
+        if recache and self.held is not None:
+            self._replay()
+
+    def prefill(self, latents):
+        """Continue a video: latents [B, C, L, H, W] are its first L clean frames (a clip, an image).
+        A fresh stream places the frames a long video of L frames made in blocks of block_size
+        would hold in its cache (the sink and the most recent ones) and goes on at position L."""
+        if self.pos != 0:
+            raise ValueError("prefill starts a stream: this one has already generated frames")
+        L = latents.shape[2]
+        self.held, self.held_pos = latents, list(range(L))
+        self.held_block = [p - p % self.block_size for p in range(L)]
+        kept, sink = self.kv_cache.frames_kept(self.block_size), self.kv_cache.sink_frames
+        if L > kept:
+            self._keep(list(range(sink)) + list(range(L - (kept - sink), L)))
+        self.pos = L
+        self._replay()
+
+
 def rollout(model, noise, prompt_kv, block_size=3, timesteps=DENOISING_TIMESTEPS, exit_steps=None,
             max_frames=21, generator=None, on_block=None, trajectory=None, grad_blocks=None, static_cache=None):
     """Generate a video block by block with the KV cache: noise [B, C, F, H, W] -> clean latents.
-
-    Each block: denoise with the few-step schedule (predict x0, re-noise it to the next timestep
-    with fresh noise), then run the clean x0 once more at t=0 to write its keys/values into the
-    cache (skipped after the last block: nothing reads it). A last block shorter than block_size
-    is allowed. block_size >= F is the bidirectional few-step generator: one block, full attention.
+    Each block is `VideoStream.next_block` (denoise with the few-step schedule, then the clean pass
+    that writes the cache). A last block shorter than block_size is allowed. block_size >= F is the
+    bidirectional few-step generator: one block, full attention.
 
     Training (Self Forcing): exit_steps[b] stops block b after that denoising step and returns
     its x0; when grad is enabled it flows only through that step. Earlier steps and the cache
@@ -473,35 +609,23 @@ def rollout(model, noise, prompt_kv, block_size=3, timesteps=DENOISING_TIMESTEPS
     static_cache: the KV cache's storage (None: in place without grad if there are several blocks,
     else concatenated).
     """
-    B, C, nF, H, W = noise.shape
+    nF = noise.shape[2]
     grad = torch.is_grad_enabled()
     # inference writes the cache in place; training concatenates (see KVCache)
     # (a single block reads no cache: then nothing is preallocated)
     static = (not grad and nF > block_size) if static_cache is None else static_cache
-    kv_cache = KVCache(len(model.blocks), max_frames=max_frames, sink_frames=min(block_size, nF), static=static, total_frames=nF)
+    stream = VideoStream(model, prompt_kv, block_size, max_frames, timesteps, total_frames=nF, static=static)
     blocks = []
     for b, start in enumerate(range(0, nF, block_size)):
-        x = noise[:, :, start:start + block_size]
-        last = len(timesteps) - 1 if exit_steps is None else int(exit_steps[b])
-        steps = []
-        for i in range(last + 1):
-            steps.append(x)
-            t = torch.full((B,), timesteps[i], device=x.device, dtype=torch.float32)
-            with torch.set_grad_enabled(grad and i == last and (grad_blocks is None or b in grad_blocks)):
-                x0 = predict_x0(model, x, t, prompt_kv, kv_cache=kv_cache)
-            if i < last:
-                s = timesteps[i + 1] / 1000
-                eps = torch.randn(x0.shape, generator=generator, device=generator.device if generator else x0.device)
-                eps = eps.to(x0.device, x0.dtype)  # a CPU generator gives the same noise on every device
-                x = (1 - s) * x0 + s * eps
-        if start + block_size < nF:
-            with torch.no_grad():
-                model(x0.detach(), torch.zeros(B, device=x.device), prompt_kv, kv_cache=kv_cache, update_cache=True)
+        steps = [] if trajectory is not None else None
+        x0 = stream.next_block(noise[:, :, start:start + block_size], generator,
+                               exit_step=None if exit_steps is None else exit_steps[b],
+                               grad=grad and (grad_blocks is None or b in grad_blocks), steps=steps)
         blocks.append(x0)
         if trajectory is not None:
             trajectory.append(steps)
         if on_block is not None:
-            on_block(b, x0, kv_cache)
+            on_block(b, x0, stream.kv_cache)
     return torch.cat(blocks, dim=2)
 
 
@@ -600,12 +724,13 @@ def from_pretrained(model=DEFAULT_MODEL, dtype=torch.float32, device="cpu"):
     return net.to(device=device, dtype=dtype)
 
 
-def load_checkpoint(path):
-    """torch.load of a checkpoint, turning a missing or corrupt file into a one-line error."""
+def load_checkpoint(path, mmap=False):
+    """torch.load of a checkpoint, turning a missing or corrupt file into a one-line error.
+    mmap=True reads tensors only when touched (e.g. to look at its 'args' alone)."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint '{path}' does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise UserError(f"checkpoint '{path}' is not a readable torch checkpoint ({type(e).__name__}: {str(e)[:100]})") from None
 
@@ -628,12 +753,18 @@ def generator_state_dict(ckpt, use_ema=True):
     return original_to_diffusers(sd) if is_original_layout(sd) else dict(sd)
 
 
+def generator_kind(ckpt):
+    """'bidirectional' for distill_dmd.py's 4-step bidirectional model (its args say so), else 'causal'."""
+    args = ckpt.get("args") if isinstance(ckpt, dict) else None
+    return args.get("generator", "causal") if isinstance(args, dict) else "causal"
+
+
 def load_generator_weights(model, path, use_ema=True, kind="causal"):
     """Load the generator weights of the checkpoint at `path` into model (strict), or say in one
     line why they do not fit. kind: the generator the caller runs; distill_dmd.py records
     'bidirectional' for its 4-step bidirectional model, every other checkpoint is causal."""
     ckpt = load_checkpoint(path)
-    saved = ckpt.get("args", {}).get("generator", "causal") if isinstance(ckpt, dict) and isinstance(ckpt.get("args"), dict) else "causal"
+    saved = generator_kind(ckpt)
     if saved != kind:
         raise UserError(f"checkpoint '{path}' holds a {saved} generator, but a {kind} one is needed here"
                         + (" (the bidirectional 4-step model is train_ode.py's --teacher)" if saved == "bidirectional" else ""))

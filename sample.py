@@ -1,6 +1,6 @@
 """
 Text -> video with the causal (autoregressive) Wan: block by block with a KV cache, each block
-decoded as soon as it is denoised.
+decoded as soon as it is denoised; the prompt can change mid-video, a clip or an image can be continued.
 
     python sample.py --prompt "a corgi running in a park at sunset"                  # 81 frames 480x832
     python sample.py --checkpoint out/reward/ckpt.pt --prompt "..." --out corgi.mp4   # a trained generator (EMA)
@@ -10,11 +10,47 @@ decoded as soon as it is denoised.
     python sample.py --prompts-file prompts.txt --out videos/ --compile --overlap-decode  # speed options (BENCHMARKS.md)
     python sample.py --benchmark [--tiny]                                             # speed (see BENCHMARKS.md)
 
+    python sample.py --prompt "a corgi runs on a beach" --switch 41 "the corgi jumps into the sea" --frames 161
+    python sample.py --prompt "..." --frames 961 --switch 241 "..." --switch 481 "..." --switch 721 "..."  # 1 min, 4 prompts
+    python sample.py --prompt "the corgi swims back" --extend corgi.mp4 --frames 241  # the clip, then new frames
+    python sample.py --prompt "a corgi runs on a beach" --image first.png              # image-to-video
+    python sample.py --checkpoint runs/dmd/ckpt.pt --prompt "..."  # distill_dmd.py's bidirectional 4-step model
+
 --chunk 3 generates 3 latent frames (12 video frames) per block, --chunk 1 one latent frame.
 Videos longer than 81 frames keep an attention window of --max-frames latent frames (the first
 block stays as an attention sink), so the time per block stays flat.
+
+--switch FRAME PROMPT (repeatable): from the first block boundary at or after video frame FRAME
+(blocks start at frames 0, 9, 21, 33, ... chunk-wise; 0, 1, 5, 9, ... frame-wise) the video
+follows PROMPT; the log says at which frame. The KV cache of the frames the window holds (sink +
+recent frames) is recomputed under the new prompt from their clean latents, each at its own RoPE
+position (re-cache, as LongLive does), so the new prompt takes hold without a cut. --no-recache
+swaps only the cross-attention prompt (for comparison: the cached frames keep the old prompt).
+
+--extend CLIP continues a video: the clip (its longest 4k+1 prefix) is encoded by the Wan VAE
+(causal: first frame alone, then groups of 4) and its latents are placed in the KV cache as clean
+context, as a long video would hold them (the sink and the most recent frames). The output is the
+clip as the VAE reconstructs it, then the new frames, decoded in one pass of the causal decoder (no
+seam); --frames counts both. --image IMG starts the video from an image (the first latent frame),
+as Self Forcing's image-to-video does with a text-to-video generator: its quality with T2V-trained
+weights is untested. Clips and images of another size are resized and center-cropped to
+--height x --width. A bidirectional checkpoint (distill_dmd.py --generator bidirectional) renders
+the whole video as one block with full attention (no --chunk, --switch, --extend, --image).
+
+Exact (tests/test_interactive.py, on the tiny model): without a switch the video is training's
+rollout, bit for bit; frames before a switch are the single-prompt video's; a switch with re-cache
+after b blocks is bit for bit the continuation of those b blocks' latents under the new prompt;
+continuing the first blocks of a video's latents gives exactly its remaining blocks while those
+first blocks fit the window (at most --max-frames minus --chunk latent frames: 69 video frames
+with the defaults), and its decode equals one decode of the whole video. Past the window a continuation is not the
+original: like LongLive's re-cache, it re-derives the recent frames' keys from the frames the
+window holds, while the original computed them with the evicted frames still in view. (--extend
+goes through the VAE encoder, so a clip's latents are the encoder's, not the generator's.) The
+noise of each block depends only on --seed and where the block starts: a video of N frames is the
+first N frames of a longer one with the same seed and switches (up to a shorter last block).
 """
 import argparse
+import collections
 import contextlib
 import copy
 import math
@@ -22,9 +58,12 @@ import os
 import re
 import resource
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -44,11 +83,16 @@ def parse_args(argv=None):
     p.add_argument("--frames", type=int, default=81, help="video frames, 4k+1 (81 = 5 s at 16 fps)")
     p.add_argument("--height", type=int, help="multiple of 16 (default 480; 64 with --tiny)")
     p.add_argument("--width", type=int, help="multiple of 16 (default 832; 64 with --tiny)")
-    p.add_argument("--chunk", type=int, default=3, choices=[1, 3], help="latent frames per block: 3 chunk-wise, 1 frame-wise")
+    p.add_argument("--chunk", type=int, choices=[1, 3], help="latent frames per block: 3 chunk-wise (default), 1 frame-wise")
     p.add_argument("--max-frames", type=int, default=21, help="attention window in latent frames (long videos)")
     p.add_argument("--out", default="out.mp4", help="an .mp4 path for one video, else a folder")
     p.add_argument("--fps", type=int, default=16)
     p.add_argument("--stream", action="store_true", help="write each block into the mp4 as soon as it is decoded (fragmented mp4, playable while written)")
+    p.add_argument("--switch", nargs=2, action="append", default=[], metavar=("FRAME", "PROMPT"),
+                   help="from the first block boundary at or after video frame FRAME on, generate PROMPT (repeatable)")
+    p.add_argument("--no-recache", action="store_true", help="--switch changes only the cross-attention, without re-caching (for comparison)")
+    p.add_argument("--extend", metavar="CLIP", help="continue this video: the output is the clip, then new frames (--frames counts both)")
+    p.add_argument("--image", help="image-to-video: the image is the first frame (untested with text-to-video weights)")
     p.add_argument("--tiny", action="store_true", help="random tiny Wan built on the fly (CPU demo; output is noise)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="default bf16 on GPU, fp32 on CPU")
@@ -72,6 +116,7 @@ def parse_args(argv=None):
     if args.long_frames is None:
         args.long_frames = 161 if args.tiny else 961
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    args.chunk_given, args.chunk = args.chunk is not None, args.chunk or 3
     return args
 
 
@@ -134,15 +179,152 @@ def slug(text, n=60):
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:n] or "video"
 
 
-def load_generator(args, device, dtype):
+def load_generator(args, device, dtype, kind="causal"):
     if args.tiny:
         if args.model == cw.tiny_model_dir():
             cw.make_tiny_wan(args.model)  # built once, then reused
         print("--tiny: random-init tiny Wan, the video is noise (it tests the pipeline, not the model)", file=sys.stderr)
     model = cw.from_pretrained(args.model, dtype=torch.float32)
     if args.checkpoint:
-        cw.load_generator_weights(model, args.checkpoint, use_ema=not args.no_ema)
+        cw.load_generator_weights(model, args.checkpoint, use_ema=not args.no_ema, kind=kind)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+# -----------------------------------------------------------------------------
+# interactive inputs: --switch, --extend, --image, and a bidirectional --checkpoint
+
+
+def generator_of(args):
+    """'causal', or 'bidirectional' for distill_dmd.py --generator bidirectional: read from the
+    checkpoint's args without loading its weights (mmap)."""
+    return cw.generator_kind(cw.load_checkpoint(args.checkpoint, mmap=True)) if args.checkpoint else "causal"
+
+
+def check_interactive(args, kind):
+    """Before any model loads: (latent frames per block, the switches [(frame, prompt)], the
+    frames the video starts from (uint8 [T, H, W, 3]) or None)."""
+    latent_frames = (args.frames - 1) // 4 + 1
+    if args.no_recache and not args.switch:
+        raise cw.UserError("--no-recache changes how --switch switches prompts: give a --switch FRAME PROMPT too")
+    if kind == "bidirectional":
+        given = [f for f, on in [("--chunk", args.chunk_given), ("--switch", args.switch), ("--extend", args.extend),
+                                 ("--image", args.image)] if on]
+        if given:
+            raise cw.UserError(f"checkpoint '{args.checkpoint}' is a bidirectional generator: it renders the whole video as "
+                               f"one block, so {given[0]} does not apply (drop it, or use a causal checkpoint)")
+        print(f"note: '{args.checkpoint}' is a bidirectional 4-step generator: the whole video ({latent_frames} latent "
+              f"frames) is rendered as one block with full attention", file=sys.stderr)
+        return latent_frames, [], None
+    start_frames = read_start_frames(args)
+    start = 0 if start_frames is None else (len(start_frames) - 1) // 4 + 1  # latent frames given
+    first = max(1, pixel_frame(start))  # the first frame a switch may name
+    switches, at = [], {}  # at: {the frame a switch takes effect: the frame it named}
+    for frame, prompt in args.switch:
+        if not re.fullmatch(r"-?\d+", frame):
+            raise cw.UserError(f"--switch '{frame}': FRAME must be a video frame number, e.g. --switch 41 \"the fox jumps\"")
+        frame = int(frame)
+        if not first <= frame < args.frames:
+            why = "" if frame >= first else f" (frames 0-{first - 1} come from --extend/--image)" if start else " (frame 0 is --prompt's)"
+            raise cw.UserError(f"--switch {frame} is outside the frames a switch can name, {first}-{args.frames - 1}{why}")
+        if not prompt.strip():
+            raise cw.UserError(f"--switch {frame}: empty prompt")
+        boundary = start  # the switch takes effect at the first block boundary at or after the frame
+        while pixel_frame(boundary) < frame:
+            boundary += args.chunk
+        if boundary >= latent_frames:
+            raise cw.UserError(f"--switch {frame}: the first block boundary at or after it is frame {pixel_frame(boundary)}, "
+                               f"after the video's last frame {args.frames - 1}; switch earlier or make the video longer")
+        if pixel_frame(boundary) in at:
+            raise cw.UserError(f"--switch {at[pixel_frame(boundary)]} and --switch {frame} both take effect at frame "
+                               f"{pixel_frame(boundary)} (switches happen at block boundaries): give one of them")
+        at[pixel_frame(boundary)] = frame
+        switches.append((frame, prompt))
+    return args.chunk, switches, start_frames
+
+
+def read_start_frames(args):
+    """--image (one frame) or --extend (a clip, cut to its longest 4k+1 prefix) as uint8 frames
+    [T, H, W, 3] of --height x --width, resized and center-cropped when needed; None without them."""
+    if args.image and args.extend:
+        raise cw.UserError("--extend and --image together: a video continues a clip or starts from an image, give one")
+    path = args.image or args.extend
+    if path is None:
+        return None
+    name = f"--{'image' if args.image else 'extend'} '{path}'"
+    if not os.path.isfile(path):
+        raise cw.UserError(f"{name} does not exist")
+    if args.image:
+        from PIL import Image
+        try:
+            with Image.open(path) as image:
+                frames = np.array(image.convert("RGB"))[None]  # [1, H, W, 3]
+        except Exception as e:  # not an image, truncated
+            raise cw.UserError(f"{name} is not a readable image ({type(e).__name__}): give a PNG or JPEG") from None
+    else:
+        import imageio
+        frames = []
+        try:
+            with imageio.get_reader(path, "ffmpeg") as reader:
+                for frame in reader:  # at most --frames of them: a longer clip leaves nothing to generate anyway
+                    frames.append(frame)
+                    if len(frames) == args.frames:
+                        break
+        except Exception as e:  # not a video, unknown format
+            raise cw.UserError(f"{name} is not a readable video ({type(e).__name__}): give an mp4") from None
+        if len(frames) < 5:
+            raise cw.UserError(f"{name} has {len(frames)} frame(s): continue a video of 5 frames or more, or use --image")
+        usable = 4 * ((len(frames) - 1) // 4) + 1
+        if usable != len(frames) and len(frames) < args.frames:
+            print(f"note: {name} has {len(frames)} frames, not 4k+1: using its first {usable}", file=sys.stderr)
+        frames = np.stack(frames[:usable])
+    if len(frames) >= args.frames:
+        raise cw.UserError(f"{name} gives {len(frames)}{'+' if args.extend else ''} frames and --frames {args.frames} counts the "
+                           f"whole video, so nothing is left to generate: make --frames larger than the clip")
+    return fit_frames(frames, args.height, args.width, name)
+
+
+def fit_frames(frames, height, width, name):
+    """uint8 frames [T, H, W, 3] -> [T, height, width, 3]: scaled to cover the size, center-cropped."""
+    H, W = frames.shape[1:3]
+    if (H, W) == (height, width):
+        return frames
+    print(f"note: {name} is {H}x{W}: resized and center-cropped to {height}x{width}", file=sys.stderr)
+    scale = max(height / H, width / W)
+    size = (max(height, round(H * scale)), max(width, round(W * scale)))
+    top, left = (size[0] - height) // 2, (size[1] - width) // 2
+    out = []
+    for chunk in torch.from_numpy(frames).split(16):  # a few frames at a time: a long clip stays small
+        x = torch.nn.functional.interpolate(chunk.permute(0, 3, 1, 2).float(), size=size, mode="bilinear", antialias=True)
+        out.append(x[:, :, top:top + height, left:left + width].round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1))
+    return torch.cat(out).numpy()
+
+
+@torch.no_grad()
+def vae_encode(vae, frames, device):
+    """uint8 frames [T, H, W, 3] (T = 4k+1) -> latents [1, 16, 1+k, H/8, W/8], normalized as
+    cw.vae_decode expects: the Wan VAE's causal encoder (first frame alone, then groups of 4),
+    the mean of its posterior."""
+    x = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].to(device).float() / 127.5 - 1  # [1, 3, T, H, W]
+    mu = vae.encode(x.to(vae.dtype)).latent_dist.mode().float()
+    mean = torch.tensor(vae.config.latents_mean, device=device).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, device=device).view(1, -1, 1, 1, 1)
+    return (mu - mean) / std
+
+
+def write_video(path, blocks, fps, stream, frames_per_block, progress=None):
+    """Write the blocks of uint8 frames [T, H, W, 3] to an mp4; returns the frame count. Without
+    --stream a finished file is always a whole video: written aside, then renamed."""
+    tmp = path if stream else path + ".part.mp4"
+    count = 0
+    with open_writer(tmp, fps, stream, frames_per_block) as writer:
+        for frames in blocks:
+            for frame in frames:
+                writer.append_data(frame)
+            count += len(frames)
+            if progress is not None:
+                progress.update(1)
+    os.replace(tmp, path)
+    return count
 
 
 def open_writer(path, fps, stream, frames_per_block):
@@ -157,44 +339,180 @@ def open_writer(path, fps, stream, frames_per_block):
     return imageio.get_writer(path, fps=fps, codec="libx264", macro_block_size=1, ffmpeg_params=params)
 
 
+# -----------------------------------------------------------------------------
+# the streaming API: file output, --stream and demo.py all iterate a FrameStream
+
+
+def pixel_frame(latent_pos):
+    """The first video frame of latent frame `latent_pos`: latent 0 is frame 0, latent p >= 1 is
+    frames 4p-3 .. 4p (the VAE's first frame alone, then groups of 4)."""
+    return 0 if latent_pos == 0 else 4 * latent_pos - 3
+
+
+def block_noise(seed, start, shape, device, dtype):
+    """The initial noise of the block that starts at latent frame `start`, and the generator its
+    re-noising draws from next: seeded by (seed, start), on the CPU. A block's noise depends neither
+    on the video's length nor on switches, so a finite video is the first frames of the endless
+    stream with the same seed, on every device."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + start) % 2**64)  # distinct per block; any seed
+    return torch.randn(shape, generator=g).to(device, dtype), g
+
+
+class FrameStream:
+    """A video generated block by block, iterated as the uint8 frames [T, H, W, 3] of each block as
+    soon as they are decoded; between blocks it takes a new prompt or a stop from any thread.
+
+        stream = FrameStream(model, decode, model.prompt_kv(encode(prompt)), encode=encode,
+                             height=480, width=832, seed=0)        # frames=None: endless
+        for frames in stream:                                      # one thread iterates, once
+            ...                                                    # elsewhere: stream.switch(...), stream.stop()
+
+    model: the causal transformer (its device and dtype are the stream's). decode(z, first):
+    latents [1, 16, n, h, w] -> pixels [1, 3, T, H, W] in [-1, 1], first=True resetting its causal
+    state (`partial(cw.vae_decode, vae)`). encode(prompt) -> text context [1, S, text_dim] for
+    switches; it runs in the iterating thread. frames: the video's length (4k+1 video frames,
+    prefix included), None to run until stop(). prefix: clean latents [1, 16, L, h, w] the video
+    starts with (an --extend clip, an --image): their decoded frames come first, then new frames
+    from position L. noise(start, n) -> (noise [1, 16, n, h, w], generator): each block's noise
+    (default `block_noise` with `seed`). keep_latents: collect every block's latents in `latents`.
+
+    Thread safety: switch() and stop() may be called from any thread at any time; they only queue
+    a request under a lock, applied by the iterating thread before its next block. `frames_done`,
+    `switches_done` [(frame, prompt, recache)] and `latents` are written by the iterating thread only.
+    With overlap, each block is decoded in a worker thread while the next one is generated (see
+    decode_blocks).
+    """
+
+    def __init__(self, model, decode, prompt_kv, *, height, width, seed=0, frames=None, chunk=3, max_frames=21,
+                 encode=None, prefix=None, overlap=False, log=None, keep_latents=False, noise=None, static_cache=None):
+        param = next(model.parameters())
+        shape = lambda n: (1, model.cfg.in_channels, n, height // 8, width // 8)  # noqa: E731
+        self.model, self.decode, self.prompt_kv, self.encode = model, decode, prompt_kv, encode
+        self.noise = noise or (lambda start, n: block_noise(seed, start, shape(n), param.device, param.dtype))
+        self.latent_frames = None if frames is None else (frames - 1) // 4 + 1
+        self.chunk, self.max_frames, self.overlap, self.static_cache = chunk, max_frames, overlap, static_cache
+        self.prefix = None if prefix is None else prefix.to(param.device, param.dtype)
+        self.log = log or (lambda message: None)
+        self.frames_done, self.switches_done = 0, []
+        self.latents = [] if keep_latents else None
+        self._lock, self._requests, self._stop, self._started = threading.Lock(), [], threading.Event(), False
+
+    def switch(self, prompt, recache=True, frame=None):
+        """Generate `prompt` from the first block boundary at or after video frame `frame` on (None:
+        the next boundary). recache=False switches only the cross-attention (see cw.VideoStream)."""
+        if not prompt.strip():
+            raise cw.UserError("empty switch prompt: give a text description of what comes next")
+        if self.encode is None:
+            raise cw.UserError("this stream has no encode function: it cannot switch prompts")
+        with self._lock:
+            self._requests.append((frame, prompt, recache))
+
+    def stop(self):
+        """End the video after the block being generated; the frames of the blocks already
+        generated are still yielded, then the iteration ends."""
+        self._stop.set()
+
+    def __iter__(self):
+        if self._started:
+            raise RuntimeError("a FrameStream is iterated once")
+        self._started = True
+        for frames in decode_blocks(self._latent_blocks(), self.decode, self.overlap):
+            self.frames_done += len(frames)
+            yield frames
+
+    @torch.no_grad()
+    def _latent_blocks(self):
+        """(latents, first) of each block to decode: the prefix's, then the generated ones."""
+        stream = cw.VideoStream(self.model, self.prompt_kv, self.chunk, self.max_frames, total_frames=self.latent_frames,
+                                static=self.static_cache)
+        if self.prefix is not None:
+            stream.prefill(self.prefix)  # the decoder's causal cache is primed by decoding the prefix
+            for start in range(0, self.prefix.shape[2], self.chunk):
+                if self._stop.is_set():
+                    return
+                yield self._kept(self.prefix[:, :, start:start + self.chunk]), start == 0
+        while not self._stop.is_set() and (self.latent_frames is None or stream.pos < self.latent_frames):
+            self._take_switches(stream)
+            n = self.chunk if self.latent_frames is None else min(self.chunk, self.latent_frames - stream.pos)
+            first = stream.pos == 0
+            noise, generator = self.noise(stream.pos, n)
+            yield self._kept(stream.next_block(noise, generator)), first
+
+    def _kept(self, z):
+        if self.latents is not None:
+            self.latents.append(z)
+        return z
+
+    def _take_switches(self, stream):
+        """Apply the switch due at this block boundary; of several due at once, the last one asked
+        (the others would not generate a single frame)."""
+        frame = pixel_frame(stream.pos)
+        with self._lock:
+            due = [r for r in self._requests if r[0] is None or r[0] <= frame]
+            self._requests = [r for r in self._requests if not (r[0] is None or r[0] <= frame)]
+        if not due:
+            return
+        asked, prompt, recache = due[-1]
+        stream.set_prompt(self.model.prompt_kv(self.encode(prompt)), recache=recache)
+        self.switches_done.append((frame, prompt, recache))
+        self.log(f"switch at frame {frame}" + (f" (asked for {asked})" if asked not in (None, frame) else "")
+                 + ("" if recache else " without re-cache") + f": {prompt[:80]}"
+                 + (f" ({len(due) - 1} earlier switch(es) due here dropped)" if len(due) > 1 else ""))
+
+
+def decode_blocks(blocks, decode, overlap=False):
+    """(latents, first) per block -> that block's uint8 frames [T, H, W, 3], in order. overlap:
+    block b decodes in a worker thread (on a GPU on its own CUDA stream) while block b+1 is being
+    generated (pulled from `blocks` here); the first block's frames are yielded as soon as they are
+    decoded (first-frame latency), each later block's once the block after it is generated."""
+    if not overlap:
+        for z, first in blocks:
+            yield cw.to_uint8_frames(decode(z, first)[0])
+        return
+    pending = collections.deque()
+    with ThreadPoolExecutor(max_workers=1) as worker:  # one worker: blocks are decoded in order
+        for z, first in blocks:
+            ready = None
+            if z.is_cuda:
+                ready = torch.cuda.Event()
+                ready.record(torch.cuda.current_stream(z.device))
+                z.record_stream(side_stream(z.device))  # the allocator must not reuse z before the side stream is done
+            pending.append(worker.submit(decode_aside, decode, z, first, ready))
+            # the first block at once (first-frame latency); then block b once b+1 is generated: at most
+            # one block waits, so frames are never late by more than a block and a slow decoder slows
+            # the generation down instead of queueing blocks without bound
+            while len(pending) > 1 or first and pending:
+                yield pending.popleft().result()  # a decode error is raised here
+        while pending:
+            yield pending.popleft().result()
+
+
+def decode_aside(decode, z, first, ready):
+    """decode in the worker thread; on a GPU on the side stream, after z is complete (ready)."""
+    side = side_stream(z.device) if ready is not None else None
+    with torch.no_grad(), torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        if ready is not None:
+            side.wait_event(ready)
+        return cw.to_uint8_frames(decode(z, first)[0])  # to the CPU: waits for this stream only
+
+
 @torch.no_grad()
 def generate(model, vae, prompt_kv, noise, chunk, max_frames, on_frames, generator=None, progress=None, overlap=False,
              static_cache=None):
-    """Roll out the latent video and decode each block as soon as it is done. on_frames gets the
-    uint8 frames [T, H, W, 3] of every block, in order (1 + 4(n - 1) frames for the first block,
-    4n after). overlap: decode block b in a worker thread, on a GPU on its own CUDA stream, while
-    this thread denoises block b + 1 (same frames; the VAE's causal cache is only touched there).
-    static_cache=False: the concatenating KV cache instead of the in-place one (benchmark only)."""
-    side = side_stream(noise.device) if overlap and noise.is_cuda else None
-
-    def decode(b, x0, ready=None):
-        with torch.no_grad(), torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            if ready is not None:
-                side.wait_event(ready)  # x0 is complete on the main stream
-            frames = cw.to_uint8_frames(cw.vae_decode(vae, x0, first=b == 0)[0])  # to the CPU: waits for this stream only
+    """The latent video of `noise` [1, C, F, h, w] (re-noised from one `generator`, as cw.rollout),
+    each block decoded as soon as it is done: a FrameStream with that noise. on_frames gets the
+    uint8 frames [T, H, W, 3] of every block, in order (1 + 4(n - 1) frames for the first block, 4n
+    after). Returns the latents. static_cache=False: the concatenating KV cache (benchmark only)."""
+    h, w = noise.shape[3:]
+    stream = FrameStream(model, partial(cw.vae_decode, vae), prompt_kv, height=8 * h, width=8 * w,
+                         frames=4 * (noise.shape[2] - 1) + 1,
+                         chunk=chunk, max_frames=max_frames, overlap=overlap, keep_latents=True, static_cache=static_cache,
+                         noise=lambda start, n: (noise[:, :, start:start + n], generator))
+    for frames in stream:
         on_frames(frames)
         if progress is not None:
             progress.update(1)
-
-    if not overlap:
-        return cw.rollout(model, noise, prompt_kv, block_size=chunk, max_frames=max_frames, generator=generator,
-                          on_block=lambda b, x0, kv_cache: decode(b, x0), static_cache=static_cache)
-    pending = []
-    with ThreadPoolExecutor(max_workers=1) as worker:  # one worker: blocks are decoded in order
-        def on_block(b, x0, kv_cache):
-            ready = None
-            if side is not None:
-                ready = torch.cuda.Event()
-                ready.record(torch.cuda.current_stream(x0.device))
-                x0.record_stream(side)  # the allocator must not reuse x0 before the side stream is done
-            pending.append(worker.submit(decode, b, x0, ready))
-            if pending[0].done():
-                pending.pop(0).result()  # raise a decode error as soon as it is seen
-        out = cw.rollout(model, noise, prompt_kv, block_size=chunk, max_frames=max_frames, generator=generator,
-                         on_block=on_block, static_cache=static_cache)
-        for f in pending:
-            f.result()
-    return out
+    return torch.cat(stream.latents, 2)
 
 
 _SIDE_STREAMS = {}
@@ -243,32 +561,34 @@ def main(args):
     if args.benchmark:
         return benchmark(args)
     jobs = read_jobs(args)
+    kind = generator_of(args)
+    chunk, switches, start_frames = check_interactive(args, kind)
     device, dtype = torch.device(args.device), torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # --device cuda:1: streams, events and synchronize on that GPU
-    model = load_generator(args, device, dtype)
+    model = load_generator(args, device, dtype, kind)
     tokenizer, encoder = cw.load_text_encoder(args.model, dtype=dtype, device=device)
-    contexts = {p: cw.encode_prompts(tokenizer, encoder, [p]) for p in dict.fromkeys(j[0] for j in jobs)}
+    prompts = dict.fromkeys([j[0] for j in jobs] + [p for _, p in switches])
+    contexts = {p: cw.encode_prompts(tokenizer, encoder, [p]) for p in prompts}
     del tokenizer, encoder  # the text encoder (5.7B for Wan) is not needed during generation
     vae = cw.load_vae(args.model, dtype=torch.bfloat16 if args.vae_dtype == "bf16" else torch.float32, device=device)
+    prefix = None if start_frames is None else vae_encode(vae, start_frames, device)
     if args.compile:
         compile_blocks(model, args.compile)
     compile_vae(vae, args.compile_vae)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    latent_frames, h, w = (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8
-    blocks = math.ceil(latent_frames / args.chunk)
+    latent_frames, start = (args.frames - 1) // 4 + 1, 0 if prefix is None else prefix.shape[2]
+    blocks = math.ceil(start / chunk) + math.ceil((latent_frames - start) / chunk)
     bar = tqdm(total=blocks * len(jobs), unit="block", desc="generating")
     for prompt, seed, path in jobs:
-        prompt_kv = model.prompt_kv(contexts[prompt])
-        g = torch.Generator().manual_seed(seed)  # on the CPU: the same video on every device
-        noise = torch.randn(1, 16, latent_frames, h, w, generator=g).to(device, dtype)
-        # without --stream a finished file is always a whole video: write aside, then rename
-        tmp = path if args.stream else path + ".part.mp4"
-        with open_writer(tmp, args.fps, args.stream, 4 * args.chunk) as writer:
-            generate(model, vae, prompt_kv, noise, args.chunk, args.max_frames,
-                     lambda frames: [writer.append_data(f) for f in frames], generator=g, progress=bar, overlap=args.overlap_decode)
-        os.replace(tmp, path)
-        bar.write(f"wrote {path} ({args.frames} frames, seed {seed}): {prompt[:80]}")
+        stream = FrameStream(model, partial(cw.vae_decode, vae), model.prompt_kv(contexts[prompt]), encode=lambda p: contexts[p],
+                             height=args.height, width=args.width, seed=seed, frames=args.frames, chunk=chunk,
+                             max_frames=args.max_frames, prefix=prefix, overlap=args.overlap_decode, log=bar.write)
+        for frame, text in switches:
+            stream.switch(text, recache=not args.no_recache, frame=frame)
+        count = write_video(path, stream, args.fps, args.stream, 4 * chunk, progress=bar)
+        given = f", the first {len(start_frames)} from {args.extend or args.image}" if prefix is not None else ""
+        bar.write(f"wrote {path} ({count} frames{given}, seed {seed}): {prompt[:80]}")
     bar.close()
 
 

@@ -73,7 +73,7 @@ def test_jobs_file(tiny_wan, tmp_path):
     (["--jobs", "/no/such.tsv"], "--jobs '/no/such.tsv' does not exist"),
     (["--prompt", "fox", "--model", "./wan"], "neither a diffusers-format folder nor a hub id"),
     (["--prompt", "fox", "--checkpoint", "LIST"], "holds a list, not a dict"),
-    (["--prompt", "fox", "--checkpoint", "BIDI"], "holds a bidirectional generator"),
+    (["--prompt", "fox", "--checkpoint", "BIDI", "--chunk", "3"], "is a bidirectional generator: it renders the whole video as one block, so --chunk"),
     (["--prompt", "fox", "--height", "0"], "not a positive multiple of 16"),
 ])
 def test_bad_input_is_a_user_error(tiny_wan, tmp_path, args, message):
