@@ -28,7 +28,9 @@ bidirectional model that `train_ode.py generate --teacher OUT/ckpt.pt` samples t
 
 One step = `--critic-steps` critic updates then one generator update, each over `--global-batch`
 videos. OUT/ckpt.pt holds the generator ('model', 'ema', 'optimizer'), the critic ('critic',
-'critic_optimizer'), 'step' and 'args'; `sample.py --checkpoint OUT/ckpt.pt` renders its EMA.
+'critic_optimizer'), 'step', 'args', and 'script' + 'stage' (--resume continues only a run of this script
+with the same --generator); `sample.py --checkpoint OUT/ckpt.pt` renders its EMA. One run at a time owns
+OUT (OUT/.lock); a checkpoint is saved only when every tensor in it is finite.
 """
 import argparse
 import copy

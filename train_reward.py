@@ -38,7 +38,7 @@ same_step_across_blocks), and the gradient flows through that step only. The las
 decoded by the real Wan VAE with gradient, after the earlier ones without gradient (the causal VAE
 needs them as context, see decode_reward_frames); its last pixel frame is scored against the
 prompt; AdamW steps on -mean(reward). OUT/ckpt.pt holds 'model', 'ema', 'optimizer', 'step',
-'args' (+ 'critic', 'critic_optimizer', 'loss_scales' with --dmd-weight);
+'args', 'script', 'stage' (+ 'critic', 'critic_optimizer', 'loss_scales' with --dmd-weight);
 `sample.py --checkpoint OUT/ckpt.pt` renders its EMA generator.
 
 Rewards: reward_fn(frames, prompts) -> scores, frames [B, 3, H, W] in [-1, 1] (RGB, any H, W),

@@ -10,7 +10,8 @@
 - --resume refuses another script's or stage's checkpoint; a torn last log line is dropped;
 - `train_ode.py generate` remakes a corrupt shard instead of exiting 0 with it.
 
-Each test names in its docstring the bug planted to check that it fails.
+Each test says in its docstring how it fails with the bug planted (for most, the code before
+issue 13, run with this test file: all of them fail there).
 """
 import json
 import os
@@ -104,8 +105,8 @@ def test_sample_steps_that_are_not_save_steps(name, tiny_wan, store, tiny_reward
 def test_sample_steps_that_are_not_save_steps_torchrun(tiny_wan, tmp_path):
     """The same under torchrun --nproc_per_node 2 (FSDP over gloo, each rank holds half of the EMA),
     and only rank 0 takes the folder's lock (two ranks locking would fail each other). Planted: the
-    old shard_model (both launches die at the step after a sample); own_folder locking on every rank
-    (the first launch fails with 'in use by another run')."""
+    old shard_model (both launches die at the step after a sample); own_folder locking and raising
+    on every rank (the first launch fails with 'in use by another run')."""
     out = tmp_path / "run"
     flags = ["distill_dmd.py", "--tiny", "--model", tiny_wan, "--critic-steps", "1", "--global-batch", "2", "--out", str(out)]
     for more in (["--max-steps", "2", "--sample-every", "1", "--save-every", "2"],
@@ -238,8 +239,9 @@ def test_infinite_weights_after_a_finite_loss_stop_the_run(name, tiny_wan, store
 
 
 def test_nan_ema_stops_and_the_message_names_the_kept_checkpoint(tiny_wan, tmp_path, monkeypatch):
-    """A NaN that reaches only the EMA (here planted into its update at step 2). Planted in the code:
-    the weight check without the EMA: a NaN EMA saved at step 2, exit 0."""
+    """A NaN that reaches only the EMA (here planted into its update at step 2). On the old code a
+    NaN EMA was saved at step 2 and the run exited 0; with the EMA left out of the weight check,
+    save_checkpoint refuses it instead (another message, and the stop comes one check later)."""
     real, calls = cw.ema_update, []
 
     def poisoned_ema_update(ema, model, decay):
@@ -293,7 +295,7 @@ def test_resume_refuses_another_scripts_checkpoint(tiny_wan, store, tiny_reward,
     """A distill_dmd.py checkpoint resumed by train_reward.py or train_ode.py, and a train_reward.py
     one by distill_dmd.py. Planted: load_resume without the script check (the code before): the
     reward stage resumed it with a wrong message, the ODE stage ran on, distill_dmd.py died with a
-    KeyError."""
+    KeyError (the issue's report; this test stops at the first)."""
     out = tmp_path / "run"
     run(dmd, "--tiny", "--model", tiny_wan, "--critic-steps", 1, "--global-batch", 1, "--out", out, "--max-steps", 1,
         "--sample-every", 0)
@@ -311,7 +313,7 @@ def test_resume_refuses_another_scripts_checkpoint(tiny_wan, store, tiny_reward,
 
 def test_resume_refuses_another_stage(tmp_path):
     """The stage: distill_dmd.py's --generator, train_reward.py's --dmd-weight. Planted: the stage
-    check removed from load_resume."""
+    check removed from load_resume (the bidirectional checkpoint is handed to the causal run)."""
     path = str(tmp_path / "ckpt.pt")
     cw.save_checkpoint(path, {"step": 3, "script": "distill_dmd.py", "stage": "with --generator bidirectional"})
     args = dmd.parse_args(["--model", "a/b", "--out", str(tmp_path), "--resume", "--max-steps", "9"])
