@@ -28,7 +28,9 @@ bidirectional model that `train_ode.py generate --teacher OUT/ckpt.pt` samples t
 
 One step = `--critic-steps` critic updates then one generator update, each over `--global-batch`
 videos. OUT/ckpt.pt holds the generator ('model', 'ema', 'optimizer'), the critic ('critic',
-'critic_optimizer'), 'step' and 'args'; `sample.py --checkpoint OUT/ckpt.pt` renders its EMA.
+'critic_optimizer'), 'step', 'args', and 'script' + 'stage' (--resume continues only a run of this script
+with the same --generator); `sample.py --checkpoint OUT/ckpt.pt` renders its EMA. One run at a time owns
+OUT (OUT/.lock); a checkpoint is saved only when every tensor in it is finite.
 """
 import argparse
 import copy
@@ -49,6 +51,8 @@ from causal_wan import WAN_NEGATIVE_PROMPT, UserError
 EXAMPLE_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts", "dmd_example.txt")
 TEXT_LEN = 512  # tokens of every text embedding (encode_prompts pads to it)
 DIVERGED_HINT = "lower --lr / --critic-lr and --resume"
+SCRIPT = "distill_dmd.py"  # recorded in the checkpoint: --resume continues only this script's runs
+STALE = ["ckpt.pt.tmp*", "sample_*.mp4.part.mp4"]  # what a crashed run can leave in --out
 
 
 @dataclass
@@ -166,10 +170,7 @@ def encode_negative_prompt(tokenizer, encoder, text):
 
 
 def read_prompts(path):
-    if not os.path.isfile(path):
-        raise UserError(f"prompt file '{path}' does not exist")
-    with open(path, encoding="utf-8") as f:
-        prompts = [line.strip() for line in f if line.strip()]
+    prompts = [line.strip() for line in cw.read_text(path, "--prompts").splitlines() if line.strip()]
     if not prompts:
         raise UserError(f"prompt file '{path}' has no prompts (one per line)")
     return prompts
@@ -217,8 +218,9 @@ def write_sample(args, ema, vae, context, latent_shape, block_size, step, rank, 
 def main(args):
     rank, world, device = cw.init_distributed()
     try:
-        train(args, rank, world, device)
-        dist.barrier()  # no rank tears the group down while rank 0 still writes the checkpoint
+        with cw.own_folder(args.out, STALE):  # one run per --out
+            train(args, rank, world, device)
+            dist.barrier()  # no rank tears the group down while rank 0 still writes the checkpoint
     finally:
         dist.destroy_process_group()
 
@@ -235,10 +237,17 @@ def train(args, rank, world, device):
     slots = args.global_batch // args.micro_batch
     accum = slots // world
     my_slots = range(rank * accum, (rank + 1) * accum)
+    for model, flag in ((args.model, "--model"), (args.teacher, "--teacher")):
+        cw.check_model(model, flag)
+    if args.init:
+        cw.check_file(args.init, "--init checkpoint")
     ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
-    ckpt = cw.load_resume(ckpt_path, args.resume)
-    if ckpt is not None and ckpt["args"]["generator"] != args.generator:
-        raise UserError(f"'{ckpt_path}' trains a {ckpt['args']['generator']} generator, not {args.generator}")
+    stage = f"with --generator {args.generator}"
+    ckpt = cw.load_resume(ckpt_path, args, SCRIPT, stage)
+    wandb = None
+    if rank == 0:
+        wandb = cw.open_log(log_path, ckpt["step"] if ckpt else 0, args.resume, config=vars(args),
+                            wandb_name=f"dmd-{os.path.basename(os.path.abspath(args.out))}" if args.wandb else None)
 
     prompts = read_prompts(args.prompts)
     prompts = prompts * math.ceil(slots / len(prompts))  # every slot needs at least one line
@@ -274,10 +283,6 @@ def train(args, rank, world, device):
     latent_shape = [generator.cfg.in_channels, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8]
     block_size = args.block_size if args.generator == "causal" else latent_shape[1]
     vae = cw.load_vae(args.model, device=device) if rank == 0 and args.sample_every else None
-    wandb = None
-    if rank == 0:
-        wandb = cw.open_log(log_path, step, args.resume, config=vars(args),
-                            wandb_name=f"dmd-{os.path.basename(os.path.abspath(args.out))}" if args.wandb else None)
 
     def draw(update, slot):
         """Noise [B, C, F, H, W], prompt embeddings and the generator for the rest of this slot's draws."""
@@ -331,6 +336,7 @@ def train(args, rank, world, device):
         opt.step()
         opt.zero_grad(set_to_none=True)
         cw.ema_update(ema, generator, args.ema_decay)
+        cw.stop_if_diverged(step + 1, ckpt_path, hint=DIVERGED_HINT, nets=dict(generator=generator, EMA=ema, critic=critic))
         step += 1
 
         record.update(critic_loss=sum(critic_losses) / max(len(critic_losses), 1),
@@ -348,7 +354,8 @@ def train(args, rank, world, device):
         if step % args.save_every == 0 or step == args.max_steps:
             ckpt = dict(model=cw.full_state_dict(generator), ema=cw.full_state_dict(ema),
                         optimizer=cw.full_state_dict(generator, opt), critic=cw.full_state_dict(critic),
-                        critic_optimizer=cw.full_state_dict(critic, critic_opt), step=step, args=vars(args))
+                        critic_optimizer=cw.full_state_dict(critic, critic_opt), step=step, args=vars(args),
+                        script=SCRIPT, stage=stage)
             if rank == 0:
                 cw.save_checkpoint(ckpt_path, ckpt)
             del ckpt
@@ -359,7 +366,7 @@ def train(args, rank, world, device):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cw.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny random Wan, small sizes (CPU demo, tests)")
     p.add_argument("--model", help=f"base diffusers-format Wan (folder or hub id): generator and critic init, text encoder, "
                                    f"VAE (default {cw.DEFAULT_MODEL}; with --tiny the cached tiny Wan)")
@@ -370,25 +377,25 @@ def parse_args(argv=None):
                                                                             "bidirectional: the 4-step full-attention model")
     p.add_argument("--prompts", help="text file, one prompt per line (default prompts/dmd_example.txt)")
     p.add_argument("--negative-prompt", help="unconditional branch of the teacher's CFG (default: Wan's own)")
-    p.add_argument("--guidance", type=float, help="teacher CFG, uncond + g (cond - uncond) (4.0 = Self Forcing's 3.0)")
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--frames", type=int, help="pixel frames, 4k+1 (81)")
+    p.add_argument("--guidance", type=cw.nonnegative_float, help="teacher CFG, uncond + g (cond - uncond) (4.0 = Self Forcing's 3.0)")
+    p.add_argument("--height", type=cw.positive_int)
+    p.add_argument("--width", type=cw.positive_int)
+    p.add_argument("--frames", type=cw.positive_int, help="pixel frames, 4k+1 (81)")
     p.add_argument("--block-size", type=cw.positive_int, help="latent frames per causal block (3)")
-    p.add_argument("--critic-steps", type=int, help="critic updates per generator update (5)")
+    p.add_argument("--critic-steps", type=cw.positive_int, help="critic updates per generator update (5)")
     p.add_argument("--out", required=True, help="folder for ckpt.pt, log.jsonl, sample_<step>.mp4")
     p.add_argument("--resume", action="store_true", help="continue exactly from OUT/ckpt.pt")
-    p.add_argument("--max-steps", type=int, help="generator updates (120)")
+    p.add_argument("--max-steps", type=cw.positive_int, help="generator updates (120)")
     p.add_argument("--global-batch", type=cw.positive_int, help="videos per update, all ranks (64)")
     p.add_argument("--micro-batch", type=cw.positive_int, help="videos per rank per forward (1)")
-    p.add_argument("--lr", type=float, help="generator learning rate (2e-6)")
-    p.add_argument("--critic-lr", type=float, help="critic learning rate (4e-7)")
-    p.add_argument("--ema-decay", type=float, help="EMA of the generator (0.99)")
-    p.add_argument("--grad-clip", type=float, help="gradient norm clipping, both networks (10)")
+    p.add_argument("--lr", type=cw.learning_rate, help="generator learning rate (2e-6)")
+    p.add_argument("--critic-lr", type=cw.learning_rate, help="critic learning rate (4e-7)")
+    p.add_argument("--ema-decay", type=cw.decay, help="EMA of the generator (0.99)")
+    p.add_argument("--grad-clip", type=cw.positive_float, help="gradient norm clipping, both networks (10)")
     p.add_argument("--save-every", type=cw.positive_int)
     p.add_argument("--log-every", type=cw.positive_int)
-    p.add_argument("--sample-every", type=int, help="write OUT/sample_<step>.mp4 from the EMA generator (0: never)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sample-every", type=cw.nonnegative_int, help="write OUT/sample_<step>.mp4 from the EMA generator (0: never)")
+    p.add_argument("--seed", type=cw.seed, default=0)
     p.add_argument("--wandb", action="store_true")
     args = p.parse_args(argv)
     preset = Config.tiny() if args.tiny else Config()
@@ -405,5 +412,5 @@ if __name__ == "__main__":
     try:
         main(parse_args())
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        cw.print_error(e)
         sys.exit(2)

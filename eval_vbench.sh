@@ -61,11 +61,13 @@ DIMENSIONS=(subject_consistency background_consistency temporal_flickering motio
             dynamic_degree aesthetic_quality imaging_quality object_class multiple_objects human_action
             color spatial_relationship scene appearance_style temporal_style overall_consistency)
 
-die() { echo "eval_vbench.sh: $*" >&2; exit 1; }
+die() { echo "error: $*" >&2; exit 2; }  # a problem the user can fix: one line, exit 2 (as the Python scripts)
 
 CHECKPOINT="" OUT="" EXTENDED="" GPUS=1 SCORE_ONLY="" DRY_RUN=0 PROMPT_LIST="" EXTENDED_ARGS=()
 while (($#)); do
   case $1 in
+    --checkpoint|--out|--extended-prompts|--gpus|--score-only|--prompt-list)
+      [[ $# -ge 2 && -n $2 ]] || die "$1 needs a value (see --help)" ;;&
     --checkpoint) CHECKPOINT=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
     --extended-prompts) EXTENDED=$2; shift 2 ;;
@@ -77,6 +79,11 @@ while (($#)); do
     *) die "unknown argument $1 (see --help)" ;;
   esac
 done
+
+readable_file() {  # FLAG PATH: a file the user pointed at, checked before anything is built or generated
+  [[ -f $2 ]] || die "$1 '$2' does not exist or is not a file"
+  [[ -r $2 ]] || die "$1 '$2' cannot be read"
+}
 
 if [[ -n $SCORE_ONLY ]]; then
   exec python "$HERE/vbench_tools.py" score "$SCORE_ONLY" --json "$SCORE_ONLY/vbench_scores.json"
@@ -91,10 +98,14 @@ if ((DRY_RUN)); then
 else
   [[ -n $CHECKPOINT ]] || die "--checkpoint CKPT is required"
   [[ -z $PROMPT_LIST ]] || die "--prompt-list is for --dry-run; a real run reads the list of the installed vbench"
+  readable_file --checkpoint "$CHECKPOINT"  # before VBench's venv (over 1 GB) is built
   MODEL_ARGS=(--checkpoint "$CHECKPOINT") VIDEO_SPEC=(--frames 81 --height 480 --width 832 --fps 16) LIMIT=()
 fi
-[[ -z $EXTENDED ]] || EXTENDED_ARGS=(--extended-prompts "$EXTENDED")
-mkdir -p "$OUT/videos" "$OUT/jobs" "$OUT/logs"
+[[ -z $PROMPT_LIST ]] || readable_file --prompt-list "$PROMPT_LIST"
+[[ -z $EXTENDED ]] || { readable_file --extended-prompts "$EXTENDED"; EXTENDED_ARGS=(--extended-prompts "$EXTENDED"); }
+mkdir -p "$OUT/videos" "$OUT/jobs" "$OUT/logs" 2>/dev/null && [[ -w $OUT ]] && touch "$OUT/logs/.writable" 2>/dev/null \
+  || die "--out '$OUT' cannot be written (a file in the way, no permission, or a read-only disk): choose another folder"
+rm -f "$OUT/logs/.writable"
 
 vbench_python() { "$VBENCH_VENV/bin/python" "$@"; }
 

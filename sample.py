@@ -71,22 +71,22 @@ import causal_wan as cw
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cw.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", help="text of the video")
     p.add_argument("--prompts-file", help="one prompt a line, one video each")
     p.add_argument("--jobs", help="tab-separated lines 'prompt<TAB>seed<TAB>out.mp4' (used by eval_vbench.sh)")
     p.add_argument("--model", default=cw.DEFAULT_MODEL, help="diffusers-format Wan: hub id or local folder")
     p.add_argument("--checkpoint", help="a generator trained by this repo (or Self Forcing's .pt)")
     p.add_argument("--no-ema", action="store_true", help="use the checkpoint's raw weights instead of its EMA")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=cw.seed, default=0)
     p.add_argument("--num-videos", type=cw.positive_int, default=1, help="videos per prompt (seeds seed, seed+1, ...)")
     p.add_argument("--frames", type=int, default=81, help="video frames, 4k+1 (81 = 5 s at 16 fps)")
     p.add_argument("--height", type=int, help="multiple of 16 (default 480; 64 with --tiny)")
     p.add_argument("--width", type=int, help="multiple of 16 (default 832; 64 with --tiny)")
     p.add_argument("--chunk", type=int, choices=[1, 3], help="latent frames per block: 3 chunk-wise (default), 1 frame-wise")
-    p.add_argument("--max-frames", type=int, default=21, help="attention window in latent frames (long videos)")
+    p.add_argument("--max-frames", type=cw.positive_int, default=21, help="attention window in latent frames (long videos)")
     p.add_argument("--out", default="out.mp4", help="an .mp4 path for one video, else a folder")
-    p.add_argument("--fps", type=int, default=16)
+    p.add_argument("--fps", type=cw.positive_int, default=16)
     p.add_argument("--stream", action="store_true", help="write each block into the mp4 as soon as it is decoded (fragmented mp4, playable while written)")
     p.add_argument("--switch", nargs=2, action="append", default=[], metavar=("FRAME", "PROMPT"),
                    help="from the first block boundary at or after video frame FRAME on, generate PROMPT (repeatable)")
@@ -105,7 +105,7 @@ def parse_args(argv=None):
     p.add_argument("--benchmark", action="store_true", help="measure speed with random weights (see BENCHMARKS.md)")
     p.add_argument("--baseline-steps", type=int, default=50, help="benchmark: steps of diffusers' WanPipeline (0: skip it)")
     p.add_argument("--levers", help="benchmark: which optimization rows to measure, e.g. 1,2,5 (default all; row 1 is the plain path)")
-    p.add_argument("--long-frames", type=int, help="benchmark: frames of the long-video run (961 = 1 min; 161 with --tiny)")
+    p.add_argument("--long-frames", type=cw.positive_int, help="benchmark: frames of the long-video run (961 = 1 min; 161 with --tiny)")
     args = p.parse_args(argv)
     if args.tiny:
         args.model = cw.tiny_model_dir() if args.model == cw.DEFAULT_MODEL else args.model
@@ -139,6 +139,27 @@ def check_args(args):
         raise cw.UserError("--baseline-steps must be 0 (skip the baseline) or more")
     if args.max_frames < 2 * args.chunk:
         raise cw.UserError(f"--max-frames {args.max_frames} must hold at least two blocks of --chunk {args.chunk}")
+    if (args.long_frames - 1) % 4:
+        raise cw.UserError(f"--long-frames {args.long_frames} is not 4k+1")
+    check_device(args.device)
+    if not (args.tiny and args.model == cw.tiny_model_dir()):  # --tiny builds its own on first use
+        cw.check_model(args.model)
+    if args.checkpoint:
+        cw.check_file(args.checkpoint, "--checkpoint")
+
+
+def check_device(name):
+    """--device names a device this machine has: cpu, cuda, cuda:N."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise cw.UserError(f"--device '{name}' is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise cw.UserError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise cw.UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if device.type not in ("cpu", "cuda"):
+        raise cw.UserError(f"--device {name}: only cpu and cuda are supported")
 
 
 def read_jobs(args):
@@ -146,21 +167,19 @@ def read_jobs(args):
     if sum(x is not None for x in (args.prompt, args.prompts_file, args.jobs)) != 1:
         raise cw.UserError("give exactly one of --prompt, --prompts-file, --jobs")
     if args.jobs:
-        if not os.path.isfile(args.jobs):
-            raise cw.UserError(f"--jobs '{args.jobs}' does not exist")
         jobs = []
-        for n, line in enumerate(open(args.jobs, encoding="utf-8").read().splitlines(), 1):
+        for n, line in enumerate(cw.read_text(args.jobs, "--jobs").splitlines(), 1):
             parts = line.split("\t")
-            if len(parts) != 3 or not parts[1].lstrip("-").isdigit():
+            if len(parts) != 3 or not parts[1].isdigit() or not parts[2].lower().endswith(".mp4"):
                 raise cw.UserError(f"{args.jobs}:{n}: expected 'prompt<TAB>seed<TAB>out.mp4'")
             if not parts[0].strip():
                 raise cw.UserError(f"{args.jobs}:{n}: empty prompt")
+            if int(parts[1]) >= 2**32:
+                raise cw.UserError(f"{args.jobs}:{n}: seed {parts[1]} is not in 0..{2**32 - 1}")
             jobs.append((parts[0], int(parts[1]), parts[2]))
-        return jobs
+        return check_outputs(jobs)
     if args.prompts_file:
-        if not os.path.isfile(args.prompts_file):
-            raise cw.UserError(f"--prompts-file '{args.prompts_file}' does not exist")
-        prompts = [line.strip() for line in open(args.prompts_file, encoding="utf-8") if line.strip()]
+        prompts = [line.strip() for line in cw.read_text(args.prompts_file, "--prompts-file").splitlines() if line.strip()]
         if not prompts:
             raise cw.UserError(f"--prompts-file '{args.prompts_file}' has no prompts")
     else:
@@ -168,11 +187,27 @@ def read_jobs(args):
     pairs = [(p, args.seed + k) for p in prompts for k in range(args.num_videos)]
     if not all(p.strip() for p, _ in pairs):
         raise cw.UserError("empty prompt: give a text description of the video")
-    if len(pairs) == 1 and args.out.endswith(".mp4"):
-        return [(pairs[0][0], pairs[0][1], args.out)]
-    if args.out.endswith(".mp4"):
+    one_file = args.out.lower().endswith(".mp4")
+    extension = os.path.splitext(args.out.rstrip("/"))[1]
+    if not one_file and extension and not os.path.isdir(args.out):  # would silently become a folder
+        raise cw.UserError(f"--out '{args.out}' ends in '{extension}': videos are mp4, so give a name ending in .mp4, "
+                           f"or a folder (one without an extension, or one that exists)")
+    if len(pairs) == 1 and one_file:
+        return check_outputs([(pairs[0][0], pairs[0][1], args.out)])
+    if one_file:
         raise cw.UserError(f"{len(pairs)} videos cannot all be written to '{args.out}': give a folder as --out")
-    return [(p, s, os.path.join(args.out, f"{i:04d}_{slug(p)}-{s}.mp4")) for i, (p, s) in enumerate(pairs)]
+    return check_outputs([(p, s, os.path.join(args.out, f"{i:04d}_{slug(p)}-{s}.mp4")) for i, (p, s) in enumerate(pairs)])
+
+
+def check_outputs(jobs):
+    """Every video can be written where it goes (folder writable, no folder in the way of the
+    file): found now, not after the video has been generated."""
+    for folder in dict.fromkeys(os.path.dirname(os.path.abspath(path)) for _, _, path in jobs):
+        cw.check_output_folder(folder, "output folder")
+    for _, _, path in jobs:
+        if os.path.isdir(path):
+            raise cw.UserError(f"'{path}' is a folder: the video cannot be written there (remove it or choose another --out)")
+    return jobs
 
 
 def slug(text, n=60):
@@ -311,19 +346,19 @@ def vae_encode(vae, frames, device):
     return (mu - mean) / std
 
 
-def write_video(path, blocks, fps, stream, frames_per_block, progress=None):
+def write_video(path, blocks, expected_frames, fps, stream, frames_per_block, progress=None):
     """Write the blocks of uint8 frames [T, H, W, 3] to an mp4; returns the frame count. Without
-    --stream a finished file is always a whole video: written aside, then renamed."""
+    --stream a finished file is always a whole video: written aside, then renamed. Either way the
+    closed file must decode to expected_frames frames (cw.finished_mp4), or it is removed."""
     tmp = path if stream else path + ".part.mp4"
     count = 0
-    with open_writer(tmp, fps, stream, frames_per_block) as writer:
+    with cw.finished_mp4(tmp, path, expected_frames), open_writer(tmp, fps, stream, frames_per_block) as writer:
         for frames in blocks:
             for frame in frames:
                 writer.append_data(frame)
             count += len(frames)
             if progress is not None:
                 progress.update(1)
-    os.replace(tmp, path)
     return count
 
 
@@ -586,7 +621,7 @@ def main(args):
                              max_frames=args.max_frames, prefix=prefix, overlap=args.overlap_decode, log=bar.write)
         for frame, text in switches:
             stream.switch(text, recache=not args.no_recache, frame=frame)
-        count = write_video(path, stream, args.fps, args.stream, 4 * chunk, progress=bar)
+        count = write_video(path, stream, args.frames, args.fps, args.stream, 4 * chunk, progress=bar)
         given = f", the first {len(start_frames)} from {args.extend or args.image}" if prefix is not None else ""
         bar.write(f"wrote {path} ({count} frames{given}, seed {seed}): {prompt[:80]}")
     bar.close()
@@ -889,5 +924,5 @@ if __name__ == "__main__":
     try:
         main(parse_args())
     except cw.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        cw.print_error(e)
         sys.exit(2)

@@ -65,6 +65,11 @@ from tqdm import tqdm
 import causal_wan as cw
 from causal_wan import WAN_NEGATIVE_PROMPT, UserError
 
+SCRIPT = "train_ode.py"  # recorded in the checkpoint: --resume continues only this script's runs
+STALE_OUT = ["ckpt.pt.tmp*", "sample_*.mp4.part.mp4"]  # what a crashed run can leave in --out / --store
+STALE_STORE = ["index.json.tmp*", "shard_*.safetensors.tmp*"]
+INDEX_KEYS = ("source", "num", "shard_size", "num_shards", "latent_shape", "timesteps", "seed", "prompts")
+
 
 @dataclass
 class Config:
@@ -121,8 +126,11 @@ def read_index(store):
     path = os.path.join(store, "index.json")
     if not os.path.isfile(path):
         raise UserError(f"'{store}' is not a trajectory store (no index.json): make one with `train_ode.py generate`")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    fix = "delete the store and run `train_ode.py generate` again"
+    index = cw.read_json(path, "store index", fix)
+    if not isinstance(index, dict) or any(k not in index for k in INDEX_KEYS):
+        raise UserError(f"store index '{path}' lacks {[k for k in INDEX_KEYS if k not in index] if isinstance(index, dict) else 'everything'}: {fix}")
+    return index
 
 
 def write_atomic(path, write):
@@ -199,10 +207,7 @@ class TrajectoryStore:
 
 
 def read_prompts(path, num):
-    if not os.path.isfile(path):
-        raise UserError(f"prompt file '{path}' does not exist")
-    with open(path, encoding="utf-8") as f:
-        prompts = [line.strip() for line in f if line.strip()]
+    prompts = [line.strip() for line in cw.read_text(path, "--prompts").splitlines() if line.strip()]
     if not prompts:
         raise UserError(f"prompt file '{path}' has no prompts (one per line)")
     return [prompts[k % len(prompts)] for k in range(num)]  # cycled (with new seeds) if num > lines
@@ -215,10 +220,7 @@ class DMDTeacher:
 
     def __init__(self, args, device):
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        folder = cw.resolve_folder(args.model, "transformer")
-        with open(os.path.join(folder, "config.json")) as f:
-            cfg = cw.WanConfig.from_diffusers(json.load(f))
-        self.model = cw.CausalWan(cfg)
+        self.model = cw.CausalWan(cw.read_wan_config(cw.resolve_folder(args.model, "transformer")))
         cw.load_generator_weights(self.model, args.teacher, kind="bidirectional")  # distill_dmd.py --generator bidirectional
         self.model = self.model.to(device, dtype).eval().requires_grad_(False)
         self.tokenizer, self.encoder = cw.load_text_encoder(args.model, dtype, device)
@@ -274,9 +276,12 @@ class DiffusersTeacher:
 @torch.no_grad()
 def generate(args, rank, world, device):
     prompts = read_prompts(args.prompts, args.num)
-    dmd = os.path.isfile(args.teacher)  # a checkpoint file; otherwise a diffusers-format Wan
-    teacher = DMDTeacher(args, device) if dmd else DiffusersTeacher(args, device)
     shape = latent_shape(args)
+    cw.check_model(args.model)
+    dmd = os.path.isfile(args.teacher)  # a checkpoint file; otherwise a diffusers-format Wan
+    if not dmd:
+        cw.check_model(args.teacher, "--teacher")
+    teacher = DMDTeacher(args, device) if dmd else DiffusersTeacher(args, device)
     index = dict(source="dmd_checkpoint" if dmd else "diffusers", teacher=args.teacher, num=args.num,
                  shard_size=args.shard_size, num_shards=-(-args.num // args.shard_size), latent_shape=shape,
                  dtype="bfloat16", timesteps=teacher.timesteps, seed=args.seed, prompts=prompts,
@@ -294,7 +299,11 @@ def generate(args, rank, world, device):
         raise UserError(f"store '{args.store}' was made with other settings ({', '.join(diff)} differ): "
                         f"use the same flags to finish it, or another --store")
 
-    todo = [i for i in range(rank, index["num_shards"], world) if not os.path.isfile(shard_path(args.store, i))]
+    # a shard that fails verification (a corrupt file) is made again, like a missing one
+    bad = set(verify_store(args.store)["bad"])
+    todo = [i for i in range(rank, index["num_shards"], world) if not os.path.isfile(shard_path(args.store, i)) or i in bad]
+    for i in sorted(bad & set(todo)):
+        print(f"shard {shard_path(args.store, i)} is unreadable or does not match index.json: generating it again", file=sys.stderr)
     bar = tqdm(total=sum(len(shard_range(index, i)) for i in todo), desc=f"trajectories (rank 0 of {world})", disable=rank != 0)
     for i in todo:
         trajectories = []
@@ -310,8 +319,11 @@ def generate(args, rank, world, device):
         write_atomic(shard_path(args.store, i), lambda tmp: save_file({"latents": torch.stack(trajectories)}, tmp, metadata=meta))
     bar.close()
     dist.barrier()
+    report = verify_store(args.store)
     if rank == 0:
-        print_report(args.store, verify_store(args.store))
+        print_report(args.store, report)
+    if report["missing"] or report["bad"]:  # exit 0 only for a complete store
+        raise UserError(f"store '{args.store}' is still incomplete after generate: see the shards named above")
 
 
 # -----------------------------------------------------------------------------
@@ -393,8 +405,15 @@ def train(args, rank, world, device):
         raise UserError(f"--global-batch {args.global_batch} is not divisible by world size {world} "
                         f"x --micro-batch {args.micro_batch}")
     accum = args.global_batch // (world * args.micro_batch)
+    cw.check_model(args.model)
+    if args.init:
+        cw.check_file(args.init, "--init checkpoint")
     ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
-    ckpt = cw.load_resume(ckpt_path, args.resume)
+    ckpt = cw.load_resume(ckpt_path, args, SCRIPT)
+    wandb = None
+    if rank == 0:
+        wandb = cw.open_log(log_path, ckpt["step"] if ckpt else 0, args.resume, config=vars(args),
+                            wandb_name=f"ode-{os.path.basename(os.path.abspath(args.out))}" if args.wandb else None)
     store = TrajectoryStore(args.store)
     bf16 = device.type == "cuda"  # bf16 compute with fp32 master weights on GPU; fp32 on CPU
     contexts = text_contexts(args, store.prompts, device, torch.bfloat16 if bf16 else torch.float32)
@@ -421,10 +440,6 @@ def train(args, rank, world, device):
         step = ckpt["step"]
         del ckpt
     vae = cw.load_vae(args.model, device=device) if rank == 0 and args.sample_every else None
-    wandb = None
-    if rank == 0:
-        wandb = cw.open_log(log_path, step, args.resume, config=vars(args),
-                            wandb_name=f"ode-{os.path.basename(os.path.abspath(args.out))}" if args.wandb else None)
 
     bar = tqdm(initial=step, total=args.max_steps, desc="ode", disable=rank != 0)
     while step < args.max_steps:
@@ -444,14 +459,15 @@ def train(args, rank, world, device):
         step_loss /= world
         if not torch.isfinite(step_loss):
             raise UserError(f"loss is {step_loss.item()} at step {step + 1}: stopped without saving; "
-                            f"the last good checkpoint is {ckpt_path}")
+                            f"{cw.kept_checkpoint(ckpt_path)}")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).full_tensor()
         if not torch.isfinite(grad_norm):  # clipping would turn the weights into NaN
             raise UserError(f"gradient norm is {grad_norm.item()} at step {step + 1}: stopped without saving; "
-                            f"the last good checkpoint is {ckpt_path}")
+                            f"{cw.kept_checkpoint(ckpt_path)}")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         cw.ema_update(ema, model, args.ema_decay)
+        cw.stop_if_diverged(step + 1, ckpt_path, nets=dict(student=model, EMA=ema))
         step += 1
 
         record = dict(step=step, loss=step_loss.item(), grad_norm=grad_norm.item(), lr=args.lr, step_time=time.time() - t0)
@@ -466,7 +482,7 @@ def train(args, rank, world, device):
             write_sample(args, ema, vae, padded(contexts, store.prompts[:1]), store.index["latent_shape"], step, rank, device)
         if step % args.save_every == 0 or step == args.max_steps:
             ckpt = dict(model=cw.full_state_dict(model), ema=cw.full_state_dict(ema),
-                        optimizer=cw.full_state_dict(model, optimizer), step=step, args=vars(args))
+                        optimizer=cw.full_state_dict(model, optimizer), step=step, args=vars(args), script=SCRIPT, stage=None)
             if rank == 0:
                 cw.save_checkpoint(ckpt_path, ckpt)
             del ckpt
@@ -477,7 +493,7 @@ def train(args, rank, world, device):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cw.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="sample trajectories from the teacher into a store")
     ver = sub.add_parser("verify", help="report a store's count, shapes and missing shards")
@@ -486,33 +502,33 @@ def parse_args(argv=None):
         p.add_argument("--tiny", action="store_true", help="tiny random Wan, small sizes (CPU demo, tests)")
         p.add_argument("--model", help=f"base diffusers-format Wan: config, text encoder, VAE, student init "
                                        f"(default {cw.DEFAULT_MODEL}; with --tiny the cached tiny Wan)")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=cw.seed, default=0)
     for p in (gen, ver, tr):
         p.add_argument("--store", required=True, help="trajectory store folder")
     gen.add_argument("--teacher", required=True,
                      help="distill_dmd.py checkpoint file, or a diffusers-format Wan (folder or hub id)")
     gen.add_argument("--prompts", required=True, help="text file, one prompt per line (cycled if --num is larger)")
-    gen.add_argument("--num", type=int, help="number of trajectories (1400)")
+    gen.add_argument("--num", type=cw.positive_int, help="number of trajectories (1400)")
     gen.add_argument("--shard-size", type=cw.positive_int, help="trajectories per shard (16)")
-    gen.add_argument("--height", type=int)
-    gen.add_argument("--width", type=int)
-    gen.add_argument("--frames", type=int, help="pixel frames, 4k+1 (81)")
-    gen.add_argument("--teacher-steps", type=int, help="solver steps of a diffusers teacher (50)")
-    gen.add_argument("--guidance", type=float, help="CFG scale of a diffusers teacher (5.0)")
+    gen.add_argument("--height", type=cw.positive_int)
+    gen.add_argument("--width", type=cw.positive_int)
+    gen.add_argument("--frames", type=cw.positive_int, help="pixel frames, 4k+1 (81)")
+    gen.add_argument("--teacher-steps", type=cw.positive_int, help="solver steps of a diffusers teacher (50)")
+    gen.add_argument("--guidance", type=cw.nonnegative_float, help="CFG scale of a diffusers teacher (5.0)")
     gen.add_argument("--negative-prompt", default=WAN_NEGATIVE_PROMPT, help="of a diffusers teacher (default: Wan's)")
     tr.add_argument("--out", required=True, help="folder for ckpt.pt, log.jsonl, sample_<step>.mp4")
     tr.add_argument("--init", help="start the student from this checkpoint's generator instead of --model's weights")
     tr.add_argument("--resume", action="store_true", help="continue exactly from OUT/ckpt.pt")
     tr.add_argument("--block-size", type=cw.positive_int, help="latent frames per causal block (3)")
-    tr.add_argument("--max-steps", type=int)
+    tr.add_argument("--max-steps", type=cw.positive_int)
     tr.add_argument("--global-batch", type=cw.positive_int, help="trajectories per optimizer step, all ranks (64)")
     tr.add_argument("--micro-batch", type=cw.positive_int, help="trajectories per rank per forward (1)")
-    tr.add_argument("--lr", type=float)
-    tr.add_argument("--ema-decay", type=float)
-    tr.add_argument("--grad-clip", type=float)
+    tr.add_argument("--lr", type=cw.learning_rate)
+    tr.add_argument("--ema-decay", type=cw.decay)
+    tr.add_argument("--grad-clip", type=cw.positive_float)
     tr.add_argument("--save-every", type=cw.positive_int)
     tr.add_argument("--log-every", type=cw.positive_int)
-    tr.add_argument("--sample-every", type=int, help="write OUT/sample_<step>.mp4 from the EMA student (0: never)")
+    tr.add_argument("--sample-every", type=cw.nonnegative_int, help="write OUT/sample_<step>.mp4 from the EMA student (0: never)")
     tr.add_argument("--wandb", action="store_true")
     args = parser.parse_args(argv)
     if args.command != "verify":
@@ -533,9 +549,11 @@ def main(args):
             raise UserError(f"store '{args.store}' is incomplete: rerun `train_ode.py generate` with the same flags")
         return
     rank, world, device = cw.init_distributed()
+    folder, what, stale = (args.store, "--store", STALE_STORE) if args.command == "generate" else (args.out, "--out", STALE_OUT)
     try:
-        (generate if args.command == "generate" else train)(args, rank, world, device)
-        dist.barrier()  # no rank tears the group down while rank 0 still writes the checkpoint
+        with cw.own_folder(folder, stale, what):  # one run per --out (one generate per --store)
+            (generate if args.command == "generate" else train)(args, rank, world, device)
+            dist.barrier()  # no rank tears the group down while rank 0 still writes the checkpoint
     finally:
         dist.destroy_process_group()
 
@@ -544,5 +562,5 @@ if __name__ == "__main__":
     try:
         main(parse_args())
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        cw.print_error(e)
         sys.exit(2)

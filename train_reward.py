@@ -38,7 +38,7 @@ same_step_across_blocks), and the gradient flows through that step only. The las
 decoded by the real Wan VAE with gradient, after the earlier ones without gradient (the causal VAE
 needs them as context, see decode_reward_frames); its last pixel frame is scored against the
 prompt; AdamW steps on -mean(reward). OUT/ckpt.pt holds 'model', 'ema', 'optimizer', 'step',
-'args' (+ 'critic', 'critic_optimizer', 'loss_scales' with --dmd-weight);
+'args', 'script', 'stage' (+ 'critic', 'critic_optimizer', 'loss_scales' with --dmd-weight);
 `sample.py --checkpoint OUT/ckpt.pt` renders its EMA generator.
 
 Rewards: reward_fn(frames, prompts) -> scores, frames [B, 3, H, W] in [-1, 1] (RGB, any H, W),
@@ -75,6 +75,8 @@ from tqdm import tqdm
 import causal_wan as cw
 import distill_dmd as dmd
 from causal_wan import UserError
+
+SCRIPT = "train_reward.py"  # recorded in the checkpoint: --resume continues only this script's runs
 
 
 @dataclass
@@ -291,6 +293,21 @@ def load_pickscore(path=None, processor=None, device="cpu", dtype=torch.float32)
     return pickscore
 
 
+def check_reward_path(name, path):
+    """Before anything loads: --reward-path DIR holds the files the reward's loader reads, and its
+    JSON files parse (None: the hub cache, checked when it loads)."""
+    if path is None:
+        return
+    needed = {"imagereward": ["ImageReward.pt", "med_config.json"], "pickscore": ["config.json"]}[name]
+    title = {"imagereward": "ImageReward", "pickscore": "PickScore"}[name]
+    if not all(os.path.isfile(os.path.join(path, f)) for f in needed):
+        raise UserError(f"{title} weights not found at {path} (no {' + '.join(needed)}): download them into a "
+                        f"folder and pass --reward-path DIR")
+    for f in needed:
+        if f.endswith(".json"):
+            cw.read_json(os.path.join(path, f), "--reward-path file", fix="download it again")
+
+
 def load_reward(name, path=None, tokenizer=None, device="cpu", dtype=torch.float32):
     """--reward NAME --reward-path DIR --reward-tokenizer DIR -> reward_fn(frames, prompts) -> [B].
     dtype is the reward model's (bf16 is fine on GPU); preprocessing and the scores stay fp32."""
@@ -483,22 +500,26 @@ def train(args, rank, world, device):
     if (args.frames - 1) % 4 or args.height % 16 or args.width % 16:
         raise UserError(f"--frames must be 4k+1 and --height/--width multiples of 16 (got {args.frames}, {args.height}x{args.width})")
     joint = args.dmd_weight > 0  # section 5.1's ablation: reward + DMD
-    if args.dmd_weight < 0:
-        raise UserError(f"--dmd-weight must be >= 0 (got {args.dmd_weight})")
     if joint and not args.teacher:
         raise UserError("--dmd-weight W > 0 needs --teacher, a diffusers-format Wan (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers)")
     slots = args.global_batch // args.micro_batch
     accum = slots // world
     my_slots = range(rank * accum, (rank + 1) * accum)
+    cw.check_model(args.model)
+    if joint:
+        cw.check_model(args.teacher, "--teacher")
+    check_reward_path(args.reward, args.reward_path)
     ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
-    ckpt = cw.load_resume(ckpt_path, args.resume)
-    if ckpt is None and args.init and not os.path.isfile(args.init):  # before the text encoder loads
-        raise UserError(f"checkpoint '{args.init}' does not exist (--init)")
+    ckpt = cw.load_resume(ckpt_path, args, SCRIPT, stage="with --dmd-weight" if joint else "without --dmd-weight")
+    if ckpt is None and args.init:  # before the text encoder loads
+        cw.check_file(args.init, "--init checkpoint")
     if ckpt is None and not args.init and not args.tiny:
         raise UserError("--init is required: the ODE-initialized generator (runs/ode/ckpt.pt from train_ode.py, "
                         "or Self Forcing's checkpoints/ode_init.pt)")
-    if ckpt is not None and joint != ("critic" in ckpt):
-        raise UserError(f"'{ckpt_path}' was trained {'without' if joint else 'with'} --dmd-weight: resume it with the same flags")
+    wandb = None
+    if rank == 0:
+        wandb = cw.open_log(log_path, ckpt["step"] if ckpt else 0, args.resume, config=vars(args),
+                            wandb_name=f"reward-{os.path.basename(os.path.abspath(args.out))}" if args.wandb else None)
 
     prompts = dmd.read_prompts(args.prompts)
     prompts = prompts * math.ceil(slots / len(prompts))  # every slot needs at least one line
@@ -543,10 +564,6 @@ def train(args, rank, world, device):
     # and scores as the reward package computes them; every rank decodes and scores its own videos
     vae = cw.load_vae(args.model, torch.float32, device)
     reward_fn = load_reward(args.reward, args.reward_path, args.reward_tokenizer, device, torch.float32)
-    wandb = None
-    if rank == 0:
-        wandb = cw.open_log(log_path, step, args.resume, config=vars(args),
-                            wandb_name=f"reward-{os.path.basename(os.path.abspath(args.out))}" if args.wandb else None)
 
     def draw(update, slot):
         """This slot's prompts (line numbers), noise [B, C, F, h, w], scored frames, and the generator
@@ -621,6 +638,7 @@ def train(args, rank, world, device):
         opt.step()
         opt.zero_grad(set_to_none=True)
         cw.ema_update(ema, generator, args.ema_decay)
+        cw.stop_if_diverged(step + 1, ckpt_path, nets=dict(generator=generator, EMA=ema, **(dict(critic=critic) if joint else {})))
         if joint:  # the running means take this step's gradient norms (mean over the global batch)
             for k, used in loss_scales.items():
                 norm = record[f"{k}_grad_norm"]
@@ -642,7 +660,8 @@ def train(args, rank, world, device):
             cw.log_step(log_path, record, wandb)
         if step % args.save_every == 0 or step == args.max_steps:
             ckpt = dict(model=cw.full_state_dict(generator), ema=cw.full_state_dict(ema),
-                        optimizer=cw.full_state_dict(generator, opt), step=step, args=vars(args))
+                        optimizer=cw.full_state_dict(generator, opt), step=step, args=vars(args),
+                        script=SCRIPT, stage="with --dmd-weight" if joint else "without --dmd-weight")
             if joint:
                 ckpt.update(critic=cw.full_state_dict(critic), critic_optimizer=cw.full_state_dict(critic, critic_opt),
                             loss_scales=dict(loss_scales))
@@ -656,43 +675,43 @@ def train(args, rank, world, device):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cw.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny random Wan and reward, small sizes (CPU demo, tests)")
     p.add_argument("--model", help=f"base diffusers-format Wan (folder or hub id): config, text encoder, VAE, critic init "
                                    f"(default {cw.DEFAULT_MODEL}; with --tiny the cached tiny Wan)")
     p.add_argument("--init", help="the generator to start from: train_ode.py's OUT/ckpt.pt (its EMA) or Self Forcing's "
                                   "ode_init.pt (required, except with --tiny: the tiny Wan's random weights)")
     p.add_argument("--prompts", help="text file, one prompt per line (default prompts/dmd_example.txt)")
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--frames", type=int, help="pixel frames, 4k+1 (81)")
+    p.add_argument("--height", type=cw.positive_int)
+    p.add_argument("--width", type=cw.positive_int)
+    p.add_argument("--frames", type=cw.positive_int, help="pixel frames, 4k+1 (81)")
     p.add_argument("--block-size", type=cw.positive_int, help="latent frames per causal block (3; 1: frame-wise)")
     p.add_argument("--reward", choices=["imagereward", "pickscore"], help="the differentiable image reward (imagereward)")
     p.add_argument("--reward-path", help="folder with the reward's weights (default: the hub cache; with --tiny a tiny random one)")
     p.add_argument("--reward-tokenizer", help="folder with ImageReward's BERT tokenizer or PickScore's CLIP processor")
     p.add_argument("--reward-frames", choices=["last", "random"],
                    help="last: the final frame (the paper); random: one random frame of the whole video (section 5.2)")
-    p.add_argument("--dmd-weight", type=float, help="0: reward only (the paper's method); W > 0: + W x the normalized DMD "
+    p.add_argument("--dmd-weight", type=cw.nonnegative_float, help="0: reward only (the paper's method); W > 0: + W x the normalized DMD "
                                                     "loss of distill_dmd.py (section 5.1, Table 2), needs --teacher")
     p.add_argument("--teacher", help="with --dmd-weight: the real score's diffusers-format Wan (Wan-AI/Wan2.1-T2V-1.3B-Diffusers, "
                                      "or Wan-AI/Wan2.1-T2V-14B-Diffusers for section 5.3)")
-    p.add_argument("--guidance", type=float, help="with --dmd-weight: teacher CFG, uncond + g (cond - uncond) (4.0)")
-    p.add_argument("--critic-steps", type=int, help="with --dmd-weight: critic updates per generator update (5)")
-    p.add_argument("--critic-lr", type=float, help="with --dmd-weight: critic learning rate (4e-7)")
+    p.add_argument("--guidance", type=cw.nonnegative_float, help="with --dmd-weight: teacher CFG, uncond + g (cond - uncond) (4.0)")
+    p.add_argument("--critic-steps", type=cw.positive_int, help="with --dmd-weight: critic updates per generator update (5)")
+    p.add_argument("--critic-lr", type=cw.learning_rate, help="with --dmd-weight: critic learning rate (4e-7)")
     p.add_argument("--negative-prompt", help="with --dmd-weight: unconditional branch of the teacher's CFG (default: Wan's own)")
     p.add_argument("--out", required=True, help="folder for ckpt.pt, log.jsonl, sample_<step>.mp4")
     p.add_argument("--resume", action="store_true", help="continue exactly from OUT/ckpt.pt")
-    p.add_argument("--max-steps", type=int, help="generator updates (500)")
+    p.add_argument("--max-steps", type=cw.positive_int, help="generator updates (500)")
     p.add_argument("--global-batch", type=cw.positive_int, help="videos per update, all ranks (8)")
     p.add_argument("--micro-batch", type=cw.positive_int, help="videos per rank per forward (1)")
-    p.add_argument("--lr", type=float, help="generator learning rate (2e-6)")
-    p.add_argument("--ema-decay", type=float, help="EMA of the generator (0.99)")
-    p.add_argument("--grad-clip", type=float, help="gradient norm clipping (10)")
+    p.add_argument("--lr", type=cw.learning_rate, help="generator learning rate (2e-6)")
+    p.add_argument("--ema-decay", type=cw.decay, help="EMA of the generator (0.99)")
+    p.add_argument("--grad-clip", type=cw.positive_float, help="gradient norm clipping (10)")
     p.add_argument("--save-every", type=cw.positive_int)
     p.add_argument("--log-every", type=cw.positive_int)
-    p.add_argument("--sample-every", type=int, help="write OUT/sample_<step>.mp4 from the EMA generator and log its "
+    p.add_argument("--sample-every", type=cw.nonnegative_int, help="write OUT/sample_<step>.mp4 from the EMA generator and log its "
                                                     "last frame's reward (0: never)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=cw.seed, default=0)
     p.add_argument("--wandb", action="store_true")
     args = p.parse_args(argv)
     preset = Config.tiny() if args.tiny else Config()
@@ -709,8 +728,9 @@ def parse_args(argv=None):
 def main(args):
     rank, world, device = cw.init_distributed()
     try:
-        train(args, rank, world, device)
-        dist.barrier()  # no rank tears the group down while rank 0 still writes the checkpoint
+        with cw.own_folder(args.out, dmd.STALE):  # one run per --out
+            train(args, rank, world, device)
+            dist.barrier()  # no rank tears the group down while rank 0 still writes the checkpoint
     finally:
         dist.destroy_process_group()
 
@@ -719,5 +739,5 @@ if __name__ == "__main__":
     try:
         main(parse_args())
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        cw.print_error(e)
         sys.exit(2)

@@ -22,6 +22,46 @@ from pathlib import Path
 
 SEEDS = range(5)  # video i of every prompt is generated with seed i
 
+
+class UserError(Exception):
+    """A problem with what the user pointed at: printed as one line `error: ...`, exit 2 (this file
+    runs on the standard library alone, so it does not import causal_wan's)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like a UserError, instead of the whole usage
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def positive(kind):
+    """argparse type: a finite number > 0 of the given kind (int for counts, float for fps)."""
+    def parse(text):
+        value = kind(text)
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def read_text(path, what):
+    """A text file the user pointed at, or a one-line error: missing, not a file, not UTF-8."""
+    if not Path(path).is_file():
+        raise UserError(f"{what} '{path}' does not exist or is not a file")
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} '{path}' is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+    except OSError as e:
+        raise UserError(f"{what} '{path}' cannot be read ({e.strerror})") from None
+
+
+def read_json(path, what, fix):
+    try:
+        return json.loads(read_text(path, what))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{what} '{path}' is not valid JSON (line {e.lineno}: {e.msg}): {fix}") from None
+
 # VBench's scripts/constant.py (not in the pip wheel): n = (raw - Min) / (Max - Min) * W;
 # Quality = sum(n over quality) / sum(W), Semantic likewise, Total = (4 Quality + 1 Semantic) / 5.
 DIMENSIONS = {  # name: (group, Min, Max, W), in the order of the paper's Table 3
@@ -59,13 +99,17 @@ PAPER = {
 
 def read_prompt_list(path):
     """The 946 prompts of VBench_full_info.json, in order, duplicates included."""
-    return [entry["prompt_en"] for entry in json.loads(Path(path).read_text())]
+    fix = "use VBench_full_info.json of the vbench package"
+    entries = read_json(path, "--prompt-list", fix)
+    if not (isinstance(entries, list) and entries and all(isinstance(e, dict) and isinstance(e.get("prompt_en"), str) for e in entries)):
+        raise UserError(f"--prompt-list '{path}' is not a list of {{'prompt_en': ...}} entries: {fix}")
+    return [entry["prompt_en"] for entry in entries]
 
 
 def video_name(prompt, i):
     name = f"{prompt}-{i}.mp4"
     if "/" in name or "\0" in name or len(name.encode()) > 255:
-        raise SystemExit(f"prompt cannot be a file name as it is: {prompt!r}")
+        raise UserError(f"prompt cannot be a file name as it is: {prompt!r}")
     return name
 
 
@@ -79,9 +123,9 @@ def plan(prompt_list, extended_prompts=None, limit=None):
     prompts = read_prompt_list(prompt_list)
     source = prompts
     if extended_prompts:
-        source = Path(extended_prompts).read_text().splitlines()
+        source = read_text(extended_prompts, "--extended-prompts").splitlines()
         if len(source) != len(prompts) or not all(line.strip() for line in source):
-            raise SystemExit(f"{extended_prompts}: expected {len(prompts)} non-empty lines, line-aligned with "
+            raise UserError(f"{extended_prompts}: expected {len(prompts)} non-empty lines, line-aligned with "
                              f"{prompt_list}; got {len(source)} lines")
     to_generate = {}  # original prompt -> prompt to generate from (first occurrence wins)
     for prompt, line in zip(prompts, source):
@@ -122,15 +166,15 @@ def write_jobs(args):
     spec = (args.frames, args.height, args.width, args.fps)
     videos = plan(args.prompt_list, args.extended_prompts, args.limit)
     out_dir = Path(args.videos).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir, "--videos")
     existing = [out_dir / name for _, _, name in videos if (out_dir / name).exists()]
     valid = {path for path, problem in check_videos(existing, spec).items() if problem is None}
     todo = [(prompt, seed, out_dir / name) for prompt, seed, name in videos if out_dir / name not in valid]
     for prompt, seed, path in todo:
         if "\t" in prompt or "\n" in prompt:
-            raise SystemExit(f"a prompt contains a tab or newline, which the job file cannot hold: {prompt!r}")
+            raise UserError(f"a prompt contains a tab or newline, which the job file cannot hold: {prompt!r}")
     jobs_dir = Path(args.jobs_dir)
-    jobs_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(jobs_dir, "--jobs-dir")
     for shard in range(args.shards):  # round robin: every video lands in exactly one shard
         lines = [f"{prompt}\t{seed}\t{path}\n" for prompt, seed, path in todo[shard :: args.shards]]
         (jobs_dir / f"shard_{shard}.tsv").write_text("".join(lines))
@@ -143,6 +187,8 @@ def verify(args):
     spec = (args.frames, args.height, args.width, args.fps)
     names = [name for _, _, name in plan(args.prompt_list, limit=args.limit)]
     videos_dir = Path(args.videos)
+    if not videos_dir.is_dir():
+        raise UserError(f"--videos '{videos_dir}' is not a folder: generate the videos first (eval_vbench.sh)")
     present = set(os.listdir(videos_dir))
     missing = [name for name in names if name not in present]
     extra = sorted(present - set(names))  # VBench takes the suffix from the first file it lists
@@ -152,7 +198,7 @@ def verify(args):
         if items:
             print(f"{title} in {videos_dir} ({len(items)}):", *items, sep="\n  ", file=sys.stderr)
     if missing or invalid or extra:
-        raise SystemExit(f"verification failed: {len(missing)} missing, {len(invalid)} invalid, "
+        raise UserError(f"verification failed: {len(missing)} missing, {len(invalid)} invalid, "
                          f"{len(extra)} unexpected")
     print(f"verified: all {len(names)} videos present exactly once, {args.frames} frames "
           f"{args.height}x{args.width} at {args.fps} fps")
@@ -163,24 +209,28 @@ def verify(args):
 def load_results(results_dir):
     """{dimension: raw score in [0, 1]} from VBench's *_eval_results.json files ({dim: [score, per_video]})."""
     if not Path(results_dir).is_dir():
-        raise SystemExit(f"{results_dir} is not a folder")
+        raise UserError(f"{results_dir} is not a folder")
     files = sorted(Path(results_dir).rglob("*_eval_results.json"))
     found = {}  # dimension -> (score, file)
     for file in files:
-        for dim, (score, _) in json.loads(file.read_text()).items():
+        results = read_json(file, "VBench result file", fix="delete it and rerun VBench on that dimension")
+        if not (isinstance(results, dict) and all(isinstance(v, list) and len(v) == 2 for v in results.values())):
+            raise UserError(f"VBench result file '{file}' is not {{dimension: [score, per_video]}}: delete it and rerun "
+                            f"VBench on that dimension")
+        for dim, (score, _) in results.items():
             if dim in found:
-                raise SystemExit(f"{dim} is in two result files: {found[dim][1]} and {file}; keep one")
+                raise UserError(f"{dim} is in two result files: {found[dim][1]} and {file}; keep one")
             found[dim] = (score, file)
     missing = [dim for dim in DIMENSIONS if dim not in found]
     if missing:  # VBench's own cal_final_score.py would count these as 0
-        raise SystemExit(f"missing VBench dimensions in {results_dir} ({len(files)} *_eval_results.json files): "
+        raise UserError(f"missing VBench dimensions in {results_dir} ({len(files)} *_eval_results.json files): "
                          f"{', '.join(missing)}. A missing dimension is an error, never a 0: run "
                          f"`vbench evaluate --dimension NAME` for each and check its log.")
     unknown = sorted(set(found) - set(DIMENSIONS))
     failed = [f"{dim}={score!r} ({file})" for dim, (score, file) in found.items()
               if not (isinstance(score, (int, float)) and math.isfinite(score) and 0 <= score <= 1)]
     if unknown or failed:
-        raise SystemExit(f"unexpected dimensions {unknown} / failed dimensions {failed} in {results_dir}")
+        raise UserError(f"unexpected dimensions {unknown} / failed dimensions {failed} in {results_dir}")
     return {dim: found[dim][0] for dim in DIMENSIONS}
 
 
@@ -197,6 +247,10 @@ def vbench_scores(raw):
 
 
 def score(args):
+    if args.json:  # before the work: a folder in the way or a missing folder
+        parent = Path(args.json).resolve().parent
+        if Path(args.json).is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise UserError(f"--json '{args.json}' cannot be written (a folder, or its folder is missing or read-only)")
     raw = load_results(args.results_dir)
     scores = vbench_scores(raw)
     ours = {**{dim: 100 * raw[dim] for dim in DIMENSIONS}, **{k: 100 * v for k, v in scores.items()}}
@@ -219,29 +273,36 @@ def dry_run_results(args):
     """Stand-in result files for the dry run, in VBench's format: the paper's Table 3 numbers, not a measurement."""
     videos = sorted(str(p) for p in Path(args.videos).glob("*.mp4"))
     out = Path(args.results_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out, "--results-dir")
     for dim in DIMENSIONS:
         per_video = [{"video_path": v, "video_results": PAPER["Reward Forcing"][dim] / 100} for v in videos]
         results = {dim: [PAPER["Reward Forcing"][dim] / 100, per_video]}
         (out / f"dry_run_{dim}_eval_results.json").write_text(json.dumps(results))
 
 
+def make_folder(folder, what):
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way, no permission, a read-only disk
+        raise UserError(f"{what} '{folder}' cannot be created ({e.strerror}): choose another location") from None
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("jobs", "verify"):
         p = sub.add_parser(name)
         p.add_argument("--prompt-list", required=True, help="VBench_full_info.json of the installed vbench package")
         p.add_argument("--videos", required=True, help="the one folder holding the videos")
-        p.add_argument("--limit", type=int, help="only the first LIMIT unique prompts (dry run)")
-        p.add_argument("--frames", type=int, default=81)
-        p.add_argument("--height", type=int, default=480)
-        p.add_argument("--width", type=int, default=832)
-        p.add_argument("--fps", type=float, default=16.0)
+        p.add_argument("--limit", type=positive(int), help="only the first LIMIT unique prompts (dry run)")
+        p.add_argument("--frames", type=positive(int), default=81)
+        p.add_argument("--height", type=positive(int), default=480)
+        p.add_argument("--width", type=positive(int), default=832)
+        p.add_argument("--fps", type=positive(float), default=16.0)
         if name == "jobs":
             p.add_argument("--extended-prompts", help="longer prompts to generate from, line-aligned with the list")
             p.add_argument("--jobs-dir", required=True)
-            p.add_argument("--shards", type=int, default=1, help="one job file per GPU")
+            p.add_argument("--shards", type=positive(int), default=1, help="one job file per GPU")
     p = sub.add_parser("score")
     p.add_argument("results_dir", help="folder searched recursively for VBench's *_eval_results.json")
     p.add_argument("--json", help="also write the table here")
@@ -256,4 +317,8 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        main(parse_args())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -164,7 +164,7 @@ def test_extended_prompts_keep_original_names(prompt_list, tmp_path):
     first = prompts.index("The bund Shanghai, oil painting")  # listed twice: the first line is used
     assert generated["The bund Shanghai, oil painting-3.mp4"] == f"line {first}: a longer The bund Shanghai, oil painting"
     extended.write_text("".join(f"{p}\n" for p in prompts[:-1]))
-    with pytest.raises(SystemExit, match="expected 946 non-empty lines"):
+    with pytest.raises(vbench_tools.UserError, match="expected 946 non-empty lines"):
         vbench_tools.plan(prompt_list, extended)
 
 
