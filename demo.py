@@ -13,7 +13,9 @@ press Switch while it plays: from the next block boundary on, the video follows 
 (as `sample.py --switch`), and the page says at which frame it took effect when that frame is
 shown. The page shows the frames shown so far, the generation FPS (after the first block: frames
 per second of the blocks since; before: frames / seconds since Start), the latency from Start to
-the first frame shown, the frame of the last switch, and a status line.
+the first frame shown, the frame of the last switch, and a status line. Generation is not paced to
+playback: a generator faster than 16 fps runs ahead of the page's queue, and a switch is seen that
+much later than it is generated (a block after the frames generated so far, not those shown).
 
 The video is the one `sample.py --prompt P --seed S --frames N --switch F Q ...` writes (tested),
 N being --max-seconds as 4k+1 frames (961 for 60 s) and F the frames the switches took effect at:
