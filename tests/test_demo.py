@@ -1,5 +1,7 @@
-"""demo.py: the app through FastAPI's test client (WebSocket) on the tiny Wan, load (several viewers,
-connect/disconnect cycles), bad flags, and one end-to-end run in headless Chromium."""
+"""demo.py: the app through FastAPI's test client (WebSocket) on the tiny Wan (its frames, with a
+switch, against sample.py's), load (several viewers, connect/disconnect cycles), bad flags, and one
+end-to-end run in headless Chromium against `python demo.py --tiny`, started at this module's first
+test so that its start-up runs beside the other tests."""
 import contextlib
 import gc
 import io
