@@ -8,39 +8,44 @@ Live demo: a web page that shows the video while it is generated, block by block
     python demo.py --tiny                                    # CPU, random tiny Wan: the video is noise, the pipeline is real
 
 Type a prompt, press Start: each block's frames are sent as soon as they are decoded, and the page
-plays them at the video's 16 fps (a queue absorbs the bursts of a block). It shows the frames
-shown so far, the generation FPS (after the first block: frames per second of the blocks since;
-before: frames / seconds since Start), the latency from Start to the first frame shown, and a
-status line. The video runs on as a long video (attention sink + a window of --max-frames latent
-frames, flat time per block) until Stop or --max-seconds; then Download gets it as an mp4, which the
-server wrote while generating (sample.py's fragmented-mp4 writer). For now the noise of the whole
---max-seconds video is drawn at Start and every block's latents are kept until the end (1.6 MB per
-second of video at 480x832, fp32 noise alone): keep --max-seconds in minutes, not hours.
+plays them at the video's 16 fps (a queue absorbs the bursts of a block). Type another prompt and
+press Switch while it plays: from the next block boundary on, the video follows it, with re-cache
+(as `sample.py --switch`), and the page says at which frame it took effect when that frame is
+shown. The page shows the frames shown so far, the generation FPS (after the first block: frames
+per second of the blocks since; before: frames / seconds since Start), the latency from Start to
+the first frame shown, the frame of the last switch, and a status line. Generation is not paced to
+playback: a generator faster than 16 fps runs ahead of the page's queue, and a switch is seen that
+much later than it is generated (a block after the frames generated so far, not those shown).
 
-The models load once at start-up (the text encoder stays resident to encode each new prompt:
-~11 GB for UMT5-XXL in bf16). One generation runs at a time on the device, in a worker thread (the
-server stays responsive): a viewer who presses Start while another generates is told it is busy;
-a viewer who closes the page stops its generation and frees the device.
+The video is the one `sample.py --prompt P --seed S --frames N --switch F Q ...` writes (tested),
+N being --max-seconds as 4k+1 frames (961 for 60 s) and F the frames the switches took effect at:
+a long video (attention sink + a window of --max-frames latent frames: flat time per block) whose
+blocks' noise is drawn from the seed and the block's position, so memory stays flat however long
+it runs. It ends at Stop or --max-seconds; Download then gets the mp4 the server wrote while
+generating (sample.py's fragmented-mp4 writer).
+
+The models load once at start-up (the text encoder stays resident to encode each new prompt, at
+Start and Switch: ~11 GB for UMT5-XXL in bf16). One generation runs at a time on the device, in a
+worker thread (the server stays responsive): a viewer who presses Start while another generates
+is told it is busy; a viewer who closes the page stops its generation and frees the device.
 
 The page (demo.html, plain JavaScript, nothing fetched from the internet) talks to the server over
 one WebSocket per viewer, /ws:
 
   viewer -> server, JSON text:
     {"type": "start", "prompt": str, "seed": int}     start a video (prompt <= 2000 characters)
-    {"type": "switch", "prompt": str}                 change the prompt from the next block on
+    {"type": "switch", "prompt": str}                 change the prompt from the next block boundary on
     {"type": "stop"}                                  end the video
   server -> viewer:
     binary: one JPEG per frame, in order
     {"type": "hello", "fps", "width", "height", "chunk", "max_seconds", "max_prompt_chars", "model", "busy", "switch"}   on connecting
     {"type": "started", "prompt", "seed", "frames_max"}      the device is this viewer's
+    {"type": "switched", "frame", "prompt"}                  right before the JPEG of the frame the switch took effect at
     {"type": "stats", "block", "block_frames", "frames", "fps", "first_frame_s"}   after each block's JPEGs
     {"type": "stopped", "reason": "stop"|"done"|"error", "frames", "download": url or null, "error": str or null}   the device is free
     {"type": "busy", "message"}, {"type": "error", "message"}   a refused or malformed message; the server keeps serving
 The download url is /video/<token>, a server-chosen random name; nothing a viewer sends is used
 as a file path. The finished videos live in a temporary folder (the newest 10), removed on exit.
-
-Switch is not available yet: it arrives with the streaming API (hello says "switch": false, the
-page disables the button, and a switch message gets an error reply).
 """
 import argparse
 import asyncio
@@ -60,6 +65,7 @@ import time
 import traceback
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -144,19 +150,24 @@ def is_loopback(host):
         return host == "localhost"
 
 
-def video_latent_frames(max_seconds):
-    """Latent frames of a --max-seconds video (1 + 4k pixel frames, the first latent frame is 1)."""
-    return math.ceil(max_seconds * FPS / 4) + 1
+def video_frames(max_seconds):
+    """Frames of a --max-seconds video: the first 4k+1 (the VAE's frame counts) that last that long."""
+    return 4 * math.ceil(max_seconds * FPS / 4) + 1
 
 
 @dataclass
 class Models:
     model: torch.nn.Module  # the causal generator
     tokenizer: object
-    encoder: torch.nn.Module  # UMT5: kept, every Start encodes a new prompt
+    encoder: torch.nn.Module  # UMT5: kept, every Start and Switch encodes a new prompt
     vae: torch.nn.Module
     device: torch.device
     dtype: torch.dtype
+
+    def encode(self, prompt):
+        """A prompt -> text context [1, 512, text_dim]: the one place the text encoder runs (in the
+        generation thread, for the first prompt and every switch)."""
+        return cw.encode_prompts(self.tokenizer, self.encoder, [prompt])
 
 
 def load_models(args):
@@ -188,40 +199,46 @@ def jpeg(frame):
     return buf.getvalue()
 
 
-class Stopped(Exception):
-    """Raised from the frame callback: ends the rollout between two blocks."""
-
-
 class Session:
-    """One video on the device, generated in a worker thread: the adapter between a viewer and the
-    generator. start() / stop() / switch() are called from the server's event loop; emit(item)
+    """One video on the device, generated in a worker thread: the adapter between a viewer and
+    sample.FrameStream. start() / stop() / switch() are called from the server's event loop; emit(item)
     gets every message for the viewer (JPEG bytes or a dict), from the worker thread; release()
-    frees the device lock. Each block's frames are written to the mp4, sent as JPEGs, then a stats
-    message; after the last one (Stop, --max-seconds, an error) the mp4 is closed, the device
-    released, and 'stopped' sent, in that order: a viewer told 'stopped' can start at once.
-
-    Phase 2 (the streaming API of issue 14) replaces only `_generate`: a loop over the stream's
-    blocks that checks `self.stopping` between blocks (instead of raising Stopped from on_frames)
-    and hands a pending `switch` prompt to the stream, and `switch` queues that prompt."""
+    frees the device lock. Each block's frames are written to the mp4, sent as JPEGs (after a
+    'switched' message if the block is the first under a new prompt), then a stats message; after
+    the last one (Stop, --max-seconds, an error) the mp4 is closed, the device released, and
+    'stopped' sent, in that order: a viewer told 'stopped' can start at once."""
 
     def __init__(self, models, args, prompt, seed, video_path, emit, release):
         self.models, self.args, self.prompt, self.seed = models, args, prompt, seed
         self.video_path, self.emit, self.release = video_path, emit, release
         self.stopping, self.finished = threading.Event(), threading.Event()
         self.reason = "done"
-        self.frames = self.blocks = 0  # sent so far
+        self.frames = self.blocks = self.switches = 0  # sent so far
+        # the stream exists once the worker has encoded the first prompt; until then a stop or
+        # switch is kept here, under the lock, and handed to it when it exists
+        self.lock, self.stream, self.pending_switches = threading.Lock(), None, []
         self.thread = threading.Thread(target=self._run, name="demo-generation", daemon=True)
 
     def start(self):
         self.thread.start()
 
     def stop(self, reason="stop"):
-        if not self.stopping.is_set():
+        """End the video after the block being generated (its frames are still sent)."""
+        with self.lock:
+            if self.stopping.is_set():
+                return
             self.reason = reason
             self.stopping.set()
+            if self.stream is not None:
+                self.stream.stop()
 
     def switch(self, prompt):
-        raise cw.UserError("switching the prompt arrives with the streaming API (not in this version)")
+        """Generate `prompt` from the next block boundary on, with re-cache (sample.py --switch)."""
+        with self.lock:
+            if self.stream is None:
+                self.pending_switches.append(prompt)
+            else:
+                self.stream.switch(prompt, recache=True)
 
     def _run(self):
         error = None
@@ -232,11 +249,9 @@ class Session:
             self.t0 = time.perf_counter()
             self.writer = sample.open_writer(self.video_path, FPS, True, 4 * self.args.chunk)
             try:
-                self._generate(self._on_frames)
-            finally:  # not `with`: imageio's writer leaves the file unfinished when the block raises (as Stopped does)
+                self._generate()
+            finally:  # not `with`: imageio's writer leaves the file unfinished when the block raises
                 self.writer.close()
-        except Stopped:
-            pass
         except Exception as e:  # the viewer sees one line; the server log keeps the traceback
             self.reason, error = "error", f"{type(e).__name__}: {str(e)[:300]}"
             traceback.print_exc()
@@ -247,27 +262,36 @@ class Session:
             self.release()
             self.emit({"type": "stopped", "reason": self.reason, "frames": self.frames, "error": error})
 
-    def _generate(self, on_frames):
-        """Phase 1: sample.py's generation (sample.generate: rollout with the KV cache, each block
-        decoded) over the noise of a whole --max-seconds video, drawn as sample.py draws it, so
-        the frames are the ones `sample.py --frames N --seed S` writes for the same length.
-        Stop = on_frames raises Stopped. PHASE 2 PLUGS THE STREAMING API IN HERE."""
+    @torch.no_grad()
+    def _generate(self):
+        """The video as `sample.py --prompt P --seed S --frames N --switch ...` makes it (N: --max-seconds
+        as 4k+1 frames; each block's noise drawn from the seed and the block's position, so memory
+        stays flat however long the video), switched where the viewer asked, ended by stop()."""
         m, a = self.models, self.args
-        prompt_kv = m.model.prompt_kv(cw.encode_prompts(m.tokenizer, m.encoder, [self.prompt]))
-        if self.stopping.is_set():  # stopped (or the viewer left) while the prompt was encoded
-            raise Stopped
-        g = torch.Generator().manual_seed(self.seed)  # on the CPU: the same video on every device
-        noise = torch.randn(1, 16, video_latent_frames(a.max_seconds), a.height // 8, a.width // 8, generator=g)
-        sample.generate(m.model, m.vae, prompt_kv, noise.to(m.device, m.dtype), a.chunk, a.max_frames, on_frames,
-                        generator=g, overlap=a.overlap_decode)
+        stream = sample.FrameStream(m.model, partial(cw.vae_decode, m.vae), m.model.prompt_kv(m.encode(self.prompt)),
+                                    encode=m.encode, height=a.height, width=a.width, seed=self.seed,
+                                    frames=video_frames(a.max_seconds), chunk=a.chunk, max_frames=a.max_frames,
+                                    overlap=a.overlap_decode, log=lambda line: print(f"demo: {line}", file=sys.stderr, flush=True))
+        with self.lock:
+            self.stream = stream
+            for prompt in self.pending_switches:  # asked before the first block: it starts with the last one
+                stream.switch(prompt, recache=True)
+            if self.stopping.is_set():  # stopped (or the viewer left) while the prompt was encoded
+                stream.stop()
+        for frames in stream:
+            self._send_block(frames, stream.switches_done)
 
-    def _on_frames(self, frames):
-        """uint8 frames [T, H, W, 3] of the next block, in order."""
-        if self.stopping.is_set():
-            raise Stopped
+    def _send_block(self, frames, switches_done):
+        """uint8 frames [T, H, W, 3] of the next block, in order; switches_done: the stream's
+        [(frame, prompt, recache)] so far (with --overlap-decode it may hold the next block's too)."""
         now = time.perf_counter() - self.t0
         if self.frames == 0:
             self.first_frame_s, self.first_block_frames = now, len(frames)
+        for frame, prompt, _ in switches_done[self.switches:]:
+            if frame >= self.frames + len(frames):  # takes effect in a later block
+                break
+            self.emit({"type": "switched", "frame": frame, "prompt": prompt})
+            self.switches += 1
         for frame in frames:
             self.writer.append_data(frame)
             self.emit(jpeg(frame))
@@ -381,7 +405,7 @@ class Viewer:
         sender = asyncio.create_task(self.send_all())
         self.emit({"type": "hello", "fps": FPS, "width": a.width, "height": a.height, "chunk": a.chunk,
                    "max_seconds": a.max_seconds, "max_prompt_chars": MAX_PROMPT_CHARS, "model": self.demo.model_name,
-                   "busy": self.demo.device_lock.locked(), "switch": False})
+                   "busy": self.demo.device_lock.locked(), "switch": True})
         try:
             while True:
                 message = await self.ws.receive()
@@ -439,7 +463,7 @@ class Viewer:
 
         a = self.demo.args
         self.session = self.demo.current = Session(self.demo.models, a, prompt, seed, path, emit, self.demo.release)
-        self.emit({"type": "started", "prompt": prompt, "seed": seed, "frames_max": 4 * (video_latent_frames(a.max_seconds) - 1) + 1})
+        self.emit({"type": "started", "prompt": prompt, "seed": seed, "frames_max": video_frames(a.max_seconds)})
         try:
             self.session.start()
         except RuntimeError:  # no thread could be started: give the device back

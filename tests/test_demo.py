@@ -1,11 +1,14 @@
-"""demo.py: the app through FastAPI's test client (WebSocket) on the tiny Wan, load (several viewers,
-connect/disconnect cycles), bad flags, and one end-to-end run in headless Chromium."""
+"""demo.py: the app through FastAPI's test client (WebSocket) on the tiny Wan (its frames, with a
+switch, against sample.py's), load (several viewers, connect/disconnect cycles), bad flags, and one
+end-to-end run in headless Chromium against `python demo.py --tiny`, started at this module's first
+test so that its start-up runs beside the other tests."""
 import contextlib
 import gc
 import io
 import json
 import os
 import re
+import runpy
 import shutil
 import socket
 import subprocess
@@ -30,7 +33,7 @@ import demo  # noqa: E402
 import sample  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SIZE = 32  # the app tests run at 32x32 (the VAE dominates the tiny model's time); the browser test at --tiny's 64x64
+SIZE = 16  # the app tests run at 16x16 (the VAE dominates the tiny model's time); the browser test at --tiny's 64x64
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +89,11 @@ def mp4_frames(data, path):
         return [f for f in r], r.get_meta_data()["fps"]
 
 
+def decode_jpeg(data):
+    from PIL import Image
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
 def wait_for(condition, timeout=15.0):
     deadline = time.monotonic() + timeout
     while not condition():
@@ -99,42 +107,109 @@ def wait_for(condition, timeout=15.0):
 # the app, one viewer
 
 
-def test_frames_arrive_in_order_per_block_and_are_sample_py_frames(models, tmp_path, monkeypatch):
-    """A 1 s video (17 frames = latent 3 + 2: blocks of 9 and 8 frames) streams exactly the uint8
-    frames sample.py's generate gives for the same prompt, seed and noise (drawn here as
-    sample.main draws it), in order, each block followed by its stats; the download is that mp4.
-    The JPEG step is replaced by the raw bytes so the comparison is exact.
-    Planted: frames of a block sent in reverse order; the seed ignored (seed 0) -> both fail."""
-    monkeypatch.setattr(demo, "jpeg", lambda frame: frame.tobytes())
-    with client(models, tmp_path / "videos", "--max-seconds", "1") as c, contextlib.ExitStack() as viewer:
+# the tiny model's cross-attention attends to all 512 text positions, the padding's included: a short
+# prompt changes its frames by a level or two, this one (480 tokens: the tiny tokenizer is per character) by up to 24
+BIRD = "a blue bird flies over the sea at dawn, " * 12
+
+
+@pytest.mark.parametrize("flags,switch_frame", [([], 21), (["--overlap-decode"], 33)])
+def test_frames_with_a_switch_are_the_frames_sample_py_writes(models, tiny_wan, tmp_path, monkeypatch, flags, switch_frame):
+    """A 2.5 s video (41 frames: blocks of 9, 12, 12, 8) switched to a second prompt by a viewer after
+    its second block streams, in order, each block followed by its stats and the switch announced
+    right before the frame it took effect at, exactly the uint8 frames `sample.py --frames 41
+    --seed 3 --switch FRAME P2` writes (run in-process here, its frames taken on their way to the
+    mp4 writer; the demo's on their way to the JPEG encoder); each message is the JPEG of its
+    frame, and the download is a 41-frame mp4 of them (within x264 loss).
+    The worker is held after block 1 until the server has handed the switch to the session, so
+    the switch lands on the next boundary not yet generated on any machine: frame 21, or with
+    --overlap-decode frame 33 (block 2 was generated while block 1 decoded). Planted:
+    Session.switch asking the stream for frame self.frames + 1 (one block late) -> frame 21
+    differs; the session's seed + 1 -> frame 0 differs; frames of a block sent in reverse order ->
+    frame 0 differs; 'switched' sent with the first block after the switch was applied (not the
+    block it starts) -> with --overlap-decode it comes before frame 21, fails."""
+    sent, switch_asked = [], threading.Event()
+
+    class HeldSession(demo.Session):
+        def switch(self, prompt):
+            super().switch(prompt)
+            switch_asked.set()
+
+        def _send_block(self, frames, switches_done):
+            super()._send_block(frames, switches_done)
+            if self.blocks == 2:  # the viewer switches now: wait until the server has passed it on
+                assert switch_asked.wait(60)
+
+    real_jpeg = demo.jpeg
+    monkeypatch.setattr(demo, "Session", HeldSession)
+    monkeypatch.setattr(demo, "jpeg", lambda frame: sent.append(frame.copy()) or real_jpeg(frame))  # the frames as sent
+    with client(models, tmp_path / "videos", "--max-seconds", "2.5", *flags) as c, contextlib.ExitStack() as viewer:
         ws, hello = connect(c, viewer)
-        assert (hello["fps"], hello["width"], hello["height"], hello["busy"]) == (16, SIZE, SIZE, False)
+        assert (hello["fps"], hello["width"], hello["height"], hello["busy"], hello["switch"]) == (16, SIZE, SIZE, False, True)
         ws.send_json({"type": "start", "prompt": "a red fox", "seed": 3})
         started = recv(ws)
-        assert started["type"] == "started" and started["frames_max"] == 17
-        blocks, frames = [], []
+        assert started["type"] == "started" and started["frames_max"] == 41
+        blocks, jpegs, switched = [], [], []
         while True:
             m = recv(ws)
             if isinstance(m, bytes):
-                frames.append(np.frombuffer(m, np.uint8).reshape(SIZE, SIZE, 3))
+                jpegs.append(m)
             elif m["type"] == "stats":
-                blocks.append((m["block_frames"], len(frames)))
+                blocks.append((m["block_frames"], len(jpegs)))
+                if len(blocks) == 2:
+                    ws.send_json({"type": "switch", "prompt": BIRD})
+            elif m["type"] == "switched":
+                switched.append((m["frame"], m["prompt"], len(jpegs)))
             else:
                 break
-        assert m["type"] == "stopped" and m["reason"] == "done" and m["frames"] == 17, m
-        assert blocks == [(9, 9), (8, 17)]  # each stats message right after its block's frames
+        assert m["type"] == "stopped" and m["reason"] == "done" and m["frames"] == 41, m
+        assert blocks == [(9, 9), (12, 21), (12, 33), (8, 41)]  # each stats message right after its block's frames
         mp4, fps = mp4_frames(c.get(m["download"]).content, tmp_path / "download.mp4")
-    # the reference: sample.main's noise and sample.generate on the same models
-    g = torch.Generator().manual_seed(3)
-    noise = torch.randn(1, 16, 5, SIZE // 8, SIZE // 8, generator=g)
-    prompt_kv = models.model.prompt_kv(cw.encode_prompts(models.tokenizer, models.encoder, ["a red fox"]))
-    reference = []
-    sample.generate(models.model, models.vae, prompt_kv, noise, 3, 21, reference.extend, generator=g)
-    assert len(reference) == 17
-    for i, (got, want) in enumerate(zip(frames, reference)):
-        assert np.array_equal(got, want), f"frame {i} differs from sample.py's"
-    assert (len(mp4), fps, mp4[0].shape) == (17, 16.0, (SIZE, SIZE, 3))
+    # the reference: sample.py's main, as a user runs it, with the same models on disk
+    written = []
+    real_write_video = sample.write_video
+
+    def recording_write_video(path, blocks, *rest, **kw):
+        return real_write_video(path, (written.append(b) or b for b in blocks), *rest, **kw)
+
+    monkeypatch.setattr(sample, "write_video", recording_write_video)
+    sample.main(sample.parse_args(["--tiny", "--model", tiny_wan, "--height", str(SIZE), "--width", str(SIZE), "--prompt", "a red fox",
+                                   "--seed", "3", "--frames", "41", "--switch", str(switch_frame), BIRD, "--out", str(tmp_path / "sample.mp4"), *flags]))
+    reference = np.concatenate(written)
+    assert reference.shape == (41, SIZE, SIZE, 3) and len(sent) == len(jpegs) == 41
+    for i, (got, want) in enumerate(zip(sent, reference)):
+        assert np.array_equal(got, want), f"frame {i} is not sample.py's (largest difference {np.abs(got.astype(int) - want).max()})"
+    assert jpegs == [real_jpeg(f) for f in reference]  # each message is its frame's JPEG
+    assert switched == [(switch_frame, BIRD, switch_frame)]  # announced right before that frame
+    assert np.abs(np.stack([decode_jpeg(j) for j in jpegs]).astype(int) - reference).mean() < 20  # JPEG on 16x16 noise: ~13
+    assert (len(mp4), fps, mp4[0].shape) == (41, 16.0, (SIZE, SIZE, 3))
     assert np.mean([np.abs(a.astype(int) - b.astype(int)).mean() for a, b in zip(mp4, reference)]) < 20  # x264 on noise
+
+
+def test_a_switch_or_stop_before_the_first_block(models, tmp_path):
+    """A switch asked before the stream exists (the first prompt still being encoded) is kept and
+    the video starts with it: frames equal to a video started with that prompt, announced at
+    frame 0; a stop before the stream exists ends the video without a frame. Planted: the kept
+    switches not handed to the stream -> the frames are the first prompt's, fails; the kept stop
+    not handed on -> the video runs to its end, fails."""
+    args = demo.parse_args(["--tiny", "--height", str(SIZE), "--width", str(SIZE), "--max-seconds", "1"])
+
+    def run(prompt, before=None):
+        out, lock = [], threading.Lock()
+        lock.acquire()
+        session = demo.Session(models, args, prompt, 4, str(tmp_path / f"{len(os.listdir(tmp_path))}.mp4"), out.append, lock.release)
+        if before is not None:
+            before(session)
+        session.start()
+        session.thread.join(60)
+        assert not lock.locked()  # the device was released
+        return [m for m in out if isinstance(m, bytes)], [m for m in out if isinstance(m, dict)]
+
+    switched, messages = run("a red fox", lambda s: s.switch(BIRD))
+    direct, _ = run(BIRD)
+    assert messages[0] == {"type": "switched", "frame": 0, "prompt": BIRD}
+    assert len(switched) == 17 and switched == direct  # the same JPEGs: the same frames
+    frames, messages = run("a red fox", lambda s: s.stop())
+    assert frames == [] and messages == [{"type": "stopped", "reason": "stop", "frames": 0, "error": None}]
 
 
 def test_stop_ends_the_video_and_the_page_can_start_again(models, tmp_path):
@@ -164,8 +239,7 @@ def test_stop_ends_the_video_and_the_page_can_start_again(models, tmp_path):
         assert recv(ws)["type"] == "started"  # the device was freed by the stop
         ws.send_json({"type": "stop"})
         assert until(ws, "stopped")[0]["reason"] == "stop"
-    from PIL import Image
-    shown = [np.asarray(Image.open(io.BytesIO(j)).convert("RGB")) for j in jpegs]
+    shown = [decode_jpeg(j) for j in jpegs]
     assert len(mp4) == len(shown) and shown[0].shape == (SIZE, SIZE, 3)
     diffs = [np.abs(a.astype(int) - b.astype(int)).mean() for a, b in zip(shown, mp4)]
     assert max(diffs) < 25, diffs
@@ -201,8 +275,8 @@ def test_parse_message_refuses_malformed_messages(message, error):
 
 
 def test_malformed_and_refused_messages_get_an_error_and_the_server_keeps_serving(models, tmp_path):
-    """Garbage, a stop or switch with nothing running, a second start, a switch (phase 1): each
-    gets an 'error' message and the same WebSocket then starts a video. Nothing the viewer sends
+    """Garbage, a stop or switch with nothing running, a second start: each gets an 'error'
+    message and the same WebSocket then starts a video. Nothing the viewer sends
     is a path: /video/<anything else> is 404. Planted: parse errors not caught in the receive
     loop (the handler dies, the socket closes) -> fail."""
     with client(models, tmp_path / "videos") as c, contextlib.ExitStack() as viewer:
@@ -220,8 +294,6 @@ def test_malformed_and_refused_messages_get_an_error_and_the_server_keeps_servin
         assert recv(ws)["type"] == "started"
         ws.send_json({"type": "start", "prompt": "a red fox", "seed": 0})
         assert "already being generated" in until(ws, "error")[0]["message"]
-        ws.send_json({"type": "switch", "prompt": "a cat"})
-        assert "streaming API" in until(ws, "error")[0]["message"]
         ws.send_json({"type": "stop"})
         stopped = until(ws, "stopped")[0]
         assert stopped["reason"] == "stop"
@@ -376,9 +448,15 @@ def test_non_loopback_host_says_who_can_use_the_gpu(monkeypatch, capsys):
     assert capsys.readouterr().err.splitlines() == [f"warning: listening on 0.0.0.0: anyone who can reach port {port} can use this GPU"]
 
 
-def test_error_exit_is_one_line_without_traceback():
-    r = subprocess.run([sys.executable, "demo.py", "--tiny", "--height", "30"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: --height 30 is not a positive multiple of 16 (VAE 8x and patch 2x)"]
+def test_error_exit_is_one_line_without_traceback(monkeypatch, capsys):
+    """`python demo.py --tiny --height 30`: the script's __main__ block, run in this process (runpy;
+    a new interpreter would spend seconds importing torch), exits 2 with one line on stderr.
+    Planted: __main__ without its UserError catch -> the error escapes as a traceback, fails."""
+    monkeypatch.setattr(sys, "argv", ["demo.py", "--tiny", "--height", "30"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(os.path.join(ROOT, "demo.py"), run_name="__main__")
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines() == ["error: --height 30 is not a positive multiple of 16 (VAE 8x and patch 2x)"]
 
 
 def free_port():
@@ -403,40 +481,67 @@ return seen.size;
 """
 
 
-def test_browser_start_watch_stop_download(tiny_wan, tmp_path):
-    """`python demo.py --tiny` on a free port, driven in headless Chromium as a person would:
-    type a prompt and a seed, press Start, wait until two blocks of frames (9 + 12) are shown
-    and the canvas holds a picture, press Stop, and download the mp4 the page links to (as many
-    frames as the page says were generated). Saves a screenshot (demo.png in the test's tmp dir).
-    Planted: frames not drawn on the canvas -> 'blank' fails; frames counted but not played
-    (no queue tick) -> the counter never reaches 21."""
-    driver_path = shutil.which("chromedriver")
-    if shutil.which("chromium") is None or driver_path is None:
-        pytest.skip("Chromium is absent: `apt-get install -y chromium chromium-driver` (.ci/run does)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -r requirements.txt)")
+def browser_missing():
+    """Why the browser test cannot run here, or None."""
+    if shutil.which("chromium") is None or shutil.which("chromedriver") is None:
+        return "Chromium is absent: `apt-get install -y chromium chromium-driver` (.ci/run does)"
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (pip install -r requirements.txt)"
+    return None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def demo_server(request, tmp_path_factory):
+    """`python demo.py --tiny` on a free port for the browser test, started when this module's first
+    test starts, so that its start-up (a new interpreter importing torch, then the models: the
+    slowest part of the browser test) runs beside the other tests. None when the browser test is
+    not among the tests run or cannot run here."""
+    if browser_missing() or not any("test_demo.py::test_browser" in item.nodeid for item in request.session.items):
+        yield None
+        return
+    port, log = free_port(), tmp_path_factory.mktemp("demo_server") / "server.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, "demo.py", "--tiny", "--model", request.getfixturevalue("tiny_wan"),
+                                   "--port", str(port), "--max-seconds", "30"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield server, f"http://127.0.0.1:{port}", log
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_browser_start_switch_stop_download(demo_server, tmp_path):
+    """`python demo.py --tiny`, driven in headless Chromium as a person would: type a prompt and a
+    seed, press Start, wait until two blocks of frames (9 + 12) are shown and the canvas holds a
+    picture; type a new prompt, press Switch, wait until the page shows the frame the switch took
+    effect at (the one the server logs) and a block more; press Stop and download the mp4 the page
+    links to (as many frames as the page says were generated). Saves a screenshot after the switch
+    (demo.png in the test's tmp dir; docs/demo.png is one). Planted: frames not drawn on the canvas
+    -> 'blank' fails; frames counted but not played (no queue tick) -> the counter never reaches
+    21; 'switched' ignored by the page -> the switch frame never shows."""
+    if browser_missing():
+        pytest.skip(browser_missing())
+    from selenium import webdriver
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "demo.py", "--tiny", "--model", tiny_wan, "--port", str(port)],
-                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    driver = None
+    server, url, log = demo_server
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={tmp_path / 'profile'}"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=shutil.which("chromedriver")), options=options)
     try:
-        options = webdriver.ChromeOptions()
-        options.binary_location = shutil.which("chromium")
-        for flag in CHROMIUM_FLAGS + [f"--user-data-dir={tmp_path / 'profile'}"]:
-            options.add_argument(flag)
-        driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path), options=options)
-        url = f"http://127.0.0.1:{port}"
-
         def serving():
-            assert server.poll() is None, f"demo.py exited: {server.communicate()[0][-2000:]}"
+            assert server.poll() is None, f"demo.py exited: {log.read_text()[-2000:]}"
             try:
                 return urllib.request.urlopen(url, timeout=2).status == 200
             except OSError:
                 return False
 
-        assert wait_for(serving, timeout=120), "demo.py did not serve the page"
+        assert wait_for(serving, timeout=120), f"demo.py did not serve the page: {log.read_text()[-2000:]}"
         driver.get(url)
         text = lambda i: driver.find_element(By.ID, i).text  # noqa: E731
         WebDriverWait(driver, 20).until(lambda d: text("status").startswith("ready"))
@@ -449,17 +554,22 @@ def test_browser_start_watch_stop_download(tiny_wan, tmp_path):
         WebDriverWait(driver, 30).until(lambda d: int(text("frames")) >= 21)
         assert driver.execute_script(CANVAS_COLOURS) > 50, "the canvas is blank"
         assert re.fullmatch(r"\d+\.\d\d s", text("latency")) and float(text("fps")) > 0
-        assert text("status").startswith("generating (seed 5): a red fox running in the snow")
+        assert text("status").startswith("generating (seed 5): a red fox running in the snow") and text("switched") == "–"
+        prompt.clear()
+        prompt.send_keys("the fox jumps into a frozen lake")
+        driver.find_element(By.ID, "switch").click()
+        WebDriverWait(driver, 30).until(lambda d: text("switched") != "–" and int(text("frames")) >= int(text("switched")) + 12)
+        frame = int(text("switched"))
+        assert frame >= 21 and (frame - 9) % 12 == 0, frame  # a block boundary after the frames shown before
+        assert text("status") == f"generating (seed 5): the fox jumps into a frozen lake (switched at frame {frame})"
+        assert f"demo: switch at frame {frame}: the fox jumps into a frozen lake" in log.read_text()
         driver.save_screenshot(str(tmp_path / "demo.png"))
         driver.find_element(By.ID, "stop").click()
         WebDriverWait(driver, 20).until(lambda d: text("status").startswith("stopped"))
         generated = int(re.search(r"(\d+) frames generated", text("status")).group(1))
         link = driver.find_element(By.ID, "download")
-        assert link.is_displayed() and generated >= 21
+        assert link.is_displayed() and generated >= frame + 12
         mp4, fps = mp4_frames(urllib.request.urlopen(link.get_attribute("href"), timeout=10).read(), tmp_path / "download.mp4")
         assert (len(mp4), fps, mp4[0].shape) == (generated, 16.0, (64, 64, 3))
     finally:
-        if driver is not None:
-            driver.quit()
-        server.terminate()
-        server.wait(timeout=30)
+        driver.quit()
