@@ -13,9 +13,10 @@ press Switch while it plays: from the next block boundary on, the video follows 
 (as `sample.py --switch`), and the page says at which frame it took effect when that frame is
 shown. The page shows the frames shown so far, the generation FPS (after the first block: frames
 per second of the blocks since; before: frames / seconds since Start), the latency from Start to
-the first frame shown, the frame of the last switch, and a status line. Generation is not paced to
-playback: a generator faster than 16 fps runs ahead of the page's queue, and a switch is seen that
-much later than it is generated (a block after the frames generated so far, not those shown).
+the first frame shown, the frame of the last switch, and a status line. Generation is paced to
+playback: a generator faster than 16 fps waits while it is more than two blocks ahead of the page's
+clock, so a switch is seen within about two blocks of being pressed however long the video runs
+(`--no-pace` generates as fast as it can: the page's queue then grows, and so does the delay).
 
 The video is the one `sample.py --prompt P --seed S --frames N --switch F Q ...` writes (tested),
 N being --max-seconds as 4k+1 frames (961 for 60 s) and F the frames the switches took effect at:
@@ -101,6 +102,7 @@ def parse_args(argv=None):
     p.add_argument("--overlap-decode", action="store_true", help="decode block b while block b+1 is denoised")
     p.add_argument("--vae-dtype", default="fp32", choices=["fp32", "bf16"], help="VAE decode precision")
     p.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN autotune the VAE's convolutions (GPU)")
+    p.add_argument("--no-pace", action="store_true", help="generate as fast as possible instead of at most two blocks ahead of playback")
     args = p.parse_args(argv)
     if args.tiny:
         args.model = cw.tiny_model_dir() if args.model == cw.DEFAULT_MODEL else args.model
@@ -214,6 +216,7 @@ class Session:
         self.stopping, self.finished = threading.Event(), threading.Event()
         self.reason = "done"
         self.frames = self.blocks = self.switches = 0  # sent so far
+        self.paused_s = 0.0  # time spent waiting for playback (not generation time)
         # the stream exists once the worker has encoded the first prompt; until then a stop or
         # switch is kept here, under the lock, and handed to it when it exists
         self.lock, self.stream, self.pending_switches = threading.Lock(), None, []
@@ -297,11 +300,25 @@ class Session:
             self.emit(jpeg(frame))
         self.frames += len(frames)
         # generation FPS: over the blocks after the first (steady state), else over the first
-        later = now - self.first_frame_s
+        later = now - self.first_frame_s - self.paused_s
         fps = (self.frames - self.first_block_frames) / later if later > 0 else self.frames / now
         self.emit({"type": "stats", "block": self.blocks, "block_frames": len(frames), "frames": self.frames,
                    "fps": round(fps, 2), "first_frame_s": round(self.first_frame_s, 3)})
         self.blocks += 1
+        if not self.args.no_pace:
+            self._pace(len(frames))
+
+    def _pace(self, block_frames):
+        """Wait (in the generation thread, so the next block starts later) while the frames sent are
+        more than two blocks ahead of playback: the page plays FPS frames a second from the first
+        one, so what is generated, a switch included, is shown at most ~two blocks later. Without
+        it a fast GPU would run ever further ahead and a switch would show ever later."""
+        played = (time.perf_counter() - self.t0 - self.first_frame_s) * FPS
+        ahead = self.frames - played - 2 * block_frames
+        if ahead > 0:
+            t = time.perf_counter()
+            self.stopping.wait(ahead / FPS)  # a stop ends the wait at once
+            self.paused_s += time.perf_counter() - t
 
 
 def parse_message(message):

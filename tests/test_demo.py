@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.request
 import weakref
 
@@ -321,6 +322,47 @@ def test_a_page_of_another_site_cannot_connect(models, tmp_path):
 def start(ws, prompt="a red fox", seed=0):
     ws.send_json({"type": "start", "prompt": prompt, "seed": seed})
     return recv(ws)
+
+
+def test_generation_is_paced_to_playback(models, tmp_path):
+    """A 3 s video (49 frames: blocks of 9, then 12): when each block's stats arrive, the frames sent
+    are at most the two blocks allowed plus the block just sent (+6 frames of slack for this
+    machine's timing) ahead of a 16 fps clock started at the first block. So a switch shows at
+    most ~two blocks after it is generated, however long the video. On a machine where the tiny
+    model at 16x16 is faster than 16 fps (about 43-46 frames ahead unpaced here) this fails with
+    Session._pace never waiting; the next test checks the wait itself on a clock."""
+    with client(models, tmp_path / "videos", "--max-seconds", "3") as c, contextlib.ExitStack() as viewers:
+        ws, _ = connect(c, viewers)
+        assert start(ws)["type"] == "started"
+        lead, t_first = [], None
+        while True:
+            m = recv(ws)
+            if isinstance(m, bytes) or m["type"] not in ("stats", "stopped"):
+                continue
+            if m["type"] == "stopped":
+                break
+            now = time.perf_counter()
+            t_first = now if t_first is None else t_first
+            lead.append(m["frames"] - (now - t_first) * demo.FPS)  # frames sent minus frames played
+        assert len(lead) == 5 and max(lead) <= 3 * 12 + 6, lead
+
+
+@pytest.mark.parametrize("sent,elapsed,expected_wait", [
+    (9, 0.0, None),                 # the first block: within two blocks of the clock
+    (45, 0.5, (45 - 8 - 24) / 16),  # 8 frames played, 24 allowed ahead: wait for the 13 more
+    (45, 2.0, None),                # playback has caught up
+])
+def test_pace_waits_until_two_blocks_ahead_of_playback(monkeypatch, sent, elapsed, expected_wait):
+    """Session._pace on a fake clock: after a block of 12 frames, with `sent` frames sent and
+    `elapsed` seconds since the first block, it waits (sent - 16 elapsed - 2 x 12) / 16 s if that
+    is positive. Planted: never waiting, or waiting for one block instead of two -> fail."""
+    waits = []
+    session = demo.Session.__new__(demo.Session)
+    session.t0, session.first_frame_s, session.frames, session.paused_s = 100.0, 1.0, sent, 0.0
+    session.stopping = types.SimpleNamespace(wait=lambda s: waits.append(s))
+    monkeypatch.setattr(demo.time, "perf_counter", lambda: 101.0 + elapsed)
+    session._pace(12)
+    assert waits == ([] if expected_wait is None else [pytest.approx(expected_wait)])
 
 
 def test_three_viewers_one_generates_two_are_told_busy_then_one_takes_over(models, tmp_path):
