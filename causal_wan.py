@@ -714,8 +714,9 @@ def save_video(path, pixels, fps=16):
 # tiny streaming decoder for Wan latents: the decoder of TAEW2.1 (madebyollin/taehv)
 #
 # `taew2_1.pth` from https://github.com/madebyollin/taehv is the tiny autoencoder for the Wan 2.1
-# latent space that Self Forcing's demo and ComfyUI load. Its decoder is ~10M parameters of 2-D
-# convolutions (the Wan VAE decoder: causal 3-D ones, 30x the FLOPs per frame). Three stages, each
+# latent space that Self Forcing's demo and ComfyUI load. Its decoder is 9.8M parameters of 2-D
+# convolutions: 0.54 TFLOP per latent frame at 480x832, against 13.55 for the Wan VAE's causal 3-D
+# ones (torch's FlopCounterMode on meta tensors; 11.4 vs 275 TFLOP for 81 frames). Three stages, each
 # three memory blocks (a residual conv stack that sees the frame and the previous frame's input),
 # 2x nearest upsampling, a temporal grow (a 1x1 conv that turns one frame into 1, 2, 2 frames: 4 per
 # latent frame) and a 3x3 conv to the next width. Module names follow taehv.py's nn.Sequential
@@ -799,8 +800,9 @@ def tae_decode(tae, z, first=True):
     """Normalized latents [B, 16, n, h, w] -> pixels [B, 3, T, 8h, 8w] in [-1, 1], like vae_decode
     (functools.partial(tae_decode, tae) replaces partial(vae_decode, vae)): first=True starts a video
     (resets the memory and drops the 3 warm-up frames: T = 1 + 4(n - 1)), first=False continues the
-    previous call's video (T = 4n). Latent frames are decoded one at a time (the activations of 4
-    frames at full size, not 4n), so block-by-block decoding equals one decode of the whole video."""
+    previous call's video (T = 4n). The memory carries over between calls, so decoding block by
+    block gives the frames of one decode of the whole video. Latent frames go through one at a time:
+    the activations of 4 frames at full size, not 4n."""
     if first:
         tae.memory = [None] * len(tae.decoder)
     elif tae.memory is None:
