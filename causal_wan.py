@@ -877,7 +877,8 @@ def check_fp8(device, dtype):
 def quantize_fp8(model):
     """Convert the fp8_layer linear layers of a bf16 model in place with torchao: weights stored in
     float8 (e4m3) with one scale per output row, activations quantized to float8 per row (per token)
-    at every call, matmuls in float8 with bf16 outputs. Call check_fp8 first. Returns model."""
+    at every call, matmuls in float8 with bf16 outputs. Call check_fp8 first, on the model already
+    on its GPU and before torch.compile (sample.compile_blocks). Returns model."""
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8Tensor, PerRow, quantize_
     quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=fp8_layer)
     # torchao silently keeps a layer whose sizes are not multiples of 16: say so instead
