@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import glob
 import json
+import logging
 import math
 import os
 import re
@@ -34,6 +35,23 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 DEFAULT_MODEL = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *texts):
+        super().__init__()
+        self.texts = texts
+
+    def filter(self, record):
+        return not any(t in record.getMessage() for t in self.texts)
+
+
+# torchao 0.18 (--fp8) on torch 2.14 and diffusers 0.42 print three lines whenever diffusers is
+# imported: torch's deprecation note on torchao registering two Enums, and diffusers failing to
+# import torchao classes it needs only to load torchao-serialized checkpoints (never done here).
+# Dropped by their exact text, so every other warning still shows.
+logging.getLogger("torch.utils._pytree").addFilter(_DropMessages("is an Enum subclass and is now natively supported"))
+logging.getLogger("diffusers.quantizers.torchao.torchao_quantizer").addFilter(_DropMessages("Unable to import `torchao` Tensor objects"))
 
 # Wan 2.1's own negative prompt (its shared_config): the unconditional branch of classifier-free
 # guidance in Wan, CausVid and Self Forcing
