@@ -101,7 +101,11 @@ def parse_args(argv=None):
     p.add_argument("--compile-vae", action="store_true", help="torch.compile the VAE decoder too (minutes of compilation on the first video)")
     p.add_argument("--overlap-decode", action="store_true", help="decode block b while block b+1 is denoised (a worker thread, on a GPU its own stream)")
     p.add_argument("--vae-dtype", default="fp32", choices=["fp32", "bf16"], help="VAE decode precision (fp32 as diffusers runs the Wan VAE)")
-    p.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN autotune the VAE's convolutions (GPU)")
+    p.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN autotune the decoder's convolutions (GPU)")
+    p.add_argument("--decoder", default="vae", choices=["vae", "tae"], help="vae: the Wan VAE (exact, the default); tae: the tiny decoder of --decoder-path")
+    p.add_argument("--decoder-path", metavar="FILE", help="--decoder tae: taew2_1.pth from github.com/madebyollin/taehv (--tiny: a random one)")
+    p.add_argument("--fp8", action="store_true", help="the transformer blocks' linear layers in float8 (torchao; a GPU of compute capability >= 8.9)")
+    p.add_argument("--offload", action="store_true", help="low memory: the text encoder and the decoder in CPU memory, on the device only while they run")
     p.add_argument("--benchmark", action="store_true", help="measure speed with random weights (see BENCHMARKS.md)")
     p.add_argument("--baseline-steps", type=int, default=50, help="benchmark: steps of diffusers' WanPipeline (0: skip it)")
     p.add_argument("--levers", help="benchmark: which optimization rows to measure, e.g. 1,2,5 (default all; row 1 is the plain path)")
@@ -142,10 +146,29 @@ def check_args(args):
     if (args.long_frames - 1) % 4:
         raise cw.UserError(f"--long-frames {args.long_frames} is not 4k+1")
     check_device(args.device)
+    check_speed_kit(args)
     if not (args.tiny and args.model == cw.tiny_model_dir()):  # --tiny builds its own on first use
         cw.check_model(args.model)
     if args.checkpoint:
         cw.check_file(args.checkpoint, "--checkpoint")
+
+
+def check_speed_kit(args):
+    """--decoder, --decoder-path and --fp8 against each other and this machine, before any model
+    loads (sample.py and demo.py; the device is checked). The tiny decoder's file is checked by
+    loading it, the first model to load (it is small)."""
+    if args.decoder == "vae" and args.decoder_path is not None:
+        raise cw.UserError(f"--decoder-path '{args.decoder_path}' is the tiny decoder's file: add --decoder tae "
+                           f"(the default decoder, the Wan VAE, comes from --model)")
+    if args.decoder == "tae":
+        if args.decoder_path is None and not args.tiny:
+            raise cw.UserError(f"--decoder tae needs the tiny decoder's file: {cw.TAE_DOWNLOAD}, and pass --decoder-path taew2_1.pth")
+        vae_only = [flag for flag, on in (("--vae-dtype bf16", args.vae_dtype == "bf16"), ("--compile-vae", args.compile_vae)) if on]
+        if vae_only:
+            raise cw.UserError(f"{vae_only[0]} sets how the Wan VAE decodes, and --decoder tae decodes with the tiny decoder "
+                               f"(in --dtype, {args.dtype}): drop {vae_only[0]}")
+    if args.fp8:
+        cw.check_fp8(args.device, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
 
 
 def check_device(name):
@@ -223,6 +246,52 @@ def load_generator(args, device, dtype, kind="causal"):
     if args.checkpoint:
         cw.load_generator_weights(model, args.checkpoint, use_ema=not args.no_ema, kind=kind)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def load_models(args, device, dtype, kind, prompts, start_frames):
+    """(the generator on `device`, {prompt: text context [1, 512, text_dim]} for every prompt in
+    `prompts`, decode(z, first) for FrameStream, the latents of start_frames or None). The text
+    encoder runs once, here, for all the prompts (switches included), and is freed before the
+    decoder loads. --offload: every model loads into CPU memory; the text encoder's weights go to
+    the device only while it encodes, before the generator moves there (the two are never on the
+    device together), and the decoder's only while it decodes a block (load_decoder)."""
+    home = torch.device("cpu") if args.offload else device  # where weights live while their model is not running
+    tae = None
+    if args.decoder == "tae":  # first: it is small, and a wrong file is said before the big models load
+        tae = cw.load_tiny_decoder(args.decoder_path or cw.tiny_decoder_path(), home, dtype)
+    model = load_generator(args, home, dtype, kind)
+    tokenizer, encoder = cw.load_text_encoder(args.model, dtype=dtype, device=home)
+    with cw.on_device(encoder, device):  # a no-op unless --offload
+        contexts = {p: cw.encode_prompts(tokenizer, encoder, [p]) for p in dict.fromkeys(prompts)}
+    del tokenizer, encoder  # the text encoder (5.7B for Wan) is not needed during generation
+    model = model.to(device)
+    if args.fp8:
+        cw.quantize_fp8(model)  # torchao converts the weights where they are: on the GPU, before torch.compile
+    if args.compile:
+        compile_blocks(model, args.compile)
+    decode, prefix = load_decoder(args, device, tae, start_frames)
+    return model, contexts, decode, prefix
+
+
+def load_decoder(args, device, tae=None, start_frames=None):
+    """(decode(z, first): latents [1, 16, n, h, w] -> pixels [1, 3, T, H, W] in [-1, 1] for
+    FrameStream, the latents of start_frames [T, H, W, 3] or None). --decoder vae: the Wan VAE in
+    --vae-dtype. --decoder tae: `tae`, the tiny decoder (loaded first, in --dtype); the Wan VAE
+    then loads only when there are start_frames (--extend, --image) to encode, and is freed after.
+    --offload: the decoder's weights stay in CPU memory and are on the device only while it
+    decodes a block (its causal state stays on the device)."""
+    home = torch.device("cpu") if args.offload else device
+    vae = prefix = None
+    if args.decoder == "vae" or start_frames is not None:
+        vae = cw.load_vae(args.model, dtype=torch.bfloat16 if args.vae_dtype == "bf16" else torch.float32, device=home)
+    if start_frames is not None:
+        with cw.on_device(vae, device):  # a no-op unless --offload
+            prefix = vae_encode(vae, start_frames, device)
+    if args.decoder == "tae":  # the VAE, if it encoded, is freed when this returns
+        decoder, decode = tae, partial(cw.tae_decode, tae)
+    else:
+        decoder, decode = compile_vae(vae, args.compile_vae), partial(cw.vae_decode, vae)
+    return (cw.offloaded(decode, decoder, device) if args.offload else decode), prefix
 
 
 # -----------------------------------------------------------------------------
@@ -601,22 +670,14 @@ def main(args):
     device, dtype = torch.device(args.device), torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # --device cuda:1: streams, events and synchronize on that GPU
-    model = load_generator(args, device, dtype, kind)
-    tokenizer, encoder = cw.load_text_encoder(args.model, dtype=dtype, device=device)
-    prompts = dict.fromkeys([j[0] for j in jobs] + [p for _, p in switches])
-    contexts = {p: cw.encode_prompts(tokenizer, encoder, [p]) for p in prompts}
-    del tokenizer, encoder  # the text encoder (5.7B for Wan) is not needed during generation
-    vae = cw.load_vae(args.model, dtype=torch.bfloat16 if args.vae_dtype == "bf16" else torch.float32, device=device)
-    prefix = None if start_frames is None else vae_encode(vae, start_frames, device)
-    if args.compile:
-        compile_blocks(model, args.compile)
-    compile_vae(vae, args.compile_vae)
+    prompts = [j[0] for j in jobs] + [p for _, p in switches]
+    model, contexts, decode, prefix = load_models(args, device, dtype, kind, prompts, start_frames)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     latent_frames, start = (args.frames - 1) // 4 + 1, 0 if prefix is None else prefix.shape[2]
     blocks = math.ceil(start / chunk) + math.ceil((latent_frames - start) / chunk)
     bar = tqdm(total=blocks * len(jobs), unit="block", desc="generating")
     for prompt, seed, path in jobs:
-        stream = FrameStream(model, partial(cw.vae_decode, vae), model.prompt_kv(contexts[prompt]), encode=lambda p: contexts[p],
+        stream = FrameStream(model, decode, model.prompt_kv(contexts[prompt]), encode=lambda p: contexts[p],
                              height=args.height, width=args.width, seed=seed, frames=args.frames, chunk=chunk,
                              max_frames=args.max_frames, prefix=prefix, overlap=args.overlap_decode, log=bar.write)
         for frame, text in switches:
