@@ -8,6 +8,9 @@ decoded as soon as it is denoised; the prompt can change mid-video, a clip or an
     python sample.py --prompt "..." --frames 321 --stream                             # 20 s, playable while written
     python sample.py --tiny --prompt "a red fox" --frames 21 --out /tmp/fox.mp4       # CPU, seconds, random weights
     python sample.py --prompts-file prompts.txt --out videos/ --compile --overlap-decode  # speed options (BENCHMARKS.md)
+    python sample.py --prompt "..." --decoder tae --decoder-path taew2_1.pth          # the tiny decoder (speed kit, below)
+    python sample.py --prompt "..." --fp8 --compile                                   # float8 transformer (GPU, cc >= 8.9)
+    python sample.py --prompt "..." --offload                                         # less GPU memory
     python sample.py --benchmark [--tiny]                                             # speed (see BENCHMARKS.md)
 
     python sample.py --prompt "a corgi runs on a beach" --switch 41 "the corgi jumps into the sea" --frames 161
@@ -48,6 +51,29 @@ window holds, while the original computed them with the evicted frames still in 
 goes through the VAE encoder, so a clip's latents are the encoder's, not the generator's.) The
 noise of each block depends only on --seed and where the block starts: a video of N frames is the
 first N frames of a longer one with the same seed and switches (up to a shorter last block).
+
+Speed kit (what was measured: BENCHMARKS.md; none of it is on by default):
+--decoder tae --decoder-path taew2_1.pth decodes with the decoder of TAEW2.1, the tiny autoencoder
+for Wan 2.1 latents published at github.com/madebyollin/taehv (download taew2_1.pth there), instead
+of the Wan VAE: 24.9x fewer FLOPs per latent frame, block by block with its own causal memory (equal
+to one decode of the whole video: tested), in --dtype (bf16 on a GPU, fp32 on the CPU). Its image
+quality is the published model's, not measured here (the tests use random weights), so the exact
+fp32 Wan VAE stays the default. --extend and --image still load the Wan VAE to encode the clip or
+image, and free it before generating; the clip's frames in the output are then the tiny decoder's
+reconstruction. --vae-dtype bf16 and --compile-vae set how the Wan VAE decodes and are refused with
+it (--cudnn-benchmark applies to both). --tiny without --decoder-path builds a random one in
+taew2_1.pth's layout.
+--fp8 runs the 10 linear layers of every transformer block in float8 through torchao (weights in
+float8 with a scale per output row, activations quantized per token at each call); the norms,
+modulation, RoPE, embedders and output head stay bf16. It needs a CUDA GPU of compute capability
+>= 8.9 (Ada, Hopper or newer) and --dtype bf16; elsewhere it is a one-line error. Eager float8 can
+be slower than bf16 (pytorch/ao#685), so use it with --compile. Not measured yet (no GPU so far):
+its speed, and its difference from bf16 with the real weights.
+--offload loads the text encoder (UMT5-XXL, 5.7B parameters, ~11 GB in bf16) and the decoder into
+CPU memory and puts their weights on the device only while they run: all the prompts (switches
+included) are encoded before the generator moves to the device, so the two are never there
+together, and each block's decode brings the decoder over and drops it after. The video is the same
+(tested on the CPU); the GPU memory it saves and the time its transfers take are not measured yet.
 """
 import argparse
 import collections
@@ -473,7 +499,7 @@ class FrameStream:
 
     model: the causal transformer (its device and dtype are the stream's). decode(z, first):
     latents [1, 16, n, h, w] -> pixels [1, 3, T, H, W] in [-1, 1], first=True resetting its causal
-    state (`partial(cw.vae_decode, vae)`). encode(prompt) -> text context [1, S, text_dim] for
+    state (`partial(cw.vae_decode, vae)` or `partial(cw.tae_decode, tae)`). encode(prompt) -> text context [1, S, text_dim] for
     switches; it runs in the iterating thread. frames: the video's length (4k+1 video frames,
     prefix included), None to run until stop(). prefix: clean latents [1, 16, L, h, w] the video
     starts with (an --extend clip, an --image): their decoded frames come first, then new frames
