@@ -142,7 +142,7 @@ def load_generator(args, device, dtype):
     model = cw.from_pretrained(args.model, dtype=torch.float32)
     if args.checkpoint:
         cw.load_generator_weights(model, args.checkpoint, use_ema=not args.no_ema)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return cw.cast_model(model, dtype, device).eval().requires_grad_(False)  # bf16 with Wan's fp32 parameters kept
 
 
 def open_writer(path, fps, stream, frames_per_block):
