@@ -408,7 +408,8 @@ class CausalWan(nn.Module):
         # the compute dtype of the blocks (bf16 or fp32): that of the text keys their cross-attention
         # projections made (under FSDP a weight only has its compute dtype inside its unit's forward)
         dtype = prompt_kv[0][0].dtype
-        x = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2)  # [B, f*h*w, D]
+        # contiguous: the blocks then get the same strides from here as from each other (one compiled variant, not two)
+        x = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2).contiguous()  # [B, f*h*w, D]
         t = t.reshape(B, -1)  # [B, 1] or [B, F]
         emb = self.condition_embedder
         # the timestep path in fp32 (FP32_PARAMS), as Wan computes it under fp32 autocast
