@@ -234,7 +234,8 @@ def side_stream(device):
 def compile_vae(vae, on=True, backend="inductor"):
     """torch.compile the VAE decoder in place (on=False: eager again). The convolutions stay
     cuDNN's; the norms, activations and the causal-cache padding around them fuse. It compiles
-    three variants per dtype (first frame, cache filling, steady state), then reuses them.
+    four variants per dtype (first frame, cache filling, steady state, and the steady state once
+    more when the cache holds inductor's outputs, whose strides differ), then reuses them.
     backend="eager": dynamo only (the same graphs, guards and recompilations, no code generated;
     the tests count variants with it)."""
     if on != (vae.decoder._compiled_call_impl is not None):  # where nn.Module.compile keeps the compiled forward

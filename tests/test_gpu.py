@@ -7,7 +7,7 @@ Time on one H100, estimated (no GPU has run it yet; BENCHMARKS.md has the arithm
 min cold: ~30-60 s of imports and model building, ~20 s of eager runs (FLOP counts at ~35% of the
 bf16 peak, 30% of TF32's for the fp32 VAE), and 2 compilations of one block shape (4 pieces each;
 a guess of 20-40 s each, no CPU measurement can size them); less when inductor's on-disk cache has
-them from a benchmark run on the same machine. The compiled VAE test adds 1.5-3 min cold, so it
+them from a benchmark run on the same machine. The compiled VAE test adds 2-4 min cold, so it
 runs only with RF_TEST_GPU_SLOW=1. The compiling tests run last, so a cut run keeps the others.
 
 RF_TEST_GPU_ON_CPU=1 runs the same checks on the CPU with 2 of the 30 layers at 64x64, only to
@@ -118,14 +118,15 @@ def test_compiled_blocks_match_eager(setup, mode):
     assert counters["stats"]["unique_graphs"] == graphs  # the second video reuses them
     if mode == "reduce-overhead" and DEVICE.type == "cuda":
         assert counters["inductor"]["cudagraph_skips"] == 0  # CUDA graphs really used
-    assert d < 5e-2 and torch.equal(again, compiled)  # bf16: fused kernels round differently; replays repeat exactly
+    assert d < 5e-2 and rel(again, eager) < 5e-2  # bf16: fused kernels round differently; overwritten memory would be far off
 
 
-@pytest.mark.skipif(os.environ.get("RF_TEST_GPU_SLOW") != "1", reason="1.5-3 min of compilation on a fresh machine; "
+@pytest.mark.skipif(os.environ.get("RF_TEST_GPU_SLOW") != "1", reason="2-4 min of compilation on a fresh machine; "
                     "sample.py --benchmark row 7 checks the same pixels; RF_TEST_GPU_SLOW=1 runs it")
 def test_compiled_vae_decoder_matches_eager(setup):
-    """Two blocks decoded: the first compiles the three variants (first frame, cache filling,
-    steady state), the second reuses them."""
+    """Two blocks decoded: three variants (first frame, cache filling, steady state) and, with
+    inductor, a fourth once the steady state caches its own outputs (their strides differ from
+    eager's); frame-wise decoding would reuse them."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
@@ -140,5 +141,5 @@ def test_compiled_vae_decoder_matches_eager(setup):
             sample.compile_vae(setup["vae"], False)
     diff = max(int(abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(frames[False], frames[True]))
     print(f"compiled VAE: max pixel difference {diff} of 255; graphs compiled {counters['stats']['unique_graphs']}")
-    assert 0 < counters["stats"]["unique_graphs"] <= 3
+    assert 0 < counters["stats"]["unique_graphs"] <= 4
     assert diff <= 2  # fp32 VAE: the fused kernels round differently, by at most a level or two of 255
