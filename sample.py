@@ -525,7 +525,7 @@ def build_benchmark(args):
 
 
 def as_diffusers_loads(model, dtype):
-    """model.to(dtype) the way diffusers' from_pretrained(torch_dtype=dtype) loads it: parameters and
+    """model.to(dtype) the way diffusers' from_pretrained(dtype=dtype) loads it: parameters and
     buffers of the modules its class names in _keep_in_fp32_modules (for Wan: RoPE, time embedder,
     scale-shift tables, norms) stay fp32. In place; returns model."""
     keep = type(model)._keep_in_fp32_modules or []

@@ -284,7 +284,7 @@ def wide_wan(tmp_path_factory):
 def test_bf16_keeps_wans_fp32_parameters_and_error(wide_wan):
     """from_pretrained(dtype=bf16) keeps the FP32_PARAMS in fp32 and the output's error against the
     fp32 model is no worse than diffusers' own bf16 error (WanTransformer3DModel.from_pretrained with
-    torch_dtype=bf16, i.e. its _keep_in_fp32_modules) on the same weights. Measured: 4.7e-3 vs
+    dtype=bf16, i.e. its _keep_in_fp32_modules) on the same weights. Measured: 4.7e-3 vs
     5.6e-3 (our fp32 head is the difference). Planted: cast_model ignoring FP32_PARAMS (the dtype
     check fails, and without it the error, 5.65e-3, exceeds diffusers'); '.norm2.' dropped from
     FP32_PARAMS (the dtype check fails)."""
@@ -294,7 +294,7 @@ def test_bf16_keeps_wans_fp32_parameters_and_error(wide_wan):
     assert not wrong, wrong
     ours32 = cw.from_pretrained(wide_wan).eval()
     ref32 = WanTransformer3DModel.from_pretrained(folder).eval()
-    ref16 = WanTransformer3DModel.from_pretrained(folder, torch_dtype=torch.bfloat16).eval()
+    ref16 = WanTransformer3DModel.from_pretrained(folder, dtype=torch.bfloat16).eval()
     x, _, _ = _inputs(ours32, frames=2, hw=8, batch=1)  # 32 tokens, 64 text tokens: bf16 matmuls are slow on a CPU
     ctx = torch.randn(1, 64, 4096, generator=torch.Generator().manual_seed(1))
     ctx[:, 20:] = 0

@@ -54,7 +54,7 @@ def rel(a, b):
 
 def test_bf16_parity_with_diffusers(setup):
     """Against diffusers' fp32 network, our bf16 one errs no more than diffusers' own bf16 one:
-    loaded as its from_pretrained(torch_dtype=bf16) loads it, i.e. with the modules of
+    loaded as its from_pretrained(dtype=bf16) loads it, i.e. with the modules of
     _keep_in_fp32_modules kept fp32 (written out here). 10% slack: the attention kernels differ."""
     reference = setup["reference"]
     theirs16 = copy.deepcopy(reference)

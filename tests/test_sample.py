@@ -275,6 +275,19 @@ def test_compiled_vae_variants(tiny_wan):
     assert all(torch.equal(a, b) for c in (3, 1) for a, b in zip(compiled[c], eager[c]))
 
 
+def test_benchmark_casts_diffusers_as_diffusers_loads(tiny_wan):
+    """The benchmark's reference (parity line, WanPipeline baseline) in bf16 has the dtypes diffusers'
+    own from_pretrained(dtype=bf16) gives it: its _keep_in_fp32_modules in fp32. Planted: a plain
+    .to(bf16) (the time embedder, scale-shift tables and norm2 differ)."""
+    from diffusers import WanTransformer3DModel
+    folder = os.path.join(tiny_wan, "transformer")
+    loaded = WanTransformer3DModel.from_pretrained(folder, dtype=torch.bfloat16)
+    cast = sample.as_diffusers_loads(WanTransformer3DModel.from_pretrained(folder), torch.bfloat16)
+    dtypes = lambda m: {n: t.dtype for n, t in list(m.named_parameters()) + list(m.named_buffers())}
+    assert dtypes(cast) == dtypes(loaded)
+    assert {torch.float32, torch.bfloat16} <= set(dtypes(cast).values())
+
+
 def test_speed_flags_give_the_same_video(tiny_wan, tmp_path):
     """--overlap-decode and --compile do not change the video; --vae-dtype bf16 changes it a little."""
     videos = {}
