@@ -419,7 +419,9 @@ class MLP(nn.Module):
         self.act = act
 
     def forward(self, x):
-        return self.linear_2(self.act(self.linear_1(x)))
+        # own input cast: the time embedder stays fp32 in a bf16 model (FP32_PARAMS), and under FSDP
+        # a unit's weights have their compute dtype only inside its forward
+        return self.linear_2(self.act(self.linear_1(x.to(self.linear_1.weight.dtype))))
 
 
 class ConditionEmbedder(nn.Module):
@@ -548,8 +550,7 @@ class CausalWan(nn.Module):
     def prompt_kv(self, context):
         """Text embeddings [B, S, text_dim] -> per-layer cross-attention keys/values. Compute once
         per prompt and reuse for every block and step."""
-        text_embedder = self.condition_embedder.text_embedder
-        c = text_embedder(context.to(text_embedder.linear_1.weight.dtype))
+        c = self.condition_embedder.text_embedder(context)
         return [blk.cross_kv(c) for blk in self.blocks]
 
     def forward(self, x, t, prompt_kv, block_size=None, kv_cache=None, update_cache=False):
@@ -566,12 +567,16 @@ class CausalWan(nn.Module):
         angles = rope_angles(head_dim, f, h, w, kv_cache.pos if kv_cache is not None else 0, x.device)
         rope = (angles.cos().float()[:, None], angles.sin().float()[:, None])
 
-        x = self.patch_embedding(x.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)  # [B, f*h*w, D]
+        # the compute dtype of the blocks (bf16 or fp32): that of the text keys their cross-attention
+        # projections made (under FSDP a weight only has its compute dtype inside its unit's forward)
+        dtype = prompt_kv[0][0].dtype
+        # contiguous: the blocks then get the same strides from here as from each other (one compiled variant, not two)
+        x = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2).contiguous()  # [B, f*h*w, D]
         t = t.reshape(B, -1)  # [B, 1] or [B, F]
         emb = self.condition_embedder
-        sinus = timestep_sinusoid(t.flatten(), self.cfg.freq_dim).to(emb.time_proj.weight.dtype)
-        temb = emb.time_embedder(sinus)  # [B*Fm, D]
-        mod = emb.time_proj(F.silu(temb)).float().view(B, -1, 6, self.cfg.dim)  # [B, Fm, 6, D]
+        # the timestep path in fp32 (FP32_PARAMS), as Wan computes it under fp32 autocast
+        temb = emb.time_embedder(timestep_sinusoid(t.flatten(), self.cfg.freq_dim))  # [B*Fm, D]
+        mod = emb.time_proj(F.silu(temb).to(emb.time_proj.weight.dtype)).float().view(B, -1, 6, self.cfg.dim)  # [B, Fm, 6, D]
         temb = temb.float().view(B, -1, 1, self.cfg.dim)
 
         block_tokens = None if block_size is None else block_size * h * w
@@ -589,10 +594,36 @@ class CausalWan(nn.Module):
             kv_cache.append([(k.detach(), v.detach()) for k, v in new_kvs] or None, f)
 
         shift, scale = (self.scale_shift_table.unsqueeze(0) + temb).unsqueeze(2).unbind(3)  # [B, Fm, 1, D]
-        x = (self.norm_out(x.float()).view(B, temb.shape[1], -1, self.cfg.dim) * (1 + scale) + shift).flatten(1, 2).type_as(x)
-        x = self.proj_out(x)  # [B, f*h*w, C*pt*ph*pw]
+        x = (self.norm_out(x.float()).view(B, temb.shape[1], -1, self.cfg.dim) * (1 + scale) + shift).flatten(1, 2)
+        x = self.proj_out(x.to(self.proj_out.weight.dtype))  # [B, f*h*w, C*pt*ph*pw]: fp32 in a bf16 model, as Wan's head
         x = x.reshape(B, f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(B, -1, f * pt, h * ph, w * pw)
+
+
+# Parameters that stay fp32 when the model runs in bf16: the timestep path (time embedder, time
+# projection), the modulation (scale-shift) tables, the affine cross-attention norm and the output
+# head. Wan's own code (wan/modules/model.py) computes the time embedding, time projection,
+# modulation and head under fp32 autocast, and diffusers keeps time_embedder, scale_shift_table and
+# the norms in fp32 (WanTransformer3DModel._keep_in_fp32_modules); this is the union of the two.
+# They are 1.2% of Wan2.1-1.3B's weights and a negligible share of its FLOPs, and the weights were
+# trained with them in fp32. Everything else (attention, FFN, patch and text embedding) runs in bf16.
+FP32_PARAMS = ("condition_embedder.time_embedder.", "condition_embedder.time_proj.", "scale_shift_table", ".norm2.", "proj_out.")
+
+
+def keeps_fp32(name):
+    """Whether the parameter `name` (as in model.named_parameters()) stays fp32 in a bf16 model."""
+    return any(pattern in name for pattern in FP32_PARAMS)
+
+
+@torch.no_grad()
+def cast_model(model, dtype, device=None):
+    """model.to(device, dtype), except that the FP32_PARAMS stay fp32 (the bf16 model as Wan runs
+    it). Use it instead of .to(dtype) for a CausalWan: .to(bf16) would round them too."""
+    for name, p in model.named_parameters():
+        p.data = p.data.to(device=device, dtype=torch.float32 if keeps_fp32(name) else dtype)
+    for b in model.buffers():  # none today; here so that a future buffer does not stay behind
+        b.data = b.data.to(device=device)
+    return model
 
 
 # -----------------------------------------------------------------------------
@@ -883,7 +914,7 @@ def from_pretrained(model=DEFAULT_MODEL, dtype=torch.float32, device="cpu"):
     with torch.device("meta"):
         net = CausalWan(cfg)
     net.load_state_dict(load_safetensors_folder(folder), strict=True, assign=True)
-    return net.to(device=device, dtype=dtype)
+    return cast_model(net, dtype, device)
 
 
 def load_checkpoint(path, mmap=False):
@@ -986,7 +1017,9 @@ def vae_decode(vae, z, first=True):
     frames = []
     for i in range(x.shape[2]):
         vae._conv_idx = [0]
-        frames.append(vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=first and i == 0))
+        # contiguous: a slice of a several-frame block has other strides than a one-frame block, and
+        # torch.compile (--compile-vae) would compile every variant of the decoder twice for that
+        frames.append(vae.decoder(x[:, :, i:i + 1].contiguous(), feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=first and i == 0))
     return torch.cat(frames, 2).clamp(-1, 1)
 
 
@@ -1344,26 +1377,42 @@ def init_distributed():
 
 def shard_model(model, bf16):
     """FSDP2: shard every transformer block and the rest of the model across ranks. With bf16,
-    compute runs in bf16 while the sharded master weights, gradients and optimizer stay fp32."""
+    compute runs in bf16 while the sharded master weights, gradients and optimizer stay fp32, except
+    for the FP32_PARAMS, which the forward also sees in fp32 (as Wan computes them).
+
+    FSDP casts per unit (one fully_shard call), so the bf16 layers are units of their own: the
+    patch and text embeddings and each block's attention and FFN layers. Each block's own unit then
+    holds only its modulation table and affine norm, and the root's only the timestep path and the
+    output head: those units cast nothing."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     # cast_forward_inputs=False: FSDP would otherwise round every float input to bf16, including
-    # the timesteps (937.5 -> 936), the fp32 modulation and the RoPE tables; forward() casts x
-    # and prompt_kv() the text to the weights' dtype itself.
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None,
-                              cast_forward_inputs=False)
+    # the timesteps (937.5 -> 936), the fp32 modulation and the RoPE tables; each module casts its
+    # inputs where it needs to (forward() the latents, MLP its input, the head its input).
+    compute = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None,
+                                   cast_forward_inputs=False)
+    keep = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32 if bf16 else None, cast_forward_inputs=False)
     # FSDP2 warns when a module returns a view (our blocks return k/v as transposed views), because an
     # in-place op on it would skip a hook. Nothing here modifies a module output in place.
     import warnings
     warnings.filterwarnings("ignore", message=r".*returned a view tensor", category=UserWarning)
     for blk in model.blocks:
-        fully_shard(blk, mp_policy=mp)
-        register_fsdp_forward_method(blk, "cross_kv")  # called outside forward: gather its weights too
+        for layer in (blk.attn1, blk.attn2, blk.ffn):
+            fully_shard(layer, mp_policy=compute)
+        register_fsdp_forward_method(blk.attn2, "keys_values")  # called outside forward (prompt_kv): gather its weights too
+        fully_shard(blk, mp_policy=keep)
+    fully_shard(model.patch_embedding, mp_policy=compute)
+    fully_shard(model.condition_embedder.text_embedder, mp_policy=compute)
+    bf16_units = {id(p) for m in [model.patch_embedding, model.condition_embedder.text_embedder]
+                  + [layer for blk in model.blocks for layer in (blk.attn1, blk.attn2, blk.ffn)] for p in m.parameters()}
+    stray = [n for n, p in model.named_parameters() if id(p) not in bf16_units and not keeps_fp32(n)]
+    if stray:  # a new parameter outside the bf16 units would silently train in fp32: say where it belongs
+        raise ValueError(f"shard_model: {stray[:3]} are neither in a bf16 unit nor in FP32_PARAMS")
     # FSDP keeps the root's weights (embeddings, head) gathered after a forward, as plain tensors,
     # until the backward that follows. A network that never trains (teacher, EMA) has no backward:
     # its root must reshard after each forward, or after the EMA's sample rollout the next
     # ema_update would mix those plain tensors with the model's sharded DTensors
     frozen = not any(p.requires_grad for p in model.parameters())
-    fully_shard(model, mp_policy=mp, reshard_after_forward=True if frozen else None)
+    fully_shard(model, mp_policy=keep, reshard_after_forward=True if frozen else None)
     register_fsdp_forward_method(model, "prompt_kv")
     return model
 

@@ -87,7 +87,9 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -135,7 +137,7 @@ def parse_args(argv=None):
     p.add_argument("--benchmark", action="store_true", help="measure speed with random weights (see BENCHMARKS.md)")
     p.add_argument("--baseline-steps", type=int, default=50, help="benchmark: steps of diffusers' WanPipeline (0: skip it)")
     p.add_argument("--levers", help="benchmark: which optimization rows to measure, e.g. 1,2,5 (default all; row 1 is the plain path)")
-    p.add_argument("--long-frames", type=cw.positive_int, help="benchmark: frames of the long-video run (961 = 1 min; 161 with --tiny)")
+    p.add_argument("--long-frames", type=int, help="benchmark: frames of the long-video run, 12k-3 (957 = 1 min; 165 with --tiny; 0: skip it)")
     args = p.parse_args(argv)
     if args.tiny:
         args.model = cw.tiny_model_dir() if args.model == cw.DEFAULT_MODEL else args.model
@@ -144,7 +146,7 @@ def parse_args(argv=None):
     if args.width is None:
         args.width = 64 if args.tiny else 832
     if args.long_frames is None:
-        args.long_frames = 161 if args.tiny else 961
+        args.long_frames = 165 if args.tiny else 957
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     args.chunk_given, args.chunk = args.chunk is not None, args.chunk or 3
     return args
@@ -167,10 +169,10 @@ def check_args(args):
             raise cw.UserError(f"--levers takes row numbers 1-{len(LEVERS)} separated by commas (see BENCHMARKS.md)")
     if args.baseline_steps < 0:
         raise cw.UserError("--baseline-steps must be 0 (skip the baseline) or more")
+    if args.benchmark:
+        check_benchmark_lengths(args)
     if args.max_frames < 2 * args.chunk:
         raise cw.UserError(f"--max-frames {args.max_frames} must hold at least two blocks of --chunk {args.chunk}")
-    if (args.long_frames - 1) % 4:
-        raise cw.UserError(f"--long-frames {args.long_frames} is not 4k+1")
     check_device(args.device)
     check_speed_kit(args)
     if not (args.tiny and args.model == cw.tiny_model_dir()):  # --tiny builds its own on first use
@@ -209,6 +211,24 @@ def check_device(name):
         raise cw.UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     if device.type not in ("cpu", "cuda"):
         raise cw.UserError(f"--device {name}: only cpu and cuda are supported")
+
+
+def check_benchmark_lengths(args):
+    """The benchmark's videos are whole blocks of 3 latent frames (12k-3 frames): a short last block
+    is a new shape, which a compiled row would compile inside its timed run. The long video also
+    outlasts the attention window, or its per-block times would show nothing."""
+    whole = lambda frames: 12 * max(1, round((frames + 3) / 12)) - 3
+    if ((args.frames - 1) // 4 + 1) % 3:
+        raise cw.UserError(f"--frames {args.frames} is {(args.frames - 1) // 4 + 1} latent frames, not whole blocks of 3: "
+                           f"the benchmark needs 12k-3 frames (try {whole(args.frames)})")
+    long_latent = (args.long_frames - 1) // 4 + 1
+    if args.long_frames != 0 and (args.long_frames < 0 or (args.long_frames - 1) % 4 or long_latent % 3 or long_latent <= args.max_frames):
+        shortest = 12 * (args.max_frames // 3 + 1) - 3
+        raise cw.UserError(f"--long-frames {args.long_frames} must be 12k-3 frames (whole blocks of 3 latent frames: a short last "
+                           f"block would compile inside the timed run) and longer than the --max-frames {args.max_frames} latent frame "
+                           f"window: try {max(whole(args.long_frames), shortest)}, or 0 to skip the long video")
+    if args.levers and not args.device.startswith("cuda") and all(LEVERS[n - 1].cpu_skip for n in args.levers):
+        raise cw.UserError(f"--levers {','.join(map(str, args.levers))}: only rows that need a GPU, and the device is {args.device}")
 
 
 def read_jobs(args):
@@ -271,7 +291,7 @@ def load_generator(args, device, dtype, kind="causal"):
     model = cw.from_pretrained(args.model, dtype=torch.float32)
     if args.checkpoint:
         cw.load_generator_weights(model, args.checkpoint, use_ema=not args.no_ema, kind=kind)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return cw.cast_model(model, dtype, device).eval().requires_grad_(False)  # bf16 with Wan's fp32 parameters kept
 
 
 def load_models(args, device, dtype, kind, prompts, start_frames):
@@ -656,15 +676,18 @@ def side_stream(device):
     return _SIDE_STREAMS[device]
 
 
-def compile_vae(vae, on=True):
+def compile_vae(vae, on=True, backend="inductor"):
     """torch.compile the VAE decoder in place (on=False: eager again). The convolutions stay
-    cuDNN's; the norms, activations and the causal-cache padding around them fuse. It compiles a
-    few variants (first frame, filling cache, steady state), then reuses them."""
+    cuDNN's; the norms, activations and the causal-cache padding around them fuse. It compiles
+    four variants per dtype (first frame, cache filling, steady state, and the steady state once
+    more when the cache holds inductor's outputs, whose strides differ), then reuses them.
+    backend="eager": dynamo only (the same graphs, guards and recompilations, no code generated;
+    the tests count variants with it)."""
     if on != (vae.decoder._compiled_call_impl is not None):  # where nn.Module.compile keeps the compiled forward
         vae.decoder._compiled_call_impl = None
         if on:
             allow_recompiles()
-            vae.decoder.compile()
+            vae.decoder.compile(backend=backend)
     return vae
 
 
@@ -674,15 +697,30 @@ def allow_recompiles(limit=32):
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
 
 
-def compile_blocks(model, mode="default"):
+def compile_blocks(model, mode="default", backend="inductor"):
     """torch.compile every transformer block in place (state_dict names unchanged); mode None
     makes them eager again. Norms, RoPE, modulation and the projections fuse; attention over the
-    KV cache stays outside the graphs (attend_to_cache), so their shapes do not change per block."""
+    KV cache stays outside the graphs (attend_to_cache), so their shapes do not change per block.
+    Each block compiles as 4 pieces (split around that attention), once per block shape.
+
+    mode "reduce-overhead" also replays them as CUDA graphs. A replay writes its outputs into
+    memory that CUDA-graph trees free at the start of the next "generation", and by default every
+    call of a compiled block starts one: block i+1 would read block i's overwritten output
+    (pytorch/pytorch#152887). So each call of the whole model is marked as one generation
+    (torch.compiler.cudagraph_mark_step_begin, a forward pre-hook): its 30 blocks are one recorded
+    path, and what outlives the call (the model's output, the in-place KV cache written by the
+    uncompiled attention) is ordinary memory. The concatenating KV cache (training) would keep the
+    blocks' keys/values across calls, so it cannot run with CUDA graphs. backend: see compile_vae."""
     allow_recompiles()
     for blk in model.blocks:
         blk._compiled_call_impl = None  # where nn.Module.compile keeps the compiled forward
         if mode is not None:
-            blk.compile(mode=mode)
+            blk.compile(mode=mode if backend == "inductor" else None, backend=backend)
+    hook = getattr(model, "cuda_graph_step_hook", None)
+    if hook is not None:
+        hook.remove()
+    model.cuda_graph_step_hook = (model.register_forward_pre_hook(lambda module, args: torch.compiler.cudagraph_mark_step_begin())
+                                  if mode == "reduce-overhead" else None)
     return model
 
 
@@ -773,46 +811,133 @@ def rollout_recompute(model, noise, prompt_kv, chunk, generator=None):
     return torch.cat(done, 2)
 
 
-# the optimizations, measured one by one, each on top of the rows above it: (label, setting, CUDA only)
-# the optimizations, measured one by one, each on top of the rows above it:
-# (label, setting, why the CPU skips it or None)
+class Lever(NamedTuple):
+    """One row of the optimization ladder. change: the settings it adds to the rows above it (keys
+    of apply_setting / lever_flags); cpu_skip: why the CPU skips it (None: it runs there too);
+    compiles: it costs compilation time, so a row left out by --levers does not pass it on."""
+    label: str
+    change: dict
+    cpu_skip: str | None = None
+    compiles: bool = False
+
+
+# the optimizations, measured one by one, each on top of the rows above it (a new row: one line here,
+# plus its key in apply_setting / run_video and lever_flags)
 LEVERS = [
-    ("plain: concatenating KV cache, eager, fp32 VAE, decode in line", {"static_cache": False}, None),
-    ("+ in-place KV cache (always on)", {"static_cache": True}, None),
-    ("+ decode overlapped with the next block (--overlap-decode)", {"overlap": True}, None),
-    ("+ cuDNN autotuning of the VAE convolutions (--cudnn-benchmark)", {"cudnn": True}, "needs a GPU"),
-    ("+ torch.compile of the blocks (--compile)", {"compile": "default"}, None),
-    ("+ CUDA graphs (--compile reduce-overhead)", {"compile": "reduce-overhead"}, "needs a GPU"),
-    ("+ torch.compile of the VAE decoder (--compile-vae)", {"compile_vae": True}, "its compilation takes ~90 s on a CPU"),
-    ("+ bf16 VAE decode (--vae-dtype bf16; changes pixels)", {"vae_dtype": "bf16"}, None),
+    Lever("plain: concatenating KV cache, eager, fp32 VAE, decode in line", {"static_cache": False}),
+    Lever("+ in-place KV cache (always on)", {"static_cache": True}),
+    Lever("+ decode overlapped with the next block (--overlap-decode)", {"overlap": True}),
+    Lever("+ cuDNN autotuning of the VAE convolutions (--cudnn-benchmark)", {"cudnn": True}, cpu_skip="needs a GPU"),
+    Lever("+ torch.compile of the blocks (--compile)", {"compile": "default"}, compiles=True),
+    Lever("+ CUDA graphs (--compile reduce-overhead)", {"compile": "reduce-overhead"}, cpu_skip="needs a GPU", compiles=True),
+    Lever("+ torch.compile of the VAE decoder (--compile-vae)", {"compile_vae": True},
+          cpu_skip="its compilation takes ~90 s on a CPU", compiles=True),
+    Lever("+ bf16 VAE decode (--vae-dtype bf16; changes pixels)", {"vae_dtype": "bf16"}),
 ]
 
 
 def lever_flags(setting):
-    flags = [f"--compile {setting['compile']}" if setting.get("compile") else "", "--compile-vae" if setting.get("compile_vae") else "",
+    flags = ["(concatenating KV cache: benchmark only)" if setting.get("static_cache") is False else "",
+             f"--compile {setting['compile']}" if setting.get("compile") else "", "--compile-vae" if setting.get("compile_vae") else "",
              "--overlap-decode" if setting.get("overlap") else "", "--cudnn-benchmark" if setting.get("cudnn") else "",
              "--vae-dtype bf16" if setting.get("vae_dtype") == "bf16" else ""]
     return " ".join(f for f in flags if f) or "(none)"
+
+
+class CompileCounter:
+    """Counts torch.compile's compilations (dynamo's: one per new variant of a compiled function,
+    i.e. a new shape, dtype or cache state, or the piece after a graph break) by the file of the
+    code compiled: causal_wan.py is the transformer blocks, autoencoder_kl_wan.py the VAE decoder."""
+    NAMES = {"causal_wan.py": "block", "autoencoder_kl_wan.py": "VAE"}
+
+    def __init__(self):
+        from torch._dynamo.convert_frame import register_bytecode_hook
+        self.counts = collections.Counter()
+        self.handle = register_bytecode_hook(self._count)
+
+    def _count(self, code, new_code):
+        name = os.path.basename(code.co_filename)
+        self.counts[self.NAMES.get(name, name)] += 1
+
+    def since(self, before):
+        """{what: compilations} since the snapshot `before` (a Counter copy)."""
+        return {k: v - before.get(k, 0) for k, v in self.counts.items() if v - before.get(k, 0)}
+
+    @staticmethod
+    def describe(counts):
+        return ", ".join(f"{counts.get(k, 0)} {k}" for k in ["block", "VAE"] + sorted(set(counts) - {"block", "VAE"})) + " variants"
+
+    def close(self):
+        self.handle.remove()
+
+
+@dataclass
+class Bench:
+    """What every step of the benchmark uses: the flags, the device, the models and the prompt."""
+    args: argparse.Namespace
+    device: torch.device
+    dtype: torch.dtype
+    card: str  # the device's name: the first word of every result line
+    cfg: cw.WanConfig
+    model: cw.CausalWan
+    reference: torch.nn.Module  # diffusers' WanTransformer3DModel, the same weights, as diffusers runs it
+    vaes: dict  # {"fp32": the Wan VAE as sample.py runs it, "bf16": a bf16 copy}
+    context: torch.Tensor  # [1, 512, text_dim] text embedding
+    prompt_kv: list
+    compiles: CompileCounter
+    block_mode: str | None = None  # the blocks' torch.compile mode now (None: eager)
+
+    @property
+    def cuda(self):
+        return self.device.type == "cuda"
+
+    @property
+    def latent_frames(self):
+        return (self.args.frames - 1) // 4 + 1
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def noise(self, frames):
+        h, w = self.args.height // 8, self.args.width // 8
+        return torch.randn(1, 16, frames, h, w, generator=torch.Generator().manual_seed(0)).to(self.device, self.dtype)
 
 
 def benchmark(args):
     """Speed of the causal generator vs diffusers' bidirectional WanPipeline, same size, same run.
     Random weights (speed does not depend on them): the full 1.3B config, or --tiny on the CPU.
     Every optimization (LEVERS) is measured on top of the ones before it, so the table shows what
-    each one moved; the detailed numbers are then taken with the fastest setting."""
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    each one moved; the detailed numbers are then taken with the fastest setting. Each section is
+    printed as soon as it is measured, so a run cut short (a GPU lent for minutes) keeps its numbers."""
+    sys.stdout.reconfigure(line_buffering=True)  # a pipe (| tee) gets every line when it is printed
+    bench = build_benchmark(args)
+    kv_speedup = measure_kv_cache(bench)
+    rows = measure_ladder(bench)
+    if not rows:
+        raise cw.UserError("no optimization row could be measured (see the FAILED lines above)")
+    best = report_fastest(bench, rows)
+    measure_baseline(bench, best)
+    measure_long_video(bench, best)
+    print(f"fps={best[3]['fps']:.2f} first_block_s={best[3]['first']:.4f} kv_speedup={kv_speedup:.2f}")
+
+
+def build_benchmark(args):
+    """The models on the benchmark's device: diffusers' transformer (random weights: the tiny
+    folder's or the 1.3B config's) in the run's dtype as diffusers loads it, our CausalWan with its
+    weights (built on the meta device, materialized on the target one: no fp32 copy on the CPU),
+    the Wan VAE in fp32 and bf16; the text encoder is timed and dropped."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
     device, dtype = torch.device(args.device), torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # --device cuda:1: streams, events and synchronize on that GPU
-    cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     torch.manual_seed(0)
     if args.tiny:
         cw.make_tiny_wan(args.model) if args.model == cw.tiny_model_dir() else None
-        reference = WanTransformer3DModel.from_pretrained(os.path.join(args.model, "transformer"))
-        vae = AutoencoderKLWan.from_pretrained(os.path.join(args.model, "vae"))
-        _, encoder = cw.load_text_encoder(args.model)
+        reference = WanTransformer3DModel.from_pretrained(os.path.join(args.model, "transformer")).to(device)
+        vae = AutoencoderKLWan.from_pretrained(os.path.join(args.model, "vae")).to(device)
+        _, encoder = cw.load_text_encoder(args.model, device=device)
         cfg = cw.WanConfig.from_diffusers(reference.config)
     else:  # the real architectures: Wan2.1-T2V-1.3B, the Wan VAE (diffusers' defaults), UMT5-XXL
         cfg = cw.WanConfig.wan_1_3b()
@@ -820,191 +945,271 @@ def benchmark(args):
             reference, vae = WanTransformer3DModel(**cfg.to_diffusers()), AutoencoderKLWan()
             encoder = UMT5EncoderModel(UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
                                                   num_heads=64, feed_forward_proj="gated-gelu", tie_word_embeddings=False))
-    rope = {k: v.clone() for k, v in reference.rope.named_buffers()}
-    reference, encoder = (m.to(device, dtype).eval().requires_grad_(False) for m in (reference, encoder))
-    vae = vae.to(device, torch.float32).eval().requires_grad_(False)  # fp32, as in sample.py
+    with torch.device("meta"):
+        model = cw.CausalWan(cfg)
+    model = cw.cast_model(model, dtype).to_empty(device=device)  # the final dtypes, then memory on the device
+    model.load_state_dict(reference.state_dict())  # from diffusers' fp32 weights (a copy, each to its dtype)
+    model.eval().requires_grad_(False)
+    reference = as_diffusers_loads(reference, dtype).eval().requires_grad_(False)
+    vae = vae.eval().requires_grad_(False)  # fp32, as in sample.py
     vaes = {"fp32": vae, "bf16": copy.deepcopy(vae).to(torch.bfloat16)}
-    for k, v in rope.items():  # .to(bf16) also rounds diffusers' RoPE tables; keep them as diffusers computes them
-        setattr(reference.rope, k, v.to(device))
-    model = cw.CausalWan(cfg)
-    model.load_state_dict(reference.state_dict())
-    model = model.to(device, dtype).eval().requires_grad_(False)
-    name = torch.cuda.get_device_name(device) if cuda else "CPU"
-    print(f"device: {name}, dtype {args.dtype}, config {'tiny' if args.tiny else 'Wan2.1-T2V-1.3B'} (random weights), "
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"device: {card}, dtype {args.dtype}, config {'tiny' if args.tiny else 'Wan2.1-T2V-1.3B'} (random weights), "
           f"{args.frames} frames {args.height}x{args.width}, batch 1, torch {torch.__version__}")
+    context = time_text_encoder(encoder.to(dtype).eval().requires_grad_(False), device, dtype)
+    del encoder  # as sample.py does: not needed while generating
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return Bench(args, device, dtype, card, cfg, model, reference, vaes, context, model.prompt_kv(context), CompileCounter())
 
-    lat_f, h, w = (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8
-    tokens_per_frame = (h // 2) * (w // 2)
+
+def as_diffusers_loads(model, dtype):
+    """model.to(dtype) the way diffusers' from_pretrained(dtype=dtype) loads it: parameters and
+    buffers of the modules its class names in _keep_in_fp32_modules (for Wan: RoPE, time embedder,
+    scale-shift tables, norms) stay fp32. In place; returns model."""
+    keep = type(model)._keep_in_fp32_modules or []
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point():
+            t.data = t.data.to(torch.float32 if any(k in name.split(".") for k in keep) else dtype)
+    return model
+
+
+def time_text_encoder(encoder, device, dtype):
+    """Seconds of one UMT5 encoding (512 tokens, after a warm-up); returns its output [1, 512, D]."""
     ids = torch.randint(0, encoder.config.vocab_size, (1, 512), device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.no_grad():
         encoder(ids)  # warm-up
         sync(); t0 = time.perf_counter()
         context = encoder(ids).last_hidden_state.to(dtype)
-        sync(); text_s = time.perf_counter() - t0
-    print(f"text encoding (UMT5, 512 tokens, once per prompt): {text_s:.3f} s")
-    del encoder  # as sample.py does: not needed while generating
-    if cuda:
-        torch.cuda.empty_cache()
-    prompt_kv = model.prompt_kv(context)
+        sync(); seconds = time.perf_counter() - t0
+    print(f"text encoding (UMT5, 512 tokens, once per prompt): {seconds:.3f} s")
+    return context
 
-    def noise_of(frames):
-        return torch.randn(1, 16, frames, h, w, generator=torch.Generator().manual_seed(0)).to(device, dtype)
 
-    def run(frames, chunk, s):
-        """The sampling path of sample.py with setting s: (seconds in total, seconds to each block's
-        uint8 frames on the CPU, latents, frames)."""
-        marks, frames_out = [], []
+def apply_setting(bench, setting):
+    """Put the blocks and VAEs in the state `setting` asks for. Compiling is lazy (the first call
+    compiles), and going back to a mode compiled before reuses its code."""
+    torch.backends.cudnn.benchmark = bool(setting.get("cudnn"))
+    if setting.get("compile") != bench.block_mode:
+        compile_blocks(bench.model, setting.get("compile"))
+        bench.block_mode = setting.get("compile")
+    for vae in bench.vaes.values():
+        compile_vae(vae, bool(setting.get("compile_vae")))
 
-        def on_frames(f):
-            marks.append(time.perf_counter())
-            frames_out.append(f)
 
-        torch.backends.cudnn.benchmark = bool(s.get("cudnn"))
-        for v in vaes.values():
-            compile_vae(v, bool(s.get("compile_vae")))
-        sync(); t0 = time.perf_counter()
-        latents = generate(model, vaes[s.get("vae_dtype", "fp32")], prompt_kv, noise_of(frames), chunk, args.max_frames, on_frames,
-                           generator=torch.Generator().manual_seed(1), overlap=bool(s.get("overlap")), static_cache=s["static_cache"])
-        sync()
-        return time.perf_counter() - t0, [m - t0 for m in marks], latents, frames_out
+def run_video(bench, frames, chunk, setting):
+    """The sampling path of sample.py with `setting`: (seconds in all, seconds to each block's uint8
+    frames on the CPU, latents, frames)."""
+    apply_setting(bench, setting)
+    marks, frames_out = [], []
 
-    def transformer_only(frames, chunk):
-        sync(); t0 = time.perf_counter()
-        with torch.no_grad():
-            cw.rollout(model, noise_of(frames), prompt_kv, block_size=chunk, max_frames=args.max_frames)
-        sync()
-        return time.perf_counter() - t0
+    def on_frames(f):
+        marks.append(time.perf_counter())
+        frames_out.append(f)
 
-    # KV cache vs recomputing the whole prefix every step: transformer only, eager, same noise
-    transformer_only(min(lat_f, 6), 3)  # warm-up
+    vae = bench.vaes[setting.get("vae_dtype", "fp32")]
+    bench.sync(); t0 = time.perf_counter()
+    latents = generate(bench.model, vae, bench.prompt_kv, bench.noise(frames), chunk, bench.args.max_frames, on_frames,
+                       generator=torch.Generator().manual_seed(1), overlap=bool(setting.get("overlap")),
+                       static_cache=setting.get("static_cache", True))
+    bench.sync()
+    return time.perf_counter() - t0, [m - t0 for m in marks], latents, frames_out
+
+
+def transformer_only(bench, frames, chunk):
+    """Seconds of the rollout alone (no decoding), with the blocks as they are now."""
+    bench.sync(); t0 = time.perf_counter()
     with torch.no_grad():
-        sync(); t0 = time.perf_counter()
-        recomputed = rollout_recompute(model, noise_of(lat_f), prompt_kv, 3, generator=torch.Generator().manual_seed(1))
-        sync(); slow = time.perf_counter() - t0
-        cached = cw.rollout(model, noise_of(lat_f), prompt_kv, block_size=3, max_frames=args.max_frames,
-                            generator=torch.Generator().manual_seed(1))
-    fast = transformer_only(lat_f, 3)
-    kv_speedup = slow / fast
-    kv_line = (f"KV cache: speedup {kv_speedup:.2f}x over recomputing the prefix ({slow:.3f} s vs {fast:.3f} s, transformer only, "
-               f"eager); max |diff| {(recomputed.float() - cached.float()).abs().max().item():.2e}")
-    with torch.no_grad():  # the plain full-attention forward against diffusers' on the same weights
-        x = torch.randn(1, 16, 3, h, w, device=device, dtype=dtype)
-        t = torch.full((1,), 500.0, device=device)
-        d = (model(x, t, prompt_kv).float() - reference(x, t, context, return_dict=False)[0].float()).abs().max().item()
-    print(kv_line)
-    print(f"parity with diffusers' WanTransformer3DModel ({args.dtype}, 3 frames): max |diff| {d:.2e}", flush=True)
+        cw.rollout(bench.model, bench.noise(frames), bench.prompt_kv, block_size=chunk, max_frames=bench.args.max_frames)
+    bench.sync()
+    return time.perf_counter() - t0
 
-    # 1. the ladder: each optimization on top of the ones above it, chunk-wise and frame-wise
+
+def measure_kv_cache(bench):
+    """KV cache vs recomputing the whole prefix every step (transformer only, eager, same noise),
+    and the plain full-attention forward against diffusers' on the same weights. Returns the speedup."""
+    model, lat_f, args = bench.model, bench.latent_frames, bench.args
+    transformer_only(bench, min(lat_f, 6), 3)  # warm-up
+    with torch.no_grad():
+        bench.sync(); t0 = time.perf_counter()
+        recomputed = rollout_recompute(model, bench.noise(lat_f), bench.prompt_kv, 3, generator=torch.Generator().manual_seed(1))
+        bench.sync(); slow = time.perf_counter() - t0
+        cached = cw.rollout(model, bench.noise(lat_f), bench.prompt_kv, block_size=3, max_frames=args.max_frames,
+                            generator=torch.Generator().manual_seed(1))
+    fast = transformer_only(bench, lat_f, 3)
+    print(f"KV cache: speedup {slow / fast:.2f}x over recomputing the prefix ({slow:.3f} s vs {fast:.3f} s, transformer only, "
+          f"eager); max |diff| {(recomputed.float() - cached.float()).abs().max().item():.2e}")
+    with torch.no_grad():
+        x = bench.noise(3)
+        t = torch.full((1,), 500.0, device=bench.device)
+        d = (model(x, t, bench.prompt_kv).float() - bench.reference(x, t, bench.context, return_dict=False)[0].float()).abs().max().item()
+    print(f"parity with diffusers' WanTransformer3DModel ({args.dtype}, 3 frames): max |diff| {d:.2e}")
+    return slow / fast
+
+
+def measure_ladder(bench):
+    """The LEVERS rows, each on top of the ones above it. A row left out by --levers still passes
+    its cheap settings on to the rows below, never a compilation. Returns the measured rows."""
+    args = bench.args
     print(f"\noptimizations, each on top of the rows above (FPS for {args.frames} frames incl. VAE decode; first = seconds to the first "
-          f"block's frames on the CPU; diff = max |difference| from the first row's latents / uint8 pixels, same noise):")
-    setting, rows, plain = {}, [], {}
-    for n, (label, change, cpu_skip) in enumerate(LEVERS, 1):
-        label = f"{n}. {label}"
-        if cpu_skip and not cuda:
-            print(f"  {label}: skipped ({cpu_skip})")
+          f"block's frames on the CPU; diff = max |difference| from the first measured row's latents / uint8 pixels, same noise; "
+          f"compiled = torch.compile variants, see CompileCounter):")
+    setting, rows, first = {}, [], {}
+    for n, lever in enumerate(LEVERS, 1):
+        label = f"{n}. {lever.label}"
+        if lever.cpu_skip and not bench.cuda:
+            print(f"  {label}: skipped ({lever.cpu_skip})")
             continue
-        if args.levers and n not in args.levers:  # not measured, but it stays on for the rows below
-            setting = {**setting, **change}
-            if change.get("compile"):
-                compile_blocks(model, change["compile"])
+        if args.levers and n not in args.levers:
+            setting = setting if lever.compiles else {**setting, **lever.change}
             continue
-        before, setting = setting, {**setting, **change}
-        parts = []
         try:
-            if change.get("compile"):
-                compile_blocks(model, change["compile"])
-            row = {"label": label, "setting": dict(setting)}
-            for chunk in (3, 1):
-                t0 = time.perf_counter()
-                run(min(lat_f, 2 * chunk), chunk, setting)  # warm-up: the first block, a later one (and compilation)
-                warm = time.perf_counter() - t0
-                if cuda:
-                    torch.cuda.reset_peak_memory_stats(device)
-                total, marks, latents, frames = run(lat_f, chunk, setting)
-                peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
-                if not plain.get(chunk):
-                    plain[chunk] = (latents.float(), frames)
-                dl = (latents.float() - plain[chunk][0]).abs().max().item()
-                dp = max(int(abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(frames, plain[chunk][1]))
-                row[chunk] = dict(fps=args.frames / total, first=marks[0], total=total, peak=peak, marks=marks, latents=latents)
-                parts.append(f"{'chunk' if chunk == 3 else 'frame'}-wise {args.frames / total:.2f} FPS, first {marks[0]:.3f} s"
-                             + (f", peak {peak:.1f} GiB" if cuda else "") + f", diff {dl:.1e} / {dp}"
-                             + (f", warm-up with compilation {warm:.1f} s" if change.get("compile") else ""))
+            row = measure_row(bench, label, {**setting, **lever.change}, first)
         except Exception as e:  # an optimization that does not run on this device/torch: say so, measure the rest without it
             print(f"  {label}: FAILED ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); the rows below go on without it")
-            setting = before
-            if change.get("compile"):
-                compile_blocks(model, before.get("compile"))  # back to the previous compilation state
             continue
-        print(f"  {label}: " + "; ".join(parts), flush=True)
+        setting = row["setting"]
         rows.append(row)
+        print(result_line(bench, f"row {n}", row))
+    return rows
 
-    # 2. the fastest setting that keeps diffusers' fp32 VAE, in detail
-    if not rows:
-        raise cw.UserError("no optimization row could be measured (see the FAILED lines above)")
+
+def measure_row(bench, label, setting, first):
+    """One ladder row, chunk-wise then frame-wise: a warm-up video (the first block, later ones,
+    every VAE cache state: all that compiles), then the timed one. first: {chunk: (latents, frames)}
+    of the first measured row, the reference of the differences (filled by the first row)."""
+    row, parts = {"label": label, "setting": dict(setting)}, []
+    for chunk in (3, 1):
+        mode = "chunk-wise" if chunk == 3 else "frame-wise"
+        before = collections.Counter(bench.compiles.counts)
+        t0 = time.perf_counter()
+        run_video(bench, min(bench.latent_frames, max(2 * chunk, 3)), chunk, setting)
+        warm, warm_compiles = time.perf_counter() - t0, bench.compiles.since(before)
+        before = collections.Counter(bench.compiles.counts)
+        if bench.cuda:
+            torch.cuda.reset_peak_memory_stats(bench.device)
+        total, marks, latents, frames = run_video(bench, bench.latent_frames, chunk, setting)
+        timed_compiles = bench.compiles.since(before)
+        peak = torch.cuda.max_memory_allocated(bench.device) / 2**30 if bench.cuda else float("nan")
+        ref_latents, ref_frames = first.setdefault(chunk, (latents.float(), frames))
+        dl = (latents.float() - ref_latents).abs().max().item()
+        dp = max(int(abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(frames, ref_frames))
+        row[chunk] = dict(fps=bench.args.frames / total, first=marks[0], total=total, peak=peak, latents=latents)
+        part = (f"{mode} {bench.args.frames / total:.2f} FPS, first {marks[0]:.3f} s" + (f", peak {peak:.1f} GiB" if bench.cuda else "")
+                + f", diff {dl:.1e} / {dp}")
+        if setting.get("compile") or setting.get("compile_vae") or warm_compiles:
+            part += f", warm-up {warm:.1f} s compiled {CompileCounter.describe(warm_compiles)}"
+        if setting.get("compile") or setting.get("compile_vae") or timed_compiles:
+            part += f", timed run compiled {CompileCounter.describe(timed_compiles)}"
+        parts.append(part)
+    print(f"  {label}: " + "; ".join(parts))
+    return row
+
+
+def result_line(bench, what, row):
+    """One configuration in BENCHMARKS.md's form: `<card> ... fps=<chunk-wise FPS> first_block_s=<s>`."""
+    a = bench.args
+    return (f"{bench.card} | torch {torch.__version__} | {a.dtype} | {a.frames} frames {a.height}x{a.width} | {what}: "
+            f"{lever_flags(row['setting'])} | frame-wise {row[1]['fps']:.2f} FPS, first {row[1]['first']:.3f} s | "
+            f"fps={row[3]['fps']:.2f} first_block_s={row[3]['first']:.4f}")
+
+
+def report_fastest(bench, rows):
+    """The fastest row that keeps the fp32 VAE in detail: FPS, first block, peak memory, the
+    transformer alone and its TFLOP/s against the card's bf16 peak, the VAE alone. Returns it."""
+    args, cfg = bench.args, bench.cfg
     best = max([r for r in rows if r["setting"].get("vae_dtype", "fp32") == "fp32"] or rows, key=lambda r: r[3]["fps"])
     s = best["setting"]
-    if s.get("compile") != setting.get("compile"):
-        compile_blocks(model, s.get("compile"))
-    print(f"\nfastest{' with the fp32 VAE' if best['setting'].get('vae_dtype', 'fp32') == 'fp32' else ''}: {best['label']}\n  sample.py flags: {lever_flags(s)}")
-    peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None) if cuda and dtype == torch.bfloat16 else None
-    vae_flops = vae_decode_flops(vae.config, lat_f, h, w, 3)
+    apply_setting(bench, s)
+    fp32_vae = s.get("vae_dtype", "fp32") == "fp32"
+    print(f"\nfastest{' with the fp32 VAE' if fp32_vae else ''}: {best['label']}\n  sample.py flags: {lever_flags(s)}")
+    lat_f, h, w = bench.latent_frames, args.height // 8, args.width // 8
+    peak_tflops = (next((v for k, v in PEAK_BF16_TFLOPS.items() if k in bench.card), None)
+                   if bench.cuda and bench.dtype == torch.bfloat16 else None)
+    vae_flops = vae_decode_flops(bench.vaes["fp32"].config, lat_f, h, w, 3)
+    before = collections.Counter(bench.compiles.counts)
     for chunk in (3, 1):
         r = best[chunk]
-        dit = transformer_only(lat_f, chunk)
-        flops = rollout_flops(cfg, lat_f, tokens_per_frame, chunk, args.max_frames)
-        mem = f"peak GPU memory {r['peak']:.2f} GiB" if cuda else f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+        dit = transformer_only(bench, lat_f, chunk)
+        flops = rollout_flops(cfg, lat_f, (h // 2) * (w // 2), chunk, args.max_frames)
+        mem = (f"peak GPU memory {r['peak']:.2f} GiB" if bench.cuda
+               else f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
         print(f"{'chunk-wise' if chunk == 3 else 'frame-wise'}: {r['fps']:.2f} FPS ({r['total']:.3f} s for {args.frames} frames, "
               f"transformer alone {dit:.3f} s), first block {r['first']:.3f} s, {mem} (all resident weights included)")
-        print(f"  transformer: {flops / 1e12:.4g} TFLOP analytic ({lat_f} latent frames x {tokens_per_frame} tokens, D={cfg.dim}, "
+        print(f"  transformer: {flops / 1e12:.4g} TFLOP analytic ({lat_f} latent frames x {(h // 2) * (w // 2)} tokens, D={cfg.dim}, "
               f"FFN={cfg.ffn_dim}, {cfg.num_layers} layers, 4 steps + cache pass, text 512) -> {flops / dit / 1e12:.4g} TFLOP/s"
-              + (f" = {100 * flops / dit / 1e12 / peak_tflops:.1f}% of the {peak_tflops:.0f} TFLOP/s bf16 peak" if peak_tflops else " (no bf16 peak known for this device)"))
+              + (f" = {100 * flops / dit / 1e12 / peak_tflops:.1f}% of the {peak_tflops:.0f} TFLOP/s bf16 peak" if peak_tflops
+                 else " (no bf16 peak known for this device)"))
         if chunk == 3:  # the VAE alone, on these latents, block by block as sample.py decodes, with the row's settings
             vae_dtype = s.get("vae_dtype", "fp32")
-            torch.backends.cudnn.benchmark = bool(s.get("cudnn"))
-            compile_vae(vaes[vae_dtype], bool(s.get("compile_vae")))
-            sync(); t0 = time.perf_counter()
+            bench.sync(); t0 = time.perf_counter()
             with torch.no_grad():
                 for b, start in enumerate(range(0, lat_f, 3)):
-                    cw.to_uint8_frames(cw.vae_decode(vaes[vae_dtype], r["latents"][:, :, start:start + 3], first=b == 0)[0])
-            sync(); vae_s = time.perf_counter() - t0
+                    cw.to_uint8_frames(cw.vae_decode(bench.vaes[vae_dtype], r["latents"][:, :, start:start + 3], first=b == 0)[0])
+            bench.sync(); vae_s = time.perf_counter() - t0
             print(f"  VAE decode alone ({vae_dtype}): {vae_s:.3f} s, {vae_flops / 1e12:.4g} TFLOP counted by torch.utils.flop_counter "
                   f"-> {vae_flops / vae_s / 1e12:.4g} TFLOP/s; transformer + VAE = {(flops + vae_flops) / 1e12:.4g} TFLOP"
-                  + (f": {args.frames / ((flops + vae_flops) / 1e12 / peak_tflops):.1f} FPS if all of it ran at the bf16 peak" if peak_tflops else ""))
+                  + (f": {args.frames / ((flops + vae_flops) / 1e12 / peak_tflops):.1f} FPS if all of it ran at the bf16 peak"
+                     if peak_tflops else ""))
+    warn_compiles(bench, before, "the fastest row's section")
+    print(result_line(bench, f"fastest, {best['label'].split('.')[0]}", best))
+    return best
 
-    # 3. long video: the time per block must stay flat once the attention window is full
+
+def warn_compiles(bench, before, where):
+    """Say so when something compiled inside a timed section: its times then include compilation."""
+    counts = bench.compiles.since(before)
+    if counts:
+        print(f"  WARNING: {where} compiled {CompileCounter.describe(counts)}: its times include compilation")
+
+
+def measure_baseline(bench, best):
+    """diffusers' bidirectional WanPipeline: --baseline-steps steps, CFG 5, same size, same weights,
+    diffusers' defaults (cuDNN heuristics, an eager fp32 VAE); and the FPS ratio."""
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+    args = bench.args
+    if args.baseline_steps == 0:
+        print("baseline WanPipeline: skipped (--baseline-steps 0)")
+        return
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    vae = bench.vaes["fp32"]
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=bench.reference, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(prompt_embeds=bench.context, negative_prompt_embeds=torch.zeros_like(bench.context), height=args.height,
+              width=args.width, num_frames=args.frames, guidance_scale=5.0, output_type="pt")
+    torch.backends.cudnn.benchmark = False
+    compile_vae(vae, False)
+    pipe(num_inference_steps=2, **kw)  # warm-up
+    bench.sync(); t0 = time.perf_counter()
+    pipe(num_inference_steps=args.baseline_steps, **kw)
+    bench.sync(); base = time.perf_counter() - t0
+    print(f"baseline WanPipeline ({args.baseline_steps} steps, CFG 5): {base:.2f} s = {args.frames / base:.3f} FPS, "
+          f"first frame after {base:.2f} s; causal chunk-wise (fastest setting) is {best[3]['fps'] * base / args.frames:.1f}x its FPS")
+
+
+def measure_long_video(bench, best):
+    """Per-block time across a long video with the fastest setting: it must stay flat once the
+    attention window is full (check_args made its length whole blocks, past the window)."""
+    args = bench.args
+    if args.long_frames == 0:
+        print("long video: skipped (--long-frames 0)")
+        return
     long_f = (args.long_frames - 1) // 4 + 1
     kv_bytes = []
+    apply_setting(bench, best["setting"])
+    before = collections.Counter(bench.compiles.counts)
     with torch.no_grad():
-        cw.rollout(model, noise_of(min(long_f, args.max_frames + 3)), prompt_kv, block_size=3, max_frames=args.max_frames,
-                   on_block=lambda b, x0, c: kv_bytes.append(c.num_bytes()))
-    total, marks, _, _ = run(long_f, 3, s)
+        cw.rollout(bench.model, bench.noise(min(long_f, args.max_frames + 3)), bench.prompt_kv, block_size=3,
+                   max_frames=args.max_frames, on_block=lambda b, x0, c: kv_bytes.append(c.num_bytes()))
+    total, marks, _, _ = run_video(bench, long_f, 3, best["setting"])
     steps = [b - a for a, b in zip([0.0] + marks[:-1], marks)]
-    k = max(1, min(7, len(steps) // 3))
+    k = min(7, len(steps) // 3)  # >= 2 blocks each: check_args asks for more than the window (>= 8 blocks)
     head, tail = sum(steps[1:k + 1]) / k, sum(steps[-k:]) / k
     print(f"long video: {args.long_frames} frames ({len(steps)} blocks) in {total:.2f} s = {args.long_frames / total:.2f} FPS; "
           f"per block: blocks 2-{k + 1} {head * 1e3:.1f} ms, last {k} {tail * 1e3:.1f} ms (ratio {tail / head:.2f}); "
           f"KV cache {max(kv_bytes) / 2**20:.4g} MiB")
-
-    # 4. the bidirectional baseline: diffusers' WanPipeline, CFG, N steps, same size, same weights
-    fps = best[3]["fps"]
-    if args.baseline_steps == 0:
-        print("baseline WanPipeline: skipped (--baseline-steps 0)")
-    else:
-        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-        pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=reference, scheduler=scheduler)
-        pipe.set_progress_bar_config(disable=True)
-        kw = dict(prompt_embeds=context, negative_prompt_embeds=torch.zeros_like(context), height=args.height, width=args.width,
-                  num_frames=args.frames, guidance_scale=5.0, output_type="pt")
-        torch.backends.cudnn.benchmark = False  # diffusers' defaults: cuDNN heuristics, an eager VAE
-        compile_vae(vae, False)
-        pipe(num_inference_steps=2, **kw)  # warm-up
-        sync(); t0 = time.perf_counter()
-        pipe(num_inference_steps=args.baseline_steps, **kw)
-        sync(); base = time.perf_counter() - t0
-        print(f"baseline WanPipeline ({args.baseline_steps} steps, CFG 5): {base:.2f} s = {args.frames / base:.3f} FPS, "
-              f"first frame after {base:.2f} s; causal chunk-wise (fastest setting) is {fps * base / args.frames:.1f}x its FPS")
-    print(f"fps={fps:.2f} first_block_s={best[3]['first']:.4f} kv_speedup={kv_speedup:.2f}")
+    warn_compiles(bench, before, "the long video")
 
 
 if __name__ == "__main__":

@@ -222,13 +222,13 @@ class DMDTeacher:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.model = cw.CausalWan(cw.read_wan_config(cw.resolve_folder(args.model, "transformer")))
         cw.load_generator_weights(self.model, args.teacher, kind="bidirectional")  # distill_dmd.py --generator bidirectional
-        self.model = self.model.to(device, dtype).eval().requires_grad_(False)
+        self.model = cw.cast_model(self.model, dtype, device).eval().requires_grad_(False)  # bf16 as Wan keeps it
         self.tokenizer, self.encoder = cw.load_text_encoder(args.model, dtype, device)
 
     def __call__(self, prompt, noise, generator):
         prompt_kv = self.model.prompt_kv(cw.encode_prompts(self.tokenizer, self.encoder, [prompt]))
         steps = []
-        x0 = cw.rollout(self.model, noise.to(self.model.proj_out.weight.dtype), prompt_kv, block_size=noise.shape[2],
+        x0 = cw.rollout(self.model, noise.to(self.model.patch_embedding.weight.dtype), prompt_kv, block_size=noise.shape[2],
                         generator=generator, trajectory=steps)
         return steps[0] + [x0]  # 4 step inputs + x0, each [1, C, F, H, W]
 

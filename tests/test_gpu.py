@@ -1,9 +1,18 @@
 """GPU checks: the optimized sampling paths against the plain one at full size in bf16, and the
-causal network against diffusers' in bf16. Skipped without CUDA (so in CI); written for the first
-session with a GPU (`python -m pytest -q tests/test_gpu.py`, a few minutes on one H100).
+causal network against diffusers in bf16 as diffusers runs it. Skipped without CUDA (so in CI);
+written for the first session with a GPU: `python -m pytest -q -s tests/test_gpu.py` (each test
+prints the figure it measured).
+
+Time on one H100, estimated (no GPU has run it yet; BENCHMARKS.md has the arithmetic): 1.5-2.5
+min cold: ~30-60 s of imports and model building, ~20 s of eager runs (FLOP counts at ~35% of the
+bf16 peak, 30% of TF32's for the fp32 VAE), and 2 compilations of one block shape (4 pieces each;
+a guess of 20-40 s each, no CPU measurement can size them); less when inductor's on-disk cache has
+them from a benchmark run on the same machine. The compiled VAE test adds 2-4 min cold, so it
+runs only with RF_TEST_GPU_SLOW=1. The compiling tests run last, so a cut run keeps the others.
 
 RF_TEST_GPU_ON_CPU=1 runs the same checks on the CPU with 2 of the 30 layers at 64x64, only to
 check the tests themselves."""
+import copy
 import os
 
 import pytest
@@ -19,17 +28,20 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 @pytest.fixture(scope="module")
 def setup():
-    """Wan2.1-1.3B (random weights) in bf16 with diffusers' copy, the Wan VAE in fp32, a prompt."""
+    """Wan2.1-1.3B (random weights) in bf16, built on the meta device and materialized on the GPU,
+    with diffusers' fp32 copy, the Wan VAE in fp32, a prompt."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     torch.manual_seed(0)
     cfg = cw.WanConfig(num_layers=2) if ON_CPU else cw.WanConfig.wan_1_3b()
-    frames, h, w = (7, 8, 8) if ON_CPU else (21, 60, 104)  # latent size: 81 frames 480x832 on the GPU
+    frames, h, w = (9, 8, 8) if ON_CPU else (21, 60, 104)  # latent size: 81 frames 480x832 on the GPU
     with torch.device(DEVICE):
         reference = WanTransformer3DModel(**cfg.to_diffusers()).eval().requires_grad_(False)
         vae = AutoencoderKLWan().eval().requires_grad_(False)
-    model = cw.CausalWan(cfg)
+    with torch.device("meta"):
+        model = cw.CausalWan(cfg)
+    model = cw.cast_model(model, torch.bfloat16).to_empty(device=DEVICE)
     model.load_state_dict(reference.state_dict())
-    model = model.to(DEVICE, torch.bfloat16).eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
     context = torch.randn(1, 512, cfg.text_dim, device=DEVICE)
     context[:, 20:] = 0
     noise = torch.randn(1, 16, frames, h, w, generator=torch.Generator().manual_seed(0)).to(DEVICE, torch.bfloat16)
@@ -37,19 +49,26 @@ def setup():
 
 
 def rel(a, b):
-    r = ((a.float() - b.float()).norm() / b.float().norm()).item()
-    print(f"relative difference {r:.2e}")
-    return r
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def test_bf16_parity_with_diffusers(setup):
-    """Our bf16 network against diffusers' fp32 one on the same weights: bf16 rounding only."""
+    """Against diffusers' fp32 network, our bf16 one errs no more than diffusers' own bf16 one:
+    loaded as its from_pretrained(dtype=bf16) loads it, i.e. with the modules of
+    _keep_in_fp32_modules kept fp32 (written out here). 10% slack: the attention kernels differ."""
+    reference = setup["reference"]
+    theirs16 = copy.deepcopy(reference)
+    keep = type(reference)._keep_in_fp32_modules
+    for name, t in list(theirs16.named_parameters()) + list(theirs16.named_buffers()):
+        t.data = t.data.to(torch.float32 if any(k in name.split(".") for k in keep) else torch.bfloat16)
     x = setup["noise"][:, :, :3]
     t = torch.full((1,), 700.0, device=DEVICE)
     with torch.no_grad():
-        ours = setup["model"](x, t, setup["prompt_kv"])
-        theirs = setup["reference"](x.float(), t, setup["context"], return_dict=False)[0]
-    assert rel(ours, theirs) < 2e-2
+        exact = reference(x.float(), t, setup["context"], return_dict=False)[0]
+        ours = rel(setup["model"](x, t, setup["prompt_kv"]), exact)
+        theirs = rel(theirs16(x, t, setup["context"].bfloat16(), return_dict=False)[0], exact)
+    print(f"relative error vs diffusers in fp32: ours in bf16 {ours:.2e}, diffusers in bf16 {theirs:.2e}")
+    assert ours <= 1.1 * theirs and ours < 5e-2
 
 
 def test_in_place_cache_equals_concatenated_bf16(setup):
@@ -58,7 +77,9 @@ def test_in_place_cache_equals_concatenated_bf16(setup):
         for static in (False, True):
             runs.append(cw.rollout(setup["model"], setup["noise"], setup["prompt_kv"], static_cache=static,
                                    generator=torch.Generator().manual_seed(1)))
-    assert rel(runs[1], runs[0]) < 1e-3  # same kernels on the same values; a view of a buffer vs a new tensor
+    d = rel(runs[1], runs[0])
+    print(f"in-place vs concatenating KV cache: relative difference {d:.2e}")
+    assert d < 1e-3  # same kernels on the same values; a view of a buffer vs a new tensor
 
 
 def test_overlapped_decode_gives_the_same_frames(setup):
@@ -68,31 +89,44 @@ def test_overlapped_decode_gives_the_same_frames(setup):
         sample.generate(setup["model"], setup["vae"], setup["prompt_kv"], setup["noise"], 3, 21, got[overlap].append,
                         generator=torch.Generator().manual_seed(1), overlap=overlap)
     assert [f.shape for f in got[True]] == [f.shape for f in got[False]]
-    assert all((a == b).all() for a, b in zip(got[False], got[True]))
+    diff = max(int(abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(got[False], got[True]))
+    print(f"overlapped vs in-line decode: max pixel difference {diff} of 255")
+    assert diff <= 1  # a second stream may pick other convolution kernels: one level of rounding
 
 
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_compiled_blocks_match_eager(setup, mode):
+    """3 blocks: the first, a middle one (cache pass on a filled cache), the last; with
+    reduce-overhead the first calls warm up and record the CUDA graphs, the later ones replay them."""
     from torch._dynamo.utils import counters
-    model = setup["model"]
+    model, noise = setup["model"], setup["noise"][:, :, :9]
     torch._dynamo.reset()  # count this test's compilations only
     counters.clear()
     with torch.no_grad():
-        eager = cw.rollout(model, setup["noise"], setup["prompt_kv"], generator=torch.Generator().manual_seed(1))
+        eager = cw.rollout(model, noise, setup["prompt_kv"], generator=torch.Generator().manual_seed(1))
         sample.compile_blocks(model, mode)
         try:
-            for _ in range(2):  # the second call replays what the first compiled (and, reduce-overhead, recorded)
-                compiled = cw.rollout(model, setup["noise"], setup["prompt_kv"], generator=torch.Generator().manual_seed(1))
+            compiled = cw.rollout(model, noise, setup["prompt_kv"], generator=torch.Generator().manual_seed(1))
+            graphs = counters["stats"]["unique_graphs"]
+            again = cw.rollout(model, noise, setup["prompt_kv"], generator=torch.Generator().manual_seed(1))
         finally:
             sample.compile_blocks(model, None)
-    print(f"graphs compiled: {counters['stats']['unique_graphs']}; inductor counters: {dict(counters['inductor'])}")
-    assert counters["stats"]["unique_graphs"] > 0  # compiled, not silently eager
+    d = rel(compiled, eager)
+    print(f"{mode}: relative difference from eager {d:.2e}; graphs compiled {graphs}, then {counters['stats']['unique_graphs'] - graphs}; "
+          f"inductor counters {dict(counters['inductor'])}")
+    assert 0 < graphs <= 4  # compiled, not silently eager: 4 pieces of one block shape
+    assert counters["stats"]["unique_graphs"] == graphs  # the second video reuses them
     if mode == "reduce-overhead" and DEVICE.type == "cuda":
         assert counters["inductor"]["cudagraph_skips"] == 0  # CUDA graphs really used
-    assert rel(compiled, eager) < 5e-2  # bf16: fused kernels round differently, and errors carry over blocks
+    assert d < 5e-2 and rel(again, eager) < 5e-2  # bf16: fused kernels round differently; overwritten memory would be far off
 
 
+@pytest.mark.skipif(os.environ.get("RF_TEST_GPU_SLOW") != "1", reason="2-4 min of compilation on a fresh machine; "
+                    "sample.py --benchmark row 7 checks the same pixels; RF_TEST_GPU_SLOW=1 runs it")
 def test_compiled_vae_decoder_matches_eager(setup):
+    """Two blocks decoded: three variants (first frame, cache filling, steady state) and, with
+    inductor, a fourth once the steady state caches its own outputs (their strides differ from
+    eager's); frame-wise decoding would reuse them."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
@@ -100,15 +134,14 @@ def test_compiled_vae_decoder_matches_eager(setup):
     for on in (False, True):
         sample.compile_vae(setup["vae"], on)
         try:
-            for _ in range(1 + on):  # compiled: the second pass reuses the compiled variants
-                frames[on] = []
-                sample.generate(setup["model"], setup["vae"], setup["prompt_kv"], setup["noise"][:, :, :6], 3, 21,
-                                frames[on].append, generator=torch.Generator().manual_seed(1))
+            frames[on] = []
+            sample.generate(setup["model"], setup["vae"], setup["prompt_kv"], setup["noise"][:, :, :6], 3, 21,
+                            frames[on].append, generator=torch.Generator().manual_seed(1))
         finally:
             sample.compile_vae(setup["vae"], False)
-    diff = max(abs(a.astype(int) - b.astype(int)).max() for a, b in zip(frames[False], frames[True]))
-    print(f"max pixel difference {diff}; graphs compiled: {counters['stats']['unique_graphs']}")
-    assert counters["stats"]["unique_graphs"] > 0
+    diff = max(int(abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(frames[False], frames[True]))
+    print(f"compiled VAE: max pixel difference {diff} of 255; graphs compiled {counters['stats']['unique_graphs']}")
+    assert 0 < counters["stats"]["unique_graphs"] <= 4
     assert diff <= 2  # fp32 VAE: the fused kernels round differently, by at most a level or two of 255
 
 

@@ -97,8 +97,15 @@ def test_error_exit_is_one_line_without_traceback(tmp_path):
     assert r.stderr.strip().splitlines() == [f"error: model '{tmp_path / 'missing'}' is neither a diffusers-format folder nor a hub id like {cw.DEFAULT_MODEL}"]
 
 
+RESULT_LINE = re.compile(r"CPU \| torch \S+ \| fp32 \| \d+ frames 64x64 \| (.+) \| frame-wise .+ \| fps=([\d.]+) first_block_s=([\d.]+)")
+
+
 def test_benchmark_tiny_reports_speed(tiny_wan):
-    r = run("--benchmark", "--tiny", "--model", tiny_wan, "--frames", "21", "--long-frames", "61", "--baseline-steps", "4")
+    """The whole benchmark on the CPU: every section, one result line per measured row, and the
+    compilations of the --compile row counted (4 block variants per block shape, none in the timed
+    runs). Planted: attend_to_cache left inside the compiled blocks (a new variant per cache length:
+    the run no longer ended within the 300 s; test_compile_variants_and_cuda_graph_steps counts it)."""
+    r = run("--benchmark", "--tiny", "--model", tiny_wan, "--frames", "21", "--long-frames", "93", "--baseline-steps", "4")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     m = re.fullmatch(r"fps=([\d.]+) first_block_s=([\d.]+) kv_speedup=([\d.]+)", lines[-1])
@@ -108,16 +115,60 @@ def test_benchmark_tiny_reports_speed(tiny_wan):
     kv = next(line for line in lines if line.startswith("KV cache:"))
     assert float(kv.rsplit(" ", 1)[1]) < 1e-5  # cached rollout == recomputed prefix on the same noise
     assert any(line.startswith("baseline WanPipeline (4 steps") for line in lines)
-    ladder = {label: next((line for line in lines if line.startswith(f"  {n}. {label}:")), None) for n, (label, _, _) in enumerate(sample.LEVERS, 1)}
+    assert any(line.startswith("long video: 93 frames (8 blocks)") for line in lines)
+    ladder = {lever.label: next((line for line in lines if line.startswith(f"  {n}. {lever.label}:")), None)
+              for n, lever in enumerate(sample.LEVERS, 1)}
     assert all(ladder.values()), ladder  # every optimization has its row (measured, skipped on the CPU, or failed)
     assert all("FAILED" not in line for line in ladder.values()), ladder
     diffs = {label: [(float(a), int(b)) for a, b in re.findall(r"diff ([\d.e+-]+) / (\d+)", line)] for label, line in ladder.items()}
-    assert diffs[sample.LEVERS[1][0]] == [(0.0, 0), (0.0, 0)]  # in-place cache: the same latents and pixels
-    assert diffs[sample.LEVERS[2][0]] == [(0.0, 0), (0.0, 0)]  # overlapped decode: the same pixels
-    assert all(dl < 1e-5 and dp <= 1 for dl, dp in diffs[sample.LEVERS[4][0]])  # torch.compile: fp32 rounding only
-    assert all("warm-up with compilation" in part for part in ladder[sample.LEVERS[4][0]].split(";"))
-    assert "skipped (needs a GPU)" in ladder[sample.LEVERS[5][0]]
-    assert "skipped (its compilation takes" in ladder[sample.LEVERS[6][0]]
+    assert diffs[sample.LEVERS[1].label] == [(0.0, 0), (0.0, 0)]  # in-place cache: the same latents and pixels
+    assert diffs[sample.LEVERS[2].label] == [(0.0, 0), (0.0, 0)]  # overlapped decode: the same pixels
+    assert all(dl < 1e-5 and dp <= 1 for dl, dp in diffs[sample.LEVERS[4].label])  # torch.compile: fp32 rounding only
+    assert "skipped (needs a GPU)" in ladder[sample.LEVERS[5].label]
+    assert "skipped (its compilation takes" in ladder[sample.LEVERS[6].label]
+    # --compile: each block shape compiles the block in 4 pieces (split around the attention over the
+    # cache), chunk-wise in the warm-up, frame-wise once more (a new shape); nothing in the timed runs
+    warm = [(int(b), int(v)) for b, v in re.findall(r"warm-up [\d.]+ s compiled (\d+) block, (\d+) VAE variants", ladder[sample.LEVERS[4].label])]
+    timed = re.findall(r"timed run compiled (\d+) block, (\d+) VAE variants", ladder[sample.LEVERS[4].label])
+    assert len(warm) == 2 and all(1 <= b <= 4 and v == 0 for b, v in warm), warm
+    assert timed == [("0", "0"), ("0", "0")], timed
+    assert re.findall(r"compiled (\d+) block, (\d+) VAE", ladder[sample.LEVERS[7].label]) == [("0", "0")] * 4  # row 5's code, reused
+    assert "compiled" not in ladder[sample.LEVERS[2].label]  # an eager row compiles nothing
+    assert not any("WARNING" in line for line in lines)  # nothing compiled in the fastest row's section or the long video
+    results = [RESULT_LINE.fullmatch(line) for line in lines if line.startswith("CPU | ")]
+    whats = [m.group(1).split(":")[0] for m in results]
+    assert whats[:5] == ["row 1", "row 2", "row 3", "row 5", "row 8"] and re.fullmatch(r"fastest, [12358]", whats[5]), whats
+    assert all(m and float(m.group(2)) > 0 and float(m.group(3)) > 0 for m in results)
+
+
+def test_benchmark_cut_after_the_ladder_keeps_what_it_measured(tiny_wan):
+    """A run killed once the ladder is done (a GPU taken back mid-run) has already written every
+    section it measured into its pipe, each as it was measured, without PYTHONUNBUFFERED. Planted:
+    no line buffering (every line arrived at once, when the process ended)."""
+    import time
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    p = subprocess.Popen([sys.executable, "sample.py", "--benchmark", "--tiny", "--model", tiny_wan, "--frames", "9", "--levers", "1,3,8",
+                          "--long-frames", "0", "--baseline-steps", "0"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, text=True)
+    lines, arrived = [], []
+    try:
+        for line in p.stdout:
+            lines.append(line.rstrip("\n"))
+            arrived.append(time.perf_counter())
+            if line.startswith("fastest"):  # the first line after the ladder: cut the run here
+                p.kill()
+                break
+        lines += p.stdout.read().splitlines()  # what was in the pipe when it died
+    finally:
+        p.kill()
+        p.wait()
+    assert arrived[-1] - arrived[0] > 1, lines  # the first line came when it was printed, not when the process ended
+    assert not any(line.startswith("fps=") for line in lines), lines  # it was cut before the end
+    starts = ["device: CPU", "text encoding", "KV cache:", "parity with diffusers", "optimizations, each on top"]
+    assert all(any(line.startswith(s) for line in lines) for s in starts), lines
+    rows = [line[:4] for line in lines if re.match(r"  \d\. ", line)]
+    assert rows == ["  1.", "  3.", "  4.", "  6.", "  7.", "  8."], lines
+    assert [RESULT_LINE.fullmatch(line).group(1)[:5] for line in lines if line.startswith("CPU | ")] == ["row 1", "row 3", "row 8"]
 
 
 @pytest.mark.parametrize("chunk,max_frames", [(3, 21), (1, 21), (3, 9)])
@@ -138,14 +189,103 @@ def test_flop_count_matches_torch_counter(chunk, max_frames):
 
 
 def test_benchmark_subset_of_levers(tiny_wan):
-    r = run("--benchmark", "--tiny", "--model", tiny_wan, "--frames", "9", "--long-frames", "21", "--levers", "3,8", "--baseline-steps", "0")
+    """--levers: the rows left out pass on their cheap settings, not their compilation (row 8 after
+    an unmeasured row 5 is eager); bad lengths and rows are one-line errors before any model loads.
+    Planted: unmeasured rows passing on everything (row 8 then compiles the blocks)."""
+    r = run("--benchmark", "--tiny", "--model", tiny_wan, "--frames", "9", "--long-frames", "0", "--levers", "3,8", "--baseline-steps", "0")
     assert r.returncode == 0, r.stderr
     rows = [line for line in r.stdout.splitlines() if re.match(r"  \d\. ", line)]
     assert [row[:4] for row in rows] == ["  3.", "  4.", "  6.", "  7.", "  8."], rows  # 4, 6, 7 not on a CPU: said, not measured
     assert "diff 0.0e+00 / 0" in rows[0] and "diff 0.0e+00 / 0" not in rows[-1]  # the bf16 VAE row differs from row 3
-    assert "baseline WanPipeline: skipped" in r.stdout
+    flags = [line for line in r.stdout.splitlines() if line.startswith(("CPU |", "  sample.py flags"))]
+    assert "compiled" not in rows[-1] and not any("--compile" in line for line in flags), (rows[-1], flags)
+    assert "baseline WanPipeline: skipped" in r.stdout and "long video: skipped" in r.stdout
     bad = run("--benchmark", "--tiny", "--model", tiny_wan, "--levers", "0,9")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --levers takes row numbers 1-8")
+    for flags, message in [(["--levers", "4,6"], "--levers 4,6: only rows that need a GPU"),
+                           (["--frames", "17"], "--frames 17 is 5 latent frames, not whole blocks of 3"),
+                           (["--long-frames", "161"], "--long-frames 161 must be 12k-3 frames"),
+                           (["--long-frames", "61"], "longer than the --max-frames 21 latent frame window: try 93")]:
+        with pytest.raises(cw.UserError, match=re.escape(message)) as e:  # before any model loads: the model does not exist
+            sample.main(sample.parse_args(["--benchmark", "--tiny", "--model", "/no/such/model", *flags]))
+        assert "\n" not in str(e.value)
+
+
+def test_compile_variants_and_cuda_graph_steps(tiny_wan):
+    """What the compiled rows compile, counted with dynamo's own counter (backend "eager": the same
+    graphs and guards as inductor, in seconds): the blocks, 4 pieces per block shape, reused by every
+    block and step; --compile reduce-overhead marks one CUDA-graph step per model call (the blocks
+    of one call chain their outputs inside one CUDA-graph generation) and changes nothing else; the
+    mark goes with the mode. Planted: no mark_step hook (0 marks); attend_to_cache inside the
+    compiled region (one more variant per cache length)."""
+    from torch._dynamo.utils import counters
+    model = cw.from_pretrained(tiny_wan).eval().requires_grad_(False)
+    kv = model.prompt_kv(torch.randn(1, 12, model.cfg.text_dim))
+    noise = torch.randn(1, 16, 9, 8, 8, generator=torch.Generator().manual_seed(0))
+    calls, marks = [], []
+    model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    rollout = lambda chunk: cw.rollout(model, noise, kv, block_size=chunk, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        eager = {chunk: rollout(chunk) for chunk in (3, 1)}
+        torch._dynamo.reset()
+        counters.clear()
+        real_mark = torch.compiler.cudagraph_mark_step_begin
+        torch.compiler.cudagraph_mark_step_begin = lambda: marks.append(1)
+        try:
+            sample.compile_blocks(model, "reduce-overhead", backend="eager")
+            graphs, out = [], {}
+            for chunk in (3, 1, 3):
+                calls.clear(), marks.clear()
+                out[chunk] = rollout(chunk)
+                graphs.append(counters["stats"]["unique_graphs"])
+                assert len(marks) == len(calls) == 4 * (9 // chunk) + 9 // chunk - 1  # 4 steps per block + the cache passes
+            sample.compile_blocks(model, None)
+            marks.clear()
+            rollout(3)
+        finally:
+            torch.compiler.cudagraph_mark_step_begin = real_mark
+    print(f"block graphs compiled: chunk-wise {graphs[0]}, frame-wise {graphs[1] - graphs[0]}, chunk-wise again {graphs[2] - graphs[1]}")
+    assert 1 <= graphs[0] <= 4 and 1 <= graphs[1] - graphs[0] <= 4 and graphs[2] == graphs[1]
+    assert all(torch.equal(out[c], eager[c]) for c in (3, 1))
+    assert not marks and model.cuda_graph_step_hook is None
+
+
+def test_compiled_vae_variants(tiny_wan):
+    """--compile-vae compiles 3 variants of the decoder per dtype (first frame, cache filling, steady
+    state), shared by chunk-wise and frame-wise decoding, counted by dynamo (backend "eager") and by
+    the benchmark's CompileCounter; the frames are unchanged. Planted: vae_decode's frame slice not
+    made contiguous (6 variants: each again for the 1-frame blocks)."""
+    from torch._dynamo.utils import counters
+    vae = cw.load_vae(tiny_wan)
+    z = torch.randn(1, 16, 6, 8, 8, generator=torch.Generator().manual_seed(0))
+    decode = lambda chunk: [cw.vae_decode(vae, z[:, :, s:s + chunk], first=s == 0) for s in range(0, 6, chunk)]
+    with torch.no_grad():
+        eager = {chunk: decode(chunk) for chunk in (3, 1)}
+        torch._dynamo.reset()
+        counters.clear()
+        counter = sample.CompileCounter()
+        try:
+            sample.compile_vae(vae, True, backend="eager")
+            compiled = {chunk: decode(chunk) for chunk in (3, 1)}
+        finally:
+            sample.compile_vae(vae, False)
+            counter.close()
+    print(f"VAE decoder variants compiled: {counters['stats']['unique_graphs']} (CompileCounter: {dict(counter.counts)})")
+    assert counters["stats"]["unique_graphs"] == 3 and dict(counter.counts) == {"VAE": 3}
+    assert all(torch.equal(a, b) for c in (3, 1) for a, b in zip(compiled[c], eager[c]))
+
+
+def test_benchmark_casts_diffusers_as_diffusers_loads(tiny_wan):
+    """The benchmark's reference (parity line, WanPipeline baseline) in bf16 has the dtypes diffusers'
+    own from_pretrained(dtype=bf16) gives it: its _keep_in_fp32_modules in fp32. Planted: a plain
+    .to(bf16) (the time embedder, scale-shift tables and norm2 differ)."""
+    from diffusers import WanTransformer3DModel
+    folder = os.path.join(tiny_wan, "transformer")
+    loaded = WanTransformer3DModel.from_pretrained(folder, dtype=torch.bfloat16)
+    cast = sample.as_diffusers_loads(WanTransformer3DModel.from_pretrained(folder), torch.bfloat16)
+    dtypes = lambda m: {n: t.dtype for n, t in list(m.named_parameters()) + list(m.named_buffers())}
+    assert dtypes(cast) == dtypes(loaded)
+    assert {torch.float32, torch.bfloat16} <= set(dtypes(cast).values())
 
 
 def test_speed_flags_give_the_same_video(tiny_wan, tmp_path):
