@@ -519,8 +519,8 @@ class FrameStream:
 
     model: the causal transformer (its device and dtype are the stream's). decode(z, first):
     latents [1, 16, n, h, w] -> pixels [1, 3, T, H, W] in [-1, 1], first=True resetting its causal
-    state (`partial(cw.vae_decode, vae)` or `partial(cw.tae_decode, tae)`). encode(prompt) -> text context [1, S, text_dim] for
-    switches; it runs in the iterating thread. frames: the video's length (4k+1 video frames,
+    state (`partial(cw.vae_decode, vae)` or `partial(cw.tae_decode, tae)`). encode(prompt) -> text
+    context [1, S, text_dim] for switches; it runs in the iterating thread. frames: the video's length (4k+1 video frames,
     prefix included), None to run until stop(). prefix: clean latents [1, 16, L, h, w] the video
     starts with (an --extend clip, an --image): their decoded frames come first, then new frames
     from position L. noise(start, n) -> (noise [1, 16, n, h, w], generator): each block's noise
