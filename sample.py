@@ -70,7 +70,7 @@ modulation, RoPE, embedders and output head stay bf16. It needs a CUDA GPU of co
 be slower than bf16 (pytorch/ao#685), so use it with --compile. Not measured yet (no GPU so far):
 its speed, and its difference from bf16 with the real weights.
 --offload loads the text encoder (UMT5-XXL, 5.7B parameters, ~11 GB in bf16) and the decoder into
-CPU memory and puts their weights on the device only while they run: all the prompts (switches
+CPU memory (the machine's RAM must hold them) and puts their weights on the device only while they run: all the prompts (switches
 included) are encoded before the generator moves to the device, so the two are never there
 together, and each block's decode brings the decoder over and drops it after. The video is the same
 (tested on the CPU); the GPU memory it saves and the time its transfers take are not measured yet.
