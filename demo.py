@@ -4,6 +4,7 @@ Live demo: a web page that shows the video while it is generated, block by block
     python demo.py                                           # the 1.3B Wan on a GPU; open http://127.0.0.1:7860
     python demo.py --checkpoint runs/reward/ckpt.pt          # a generator trained here (EMA weights)
     python demo.py --compile --overlap-decode                # sample.py's speed flags
+    python demo.py --decoder tae --decoder-path taew2_1.pth --fp8 --offload   # and its speed kit (sample.py --help)
     python demo.py --host 0.0.0.0 --port 8000                # reachable from other machines: anyone who can reach it uses the GPU
     python demo.py --tiny                                    # CPU, random tiny Wan: the video is noise, the pipeline is real
 
@@ -26,7 +27,8 @@ it runs. It ends at Stop or --max-seconds; Download then gets the mp4 the server
 generating (sample.py's fragmented-mp4 writer).
 
 The models load once at start-up (the text encoder stays resident to encode each new prompt, at
-Start and Switch: ~11 GB for UMT5-XXL in bf16). One generation runs at a time on the device, in a
+Start and Switch: ~11 GB for UMT5-XXL in bf16; with --offload it stays in CPU memory and is on the
+device only while it encodes, so a Switch briefly holds it there beside the generator). One generation runs at a time on the device, in a
 worker thread (the server stays responsive): a viewer who presses Start while another generates
 is told it is busy; a viewer who closes the page stops its generation and frees the device.
 
@@ -66,7 +68,6 @@ import time
 import traceback
 from collections import OrderedDict
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 
@@ -101,7 +102,11 @@ def parse_args(argv=None):
     p.add_argument("--compile-vae", action="store_true", help="torch.compile the VAE decoder too (minutes of compilation on the first video)")
     p.add_argument("--overlap-decode", action="store_true", help="decode block b while block b+1 is denoised")
     p.add_argument("--vae-dtype", default="fp32", choices=["fp32", "bf16"], help="VAE decode precision")
-    p.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN autotune the VAE's convolutions (GPU)")
+    p.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN autotune the decoder's convolutions (GPU)")
+    p.add_argument("--decoder", default="vae", choices=["vae", "tae"], help="vae: the Wan VAE (exact, the default); tae: the tiny decoder of --decoder-path")
+    p.add_argument("--decoder-path", metavar="FILE", help="--decoder tae: taew2_1.pth from github.com/madebyollin/taehv (--tiny: a random one)")
+    p.add_argument("--fp8", action="store_true", help="the transformer blocks' linear layers in float8 (torchao; a GPU of compute capability >= 8.9)")
+    p.add_argument("--offload", action="store_true", help="low memory: the text encoder and the decoder in CPU memory, on the device only while they run")
     p.add_argument("--no-pace", action="store_true", help="generate as fast as possible instead of at most two blocks ahead of playback")
     args = p.parse_args(argv)
     if args.tiny:
@@ -135,6 +140,7 @@ def check_args(args):
         raise cw.UserError(f"--device {args.device}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     if args.checkpoint and not os.path.isfile(args.checkpoint):
         raise cw.UserError(f"checkpoint '{args.checkpoint}' does not exist")
+    sample.check_speed_kit(args)  # --decoder, --decoder-path, --fp8 (the tiny decoder's file: loaded first)
     try:  # the port must be free now, not after the models have loaded
         family, _, _, _, address = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)[0]
         with socket.socket(family, socket.SOCK_STREAM) as s:
@@ -162,35 +168,49 @@ class Models:
     model: torch.nn.Module  # the causal generator
     tokenizer: object
     encoder: torch.nn.Module  # UMT5: kept, every Start and Switch encodes a new prompt
-    vae: torch.nn.Module
+    decode: object  # decode(z, first) for sample.FrameStream: the Wan VAE's or the tiny decoder's
     device: torch.device
     dtype: torch.dtype
 
     def encode(self, prompt):
         """A prompt -> text context [1, 512, text_dim]: the one place the text encoder runs (in the
-        generation thread, for the first prompt and every switch)."""
-        return cw.encode_prompts(self.tokenizer, self.encoder, [prompt])
+        generation thread, for the first prompt and every switch). With --offload its weights live
+        in CPU memory and are on the device only while it encodes."""
+        with cw.on_device(self.encoder, self.device):  # a no-op unless --offload
+            return cw.encode_prompts(self.tokenizer, self.encoder, [prompt])
 
 
 def load_models(args):
-    """The generator, text encoder and VAE, with sample.py's loaders and speed flags; one line per component."""
+    """The generator, text encoder and decoder, with sample.py's loaders and speed flags; one line
+    per component. --decoder tae loads the tiny decoder first (small: a wrong file is said at once).
+    --offload: the text encoder and the decoder load into CPU memory (Models.encode and
+    sample.load_decoder put them on the device while they run); the generator stays on the device."""
     device, dtype = torch.device(args.device), torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
-    t0 = time.perf_counter()
-    print(f"loading 1/3: the generator from {args.model}" + (f" + {args.checkpoint}" if args.checkpoint else ""), file=sys.stderr, flush=True)
+    home = torch.device("cpu") if args.offload else device  # where the text encoder and decoder live
+    t0, step = time.perf_counter(), iter(range(1, 4))
+    say = lambda what: print(f"loading {next(step)}/3: {what}", file=sys.stderr, flush=True)  # noqa: E731
+    tae = None
+    if args.decoder == "tae":
+        path = args.decoder_path or cw.tiny_decoder_path()
+        say(f"the tiny decoder from {path}")
+        tae = cw.load_tiny_decoder(path, home, dtype)
+    say(f"the generator from {args.model}" + (f" + {args.checkpoint}" if args.checkpoint else ""))
     model = sample.load_generator(args, device, dtype)
-    print("loading 2/3: the text encoder", file=sys.stderr, flush=True)
-    tokenizer, encoder = cw.load_text_encoder(args.model, dtype=dtype, device=device)
-    print("loading 3/3: the VAE", file=sys.stderr, flush=True)
-    vae = cw.load_vae(args.model, dtype=torch.bfloat16 if args.vae_dtype == "bf16" else torch.float32, device=device)
+    if args.fp8:
+        cw.quantize_fp8(model)  # on the GPU, before torch.compile
+    say("the text encoder" + (" (in CPU memory: --offload)" if args.offload else ""))
+    tokenizer, encoder = cw.load_text_encoder(args.model, dtype=dtype, device=home)
+    if tae is None:
+        say("the VAE" + (" (in CPU memory: --offload)" if args.offload else ""))
+    decode, _ = sample.load_decoder(args, device, tae)
     if args.compile:
         sample.compile_blocks(model, args.compile)
-    sample.compile_vae(vae, args.compile_vae)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     print(f"models loaded in {time.perf_counter() - t0:.1f} s on {device} ({args.dtype})"
           + ("; the first video pays the compilation" if args.compile or args.compile_vae else ""), file=sys.stderr, flush=True)
-    return Models(model, tokenizer, encoder, vae, device, dtype)
+    return Models(model, tokenizer, encoder, decode, device, dtype)
 
 
 def jpeg(frame):
@@ -271,7 +291,7 @@ class Session:
         as 4k+1 frames; each block's noise drawn from the seed and the block's position, so memory
         stays flat however long the video), switched where the viewer asked, ended by stop()."""
         m, a = self.models, self.args
-        stream = sample.FrameStream(m.model, partial(cw.vae_decode, m.vae), m.model.prompt_kv(m.encode(self.prompt)),
+        stream = sample.FrameStream(m.model, m.decode, m.model.prompt_kv(m.encode(self.prompt)),
                                     encode=m.encode, height=a.height, width=a.width, seed=self.seed,
                                     frames=video_frames(a.max_seconds), chunk=a.chunk, max_frames=a.max_frames,
                                     overlap=a.overlap_decode, log=lambda line: print(f"demo: {line}", file=sys.stderr, flush=True))

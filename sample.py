@@ -8,6 +8,9 @@ decoded as soon as it is denoised; the prompt can change mid-video, a clip or an
     python sample.py --prompt "..." --frames 321 --stream                             # 20 s, playable while written
     python sample.py --tiny --prompt "a red fox" --frames 21 --out /tmp/fox.mp4       # CPU, seconds, random weights
     python sample.py --prompts-file prompts.txt --out videos/ --compile --overlap-decode  # speed options (BENCHMARKS.md)
+    python sample.py --prompt "..." --decoder tae --decoder-path taew2_1.pth          # the tiny decoder (speed kit, below)
+    python sample.py --prompt "..." --fp8 --compile                                   # float8 transformer (GPU, cc >= 8.9)
+    python sample.py --prompt "..." --offload                                         # less GPU memory
     python sample.py --benchmark [--tiny]                                             # speed (see BENCHMARKS.md)
 
     python sample.py --prompt "a corgi runs on a beach" --switch 41 "the corgi jumps into the sea" --frames 161
@@ -48,6 +51,29 @@ window holds, while the original computed them with the evicted frames still in 
 goes through the VAE encoder, so a clip's latents are the encoder's, not the generator's.) The
 noise of each block depends only on --seed and where the block starts: a video of N frames is the
 first N frames of a longer one with the same seed and switches (up to a shorter last block).
+
+Speed kit (what was measured: BENCHMARKS.md; none of it is on by default):
+--decoder tae --decoder-path taew2_1.pth decodes with the decoder of TAEW2.1, the tiny autoencoder
+for Wan 2.1 latents published at github.com/madebyollin/taehv (download taew2_1.pth there), instead
+of the Wan VAE: 24.9x fewer FLOPs per latent frame, block by block with its own causal memory (equal
+to one decode of the whole video: tested), in --dtype (bf16 on a GPU, fp32 on the CPU). Its image
+quality is the published model's, not measured here (the tests use random weights), so the exact
+fp32 Wan VAE stays the default. --extend and --image still load the Wan VAE to encode the clip or
+image, and free it before generating; the clip's frames in the output are then the tiny decoder's
+reconstruction. --vae-dtype bf16 and --compile-vae set how the Wan VAE decodes and are refused with
+it (--cudnn-benchmark applies to both). --tiny without --decoder-path builds a random one in
+taew2_1.pth's layout.
+--fp8 runs the 10 linear layers of every transformer block in float8 through torchao (weights in
+float8 with a scale per output row, activations quantized per token at each call); the norms,
+modulation, RoPE, embedders and output head stay bf16. It needs a CUDA GPU of compute capability
+>= 8.9 (Ada, Hopper or newer) and --dtype bf16; elsewhere it is a one-line error. Eager float8 can
+be slower than bf16 (pytorch/ao#685), so use it with --compile. Not measured yet (no GPU so far):
+its speed, and its difference from bf16 with the real weights.
+--offload loads the text encoder (UMT5-XXL, 5.7B parameters, ~11 GB in bf16) and the decoder into
+CPU memory (the machine's RAM must hold them) and puts their weights on the device only while they run: all the prompts (switches
+included) are encoded before the generator moves to the device, so the two are never there
+together, and each block's decode brings the decoder over and drops it after. The video is the same
+(tested on the CPU); the GPU memory it saves and the time its transfers take are not measured yet.
 """
 import argparse
 import collections
@@ -103,7 +129,11 @@ def parse_args(argv=None):
     p.add_argument("--compile-vae", action="store_true", help="torch.compile the VAE decoder too (minutes of compilation on the first video)")
     p.add_argument("--overlap-decode", action="store_true", help="decode block b while block b+1 is denoised (a worker thread, on a GPU its own stream)")
     p.add_argument("--vae-dtype", default="fp32", choices=["fp32", "bf16"], help="VAE decode precision (fp32 as diffusers runs the Wan VAE)")
-    p.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN autotune the VAE's convolutions (GPU)")
+    p.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN autotune the decoder's convolutions (GPU)")
+    p.add_argument("--decoder", default="vae", choices=["vae", "tae"], help="vae: the Wan VAE (exact, the default); tae: the tiny decoder of --decoder-path")
+    p.add_argument("--decoder-path", metavar="FILE", help="--decoder tae: taew2_1.pth from github.com/madebyollin/taehv (--tiny: a random one)")
+    p.add_argument("--fp8", action="store_true", help="the transformer blocks' linear layers in float8 (torchao; a GPU of compute capability >= 8.9)")
+    p.add_argument("--offload", action="store_true", help="low memory: the text encoder and the decoder in CPU memory, on the device only while they run")
     p.add_argument("--benchmark", action="store_true", help="measure speed with random weights (see BENCHMARKS.md)")
     p.add_argument("--baseline-steps", type=int, default=50, help="benchmark: steps of diffusers' WanPipeline (0: skip it)")
     p.add_argument("--levers", help="benchmark: which optimization rows to measure, e.g. 1,2,5 (default all; row 1 is the plain path)")
@@ -144,10 +174,29 @@ def check_args(args):
     if args.max_frames < 2 * args.chunk:
         raise cw.UserError(f"--max-frames {args.max_frames} must hold at least two blocks of --chunk {args.chunk}")
     check_device(args.device)
+    check_speed_kit(args)
     if not (args.tiny and args.model == cw.tiny_model_dir()):  # --tiny builds its own on first use
         cw.check_model(args.model)
     if args.checkpoint:
         cw.check_file(args.checkpoint, "--checkpoint")
+
+
+def check_speed_kit(args):
+    """--decoder, --decoder-path and --fp8 against each other and this machine, before any model
+    loads (sample.py and demo.py; the device is checked). The tiny decoder's file is checked by
+    loading it, the first model to load (it is small)."""
+    if args.decoder == "vae" and args.decoder_path is not None:
+        raise cw.UserError(f"--decoder-path '{args.decoder_path}' is the tiny decoder's file: add --decoder tae "
+                           f"(the default decoder, the Wan VAE, comes from --model)")
+    if args.decoder == "tae":
+        if args.decoder_path is None and not args.tiny:
+            raise cw.UserError(f"--decoder tae needs the tiny decoder's file: {cw.TAE_DOWNLOAD}, and pass --decoder-path taew2_1.pth")
+        vae_only = [flag for flag, on in (("--vae-dtype bf16", args.vae_dtype == "bf16"), ("--compile-vae", args.compile_vae)) if on]
+        if vae_only:
+            raise cw.UserError(f"{vae_only[0]} sets how the Wan VAE decodes, and --decoder tae decodes with the tiny decoder "
+                               f"(in --dtype, {args.dtype}): drop {vae_only[0]}")
+    if args.fp8:
+        cw.check_fp8(args.device, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
 
 
 def check_device(name):
@@ -243,6 +292,52 @@ def load_generator(args, device, dtype, kind="causal"):
     if args.checkpoint:
         cw.load_generator_weights(model, args.checkpoint, use_ema=not args.no_ema, kind=kind)
     return cw.cast_model(model, dtype, device).eval().requires_grad_(False)  # bf16 with Wan's fp32 parameters kept
+
+
+def load_models(args, device, dtype, kind, prompts, start_frames):
+    """(the generator on `device`, {prompt: text context [1, 512, text_dim]} for every prompt in
+    `prompts`, decode(z, first) for FrameStream, the latents of start_frames or None). The text
+    encoder runs once, here, for all the prompts (switches included), and is freed before the
+    decoder loads. --offload: every model loads into CPU memory; the text encoder's weights go to
+    the device only while it encodes, before the generator moves there (the two are never on the
+    device together), and the decoder's only while it decodes a block (load_decoder)."""
+    home = torch.device("cpu") if args.offload else device  # where weights live while their model is not running
+    tae = None
+    if args.decoder == "tae":  # first: it is small, and a wrong file is said before the big models load
+        tae = cw.load_tiny_decoder(args.decoder_path or cw.tiny_decoder_path(), home, dtype)
+    model = load_generator(args, home, dtype, kind)
+    tokenizer, encoder = cw.load_text_encoder(args.model, dtype=dtype, device=home)
+    with cw.on_device(encoder, device):  # a no-op unless --offload
+        contexts = {p: cw.encode_prompts(tokenizer, encoder, [p]) for p in dict.fromkeys(prompts)}
+    del tokenizer, encoder  # the text encoder (5.7B for Wan) is not needed during generation
+    model = model.to(device)
+    if args.fp8:
+        cw.quantize_fp8(model)  # torchao converts the weights where they are: on the GPU, before torch.compile
+    if args.compile:
+        compile_blocks(model, args.compile)
+    decode, prefix = load_decoder(args, device, tae, start_frames)
+    return model, contexts, decode, prefix
+
+
+def load_decoder(args, device, tae=None, start_frames=None):
+    """(decode(z, first): latents [1, 16, n, h, w] -> pixels [1, 3, T, H, W] in [-1, 1] for
+    FrameStream, the latents of start_frames [T, H, W, 3] or None). --decoder vae: the Wan VAE in
+    --vae-dtype. --decoder tae: `tae`, the tiny decoder (loaded first, in --dtype); the Wan VAE
+    then loads only when there are start_frames (--extend, --image) to encode, and is freed after.
+    --offload: the decoder's weights stay in CPU memory and are on the device only while it
+    decodes a block (its causal state stays on the device)."""
+    home = torch.device("cpu") if args.offload else device
+    vae = prefix = None
+    if args.decoder == "vae" or start_frames is not None:
+        vae = cw.load_vae(args.model, dtype=torch.bfloat16 if args.vae_dtype == "bf16" else torch.float32, device=home)
+    if start_frames is not None:
+        with cw.on_device(vae, device):  # a no-op unless --offload
+            prefix = vae_encode(vae, start_frames, device)
+    if args.decoder == "tae":  # the VAE, if it encoded, is freed when this returns
+        decoder, decode = tae, partial(cw.tae_decode, tae)
+    else:
+        decoder, decode = compile_vae(vae, args.compile_vae), partial(cw.vae_decode, vae)
+    return (cw.offloaded(decode, decoder, device) if args.offload else decode), prefix
 
 
 # -----------------------------------------------------------------------------
@@ -424,8 +519,8 @@ class FrameStream:
 
     model: the causal transformer (its device and dtype are the stream's). decode(z, first):
     latents [1, 16, n, h, w] -> pixels [1, 3, T, H, W] in [-1, 1], first=True resetting its causal
-    state (`partial(cw.vae_decode, vae)`). encode(prompt) -> text context [1, S, text_dim] for
-    switches; it runs in the iterating thread. frames: the video's length (4k+1 video frames,
+    state (`partial(cw.vae_decode, vae)` or `partial(cw.tae_decode, tae)`). encode(prompt) -> text
+    context [1, S, text_dim] for switches; it runs in the iterating thread. frames: the video's length (4k+1 video frames,
     prefix included), None to run until stop(). prefix: clean latents [1, 16, L, h, w] the video
     starts with (an --extend clip, an --image): their decoded frames come first, then new frames
     from position L. noise(start, n) -> (noise [1, 16, n, h, w], generator): each block's noise
@@ -639,22 +734,14 @@ def main(args):
     device, dtype = torch.device(args.device), torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # --device cuda:1: streams, events and synchronize on that GPU
-    model = load_generator(args, device, dtype, kind)
-    tokenizer, encoder = cw.load_text_encoder(args.model, dtype=dtype, device=device)
-    prompts = dict.fromkeys([j[0] for j in jobs] + [p for _, p in switches])
-    contexts = {p: cw.encode_prompts(tokenizer, encoder, [p]) for p in prompts}
-    del tokenizer, encoder  # the text encoder (5.7B for Wan) is not needed during generation
-    vae = cw.load_vae(args.model, dtype=torch.bfloat16 if args.vae_dtype == "bf16" else torch.float32, device=device)
-    prefix = None if start_frames is None else vae_encode(vae, start_frames, device)
-    if args.compile:
-        compile_blocks(model, args.compile)
-    compile_vae(vae, args.compile_vae)
+    prompts = [j[0] for j in jobs] + [p for _, p in switches]
+    model, contexts, decode, prefix = load_models(args, device, dtype, kind, prompts, start_frames)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     latent_frames, start = (args.frames - 1) // 4 + 1, 0 if prefix is None else prefix.shape[2]
     blocks = math.ceil(start / chunk) + math.ceil((latent_frames - start) / chunk)
     bar = tqdm(total=blocks * len(jobs), unit="block", desc="generating")
     for prompt, seed, path in jobs:
-        stream = FrameStream(model, partial(cw.vae_decode, vae), model.prompt_kv(contexts[prompt]), encode=lambda p: contexts[p],
+        stream = FrameStream(model, decode, model.prompt_kv(contexts[prompt]), encode=lambda p: contexts[p],
                              height=args.height, width=args.width, seed=seed, frames=args.frames, chunk=chunk,
                              max_frames=args.max_frames, prefix=prefix, overlap=args.overlap_decode, log=bar.write)
         for frame, text in switches:

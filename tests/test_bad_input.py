@@ -10,7 +10,9 @@ eval_vbench.sh runs under bash.
 Planted on the fixed code to see these fail: no range in cw.seed (the seed cases reach the model
 loader); read_text decoding with errors='replace' (the non-UTF-8 cases pass the check);
 check_outputs skipped (a folder in the way, a file in the way, an unwritable folder: found only
-after the model loads); the --checkpoint check of eval_vbench.sh moved after ensure_vbench_venv
+after the model loads); sample.check_speed_kit not called (--fp8 on the CPU and --decoder tae without
+its file reach the model loaders); the tiny decoder loaded after the generator (a junk or wrong
+--decoder-path is found only after the generator loads); the --checkpoint check of eval_vbench.sh moved after ensure_vbench_venv
 (no one-line error: the venv build starts). On the code before issue 13, 93 of these 95 tests fail
 (44 load a model first, the others end in a traceback or argparse's multi-line usage).
 """
@@ -22,6 +24,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import causal_wan as cw
 import distill_dmd
@@ -77,6 +80,8 @@ def files(tmp_path, tiny_wan):
     (tmp_path / "a_file").write_text("in the way")
     (tmp_path / "folder.mp4").mkdir()
     (tmp_path / "init.pt").write_bytes(b"")  # exists: the cases fail before it is read
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    torch.save({"decoder.1.weight": torch.zeros(8, 16, 3, 3)}, tmp_path / "wrong.pth")  # not TAEW2.1's decoder
     (tmp_path / "jobs_seed.tsv").write_text(f"a fox\t{2**40}\t{tmp_path / 'a.mp4'}\n")
     (tmp_path / "jobs_avi.tsv").write_text(f"a fox\t1\t{tmp_path / 'a.avi'}\n")
     for name, config in [("broken_json", "{'num_layers': 2,"), ("missing_keys", json.dumps({"num_layers": 2}))]:
@@ -162,6 +167,14 @@ CASES = [  # (script, argv, what the one line must say)
     ("sample", SAMPLE + ["--model", "TMP/missing_keys"], r"config\.json' is not a Wan transformer's \(KeyError"),
     ("sample", SAMPLE + ["--checkpoint", "TMP"], r"--checkpoint '.*' is a folder, not a file"),
     ("sample", SAMPLE + ["--checkpoint", "TMP/none.pt"], r"--checkpoint '.*none\.pt' does not exist"),
+    ("sample", SAMPLE + ["--decoder", "tae"], r"--decoder tae needs the tiny decoder's file: download taew2_1\.pth from https://github\.com/madebyollin/taehv .* --decoder-path taew2_1\.pth"),
+    ("sample", SAMPLE + ["--decoder-path", "TMP/junk.pth"], r"--decoder-path '.*junk\.pth' is the tiny decoder's file: add --decoder tae"),
+    ("sample", SAMPLE + ["--decoder", "tae", "--decoder-path", "TMP/none.pth"], r"tiny decoder '.*none\.pth' does not exist: download taew2_1\.pth"),
+    ("sample", SAMPLE + ["--decoder", "tae", "--decoder-path", "TMP/junk.pth"], r"tiny decoder '.*junk\.pth' is not a readable checkpoint"),
+    ("sample", SAMPLE + ["--decoder", "tae", "--decoder-path", "TMP/wrong.pth"], r"tiny decoder '.*wrong\.pth' does not have TAEW2\.1's decoder layout"),
+    ("sample", SAMPLE + ["--decoder", "tae", "--decoder-path", "TMP/junk.pth", "--vae-dtype", "bf16"], r"--vae-dtype bf16 sets how the Wan VAE decodes, .* drop --vae-dtype bf16"),
+    ("sample", SAMPLE + ["--decoder", "tae", "--decoder-path", "TMP/junk.pth", "--compile-vae"], r"--compile-vae sets how the Wan VAE decodes"),
+    ("sample", SAMPLE + ["--fp8"], r"--fp8 needs a CUDA GPU with compute capability >= 8\.9 .*not device 'cpu'"),
     # distill_dmd.py
     ("distill_dmd", DMD + ["--lr", "inf"], r"argument --lr: inf is not a learning rate in \(0, 1\)"),
     ("distill_dmd", DMD + ["--lr", "0"], r"argument --lr: 0 is not a learning rate"),

@@ -451,6 +451,66 @@ def test_twenty_connect_disconnect_cycles_leak_no_thread_session_or_memory(model
 
 
 # -----------------------------------------------------------------------------
+# the speed kit: --decoder tae, --offload
+
+
+def devices(module):
+    return {t.device.type for t in list(module.parameters()) + list(module.buffers())}
+
+
+def test_the_tiny_decoder_with_offload_streams_frames(tiny_wan, tmp_path, monkeypatch):
+    """`demo.py --tiny --decoder tae --offload`: a 1 s video arrives (blocks of 9 and 8 frames), each
+    block decoded by the tiny decoder, none by the Wan VAE. Planted: Session decoding with
+    partial(cw.vae_decode, ...) whatever --decoder says -> fails."""
+    decoded = []
+    for name in ("vae_decode", "tae_decode"):
+        def recording(decoder, z, first=True, real=getattr(cw, name), kind=name[:3]):
+            decoded.append((kind, first))
+            return real(decoder, z, first)
+        monkeypatch.setattr(cw, name, recording)  # before load_models binds them
+    tae_models = demo.load_models(demo.parse_args(["--tiny", "--model", tiny_wan, "--decoder", "tae", "--offload",
+                                                   "--decoder-path", cw.make_tiny_decoder(str(tmp_path / "taew2_1.pth"))]))
+    with client(tae_models, tmp_path / "videos", "--max-seconds", "1") as c, contextlib.ExitStack() as viewer:
+        ws, _ = connect(c, viewer)
+        ws.send_json({"type": "start", "prompt": "a red fox", "seed": 0})
+        stopped, jpegs, dicts = until(ws, "stopped")
+    assert stopped["reason"] == "done" and stopped["frames"] == len(jpegs) == 17, stopped
+    assert [m["block_frames"] for m in dicts if m["type"] == "stats"] == [9, 8]
+    assert decoded == [("tae", True), ("tae", False)]
+    assert decode_jpeg(jpegs[0]).shape == (SIZE, SIZE, 3)
+
+
+def test_offload_puts_the_text_encoder_on_the_device_only_while_it_encodes(tiny_wan, monkeypatch):
+    """Models.encode, the one place the demo's text encoder runs (Start, Switch), with the encoder
+    in CPU memory (--offload) and the meta device standing in for the GPU: its weights are all on
+    the device while it encodes, none after. (The encoder's output is a stand-in: UMT5 does not run
+    on meta tensors.) Planted: Models.encode without cw.on_device -> fails."""
+    tokenizer, encoder = cw.load_text_encoder(tiny_wan)
+    during = []
+
+    def encode_prompts(tokenizer, encoder, prompts):
+        during.append(devices(encoder))
+        return torch.zeros(1, 512, encoder.config.d_model, device=encoder.device)
+
+    monkeypatch.setattr(cw, "encode_prompts", encode_prompts)
+    models = demo.Models(None, tokenizer, encoder, None, torch.device("meta"), torch.float32)
+    for prompt in ("a red fox", "a blue bird"):  # Start, then a Switch
+        assert models.encode(prompt).device.type == "meta"
+        assert devices(encoder) == {"cpu"}
+    assert during == [{"meta"}, {"meta"}]
+
+
+def test_a_wrong_tiny_decoder_file_is_said_before_the_generator_loads(tmp_path, monkeypatch):
+    """Planted: the tiny decoder loaded after the generator -> the generator's loader fails the test."""
+    (tmp_path / "taew2_1.pth").write_bytes(b"not a checkpoint")
+    for module, name in [(sample, "load_generator"), (cw, "load_text_encoder"), (cw, "load_vae")]:
+        monkeypatch.setattr(module, name, lambda *a, **kw: pytest.fail("a model loaded before the tiny decoder's file was checked"))
+    with pytest.raises(cw.UserError, match=r"tiny decoder '.*taew2_1\.pth' is not a readable checkpoint") as e:
+        demo.main(demo.parse_args(["--tiny", "--decoder", "tae", "--decoder-path", str(tmp_path / "taew2_1.pth"), "--port", str(free_port())]))
+    assert "\n" not in str(e.value)
+
+
+# -----------------------------------------------------------------------------
 # flags
 
 
@@ -465,11 +525,14 @@ def test_twenty_connect_disconnect_cycles_leak_no_thread_session_or_memory(model
     (["--checkpoint", "/no/such.pt"], "checkpoint '/no/such.pt' does not exist"),
     (["--host", "no-such-host.invalid"], "cannot listen on --host no-such-host.invalid"),
     (["--port", "BUSY"], "choose another --port"),
+    (["--decoder-path", "taew2_1.pth"], "--decoder-path 'taew2_1.pth' is the tiny decoder's file: add --decoder tae"),
+    (["--decoder", "tae", "--compile-vae"], "--compile-vae sets how the Wan VAE decodes"),
+    (["--fp8", "--device", "cpu"], "--fp8 needs a CUDA GPU with compute capability >= 8.9"),
 ])
 def test_bad_flags_are_one_line_errors_before_loading(tmp_path, monkeypatch, flags, message):
     """load_models is replaced by a failure: every error comes before loading. Planted: no port
     check (uvicorn would fail only after the models load) -> the BUSY case fails; no CUDA check ->
-    the cuda case fails."""
+    the cuda case fails; no sample.check_speed_kit -> the --decoder-path, --compile-vae and --fp8 cases fail."""
     if "cuda" in flags and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     monkeypatch.setattr(demo, "load_models", lambda args: pytest.fail("models loaded before the flags were checked"))

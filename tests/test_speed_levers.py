@@ -1,13 +1,20 @@
-"""The speed levers as library pieces: the tiny streaming decoder (TAEW2.1's layout), FP8 linear
-layers (torchao) and offloading a model's weights while it is not used."""
+"""The speed levers: the tiny streaming decoder (TAEW2.1's layout), FP8 linear layers (torchao) and
+offloading a model's weights while it is not used, as library pieces and as sample.py's --decoder
+tae and --offload."""
 import copy
 import functools
+import gc
+import weakref
 
+import imageio
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import causal_wan as cw
+import sample
 
 
 def published_decoder_shapes():
@@ -240,3 +247,145 @@ def test_offloaded_decoder_is_on_the_device_only_while_decoding(tiny_wan, tiny_t
         plain = torch.cat([decode(z[:, :, s:s + 3], first=s == 0) for s in range(0, 5, 3)], 2)
         offloaded = cw.offloaded(decode, decoder, "cpu")
         assert torch.equal(torch.cat([offloaded(z[:, :, s:s + 3], first=s == 0) for s in range(0, 5, 3)], 2), plain)
+
+
+# -----------------------------------------------------------------------------
+# the levers in sample.py: --decoder tae, --offload (--fp8's refusal: tests/test_bad_input.py)
+
+
+def sample_frames(argv, monkeypatch):
+    """sample.main(argv) in this process: the uint8 frames [T, H, W, 3] it wrote, taken on their way
+    to the mp4 writer (the mp4 is written and checked as usual)."""
+    written, real = [], sample.write_video
+    monkeypatch.setattr(sample, "write_video", lambda path, blocks, *rest, **kw: real(path, (written.append(b) or b for b in blocks), *rest, **kw))
+    sample.main(sample.parse_args([str(a) for a in argv]))
+    monkeypatch.setattr(sample, "write_video", real)
+    return np.concatenate(written)
+
+
+def spy_decoders(monkeypatch, on_call=lambda: None):
+    """Replace cw.vae_decode and cw.tae_decode (before sample.py binds them) with recorders of
+    ('vae' or 'tae', latents, first) for each call; on_call runs at each call."""
+    calls = []
+    for name in ("vae_decode", "tae_decode"):
+        def recording(decoder, z, first=True, real=getattr(cw, name), kind=name[:3]):
+            calls.append((kind, z.detach().clone(), first))
+            on_call()
+            return real(decoder, z, first)
+        monkeypatch.setattr(cw, name, recording)
+    return calls
+
+
+def as_uint8(pixels):
+    """pixels [3, T, H, W] in [-1, 1] -> uint8 frames [T, H, W, 3], written out here (not cw.to_uint8_frames)."""
+    return ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy().astype(int)
+
+
+SMALL = ["--tiny", "--height", "32", "--width", "32", "--prompt", "a red fox"]
+
+
+def test_sample_decodes_with_the_tiny_decoder(tiny_wan, tmp_path, monkeypatch, capsys):
+    """`sample.py --tiny --decoder tae --switch 9 ...`: --tiny's random tiny decoder built on first use
+    in its cache folder, every block decoded by it and none by the Wan VAE, the switch applied, and
+    the 21 frames written (a playable mp4) are the independent all-at-once reference decode of the
+    whole latent video. Planted: main keeping partial(cw.vae_decode, vae) whatever --decoder says ->
+    fails (the spy sees 'vae')."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    calls = spy_decoders(monkeypatch)
+    out = tmp_path / "fox.mp4"
+    frames = sample_frames(SMALL + ["--model", tiny_wan, "--decoder", "tae", "--frames", "21", "--switch", "9", "a blue bird",
+                                    "--out", out], monkeypatch)
+    path = tmp_path / "cache" / "reward_forcing" / "tiny_taew2_1" / "taew2_1.pth"
+    assert [(kind, first) for kind, _, first in calls] == [("tae", True), ("tae", False)]
+    z = torch.cat([z for _, z, _ in calls], 2)  # [1, 16, 6, 4, 4]: the whole latent video
+    want = as_uint8(reference_decode(torch.load(path, weights_only=True), z)[0])
+    assert frames.shape == (21, 32, 32, 3) and np.abs(frames.astype(int) - want).max() <= 1  # fp32 rounding at a .5
+    assert "switch at frame 9: a blue bird" in "".join(capsys.readouterr())
+    with imageio.get_reader(out) as reader:
+        assert reader.count_frames() == 21
+
+
+def test_sample_extends_a_clip_with_the_tiny_decoder(tiny_wan, tmp_path, monkeypatch):
+    """--extend with --decoder tae: the Wan VAE loads only to encode the clip (its latents are the
+    first block), decodes nothing and is freed before the first block is decoded; the 21 frames
+    written are the tiny decoder's decode of the clip's latents and the new ones, all at once.
+    Planted: load_decoder keeping the VAE alive (stored on args) -> fails."""
+    tae_path = cw.make_tiny_decoder(str(tmp_path / "taew2_1.pth"))
+    clip = np.random.default_rng(0).integers(0, 256, (9, 32, 32, 3), dtype=np.uint8)
+    imageio.mimwrite(tmp_path / "clip.mp4", clip, fps=16, codec="libx264", macro_block_size=1)
+    vaes, vae_alive, real_load_vae = [], [], cw.load_vae
+    monkeypatch.setattr(cw, "load_vae", lambda *a, **kw: vaes.append(weakref.ref(vae := real_load_vae(*a, **kw))) or vae)
+
+    def is_the_vae_alive():
+        gc.collect()
+        vae_alive.append(vaes[0]() is not None)
+
+    calls = spy_decoders(monkeypatch, on_call=is_the_vae_alive)
+    frames = sample_frames(SMALL + ["--model", tiny_wan, "--decoder", "tae", "--decoder-path", tae_path, "--frames", "21",
+                                    "--extend", tmp_path / "clip.mp4", "--out", tmp_path / "more.mp4"], monkeypatch)
+    assert len(vaes) == 1 and vae_alive == [False, False]
+    assert [(kind, first) for kind, _, first in calls] == [("tae", True), ("tae", False)]
+    with imageio.get_reader(tmp_path / "clip.mp4") as reader:
+        clip_read = np.stack([frame for frame in reader])  # the clip as sample.py reads it (after H.264)
+    encoded = sample.vae_encode(real_load_vae(tiny_wan), clip_read, torch.device("cpu"))
+    assert torch.equal(calls[0][1], encoded)  # the clip's 3 latent frames, then the 3 generated ones
+    want = as_uint8(reference_decode(torch.load(tae_path, weights_only=True), torch.cat([z for _, z, _ in calls], 2))[0])
+    assert frames.shape == (21, 32, 32, 3) and np.abs(frames.astype(int) - want).max() <= 1
+
+
+@pytest.mark.parametrize("decoder", ["vae", "tae"])
+def test_offload_leaves_the_video_unchanged(tiny_wan, tmp_path, monkeypatch, decoder):
+    """--offload (on the CPU: the same device, the same computation in a different order) writes
+    the frames the run without it writes, with an --image prefix and a switch. Planted:
+    cw.offloaded passing first=True on every call (the decoder's causal state reset) -> fails."""
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "first.png")
+    argv = SMALL + ["--model", tiny_wan, "--decoder", decoder, "--frames", "21", "--image", tmp_path / "first.png",
+                    "--switch", "9", "a blue bird"]
+    if decoder == "tae":
+        argv += ["--decoder-path", cw.make_tiny_decoder(str(tmp_path / "taew2_1.pth"))]
+    plain = sample_frames(argv + ["--out", tmp_path / "plain.mp4"], monkeypatch)
+    offloaded = sample_frames(argv + ["--offload", "--out", tmp_path / "offload.mp4"], monkeypatch)
+    assert plain.shape == (21, 32, 32, 3) and np.array_equal(plain, offloaded)
+
+
+def test_offload_keeps_the_text_encoder_and_the_generator_apart_on_the_device(tiny_wan, tmp_path, monkeypatch):
+    """sample.load_models with --offload, the meta device standing in for the GPU: while the prompts
+    are encoded the text encoder's weights are all on the device and the generator's all in CPU
+    memory; afterwards no encoder tensor is on the device and the generator is; the --image is
+    encoded by the VAE on the device; the tiny decoder is on the device only while it decodes.
+    (The encoder's output is a stand-in: UMT5 does not run on meta tensors.) Planted: the
+    generator moved to the device before the encoding, or the text encoder loaded on the device,
+    or the decoder not offloaded -> each fails."""
+    held, during, vae_during = {}, [], []
+    real_load_generator, real_vae_encode, real_tae_decode = sample.load_generator, sample.vae_encode, cw.tae_decode
+    monkeypatch.setattr(sample, "load_generator", lambda *a: held.setdefault("generator", real_load_generator(*a)))
+
+    def encode_prompts(tokenizer, encoder, prompts):
+        held["encoder"] = encoder
+        during.append((devices(encoder), devices(held["generator"])))
+        return torch.zeros(1, 512, encoder.config.d_model, device=encoder.device)
+
+    def vae_encode(vae, frames, device):
+        vae_during.append(devices(vae))
+        return real_vae_encode(vae, frames, device)
+
+    def tae_decode(tae, z, first=True):
+        held["tae"] = tae
+        during.append(devices(tae))
+        return real_tae_decode(tae, z, first)
+
+    monkeypatch.setattr(cw, "encode_prompts", encode_prompts)
+    monkeypatch.setattr(sample, "vae_encode", vae_encode)
+    monkeypatch.setattr(cw, "tae_decode", tae_decode)
+    args = sample.parse_args(SMALL + ["--model", tiny_wan, "--offload", "--decoder", "tae", "--decoder-path",
+                                      cw.make_tiny_decoder(str(tmp_path / "taew2_1.pth"))])
+    meta = torch.device("meta")
+    model, contexts, decode, prefix = sample.load_models(args, meta, torch.float32, "causal", ["a red fox", "a blue bird"],
+                                                         np.zeros((1, 32, 32, 3), np.uint8))
+    assert during == [({"meta"}, {"cpu"}), ({"meta"}, {"cpu"})]
+    assert devices(held["encoder"]) == {"cpu"} and devices(model) == {"meta"}
+    assert [c.device.type for c in contexts.values()] == ["meta", "meta"]
+    assert vae_during == [{"meta"}] and prefix.device.type == "meta"
+    with torch.no_grad():
+        assert decode(torch.zeros(1, 16, 3, 4, 4, device=meta), True).device.type == "meta"
+    assert during[-1] == {"meta"} and devices(held["tae"]) == {"cpu"}
