@@ -83,6 +83,10 @@ class Config:
     micro_batch: int = 1
     lr: float = 2e-6  # CausVid's ODE regression
     ema_decay: float = 0.99
+    # the student starts from the bidirectional base Wan, not from a trained causal generator: the EMA
+    # is the live weights for the first 1 / (1 - ema_decay) = 100 updates, then averages (with --init
+    # from a trained causal generator, --ema-start 0 is as good)
+    ema_start: int = 100
     grad_clip: float = 10.0
     save_every: int = 100
     log_every: int = 10
@@ -91,9 +95,10 @@ class Config:
     @staticmethod
     def tiny():
         # 64x64 pixels, 21 frames -> latents [16, 6, 8, 8] (two blocks of 3); a tiny student fits
-        # four trajectories visibly within 20 steps
+        # four trajectories visibly within 20 steps; the EMA averages from update 2 on
         return Config(num=4, shard_size=3, height=64, width=64, frames=21, teacher_steps=8, max_steps=20,
-                      global_batch=2, micro_batch=2, lr=1e-2, ema_decay=0.9, save_every=10, log_every=1, sample_every=20)
+                      global_batch=2, micro_batch=2, lr=1e-2, ema_decay=0.9, ema_start=1, save_every=10, log_every=1,
+                      sample_every=20)
 
 
 # -----------------------------------------------------------------------------
@@ -231,10 +236,26 @@ class DMDTeacher:
         return steps[0] + [x0]  # 4 step inputs + x0, each [1, C, F, H, W]
 
 
+def self_forcing_scheduler(shift=8.0):
+    """The ODE solver of Self Forcing's scripts/generate_ode_pairs.py (FlowMatchScheduler(shift=8,
+    sigma_min=0, extra_one_step=True)) as a diffusers scheduler for WanPipeline: deterministic Euler
+    on the velocity, x <- x + (s_next - s) v, over s_k = shift (1 - k/N) for k = 0..N-1, then 0
+    (shift(s) = shift s / (1 + (shift - 1) s)). diffusers' FlowMatchEulerDiscreteScheduler takes the
+    Euler steps; its default grid would end at s = 0.008 instead of 1/N, so set_timesteps passes this one."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    class SelfForcingEuler(FlowMatchEulerDiscreteScheduler):
+        def set_timesteps(self, num_inference_steps=None, device=None, **kwargs):
+            unshifted = torch.linspace(1, 0, num_inference_steps + 1)[:-1].tolist()  # the scheduler shifts them
+            super().set_timesteps(sigmas=unshifted, device=device)
+    return SelfForcingEuler(shift=shift)
+
+
 class DiffusersTeacher:
-    """A diffusers-format Wan run by diffusers' WanPipeline (its scheduler, its CFG). The latents the
-    pipeline's transformer sees are VAE-normalized, the same space our transformer works in, so they
-    are stored as they are (output_type='latent' skips the denormalization before the VAE)."""
+    """A diffusers-format Wan run by diffusers' WanPipeline (its CFG; its own scheduler, or with
+    --recipe self-forcing Self Forcing's Euler solver). The latents the pipeline's transformer sees
+    are VAE-normalized, the same space our transformer works in, so they are stored as they are
+    (output_type='latent' skips the denormalization before the VAE)."""
 
     def __init__(self, args, device):
         from diffusers import WanPipeline
@@ -244,6 +265,8 @@ class DiffusersTeacher:
             self.pipe = WanPipeline.from_pretrained(args.teacher, torch_dtype=dtype).to(device)
         except OSError as e:
             raise UserError(f"could not load the diffusers Wan '{args.teacher}' ({str(e)[:150]})") from None
+        if args.recipe == "self-forcing":
+            self.pipe.scheduler = self_forcing_scheduler()
         self.pipe.set_progress_bar_config(disable=True)
         self.args = args
         # the pipeline calls set_timesteps(steps) itself; a copy of its scheduler tells us in advance
@@ -275,12 +298,15 @@ class DiffusersTeacher:
 def generate(args, rank, world, device):
     prompts = read_prompts(args.prompts, args.num)
     dmd = os.path.isfile(args.teacher)  # a checkpoint file; otherwise a diffusers-format Wan
+    if dmd and args.recipe != "pipeline":
+        raise UserError(f"--recipe {args.recipe} is a solver for a diffusers-format --teacher; '{args.teacher}' is a "
+                        f"distill_dmd.py checkpoint, which samples with its own 4 steps (drop --recipe)")
     teacher = DMDTeacher(args, device) if dmd else DiffusersTeacher(args, device)
     shape = latent_shape(args)
     index = dict(source="dmd_checkpoint" if dmd else "diffusers", teacher=args.teacher, num=args.num,
                  shard_size=args.shard_size, num_shards=-(-args.num // args.shard_size), latent_shape=shape,
                  dtype="bfloat16", timesteps=teacher.timesteps, seed=args.seed, prompts=prompts,
-                 **({} if dmd else dict(teacher_steps=args.teacher_steps, guidance=args.guidance,
+                 **({} if dmd else dict(recipe=args.recipe, teacher_steps=args.teacher_steps, guidance=args.guidance,
                                          negative_prompt=args.negative_prompt)))
     path = os.path.join(args.store, "index.json")
     if rank == 0:
@@ -451,7 +477,8 @@ def train(args, rank, world, device):
                             f"the last good checkpoint is {ckpt_path}")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        cw.ema_update(ema, model, args.ema_decay)
+        # --ema-start N: through update N the EMA is a copy of the live weights, then it averages
+        cw.ema_update(ema, model, args.ema_decay if step + 1 > args.ema_start else 0.0)
         step += 1
 
         record = dict(step=step, loss=step_loss.item(), grad_norm=grad_norm.item(), lr=args.lr, step_time=time.time() - t0)
@@ -497,8 +524,11 @@ def parse_args(argv=None):
     gen.add_argument("--height", type=int)
     gen.add_argument("--width", type=int)
     gen.add_argument("--frames", type=int, help="pixel frames, 4k+1 (81)")
-    gen.add_argument("--teacher-steps", type=int, help="solver steps of a diffusers teacher (50)")
-    gen.add_argument("--guidance", type=float, help="CFG scale of a diffusers teacher (5.0)")
+    gen.add_argument("--recipe", choices=["pipeline", "self-forcing"], default="pipeline",
+                     help="solver of a diffusers teacher: pipeline = WanPipeline's own (UniPC, flow shift 3, 50 steps, "
+                          "CFG 5); self-forcing = Self Forcing's generate_ode_pairs.py (Euler, shift 8, 48 steps, CFG 6)")
+    gen.add_argument("--teacher-steps", type=int, help="solver steps of a diffusers teacher (50; 48 with --recipe self-forcing)")
+    gen.add_argument("--guidance", type=float, help="CFG scale of a diffusers teacher (5.0; 6.0 with --recipe self-forcing)")
     gen.add_argument("--negative-prompt", default=WAN_NEGATIVE_PROMPT, help="of a diffusers teacher (default: Wan's)")
     tr.add_argument("--out", required=True, help="folder for ckpt.pt, log.jsonl, sample_<step>.mp4")
     tr.add_argument("--init", help="start the student from this checkpoint's generator instead of --model's weights")
@@ -509,12 +539,17 @@ def parse_args(argv=None):
     tr.add_argument("--micro-batch", type=cw.positive_int, help="trajectories per rank per forward (1)")
     tr.add_argument("--lr", type=float)
     tr.add_argument("--ema-decay", type=float)
+    tr.add_argument("--ema-start", type=int, help="updates before the EMA starts averaging: until then it is a copy of "
+                                                "the live weights (100)")
     tr.add_argument("--grad-clip", type=float)
     tr.add_argument("--save-every", type=cw.positive_int)
     tr.add_argument("--log-every", type=cw.positive_int)
     tr.add_argument("--sample-every", type=int, help="write OUT/sample_<step>.mp4 from the EMA student (0: never)")
     tr.add_argument("--wandb", action="store_true")
     args = parser.parse_args(argv)
+    if args.command == "generate" and args.recipe == "self-forcing":  # its steps and CFG, unless given
+        args.teacher_steps = 48 if args.teacher_steps is None else args.teacher_steps
+        args.guidance = 6.0 if args.guidance is None else args.guidance
     if args.command != "verify":
         preset = asdict(Config.tiny() if args.tiny else Config())
         for name, value in list(vars(args).items()):
