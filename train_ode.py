@@ -19,6 +19,8 @@ what train_reward.py starts from, and what `sample.py --checkpoint` renders.
     # one GPU (teacher: distill_dmd.py --generator bidirectional; PROMPTS: ~1.4K lines)
     python train_ode.py generate --teacher runs/dmd_bidirectional/ckpt.pt --prompts PROMPTS --store ode_store
     python train_ode.py train --store ode_store --out runs/ode --global-batch 8
+    # or the public code's teacher (no stage 1): base Wan, Euler, shift 8, 48 steps, CFG 6
+    python train_ode.py generate --teacher Wan-AI/Wan2.1-T2V-1.3B-Diffusers --recipe self-forcing --prompts PROMPTS --store ode_store
 
     # 8 GPUs (both phases split across ranks; generation skips finished shards when rerun)
     torchrun --nproc_per_node 8 train_ode.py generate --teacher runs/dmd_bidirectional/ckpt.pt --prompts PROMPTS --store ode_store
@@ -30,10 +32,25 @@ Teachers (`--teacher`):
     fresh noise as the student's own rollout does at inference, so they are exactly the inputs the
     student meets. The flip side: x0 also depends on that later noise, so L_ode has a floor at the
     early steps (there the student learns the mean x0 given its input).
-  - a diffusers-format Wan (folder or hub id): diffusers' own WanPipeline with its scheduler,
-    `--teacher-steps` steps, classifier-free guidance `--guidance` and `--negative-prompt` (these
-    three apply to this teacher only). A deterministic ODE solve: the kept latents are the solver's
-    latents nearest to the student's timesteps; their true timesteps go into the store.
+  - a diffusers-format Wan (folder or hub id): diffusers' own WanPipeline, `--teacher-steps` steps,
+    classifier-free guidance `--guidance` and `--negative-prompt` (these apply to this teacher only),
+    with its own scheduler (`--recipe pipeline`: UniPC, flow shift 3, 50 steps, CFG 5) or with
+    `--recipe self-forcing`: the recipe of Self Forcing's scripts/generate_ode_pairs.py, Euler on the
+    velocity over its grid of 48 steps with shift 8, CFG 6 (CausVid's: the same with
+    `--teacher-steps 50`). A deterministic ODE solve: the kept latents are the solver's latents
+    nearest to the student's timesteps; their true timesteps go into the store.
+
+Which teacher: the paper (section 3.4) samples its 1.4K trajectories from the 4-step bidirectional
+DMD model, the first one above (`--teacher runs/dmd_bidirectional/ckpt.pt`): 4 model calls per
+trajectory, its states exactly at the student's timesteps, but it needs distill_dmd.py first and
+its x0 depends on the re-noising. Section 3.2 describes "an ODE solver with the pretrained
+teacher ... similar to CausVid", and that is what the public code does: base Wan,
+`--teacher Wan-AI/Wan2.1-T2V-1.3B-Diffusers --recipe self-forcing`. No stage 1, and x0 a function
+of the noise alone (no floor on L_ode), for 96 model calls per trajectory (48 steps x CFG) and
+states a little off the student's timesteps (935.8, 827.6, 615.4 for 937.5, 833.3, 625; the true
+levels are stored). Pick the paper's to follow it, and when a distilled bidirectional model exists
+(then sampling costs 1/24); the public code's to reproduce Self Forcing's ODE initialization, or to
+skip stage 1.
 
 Training: each block of `--block-size` latent frames takes its input from one of the four noisy
 states, drawn at random per block, with that state's true t; the student predicts x0 for all

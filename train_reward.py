@@ -34,12 +34,24 @@ The paper's ablations, as flags:
 One step: for each video of the global batch, the generator rolls out the whole latent video
 block by block with its KV cache, exactly as at inference (causal_wan.rollout); every block stops
 at one randomly drawn denoising step, the same for all blocks and all ranks (Self Forcing's
-same_step_across_blocks), and the gradient flows through that step only. The last latent frame is
-decoded by the real Wan VAE with gradient, after the earlier ones without gradient (the causal VAE
-needs them as context, see decode_reward_frames); its last pixel frame is scored against the
+same_step_across_blocks), and the gradient flows through that step only. The real Wan VAE decodes
+the latent frames before the last block without gradient (the causal VAE needs them as context),
+then the last block's latent frames with gradient; its last pixel frame is scored against the
 prompt; AdamW steps on -mean(reward). OUT/ckpt.pt holds 'model', 'ema', 'optimizer', 'step',
 'args' (+ 'critic', 'critic_optimizer', 'loss_scales' with --dmd-weight);
 `sample.py --checkpoint OUT/ckpt.pt` renders its EMA generator.
+
+The decode is exact (decode_reward_frames): the scored pixels equal one decode of the whole video,
+and so does the gradient on every latent frame of the block that made them. Through the VAE's
+causal cache the last pixel frame depends on all three frames of the last block, and the two
+earlier ones get the larger share of the gradient (Wan2.1's VAE architecture with random weights,
+64x104: norms 9.4, 4.7 and 1.4 for the scored frame's own; the numbers below); the earlier blocks
+have no graph in training (they reach the last one only through the detached KV cache). The backward
+through 3 latent frames (12 pixel frames) of the decoder at 480x832 is large, so on GPU each
+latent frame's decode, and inside it each decoder module that reads the cache, is checkpointed
+(as the generator's blocks are on GPU): the backward recomputes one latent frame, then one
+residual block, at a time (two extra decoder forwards over the block).
+REWARD_DECODE_MEMORY
 
 Rewards: reward_fn(frames, prompts) -> scores, frames [B, 3, H, W] in [-1, 1] (RGB, any H, W),
 prompts a list of B strings, scores [B] float32, differentiable w.r.t. the frames only (the reward
@@ -451,7 +463,7 @@ def decode_frame(vae, z, cache, first):
     return pixels, list(vae._feat_map)
 
 
-def decode_reward_frames(vae, video, pixel_frames, block_size):
+def decode_reward_frames(vae, video, pixel_frames, block_size, checkpointed=False):
     """The frames the reward scores, with the exact gradient to the generator block that made them:
     video [B, C, F, h, w] (normalized latents), pixel_frames [B] indices into each decoded video
     -> pixels [B, 3, H, W] in [-1, 1].
@@ -467,10 +479,12 @@ def decode_reward_frames(vae, video, pixel_frames, block_size):
     --dmd-weight the earlier blocks do have a graph (for DMD), but the reward still reaches only
     the scored frame's block: the reward trains the block that made the frame, as without DMD.
 
-    Memory: each latent frame's decode is checkpointed, and so, inside it, is each decoder module
-    that reads the cache if the VAE went through checkpoint_decoder: the backward recomputes one
-    latent frame, then one residual block at a time (two extra decoder forwards of s..j; measured
-    numbers in the module docstring)."""
+    checkpointed (training on GPU, as the generator's activation checkpointing): each latent frame's
+    decode is checkpointed, and inside it each decoder module that reads the cache (checkpoint_decoder,
+    applied to the VAE in place): the backward recomputes one latent frame, then one residual block
+    at a time, for two extra decoder forwards of s..j (measured numbers in the module docstring)."""
+    if checkpointed:
+        checkpoint_decoder(vae)
     frames = []
     for b, p in enumerate(pixel_frames):
         j = latent_frame_of(p)
@@ -482,7 +496,10 @@ def decode_reward_frames(vae, video, pixel_frames, block_size):
                 cw.vae_decode(vae, z[:, :, :s].detach())  # context: fills the causal cache, output unused
         cache, pixels = vae._feat_map, []
         for i in range(s, j + 1):
-            out, cache = checkpoint(decode_frame, vae, z[:, :, i:i + 1], cache, i == 0, use_reentrant=False)
+            if checkpointed:
+                out, cache = checkpoint(decode_frame, vae, z[:, :, i:i + 1], cache, i == 0, use_reentrant=False)
+            else:
+                out, cache = decode_frame(vae, z[:, :, i:i + 1], cache, i == 0)
             pixels.append(out)  # [1, 3, 1 or 4, H, W]
         frames.append(torch.cat(pixels, 2)[:, :, p - first_pixel_frame(s)])  # [1, 3, H, W]
         vae.clear_cache()  # the graph holds what the backward needs
@@ -610,7 +627,7 @@ def train(args, rank, world, device):
     num_blocks = math.ceil(latent_shape[1] / args.block_size)
     # both frozen and in fp32, so the reward judges the pixels sample.py writes (fp32 VAE, as diffusers)
     # and scores as the reward package computes them; every rank decodes and scores its own videos
-    vae = checkpoint_decoder(cw.load_vae(args.model, torch.float32, device))
+    vae = cw.load_vae(args.model, torch.float32, device)
     reward_fn = load_reward(args.reward, args.reward_path, args.reward_tokenizer, device, torch.float32)
     wandb = None
     if rank == 0:
@@ -670,7 +687,7 @@ def train(args, rank, world, device):
         sums = {}
         for slot in my_slots:
             video, texts, context, pixel_frames, g = rollout(update, slot, grad=True)
-            rewards = reward_fn(decode_reward_frames(vae, video, pixel_frames, args.block_size), texts)  # [B]
+            rewards = reward_fn(decode_reward_frames(vae, video, pixel_frames, args.block_size, checkpointed=bf16), texts)  # [B]
             loss = reward_loss(rewards)
             stats = dict(loss=loss, reward=rewards.mean())
             if joint:

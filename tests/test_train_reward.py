@@ -85,9 +85,9 @@ def test_reward_rises_and_only_the_generator_learns(sensitive_wan, tiny_reward, 
         frozen["vae"] = real_load_vae(*a, **kw)
         return frozen["vae"]
 
-    def decode_reward_frames(vae, video, pixel_frames, block_size):
-        scored.append((video.shape[2], list(pixel_frames), block_size))
-        return real_decode(vae, video, pixel_frames, block_size)
+    def decode_reward_frames(vae, video, pixel_frames, block_size, checkpointed):
+        scored.append((video.shape[2], list(pixel_frames), block_size, checkpointed))
+        return real_decode(vae, video, pixel_frames, block_size, checkpointed)
     monkeypatch.setattr(tr, "load_reward", load_reward)
     monkeypatch.setattr(cw, "load_vae", load_vae)
     monkeypatch.setattr(tr, "decode_reward_frames", decode_reward_frames)
@@ -102,7 +102,7 @@ def test_reward_rises_and_only_the_generator_learns(sensitive_wan, tiny_reward, 
     assert all(r["loss"] == pytest.approx(-r["reward"]) for r in log)  # L_reward = -E[R(x_T)]
     assert [r["step"] for r in log if r.get("sample_reward") is not None] == [10, 20]
     assert all(os.path.getsize(out / f"sample_{s}.mp4") > 0 for s in (10, 20))
-    assert scored == [(6, [20], 3)] * 40  # every micro-batch scored the last of its 21 frames, nothing else
+    assert scored == [(6, [20], 3, False)] * 40  # every micro-batch scored the last of its 21 frames (CPU: no checkpoints)
 
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 20 and {"model", "ema", "optimizer", "args"} <= ckpt.keys() and "critic" not in ckpt
@@ -124,27 +124,29 @@ def test_reward_rises_and_only_the_generator_learns(sensitive_wan, tiny_reward, 
     reward_sd = torch.load(os.path.join(tiny_reward[0], "ImageReward.pt"), weights_only=True)
     assert all(torch.equal(v, reward_sd[k]) for k, v in frozen["reward"].state_dict().items() if k in reward_sd)
     vae_sd = cw.load_vae(sensitive_wan).state_dict()
-    trained_vae = {k.replace(".module.", "."): v for k, v in frozen["vae"].state_dict().items()}  # checkpoint_decoder's wrappers
-    assert trained_vae.keys() == vae_sd.keys() and all(torch.equal(v, vae_sd[k]) for k, v in trained_vae.items())
+    assert all(torch.equal(v, vae_sd[k]) for k, v in frozen["vae"].state_dict().items())
 
 
 def test_reward_decode_gradient_equals_the_full_decode(sensitive_wan):
-    """decode_reward_frames (with the training VAE: checkpointed decoder) gives the scored pixels and, on
-    every latent frame of the generator block that made them, the gradient of autograd through one
-    plain decode of the whole video (1e-5 relative): the last frame, a frame inside the last latent
-    frame, the first frames, middle frames as --reward-frames random draws them, and frame-wise blocks
-    of 1. Planted: decoding only the scored latent frame with gradient (the old truncation), a cache
-    list shared instead of copied in CheckpointedCacheModule or decode_frame: each fails."""
+    """decode_reward_frames (checkpointed, as training on GPU runs it, and plain) gives the scored
+    pixels and, on every latent frame of the generator block that made them, the gradient of autograd
+    through one plain decode of the whole video (1e-5 relative): the last frame, a frame inside the
+    last latent frame, the first frames, middle frames as --reward-frames random draws them, and
+    frame-wise blocks of 1. Planted: decoding only the scored latent frame with gradient (the old
+    truncation), a cache list shared instead of copied in CheckpointedCacheModule or decode_frame:
+    each fails."""
     plain = cw.load_vae(sensitive_wan)
-    vae = tr.checkpoint_decoder(cw.load_vae(sensitive_wan))
+    vae = cw.load_vae(sensitive_wan)
     video = torch.randn(2, 16, 6, 4, 4, generator=torch.Generator().manual_seed(0), requires_grad=True)  # 21 pixel frames
     weights = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))  # a linear stand-in for the reward
     full = [cw.vae_decode(plain, video[b:b + 1]) for b in range(2)]  # one plain decode per video, [1, 3, 21, 32, 32]
     middle = tr.reward_frame_indices("random", 6, 2, torch.Generator().manual_seed(5))
     assert middle == [8, 12]  # latent frames 2 (the end of the first block) and 3 (the start of the second)
-    for frames, block_size in [([20, 20], 3), ([18, 17], 3), ([0, 4], 3), (middle, 3), ([20, 13], 1)]:
+    cases = [([20, 20], 3, False), ([20, 20], 3, True), ([18, 17], 3, True), ([0, 4], 3, True), (middle, 3, True),
+             ([20, 13], 1, True)]
+    for frames, block_size, checkpointed in cases:
         video.grad = None
-        pixels = tr.decode_reward_frames(vae, video, frames, block_size)  # [2, 3, 32, 32]
+        pixels = tr.decode_reward_frames(vae, video, frames, block_size, checkpointed)  # [2, 3, 32, 32]
         (pixels * weights).sum().backward()
         for b, p in enumerate(frames):
             reference = torch.autograd.grad((full[b][0, :, p] * weights[b]).sum(), video, retain_graph=True)[0][b]  # [C, 6, h, w]
@@ -153,9 +155,10 @@ def test_reward_decode_gradient_equals_the_full_decode(sensitive_wan):
             s = j - j % block_size  # first latent frame of its generator block
             got = video.grad[b]
             rel = (got[:, s:j + 1] - reference[:, s:j + 1]).norm() / reference[:, s:j + 1].norm()
-            assert rel < 1e-5, (frames, block_size, b, rel)
+            assert rel < 1e-5, (frames, block_size, checkpointed, b, rel)
             assert all(reference[:, f].abs().sum() > 0 for f in range(s, j + 1))  # every frame of s..j matters
             assert got[:, :s].abs().sum() == 0 and got[:, j + 1:].abs().sum() == 0  # earlier blocks: no graph in training
+    assert isinstance(vae.decoder.mid_block, tr.CheckpointedCacheModule)  # checkpointed=True wrapped the decoder
     # the whole prefix is needed for the pixels: starting the decode one latent frame later changes the last frame
     with torch.no_grad():
         assert (cw.vae_decode(plain, video[:, :, 1:])[:, :, -1] - cw.vae_decode(plain, video)[:, :, -1]).abs().max() > 1e-2
@@ -195,9 +198,9 @@ def test_random_frames_and_pickscore_in_the_loop(tiny_wan, prompts_file, tmp_pat
     scored = []
     original = tr.decode_reward_frames
 
-    def decode_reward_frames(vae, video, pixel_frames, block_size):
+    def decode_reward_frames(vae, video, pixel_frames, *args, **kwargs):
         scored.extend(pixel_frames)
-        return original(vae, video, pixel_frames, block_size)
+        return original(vae, video, pixel_frames, *args, **kwargs)
     monkeypatch.setattr(tr, "decode_reward_frames", decode_reward_frames)
     run("--tiny", "--model", tiny_wan, "--reward", "pickscore", "--reward-path", pickscore[0], "--reward-tokenizer", pickscore[1],
         "--prompts", prompts_file, "--reward-frames", "random", "--max-steps", 5, "--global-batch", 4, "--micro-batch", 2,
