@@ -51,7 +51,24 @@ through 3 latent frames (12 pixel frames) of the decoder at 480x832 is large, so
 latent frame's decode, and inside it each decoder module that reads the cache, is checkpointed
 (as the generator's blocks are on GPU): the backward recomputes one latent frame, then one
 residual block, at a time (two extra decoder forwards over the block).
-REWARD_DECODE_MEMORY
+
+Its memory, measured with `python tests/measure_reward_decode.py --height H --width W
+--latent-frames 6 [--no-checkpoint]` (Wan2.1's VAE architecture, random weights, fp32; the last
+frame of the video, the gradient to its block of 3; growth of the peak resident memory over the
+decode + backward; CPU, 2 AMD EPYC cores shared with other jobs, load ~5, 2026-11-28):
+
+    pixels     checkpointed (as on GPU)    without checkpoints (as on CPU)
+    64x104     0.59 GiB, 348 s             1.38 GiB, 201 s
+    120x208    2.10 GiB, 671 s             4.99 GiB, 396 s
+    240x416    8.37 GiB, 1533 s            (not run)
+
+The peak grows with the pixel count (x3.6 and x4.0 for x3.75 and x4 the pixels): extrapolated to
+480x832, about 4 x 8.37 = 33 GiB checkpointed and 16 x 4.99 = 80 GiB without (not measured: more
+memory than this machine had). `python tests/measure_reward_decode.py` measures 480x832 with 21
+latent frames (on a GPU: torch.cuda.max_memory_allocated). The peak does not depend on the number
+of earlier frames (they fill a cache of fixed size), the time does: a no-grad decode of the 3
+earlier frames alone took 113 s (120x208) and 360 s (240x416). The times are upper bounds (a busy
+machine); the checkpointed backward costs two more decoder forwards over the block.
 
 Rewards: reward_fn(frames, prompts) -> scores, frames [B, 3, H, W] in [-1, 1] (RGB, any H, W),
 prompts a list of B strings, scores [B] float32, differentiable w.r.t. the frames only (the reward
