@@ -101,8 +101,8 @@ class Config:
     lr: float = 2e-6  # CausVid's ODE regression
     ema_decay: float = 0.99
     # the student starts from the bidirectional base Wan, not from a trained causal generator: the EMA
-    # is the live weights for the first 1 / (1 - ema_decay) = 100 updates, then averages (with --init
-    # from a trained causal generator, --ema-start 0 is as good)
+    # is the live weights for the first 100 updates (one EMA horizon, 1 / (1 - 0.99)), then averages
+    # (with --init from a trained causal generator, --ema-start 0 is as good)
     ema_start: int = 100
     grad_clip: float = 10.0
     save_every: int = 100
