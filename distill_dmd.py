@@ -71,6 +71,10 @@ class Config:
     lr: float = 2e-6  # generator
     critic_lr: float = 4e-7
     ema_decay: float = 0.99
+    # Self Forcing's ema_start_step (200 iterations = 40 generator updates): the EMA is the live weights
+    # until then, so the base model it starts from does not linger in it (after 120 updates averaged
+    # from the start, 0.99^120 = 30% of it would remain)
+    ema_start: int = 40
     grad_clip: float = 10.0
     global_batch: int = 64  # Self Forcing: 64 GPUs x 1 video
     micro_batch: int = 1
@@ -81,9 +85,10 @@ class Config:
 
     @staticmethod
     def tiny():
-        # 64x64 pixels, 21 frames -> latents [16, 6, 8, 8] (two causal blocks of 3); a step takes ~0.5 s
+        # 64x64 pixels, 21 frames -> latents [16, 6, 8, 8] (two causal blocks of 3); a step takes ~0.5 s;
+        # the EMA averages from update 2 on, so a short run has both of its phases
         return Config(height=64, width=64, frames=21, critic_steps=2, lr=1e-4, critic_lr=1e-3, global_batch=2,
-                      max_steps=10, save_every=5, sample_every=5)
+                      max_steps=10, save_every=5, sample_every=5, ema_start=1)
 
 
 # -----------------------------------------------------------------------------
@@ -335,7 +340,8 @@ def train(args, rank, world, device):
         cw.stop_if_diverged(step + 1, ckpt_path, dict(loss=record["loss"], grad_norm=record["grad_norm"]), DIVERGED_HINT)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        cw.ema_update(ema, generator, args.ema_decay)
+        # --ema-start N: through update N the EMA is a copy of the live weights, then it averages
+        cw.ema_update(ema, generator, args.ema_decay if step + 1 > args.ema_start else 0.0)
         cw.stop_if_diverged(step + 1, ckpt_path, hint=DIVERGED_HINT, nets=dict(generator=generator, EMA=ema, critic=critic))
         step += 1
 
@@ -391,6 +397,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=cw.learning_rate, help="generator learning rate (2e-6)")
     p.add_argument("--critic-lr", type=cw.learning_rate, help="critic learning rate (4e-7)")
     p.add_argument("--ema-decay", type=cw.decay, help="EMA of the generator (0.99)")
+    p.add_argument("--ema-start", type=cw.nonnegative_int, help="generator updates before the EMA starts averaging: until then it is a "
+                                                 "copy of the live weights (40, Self Forcing's ema_start_step of 200 iterations)")
     p.add_argument("--grad-clip", type=cw.positive_float, help="gradient norm clipping, both networks (10)")
     p.add_argument("--save-every", type=cw.positive_int)
     p.add_argument("--log-every", type=cw.positive_int)

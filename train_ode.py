@@ -19,6 +19,8 @@ what train_reward.py starts from, and what `sample.py --checkpoint` renders.
     # one GPU (teacher: distill_dmd.py --generator bidirectional; PROMPTS: ~1.4K lines)
     python train_ode.py generate --teacher runs/dmd_bidirectional/ckpt.pt --prompts PROMPTS --store ode_store
     python train_ode.py train --store ode_store --out runs/ode --global-batch 8
+    # or the public code's teacher (no stage 1): base Wan, Euler, shift 8, 48 steps, CFG 6
+    python train_ode.py generate --teacher Wan-AI/Wan2.1-T2V-1.3B-Diffusers --recipe self-forcing --prompts PROMPTS --store ode_store
 
     # 8 GPUs (both phases split across ranks; generation skips finished shards when rerun)
     torchrun --nproc_per_node 8 train_ode.py generate --teacher runs/dmd_bidirectional/ckpt.pt --prompts PROMPTS --store ode_store
@@ -30,10 +32,25 @@ Teachers (`--teacher`):
     fresh noise as the student's own rollout does at inference, so they are exactly the inputs the
     student meets. The flip side: x0 also depends on that later noise, so L_ode has a floor at the
     early steps (there the student learns the mean x0 given its input).
-  - a diffusers-format Wan (folder or hub id): diffusers' own WanPipeline with its scheduler,
-    `--teacher-steps` steps, classifier-free guidance `--guidance` and `--negative-prompt` (these
-    three apply to this teacher only). A deterministic ODE solve: the kept latents are the solver's
-    latents nearest to the student's timesteps; their true timesteps go into the store.
+  - a diffusers-format Wan (folder or hub id): diffusers' own WanPipeline, `--teacher-steps` steps,
+    classifier-free guidance `--guidance` and `--negative-prompt` (these apply to this teacher only),
+    with its own scheduler (`--recipe pipeline`: UniPC, flow shift 3, 50 steps, CFG 5) or with
+    `--recipe self-forcing`: the recipe of Self Forcing's scripts/generate_ode_pairs.py, Euler on the
+    velocity over its grid of 48 steps with shift 8, CFG 6 (CausVid's: the same with
+    `--teacher-steps 50`). A deterministic ODE solve: the kept latents are the solver's latents
+    nearest to the student's timesteps; their true timesteps go into the store.
+
+Which teacher: the paper (section 3.4) samples its 1.4K trajectories from the 4-step bidirectional
+DMD model, the first one above (`--teacher runs/dmd_bidirectional/ckpt.pt`): 4 model calls per
+trajectory, its states exactly at the student's timesteps, but it needs distill_dmd.py first and
+its x0 depends on the re-noising. Section 3.2 describes "an ODE solver with the pretrained
+teacher ... similar to CausVid", and that is what the public code does: base Wan,
+`--teacher Wan-AI/Wan2.1-T2V-1.3B-Diffusers --recipe self-forcing`. No stage 1, and x0 a function
+of the noise alone (no floor on L_ode), for 96 model calls per trajectory (48 steps x CFG) and
+states a little off the student's timesteps (935.8, 827.6, 615.4 for 937.5, 833.3, 625; the true
+levels are stored). Pick the paper's to follow it, and when a distilled bidirectional model exists
+(then sampling costs 1/24); the public code's to reproduce Self Forcing's ODE initialization, or to
+skip stage 1.
 
 Training: each block of `--block-size` latent frames takes its input from one of the four noisy
 states, drawn at random per block, with that state's true t; the student predicts x0 for all
@@ -88,6 +105,10 @@ class Config:
     micro_batch: int = 1
     lr: float = 2e-6  # CausVid's ODE regression
     ema_decay: float = 0.99
+    # the student starts from the bidirectional base Wan, not from a trained causal generator: the EMA
+    # is the live weights for the first 100 updates (one EMA horizon, 1 / (1 - 0.99)), then averages
+    # (with --init from a trained causal generator, --ema-start 0 is as good)
+    ema_start: int = 100
     grad_clip: float = 10.0
     save_every: int = 100
     log_every: int = 10
@@ -96,9 +117,10 @@ class Config:
     @staticmethod
     def tiny():
         # 64x64 pixels, 21 frames -> latents [16, 6, 8, 8] (two blocks of 3); a tiny student fits
-        # four trajectories visibly within 20 steps
+        # four trajectories visibly within 20 steps; the EMA averages from update 2 on
         return Config(num=4, shard_size=3, height=64, width=64, frames=21, teacher_steps=8, max_steps=20,
-                      global_batch=2, micro_batch=2, lr=1e-2, ema_decay=0.9, save_every=10, log_every=1, sample_every=20)
+                      global_batch=2, micro_batch=2, lr=1e-2, ema_decay=0.9, ema_start=1, save_every=10, log_every=1,
+                      sample_every=20)
 
 
 # -----------------------------------------------------------------------------
@@ -233,10 +255,26 @@ class DMDTeacher:
         return steps[0] + [x0]  # 4 step inputs + x0, each [1, C, F, H, W]
 
 
+def self_forcing_scheduler(shift=8.0):
+    """The ODE solver of Self Forcing's scripts/generate_ode_pairs.py (FlowMatchScheduler(shift=8,
+    sigma_min=0, extra_one_step=True)) as a diffusers scheduler for WanPipeline: deterministic Euler
+    on the velocity, x <- x + (s_next - s) v, over s_k = shift (1 - k/N) for k = 0..N-1, then 0
+    (shift(s) = shift s / (1 + (shift - 1) s)). diffusers' FlowMatchEulerDiscreteScheduler takes the
+    Euler steps; its default grid would end at s = 0.008 instead of 1/N, so set_timesteps passes this one."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    class SelfForcingEuler(FlowMatchEulerDiscreteScheduler):
+        def set_timesteps(self, num_inference_steps=None, device=None, **kwargs):
+            unshifted = torch.linspace(1, 0, num_inference_steps + 1)[:-1].tolist()  # the scheduler shifts them
+            super().set_timesteps(sigmas=unshifted, device=device)
+    return SelfForcingEuler(shift=shift)
+
+
 class DiffusersTeacher:
-    """A diffusers-format Wan run by diffusers' WanPipeline (its scheduler, its CFG). The latents the
-    pipeline's transformer sees are VAE-normalized, the same space our transformer works in, so they
-    are stored as they are (output_type='latent' skips the denormalization before the VAE)."""
+    """A diffusers-format Wan run by diffusers' WanPipeline (its CFG; its own scheduler, or with
+    --recipe self-forcing Self Forcing's Euler solver). The latents the pipeline's transformer sees
+    are VAE-normalized, the same space our transformer works in, so they are stored as they are
+    (output_type='latent' skips the denormalization before the VAE)."""
 
     def __init__(self, args, device):
         from diffusers import WanPipeline
@@ -246,6 +284,8 @@ class DiffusersTeacher:
             self.pipe = WanPipeline.from_pretrained(args.teacher, torch_dtype=dtype).to(device)
         except OSError as e:
             raise UserError(f"could not load the diffusers Wan '{args.teacher}' ({str(e)[:150]})") from None
+        if args.recipe == "self-forcing":
+            self.pipe.scheduler = self_forcing_scheduler()
         self.pipe.set_progress_bar_config(disable=True)
         self.args = args
         # the pipeline calls set_timesteps(steps) itself; a copy of its scheduler tells us in advance
@@ -279,13 +319,16 @@ def generate(args, rank, world, device):
     shape = latent_shape(args)
     cw.check_model(args.model)
     dmd = os.path.isfile(args.teacher)  # a checkpoint file; otherwise a diffusers-format Wan
+    if dmd and args.recipe != "pipeline":
+        raise UserError(f"--recipe {args.recipe} is a solver for a diffusers-format --teacher; '{args.teacher}' is a "
+                        f"distill_dmd.py checkpoint, which samples with its own 4 steps (drop --recipe)")
     if not dmd:
         cw.check_model(args.teacher, "--teacher")
     teacher = DMDTeacher(args, device) if dmd else DiffusersTeacher(args, device)
     index = dict(source="dmd_checkpoint" if dmd else "diffusers", teacher=args.teacher, num=args.num,
                  shard_size=args.shard_size, num_shards=-(-args.num // args.shard_size), latent_shape=shape,
                  dtype="bfloat16", timesteps=teacher.timesteps, seed=args.seed, prompts=prompts,
-                 **({} if dmd else dict(teacher_steps=args.teacher_steps, guidance=args.guidance,
+                 **({} if dmd else dict(recipe=args.recipe, teacher_steps=args.teacher_steps, guidance=args.guidance,
                                          negative_prompt=args.negative_prompt)))
     path = os.path.join(args.store, "index.json")
     if rank == 0:
@@ -466,7 +509,8 @@ def train(args, rank, world, device):
                             f"{cw.kept_checkpoint(ckpt_path)}")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        cw.ema_update(ema, model, args.ema_decay)
+        # --ema-start N: through update N the EMA is a copy of the live weights, then it averages
+        cw.ema_update(ema, model, args.ema_decay if step + 1 > args.ema_start else 0.0)
         cw.stop_if_diverged(step + 1, ckpt_path, nets=dict(student=model, EMA=ema))
         step += 1
 
@@ -513,8 +557,11 @@ def parse_args(argv=None):
     gen.add_argument("--height", type=cw.positive_int)
     gen.add_argument("--width", type=cw.positive_int)
     gen.add_argument("--frames", type=cw.positive_int, help="pixel frames, 4k+1 (81)")
-    gen.add_argument("--teacher-steps", type=cw.positive_int, help="solver steps of a diffusers teacher (50)")
-    gen.add_argument("--guidance", type=cw.nonnegative_float, help="CFG scale of a diffusers teacher (5.0)")
+    gen.add_argument("--recipe", choices=["pipeline", "self-forcing"], default="pipeline",
+                     help="solver of a diffusers teacher: pipeline = WanPipeline's own (UniPC, flow shift 3, 50 steps, "
+                          "CFG 5); self-forcing = Self Forcing's generate_ode_pairs.py (Euler, shift 8, 48 steps, CFG 6)")
+    gen.add_argument("--teacher-steps", type=cw.positive_int, help="solver steps of a diffusers teacher (50; 48 with --recipe self-forcing)")
+    gen.add_argument("--guidance", type=cw.nonnegative_float, help="CFG scale of a diffusers teacher (5.0; 6.0 with --recipe self-forcing)")
     gen.add_argument("--negative-prompt", default=WAN_NEGATIVE_PROMPT, help="of a diffusers teacher (default: Wan's)")
     tr.add_argument("--out", required=True, help="folder for ckpt.pt, log.jsonl, sample_<step>.mp4")
     tr.add_argument("--init", help="start the student from this checkpoint's generator instead of --model's weights")
@@ -525,12 +572,17 @@ def parse_args(argv=None):
     tr.add_argument("--micro-batch", type=cw.positive_int, help="trajectories per rank per forward (1)")
     tr.add_argument("--lr", type=cw.learning_rate)
     tr.add_argument("--ema-decay", type=cw.decay)
+    tr.add_argument("--ema-start", type=cw.nonnegative_int, help="updates before the EMA starts averaging: until then it is a copy of "
+                                                "the live weights (100)")
     tr.add_argument("--grad-clip", type=cw.positive_float)
     tr.add_argument("--save-every", type=cw.positive_int)
     tr.add_argument("--log-every", type=cw.positive_int)
     tr.add_argument("--sample-every", type=cw.nonnegative_int, help="write OUT/sample_<step>.mp4 from the EMA student (0: never)")
     tr.add_argument("--wandb", action="store_true")
     args = parser.parse_args(argv)
+    if args.command == "generate" and args.recipe == "self-forcing":  # its steps and CFG, unless given
+        args.teacher_steps = 48 if args.teacher_steps is None else args.teacher_steps
+        args.guidance = 6.0 if args.guidance is None else args.guidance
     if args.command != "verify":
         preset = asdict(Config.tiny() if args.tiny else Config())
         for name, value in list(vars(args).items()):

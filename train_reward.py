@@ -23,10 +23,10 @@ The paper's ablations, as flags:
 
     --reward-frames random       section 5.2: score one random frame of the whole video instead of the last
                                  (the paper: dynamic degree drops by more than 10 points)
-    --dmd-weight 1 --teacher Wan-AI/Wan2.1-T2V-1.3B-Diffusers
-                                 section 5.1, Table 2 ("Reward + Distill", 82.55 total vs 84.92):
+    --dmd-weight 1               section 5.1, Table 2 ("Reward + Distill", 82.55 total vs 84.92):
                                  reward and DMD jointly, each normalized (see joint_gradient), with
-                                 distill_dmd.py's DMD loss and critic
+                                 distill_dmd.py's DMD loss and critic; the real score is --teacher,
+                                 by default --model (the base Wan 1.3B, as in distill_dmd.py)
     --dmd-weight 1 --teacher Wan-AI/Wan2.1-T2V-14B-Diffusers
                                  section 5.3: the same with the 14B teacher (no substantial difference)
     --reward pickscore           another differentiable image reward in place of ImageReward
@@ -34,12 +34,41 @@ The paper's ablations, as flags:
 One step: for each video of the global batch, the generator rolls out the whole latent video
 block by block with its KV cache, exactly as at inference (causal_wan.rollout); every block stops
 at one randomly drawn denoising step, the same for all blocks and all ranks (Self Forcing's
-same_step_across_blocks), and the gradient flows through that step only. The last latent frame is
-decoded by the real Wan VAE with gradient, after the earlier ones without gradient (the causal VAE
-needs them as context, see decode_reward_frames); its last pixel frame is scored against the
+same_step_across_blocks), and the gradient flows through that step only. The real Wan VAE decodes
+the latent frames before the last block without gradient (the causal VAE needs them as context),
+then the last block's latent frames with gradient; its last pixel frame is scored against the
 prompt; AdamW steps on -mean(reward). OUT/ckpt.pt holds 'model', 'ema', 'optimizer', 'step',
 'args', 'script', 'stage' (+ 'critic', 'critic_optimizer', 'loss_scales' with --dmd-weight);
 `sample.py --checkpoint OUT/ckpt.pt` renders its EMA generator.
+
+The decode is exact (decode_reward_frames): the scored pixels equal one decode of the whole video,
+and so does the gradient on every latent frame of the block that made them. Through the VAE's
+causal cache the last pixel frame depends on all three frames of the last block, and the two
+earlier ones get the larger share of the gradient (Wan2.1's VAE architecture with random weights,
+64x104: norms 9.4, 4.7 and 1.4 for the scored frame's own; the numbers below); the earlier blocks
+have no graph in training (they reach the last one only through the detached KV cache). The backward
+through 3 latent frames (12 pixel frames) of the decoder at 480x832 is large, so on GPU each
+latent frame's decode, and inside it each decoder module that reads the cache, is checkpointed
+(as the generator's blocks are on GPU): the backward recomputes one latent frame, then one
+residual block, at a time (two extra decoder forwards over the block).
+
+Its memory, measured with `python tests/measure_reward_decode.py --height H --width W
+--latent-frames 6 [--no-checkpoint]` (Wan2.1's VAE architecture, random weights, fp32; the last
+frame of the video, the gradient to its block of 3; growth of the peak resident memory over the
+decode + backward; CPU, 2 AMD EPYC cores shared with other jobs, load ~5, 2026-11-28):
+
+    pixels     checkpointed (as on GPU)    without checkpoints (as on CPU)
+    64x104     0.59 GiB, 348 s             1.38 GiB, 201 s
+    120x208    2.10 GiB, 671 s             4.99 GiB, 396 s
+    240x416    8.37 GiB, 1533 s            (not run)
+
+The peak grows with the pixel count (x3.6 and x4.0 for x3.75 and x4 the pixels): extrapolated to
+480x832, about 4 x 8.37 = 33 GiB checkpointed and 16 x 4.99 = 80 GiB without (not measured: more
+memory than this machine had). `python tests/measure_reward_decode.py` measures 480x832 with 21
+latent frames (on a GPU: torch.cuda.max_memory_allocated). The peak does not depend on the number
+of earlier frames (they fill a cache of fixed size), the time does: a no-grad decode of the 3
+earlier frames alone took 113 s (120x208) and 360 s (240x416). The times are upper bounds (a busy
+machine); the checkpointed backward costs two more decoder forwards over the block.
 
 Rewards: reward_fn(frames, prompts) -> scores, frames [B, 3, H, W] in [-1, 1] (RGB, any H, W),
 prompts a list of B strings, scores [B] float32, differentiable w.r.t. the frames only (the reward
@@ -70,6 +99,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import causal_wan as cw
@@ -93,6 +123,9 @@ class Config:
     micro_batch: int = 1
     lr: float = 2e-6
     ema_decay: float = 0.99
+    # the generator starts trained (train_ode.py's EMA, or Self Forcing's ODE init): averaging from the
+    # first update keeps nothing worse than that init in the EMA, so no warm-up
+    ema_start: int = 0
     grad_clip: float = 10.0  # Self Forcing's
     max_steps: int = 500  # the paper does not state it: watch sample_reward in log.jsonl and the samples
     save_every: int = 50
@@ -412,26 +445,98 @@ def latent_frame_of(pixel_frame):
     return 0 if pixel_frame == 0 else (pixel_frame - 1) // 4 + 1
 
 
-def decode_reward_frames(vae, video, pixel_frames):
-    """The frames the reward scores, with gradient to the video: video [B, C, F, h, w] (normalized
-    latents), pixel_frames [B] indices into each decoded video -> pixels [B, 3, H, W] in [-1, 1].
+def first_pixel_frame(latent_frame):
+    """The first pixel frame the Wan VAE decodes from a latent frame: 0 -> 0, 1 -> 1, 2 -> 5, ..."""
+    return 0 if latent_frame == 0 else 1 + 4 * (latent_frame - 1)
+
+
+class CheckpointedCacheModule(torch.nn.Module):
+    """A module of the Wan VAE decoder that reads and writes its causal feature cache (a residual block,
+    a resampler, the middle block: module(x, feat_cache, feat_idx)), run under activation checkpointing.
+    Inside, it is a pure function of (x, cache list, first slot): the cache it starts from is a copy, so
+    the recompute in the backward sees that cache, not the one later frames left behind."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x, feat_cache, feat_idx, **kw):
+        if not torch.is_grad_enabled():  # nothing to save: a plain call
+            return self.module(x, feat_cache=feat_cache, feat_idx=feat_idx, **kw)
+
+        def run(x, cache, slot):
+            cache, idx = list(cache), [slot]
+            return self.module(x, feat_cache=cache, feat_idx=idx, **kw), cache, idx[0]
+        y, cache, feat_idx[0] = checkpoint(run, x, list(feat_cache), feat_idx[0], use_reentrant=False)
+        feat_cache[:] = cache  # the caller's cache moves on, as after the module's own call
+        return y
+
+
+def checkpoint_decoder(vae):
+    """Wrap each module of the VAE decoder that reads the causal cache in CheckpointedCacheModule (in
+    place; the same computation, so decoding is unchanged): with decode_reward_frames' checkpoint per
+    latent frame, the backward then holds the activations of one residual block at a time instead of
+    those of a latent frame (4 pixel frames at full size). Returns the VAE."""
+    decoder = vae.decoder
+    if not isinstance(decoder.mid_block, CheckpointedCacheModule):
+        decoder.mid_block = CheckpointedCacheModule(decoder.mid_block)
+        for block in decoder.up_blocks:
+            for i, resnet in enumerate(block.resnets):
+                block.resnets[i] = CheckpointedCacheModule(resnet)
+            if block.upsamplers is not None:
+                block.upsamplers[0] = CheckpointedCacheModule(block.upsamplers[0])
+    return vae
+
+
+def decode_frame(vae, z, cache, first):
+    """One latent frame z [B, C, 1, h, w] -> pixels [B, 3, 1 or 4, H, W], and the VAE's causal feature
+    cache after it (a new list). A pure function of (z, cache), so it can be checkpointed: the cache
+    it starts from is passed in, not read from the VAE."""
+    vae._feat_map = list(cache)
+    pixels = cw.vae_decode(vae, z, first=first)  # first: a video's latent frame 0 (clears the cache)
+    return pixels, list(vae._feat_map)
+
+
+def decode_reward_frames(vae, video, pixel_frames, block_size, checkpointed=False):
+    """The frames the reward scores, with the exact gradient to the generator block that made them:
+    video [B, C, F, h, w] (normalized latents), pixel_frames [B] indices into each decoded video
+    -> pixels [B, 3, H, W] in [-1, 1].
 
     The Wan VAE is causal: latent frame j decodes to pixel frames 1+4(j-1) .. 4j (frame 0 to pixel
-    frame 0) from a feature cache of the frames before it. So the latent frames before j are decoded
-    first without gradient, only to fill that cache, then frame j with gradient: the pixels equal
-    those of one decode of the whole video exactly, and the backward runs through the VAE for one
-    latent frame, not for the video. The whole prefix is needed for exactness: each of the decoder's
-    ~30 causal convs reads the two frames before its input, so the last frame depends on every
-    latent frame (Wan 2.1's VAE architecture, random weights, 21 latent frames: decoding from latent
-    frame 1 instead of 0 moves the last frame by up to 0.02, from frame 10 by up to 0.5)."""
+    frame 0) from a feature cache of ALL the frames before it (each of the decoder's ~30 causal
+    convs reads the two frames before its input), so a pixel frame depends on latent frames 0..j.
+    The generator block holding j starts at latent frame s = block_size * (j // block_size); the
+    blocks before it have no graph in reward training (they reach later blocks only through the
+    detached KV cache). So frames 0..s-1 are decoded without gradient, only to fill the cache, then
+    s..j with gradient: the pixels equal one decode of the whole video, and so does the gradient
+    w.r.t. latent frames s..j (tested against autograd through the full decode). With
+    --dmd-weight the earlier blocks do have a graph (for DMD), but the reward still reaches only
+    the scored frame's block: the reward trains the block that made the frame, as without DMD.
+
+    checkpointed (training on GPU, as the generator's activation checkpointing): each latent frame's
+    decode is checkpointed, and inside it each decoder module that reads the cache (checkpoint_decoder,
+    applied to the VAE in place): the backward recomputes one latent frame, then one residual block
+    at a time, for two extra decoder forwards of s..j (measured numbers in the module docstring)."""
+    if checkpointed:
+        checkpoint_decoder(vae)
     frames = []
     for b, p in enumerate(pixel_frames):
         j = latent_frame_of(p)
-        if j > 0:
+        s = j // block_size * block_size
+        z = video[b:b + 1]
+        vae.clear_cache()
+        if s > 0:
             with torch.no_grad():
-                cw.vae_decode(vae, video[b:b + 1, :, :j].detach())  # context: fills the causal cache, output unused
-        pixels = cw.vae_decode(vae, video[b:b + 1, :, j:j + 1], first=j == 0)  # [1, 3, 1 or 4, H, W]
-        frames.append(pixels[:, :, p - (0 if j == 0 else 1 + 4 * (j - 1))])
+                cw.vae_decode(vae, z[:, :, :s].detach())  # context: fills the causal cache, output unused
+        cache, pixels = vae._feat_map, []
+        for i in range(s, j + 1):
+            if checkpointed:
+                out, cache = checkpoint(decode_frame, vae, z[:, :, i:i + 1], cache, i == 0, use_reentrant=False)
+            else:
+                out, cache = decode_frame(vae, z[:, :, i:i + 1], cache, i == 0)
+            pixels.append(out)  # [1, 3, 1 or 4, H, W]
+        frames.append(torch.cat(pixels, 2)[:, :, p - first_pixel_frame(s)])  # [1, 3, H, W]
+        vae.clear_cache()  # the graph holds what the backward needs
     return torch.cat(frames)  # [B, 3, H, W]
 
 
@@ -500,8 +605,6 @@ def train(args, rank, world, device):
     if (args.frames - 1) % 4 or args.height % 16 or args.width % 16:
         raise UserError(f"--frames must be 4k+1 and --height/--width multiples of 16 (got {args.frames}, {args.height}x{args.width})")
     joint = args.dmd_weight > 0  # section 5.1's ablation: reward + DMD
-    if joint and not args.teacher:
-        raise UserError("--dmd-weight W > 0 needs --teacher, a diffusers-format Wan (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers)")
     slots = args.global_batch // args.micro_batch
     accum = slots // world
     my_slots = range(rank * accum, (rank + 1) * accum)
@@ -618,7 +721,7 @@ def train(args, rank, world, device):
         sums = {}
         for slot in my_slots:
             video, texts, context, pixel_frames, g = rollout(update, slot, grad=True)
-            rewards = reward_fn(decode_reward_frames(vae, video, pixel_frames), texts)  # [B]
+            rewards = reward_fn(decode_reward_frames(vae, video, pixel_frames, args.block_size, checkpointed=bf16), texts)  # [B]
             loss = reward_loss(rewards)
             stats = dict(loss=loss, reward=rewards.mean())
             if joint:
@@ -637,7 +740,8 @@ def train(args, rank, world, device):
         cw.stop_if_diverged(step + 1, ckpt_path, record)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        cw.ema_update(ema, generator, args.ema_decay)
+        # --ema-start N: through update N the EMA is a copy of the live weights, then it averages
+        cw.ema_update(ema, generator, args.ema_decay if step + 1 > args.ema_start else 0.0)
         cw.stop_if_diverged(step + 1, ckpt_path, nets=dict(generator=generator, EMA=ema, **(dict(critic=critic) if joint else {})))
         if joint:  # the running means take this step's gradient norms (mean over the global batch)
             for k, used in loss_scales.items():
@@ -692,9 +796,9 @@ def parse_args(argv=None):
     p.add_argument("--reward-frames", choices=["last", "random"],
                    help="last: the final frame (the paper); random: one random frame of the whole video (section 5.2)")
     p.add_argument("--dmd-weight", type=cw.nonnegative_float, help="0: reward only (the paper's method); W > 0: + W x the normalized DMD "
-                                                    "loss of distill_dmd.py (section 5.1, Table 2), needs --teacher")
-    p.add_argument("--teacher", help="with --dmd-weight: the real score's diffusers-format Wan (Wan-AI/Wan2.1-T2V-1.3B-Diffusers, "
-                                     "or Wan-AI/Wan2.1-T2V-14B-Diffusers for section 5.3)")
+                                                    "loss of distill_dmd.py (section 5.1, Table 2)")
+    p.add_argument("--teacher", help="with --dmd-weight: the real score's diffusers-format Wan (default: --model, the base "
+                                     "Wan as in the paper; Wan-AI/Wan2.1-T2V-14B-Diffusers for section 5.3)")
     p.add_argument("--guidance", type=cw.nonnegative_float, help="with --dmd-weight: teacher CFG, uncond + g (cond - uncond) (4.0)")
     p.add_argument("--critic-steps", type=cw.positive_int, help="with --dmd-weight: critic updates per generator update (5)")
     p.add_argument("--critic-lr", type=cw.learning_rate, help="with --dmd-weight: critic learning rate (4e-7)")
@@ -706,6 +810,8 @@ def parse_args(argv=None):
     p.add_argument("--micro-batch", type=cw.positive_int, help="videos per rank per forward (1)")
     p.add_argument("--lr", type=cw.learning_rate, help="generator learning rate (2e-6)")
     p.add_argument("--ema-decay", type=cw.decay, help="EMA of the generator (0.99)")
+    p.add_argument("--ema-start", type=cw.nonnegative_int, help="generator updates before the EMA starts averaging: until then it is a "
+                                                 "copy of the live weights (0: the init is already trained)")
     p.add_argument("--grad-clip", type=cw.positive_float, help="gradient norm clipping (10)")
     p.add_argument("--save-every", type=cw.positive_int)
     p.add_argument("--log-every", type=cw.positive_int)
@@ -720,6 +826,7 @@ def parse_args(argv=None):
             setattr(args, name, value)
     if args.model is None:
         args.model = cw.make_tiny_wan(cw.tiny_model_dir()) if args.tiny else cw.DEFAULT_MODEL
+    args.teacher = args.teacher or args.model  # the real score of --dmd-weight, as in distill_dmd.py
     if args.tiny and args.reward_path is None:
         args.reward_path = args.reward_tokenizer = tiny_reward_dir(args.reward)
     return args

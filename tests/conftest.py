@@ -19,3 +19,37 @@ def tiny_wan(tmp_path_factory):
     """A random-init tiny Wan saved in the real diffusers format (built once per test session)."""
     from causal_wan import make_tiny_wan
     return make_tiny_wan(str(tmp_path_factory.mktemp("models") / "tiny_wan"))
+
+
+
+class EmaUpdates(list):
+    """Every causal_wan.ema_update call of a training run: (EMA before, live weights, EMA after), each
+    a list of full tensors (FSDP shards gathered)."""
+
+    def check(self, start, decay):
+        """--ema-start `start`: through update `start` the EMA equals the live weights exactly; after
+        it, EMA = decay * EMA + (1 - decay) * live, which differs from the live weights."""
+        for update, (before, live, after) in enumerate(self, 1):
+            if update <= start:
+                assert all(torch.equal(a, w) for a, w in zip(after, live)), f"update {update}: the EMA is not the live weights"
+            else:
+                assert all(torch.allclose(a, decay * b + (1 - decay) * w, rtol=1e-5, atol=1e-7)
+                           for b, w, a in zip(before, live, after)), f"update {update}: not the average"
+                assert not all(torch.equal(a, w) for a, w in zip(after, live)), f"update {update}: the EMA does not average"
+
+
+@pytest.fixture
+def ema_updates(monkeypatch):
+    """Records the ema_update calls of the runs in a test (EmaUpdates)."""
+    import causal_wan as cw
+    real, calls = cw.ema_update, EmaUpdates()
+
+    def weights(model):
+        return [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for p in model.parameters()]
+
+    def spy(ema, model, decay):
+        before = weights(ema)
+        real(ema, model, decay)
+        calls.append((before, weights(model), weights(ema)))
+    monkeypatch.setattr(cw, "ema_update", spy)
+    return calls

@@ -213,6 +213,23 @@ def test_resume_continues_exactly(tiny_wan, tmp_path):
         run(tiny_wan, tmp_path / "b", "--max-steps", "5", *flags)
 
 
+def test_ema_start(tiny_wan, tmp_path, ema_updates):
+    """--ema-start 2: the EMA is the live weights through generator update 2, then the average with
+    --ema-decay; 1 step then --resume to 4 (across the start) equals 4 steps in one go.
+    Planted: `step > args.ema_start` (averaging one update late) and a counter of this run's updates
+    instead of the step (a resumed run restarts the copy phase): each fails."""
+    flags = ["--critic-steps", "1", "--global-batch", "1", "--frames", "5", "--save-every", "1", "--ema-start", "2",
+             "--ema-decay", "0.5"]  # short videos: the EMA is what is tested
+    run(tiny_wan, tmp_path / "a", "--max-steps", "4", *flags)
+    assert len(ema_updates) == 4
+    ema_updates.check(start=2, decay=0.5)
+    run(tiny_wan, tmp_path / "b", "--max-steps", "1", *flags)
+    run(tiny_wan, tmp_path / "b", "--max-steps", "4", "--resume", *flags)
+    ca, cb = (torch.load(p / "ckpt.pt", weights_only=True) for p in (tmp_path / "a", tmp_path / "b"))
+    for name in ("model", "ema"):
+        assert all(torch.equal(ca[name][k], cb[name][k]) for k in ca[name]), name
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -151,6 +151,22 @@ def test_train_resume_is_exact(store, tiny_wan, tmp_path):
     assert [r["loss"] for r in read_log(tmp_path / "a")] == [r["loss"] for r in read_log(tmp_path / "b")]
 
 
+def test_ema_start(store, tiny_wan, tmp_path, ema_updates):
+    """--ema-start 2: the EMA is the live weights through update 2, then the average with --ema-decay;
+    1 step then --resume to 4 (across the start) equals 4 steps in one go (planted: averaging one
+    update late, and counting this run's updates instead of the step: each fails)."""
+    common = ["train", "--tiny", "--model", tiny_wan, "--store", store, "--sample-every", 0, "--save-every", 1,
+              "--ema-start", 2, "--ema-decay", 0.5]
+    run(*common, "--out", tmp_path / "a", "--max-steps", 4)
+    assert len(ema_updates) == 4
+    ema_updates.check(start=2, decay=0.5)
+    run(*common, "--out", tmp_path / "b", "--max-steps", 1)
+    run(*common, "--out", tmp_path / "b", "--max-steps", 4, "--resume")
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in "ab")
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+
+
 def test_student_never_sees_later_frames(tiny_wan):
     """The training forward itself (student_x0, as the loop calls it) under the block-causal mask:
     changing the frames and timesteps of the second block leaves the first block's x0 untouched."""
@@ -203,6 +219,42 @@ def test_diffusers_teacher(teacher, tiny_wan, tmp_path):
     assert torch.equal(stored[0], noise[0].to(torch.bfloat16))
     assert torch.equal(stored[-1], x0[0].to(torch.bfloat16))
     assert stored[1:4].float().std() > 0.1 and not torch.equal(stored[1], stored[2])
+
+
+def test_self_forcing_recipe(teacher, tiny_wan, tmp_path):
+    """--recipe self-forcing: the solver of Self Forcing's generate_ode_pairs.py (Euler on the
+    velocity, shift 8, 48 steps, CFG 6) inside diffusers' WanPipeline. The stored states equal an
+    Euler loop written here on the pipeline's own transformer, at the grid points nearest the
+    student's timesteps, with their true timesteps. Planted: shift 5, diffusers' default Euler grid,
+    and the recipe ignored (UniPC): each fails."""
+    from diffusers import WanPipeline
+    path = str(tmp_path / "ode")
+    run("generate", "--tiny", "--model", tiny_wan, "--teacher", tiny_wan, "--prompts", teacher[1], "--store", path,
+        "--num", 1, "--recipe", "self-forcing")
+    index = T.read_index(path)
+    assert (index["recipe"], index["teacher_steps"], index["guidance"]) == ("self-forcing", 48, 6.0)
+    grid = [8 * s / (1 + 7 * s) for s in (1 - k / 48 for k in range(48))] + [0.0]  # noise levels, shift 8
+    keep = [min(range(48), key=lambda k: abs(1000 * grid[k] - t)) for t in (1000, 937.5, 2500 / 3, 625)]
+    assert index["timesteps"] == pytest.approx([1000 * grid[k] for k in keep] + [0.0], abs=1e-3)
+
+    pipe = WanPipeline.from_pretrained(tiny_wan)
+    cond, uncond = pipe.encode_prompt("a red fox running in snow", index["negative_prompt"], max_sequence_length=512)
+    x = torch.randn(1, 16, 6, 8, 8, generator=torch.Generator().manual_seed(0))  # trajectory 0's noise (seed 0)
+    states = []
+    with torch.no_grad():
+        for k in range(48):
+            states.append(x)
+            t = torch.full((1,), 1000 * grid[k])
+            v_cond, v_uncond = (pipe.transformer(x, t, c, return_dict=False)[0] for c in (cond, uncond))
+            x = x + (grid[k + 1] - grid[k]) * (v_uncond + 6.0 * (v_cond - v_uncond))
+    states.append(x)
+    stored = T.TrajectoryStore(path)[0].float()  # [5, C, F, H, W] bf16
+    for state, k in zip(stored, keep + [48]):
+        assert (state - states[k][0]).abs().max() < 1e-2 * states[k].abs().max(), k  # bf16 rounding
+    assert (stored[-1] - stored[0]).abs().max() > 0.1  # it moved
+    with pytest.raises(cw.UserError, match="--recipe self-forcing is a solver for a diffusers-format --teacher"):
+        run("generate", "--tiny", "--model", tiny_wan, "--teacher", teacher[0], "--prompts", teacher[1],
+            "--store", str(tmp_path / "x"), "--recipe", "self-forcing")
 
 
 def test_nan_loss_stops_without_saving(store, tiny_wan, tmp_path):
