@@ -647,14 +647,15 @@ def decode_aside(decode, z, first, ready):
 
 
 @torch.no_grad()
-def generate(model, vae, prompt_kv, noise, chunk, max_frames, on_frames, generator=None, progress=None, overlap=False,
+def generate(model, decode, prompt_kv, noise, chunk, max_frames, on_frames, generator=None, progress=None, overlap=False,
              static_cache=None):
     """The latent video of `noise` [1, C, F, h, w] (re-noised from one `generator`, as cw.rollout),
-    each block decoded as soon as it is done: a FrameStream with that noise. on_frames gets the
-    uint8 frames [T, H, W, 3] of every block, in order (1 + 4(n - 1) frames for the first block, 4n
-    after). Returns the latents. static_cache=False: the concatenating KV cache (benchmark only)."""
+    each block decoded by decode(z, first) as soon as it is done (`partial(cw.vae_decode, vae)` or
+    `partial(cw.tae_decode, tae)`, as FrameStream takes it): a FrameStream with that noise. on_frames
+    gets the uint8 frames [T, H, W, 3] of every block, in order (1 + 4(n - 1) frames for the first
+    block, 4n after). Returns the latents. static_cache=False: the concatenating KV cache (benchmark only)."""
     h, w = noise.shape[3:]
-    stream = FrameStream(model, partial(cw.vae_decode, vae), prompt_kv, height=8 * h, width=8 * w,
+    stream = FrameStream(model, decode, prompt_kv, height=8 * h, width=8 * w,
                          frames=4 * (noise.shape[2] - 1) + 1,
                          chunk=chunk, max_frames=max_frames, overlap=overlap, keep_latents=True, static_cache=static_cache,
                          noise=lambda start, n: (noise[:, :, start:start + n], generator))
@@ -1010,7 +1011,7 @@ def run_video(bench, frames, chunk, setting):
 
     vae = bench.vaes[setting.get("vae_dtype", "fp32")]
     bench.sync(); t0 = time.perf_counter()
-    latents = generate(bench.model, vae, bench.prompt_kv, bench.noise(frames), chunk, bench.args.max_frames, on_frames,
+    latents = generate(bench.model, partial(cw.vae_decode, vae), bench.prompt_kv, bench.noise(frames), chunk, bench.args.max_frames, on_frames,
                        generator=torch.Generator().manual_seed(1), overlap=bool(setting.get("overlap")),
                        static_cache=setting.get("static_cache", True))
     bench.sync()

@@ -3,6 +3,7 @@ import os
 import re
 import subprocess
 import sys
+from functools import partial
 
 import imageio
 import numpy as np
@@ -312,14 +313,14 @@ def test_overlapped_decode_keeps_order_and_raises(tiny_wan):
     got = {}
     for overlap in (False, True):
         got[overlap] = []
-        sample.generate(model, vae, kv, noise, 3, 21, got[overlap].append, generator=torch.Generator().manual_seed(1), overlap=overlap)
+        sample.generate(model, partial(cw.vae_decode, vae), kv, noise, 3, 21, got[overlap].append, generator=torch.Generator().manual_seed(1), overlap=overlap)
     assert [len(f) for f in got[True]] == [9, 12, 4]
     assert all((a == b).all() for a, b in zip(got[False], got[True]))
 
     def broken(frames):
         raise RuntimeError("disk full")
     with pytest.raises(RuntimeError, match="disk full"):
-        sample.generate(model, vae, kv, noise, 3, 21, broken, overlap=True)
+        sample.generate(model, partial(cw.vae_decode, vae), kv, noise, 3, 21, broken, overlap=True)
 
 
 def test_stream_writes_each_block_while_generating(tmp_path):
