@@ -1158,10 +1158,12 @@ def measure_kv_cache(bench):
 
 def measure_ladder(bench):
     """The LEVERS rows, each on top of the ones above it. A row left out by --levers still passes
-    its cheap settings on to the rows below, never a compilation. Returns the measured rows."""
+    its cheap settings on to the rows below, never a compilation, and an `alone` row (--fp8) never
+    passes anything on. Returns the measured rows."""
     args = bench.args
     print(f"\noptimizations, each on top of the rows above (FPS for {args.frames} frames incl. VAE decode; first = seconds to the first "
-          f"block's frames on the CPU; diff = max |difference| from the first measured row's latents / uint8 pixels, same noise; "
+          f"block's frames on the CPU; diff = max |difference| from the first measured row's latents / uint8 pixels, same noise "
+          f"(pixels: from the first measured row with the same decoder; a decoder's first row: from the other's, 'another decoder'); "
           f"compiled = torch.compile variants, see CompileCounter):")
     setting, rows, first = {}, [], {}
     for n, lever in enumerate(LEVERS, 1):
