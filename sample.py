@@ -74,6 +74,9 @@ CPU memory (the machine's RAM must hold them) and puts their weights on the devi
 included) are encoded before the generator moves to the device, so the two are never there
 together, and each block's decode brings the decoder over and drops it after. The video is the same
 (tested on the CPU); the GPU memory it saves and the time its transfers take are not measured yet.
+`--benchmark` has a row for each of the three (rows 9-11, each on top of the rows above it; --fp8's
+on a float8 copy of the model, which the rows after it do not use) and times the text encoder with
+and without --offload, with the peak GPU memory of each: the numbers a GPU run will give.
 """
 import argparse
 import collections
@@ -89,7 +92,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -647,14 +650,15 @@ def decode_aside(decode, z, first, ready):
 
 
 @torch.no_grad()
-def generate(model, vae, prompt_kv, noise, chunk, max_frames, on_frames, generator=None, progress=None, overlap=False,
+def generate(model, decode, prompt_kv, noise, chunk, max_frames, on_frames, generator=None, progress=None, overlap=False,
              static_cache=None):
     """The latent video of `noise` [1, C, F, h, w] (re-noised from one `generator`, as cw.rollout),
-    each block decoded as soon as it is done: a FrameStream with that noise. on_frames gets the
-    uint8 frames [T, H, W, 3] of every block, in order (1 + 4(n - 1) frames for the first block, 4n
-    after). Returns the latents. static_cache=False: the concatenating KV cache (benchmark only)."""
+    each block decoded by decode(z, first) as soon as it is done (`partial(cw.vae_decode, vae)` or
+    `partial(cw.tae_decode, tae)`, as FrameStream takes it): a FrameStream with that noise. on_frames
+    gets the uint8 frames [T, H, W, 3] of every block, in order (1 + 4(n - 1) frames for the first
+    block, 4n after). Returns the latents. static_cache=False: the concatenating KV cache (benchmark only)."""
     h, w = noise.shape[3:]
-    stream = FrameStream(model, partial(cw.vae_decode, vae), prompt_kv, height=8 * h, width=8 * w,
+    stream = FrameStream(model, decode, prompt_kv, height=8 * h, width=8 * w,
                          frames=4 * (noise.shape[2] - 1) + 1,
                          chunk=chunk, max_frames=max_frames, overlap=overlap, keep_latents=True, static_cache=static_cache,
                          noise=lambda start, n: (noise[:, :, start:start + n], generator))
@@ -781,18 +785,29 @@ def rollout_flops(cfg, latent_frames, tokens_per_frame, chunk, max_frames, steps
     return total
 
 
-def vae_decode_flops(vae_config, latent_frames, h, w, chunk):
-    """FLOPs of decoding a latent video block by block with the Wan VAE, counted by torch's
-    FlopCounterMode on meta tensors (nothing is computed; seconds on a CPU)."""
-    from diffusers import AutoencoderKLWan
+def decode_flops(decode, latent_frames, h, w, chunk):
+    """FLOPs of decoding a latent video [1, 16, latent_frames, h, w] block by block with decode(z,
+    first), its decoder on the meta device, counted by torch's FlopCounterMode (nothing is
+    computed; seconds on a CPU)."""
     from torch.utils.flop_counter import FlopCounterMode
-    with torch.device("meta"):
-        vae = AutoencoderKLWan.from_config(vae_config).eval()
-        z = torch.zeros(1, vae.config.z_dim, latent_frames, h, w)
+    z = torch.zeros(1, 16, latent_frames, h, w, device="meta")
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         for b, start in enumerate(range(0, latent_frames, chunk)):
-            cw.vae_decode(vae, z[:, :, start:start + chunk], first=b == 0)
+            decode(z[:, :, start:start + chunk], first=b == 0)
     return counter.get_total_flops()
+
+
+def vae_decode_flops(vae_config, latent_frames, h, w, chunk):
+    """decode_flops of the Wan VAE of `vae_config`."""
+    from diffusers import AutoencoderKLWan
+    with torch.device("meta"):
+        vae = AutoencoderKLWan.from_config(vae_config).eval()
+    return decode_flops(partial(cw.vae_decode, vae), latent_frames, h, w, chunk)
+
+
+def tae_decode_flops(tae, latent_frames, h, w, chunk):
+    """decode_flops of the tiny decoder `tae` (a copy of it on the meta device)."""
+    return decode_flops(partial(cw.tae_decode, copy.deepcopy(tae).to("meta")), latent_frames, h, w, chunk)
 
 
 def rollout_recompute(model, noise, prompt_kv, chunk, generator=None):
@@ -814,11 +829,15 @@ def rollout_recompute(model, noise, prompt_kv, chunk, generator=None):
 class Lever(NamedTuple):
     """One row of the optimization ladder. change: the settings it adds to the rows above it (keys
     of apply_setting / lever_flags); cpu_skip: why the CPU skips it (None: it runs there too);
-    compiles: it costs compilation time, so a row left out by --levers does not pass it on."""
+    compiles: it costs compilation time, so a row left out by --levers does not pass it on; alone:
+    the rows below never build on it (it holds a second model, freed after its row); check(bench):
+    raises cw.UserError when this device cannot run it (the message is the row's skip reason)."""
     label: str
     change: dict
     cpu_skip: str | None = None
     compiles: bool = False
+    alone: bool = False
+    check: Callable | None = None
 
 
 # the optimizations, measured one by one, each on top of the rows above it (a new row: one line here,
@@ -833,14 +852,22 @@ LEVERS = [
     Lever("+ torch.compile of the VAE decoder (--compile-vae)", {"compile_vae": True},
           cpu_skip="its compilation takes ~90 s on a CPU", compiles=True),
     Lever("+ bf16 VAE decode (--vae-dtype bf16; changes pixels)", {"vae_dtype": "bf16"}),
+    Lever("+ tiny decoder (--decoder tae; changes pixels)", {"decoder": "tae"}),
+    Lever("+ float8 linear layers (--fp8)", {"fp8": True}, cpu_skip="needs a GPU of compute capability >= 8.9", alone=True,
+          check=lambda bench: cw.check_fp8(bench.device, bench.dtype)),
+    Lever("+ low memory (--offload)", {"offload": True}),
 ]
 
 
 def lever_flags(setting):
+    """The sample.py flags of a ladder setting (the VAE-only ones dropped with --decoder tae, which refuses them)."""
+    tae = setting.get("decoder") == "tae"
     flags = ["(concatenating KV cache: benchmark only)" if setting.get("static_cache") is False else "",
-             f"--compile {setting['compile']}" if setting.get("compile") else "", "--compile-vae" if setting.get("compile_vae") else "",
+             f"--compile {setting['compile']}" if setting.get("compile") else "",
+             "--compile-vae" if setting.get("compile_vae") and not tae else "",
              "--overlap-decode" if setting.get("overlap") else "", "--cudnn-benchmark" if setting.get("cudnn") else "",
-             "--vae-dtype bf16" if setting.get("vae_dtype") == "bf16" else ""]
+             "--vae-dtype bf16" if setting.get("vae_dtype") == "bf16" and not tae else "", "--decoder tae" if tae else "",
+             "--fp8" if setting.get("fp8") else "", "--offload" if setting.get("offload") else ""]
     return " ".join(f for f in flags if f) or "(none)"
 
 
@@ -882,10 +909,12 @@ class Bench:
     model: cw.CausalWan
     reference: torch.nn.Module  # diffusers' WanTransformer3DModel, the same weights, as diffusers runs it
     vaes: dict  # {"fp32": the Wan VAE as sample.py runs it, "bf16": a bf16 copy}
+    tae: torch.nn.Module  # the tiny decoder (--decoder tae), random weights, in the run's dtype
     context: torch.Tensor  # [1, 512, text_dim] text embedding
     prompt_kv: list
     compiles: CompileCounter
     block_mode: str | None = None  # the blocks' torch.compile mode now (None: eager)
+    fp8: tuple | None = None  # (a float8 copy of the model, its prompt_kv) while a --fp8 row runs
 
     @property
     def cuda(self):
@@ -915,7 +944,7 @@ def benchmark(args):
     kv_speedup = measure_kv_cache(bench)
     rows = measure_ladder(bench)
     if not rows:
-        raise cw.UserError("no optimization row could be measured (see the FAILED lines above)")
+        raise cw.UserError("no optimization row could be measured (see the FAILED or skipped lines above)")
     best = report_fastest(bench, rows)
     measure_baseline(bench, best)
     measure_long_video(bench, best)
@@ -923,44 +952,63 @@ def benchmark(args):
 
 
 def build_benchmark(args):
-    """The models on the benchmark's device: diffusers' transformer (random weights: the tiny
-    folder's or the 1.3B config's) in the run's dtype as diffusers loads it, our CausalWan with its
-    weights (built on the meta device, materialized on the target one: no fp32 copy on the CPU),
-    the Wan VAE in fp32 and bf16; the text encoder is timed and dropped."""
+    """The models on the benchmark's device, in the order that lets the text encoder's section
+    measure both ways sample.py holds them: the text encoder (random UMT5: the tiny folder's or
+    UMT5-XXL's config) in CPU memory, timed on the device alone as --offload runs it (before the
+    generator is there); our CausalWan (built on the meta device, materialized on the target one:
+    no fp32 copy on the CPU) and the fp32 Wan VAE, and the encoder timed again next to them, as
+    sample.py runs it without --offload, then dropped; diffusers' transformer (random weights: the
+    tiny folder's or the 1.3B config's), whose weights the CausalWan takes, in the run's dtype as
+    diffusers loads it; a bf16 copy of the VAE; the tiny decoder in the run's dtype (--tiny: the
+    one sample.py --tiny --decoder tae loads; else TAEW2.1's published widths, random weights)."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
     device, dtype = torch.device(args.device), torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # --device cuda:1: streams, events and synchronize on that GPU
     torch.manual_seed(0)
-    if args.tiny:
-        cw.make_tiny_wan(args.model) if args.model == cw.tiny_model_dir() else None
-        reference = WanTransformer3DModel.from_pretrained(os.path.join(args.model, "transformer")).to(device)
-        vae = AutoencoderKLWan.from_pretrained(os.path.join(args.model, "vae")).to(device)
-        _, encoder = cw.load_text_encoder(args.model, device=device)
-        cfg = cw.WanConfig.from_diffusers(reference.config)
-    else:  # the real architectures: Wan2.1-T2V-1.3B, the Wan VAE (diffusers' defaults), UMT5-XXL
-        cfg = cw.WanConfig.wan_1_3b()
-        with torch.device(device):
-            reference, vae = WanTransformer3DModel(**cfg.to_diffusers()), AutoencoderKLWan()
-            encoder = UMT5EncoderModel(UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
-                                                  num_heads=64, feed_forward_proj="gated-gelu", tie_word_embeddings=False))
-    with torch.device("meta"):
-        model = cw.CausalWan(cfg)
-    model = cw.cast_model(model, dtype).to_empty(device=device)  # the final dtypes, then memory on the device
-    model.load_state_dict(reference.state_dict())  # from diffusers' fp32 weights (a copy, each to its dtype)
-    model.eval().requires_grad_(False)
-    reference = as_diffusers_loads(reference, dtype).eval().requires_grad_(False)
-    vae = vae.eval().requires_grad_(False)  # fp32, as in sample.py
-    vaes = {"fp32": vae, "bf16": copy.deepcopy(vae).to(torch.bfloat16)}
+    if args.tiny and args.model == cw.tiny_model_dir():
+        cw.make_tiny_wan(args.model)
+    cfg = cw.read_wan_config(os.path.join(args.model, "transformer")) if args.tiny else cw.WanConfig.wan_1_3b()
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device: {card}, dtype {args.dtype}, config {'tiny' if args.tiny else 'Wan2.1-T2V-1.3B'} (random weights), "
           f"{args.frames} frames {args.height}x{args.width}, batch 1, torch {torch.__version__}")
-    context = time_text_encoder(encoder.to(dtype).eval().requires_grad_(False), device, dtype)
+    encoder = text_encoder_in_cpu_memory(args, device, dtype)
+    context, offload_s, offload_peak = time_text_encoder(encoder, device, offload=True)  # alone on the device
+    with torch.device("meta"):
+        model = cw.CausalWan(cfg)
+    model = cw.cast_model(model, dtype).to_empty(device=device)  # the final dtypes, then memory on the device
+    if args.tiny:  # the VAE in fp32, as in sample.py
+        vae = AutoencoderKLWan.from_pretrained(os.path.join(args.model, "vae")).to(device)
+    else:
+        with torch.device(device):
+            vae = AutoencoderKLWan()
+    _, seconds, peak = time_text_encoder(encoder.to(device), device, offload=False)  # next to the generator and the VAE
     del encoder  # as sample.py does: not needed while generating
+    memory = lambda gib: f"{gib:.2f} GiB" if device.type == "cuda" else "n/a (CPU)"  # noqa: E731
+    print(f"text encoding (UMT5, 512 tokens, once per prompt): {seconds:.3f} s, peak device memory {memory(peak)} "
+          f"(the encoder next to the generator and the fp32 VAE, as sample.py holds them)\n  with --offload: {offload_s:.3f} s "
+          f"(the weights' copy to the device included), peak device memory {memory(offload_peak)} (the encoder alone: "
+          f"on the device only inside cw.on_device, before the generator is there)")
+    if args.tiny:
+        reference = WanTransformer3DModel.from_pretrained(os.path.join(args.model, "transformer")).to(device)
+    else:
+        with torch.device(device):
+            reference = WanTransformer3DModel(**cfg.to_diffusers())
+    model.load_state_dict(reference.state_dict())  # from diffusers' fp32 weights (a copy, each to its dtype)
+    model.eval().requires_grad_(False)
+    reference = as_diffusers_loads(reference, dtype).eval().requires_grad_(False)
+    vae = vae.eval().requires_grad_(False)
+    vaes = {"fp32": vae, "bf16": copy.deepcopy(vae).to(torch.bfloat16)}
+    tae = cw.load_tiny_decoder(cw.tiny_decoder_path()) if args.tiny else cw.TinyDecoder().eval().requires_grad_(False)
+    tae = tae.to(device, dtype)
+    gib = lambda m: sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()]) / 2**30  # noqa: E731
+    print(f"weights held: generator {gib(model):.2f} GiB, diffusers' reference {gib(reference):.2f} GiB (parity and baseline: "
+          f"not in sample.py), Wan VAE {gib(vae):.2f} GiB (+ its bf16 copy), tiny decoder {gib(tae):.3f} GiB; every peak below "
+          f"includes them (the --offload row keeps the decoders in CPU memory)")
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return Bench(args, device, dtype, card, cfg, model, reference, vaes, context, model.prompt_kv(context), CompileCounter())
+    context = context.to(dtype)
+    return Bench(args, device, dtype, card, cfg, model, reference, vaes, tae, context, model.prompt_kv(context), CompileCounter())
 
 
 def as_diffusers_loads(model, dtype):
@@ -974,43 +1022,103 @@ def as_diffusers_loads(model, dtype):
     return model
 
 
-def time_text_encoder(encoder, device, dtype):
-    """Seconds of one UMT5 encoding (512 tokens, after a warm-up); returns its output [1, 512, D]."""
-    ids = torch.randint(0, encoder.config.vocab_size, (1, 512), device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+def text_encoder_in_cpu_memory(args, device, dtype):
+    """Random UMT5 in `dtype`, its weights in CPU memory: the tiny folder's, or UMT5-XXL's config
+    (5.7B parameters, initialized on the device, where it takes seconds, then moved)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+    if args.tiny:
+        _, encoder = cw.load_text_encoder(args.model)
+    else:
+        with torch.device(device):
+            encoder = UMT5EncoderModel(UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+                                                  num_heads=64, feed_forward_proj="gated-gelu", tie_word_embeddings=False))
+    encoder = encoder.to(dtype).to("cpu").eval().requires_grad_(False)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return encoder
+
+
+def time_text_encoder(encoder, device, offload):
+    """One UMT5 encoding of 512 tokens, after a warm-up: (its output [1, 512, D] on the device,
+    seconds, peak device memory in GiB while it ran: NaN on a CPU). offload: the encoder's weights
+    are in CPU memory and go to the device only inside cw.on_device, as sample.py --offload encodes
+    (the seconds include that copy); else they are on the device already."""
+    ids = torch.randint(0, encoder.config.vocab_size, (1, 512), generator=torch.Generator().manual_seed(0)).to(device)
+    place = partial(cw.on_device, encoder, device) if offload else contextlib.nullcontext
+    sync = partial(torch.cuda.synchronize, device) if device.type == "cuda" else (lambda: None)
     with torch.no_grad():
-        encoder(ids)  # warm-up
-        sync(); t0 = time.perf_counter()
-        context = encoder(ids).last_hidden_state.to(dtype)
-        sync(); seconds = time.perf_counter() - t0
-    print(f"text encoding (UMT5, 512 tokens, once per prompt): {seconds:.3f} s")
-    return context
+        with place():
+            encoder(ids)  # warm-up
+        sync()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        with place():
+            context = encoder(ids).last_hidden_state
+        sync()
+        seconds = time.perf_counter() - t0
+    return context, seconds, torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
 
 
 def apply_setting(bench, setting):
-    """Put the blocks and VAEs in the state `setting` asks for. Compiling is lazy (the first call
-    compiles), and going back to a mode compiled before reuses its code."""
+    """Put the models in the state `setting` asks for. Compiling is lazy (the first call compiles),
+    and going back to a mode compiled before reuses its code. --fp8: a float8 copy of the model,
+    made when a setting asks for it and freed by the first setting that does not; --offload: the
+    decoders' weights in CPU memory (decode_for brings them over for each block)."""
     torch.backends.cudnn.benchmark = bool(setting.get("cudnn"))
+    if bench.fp8 is not None and not setting.get("fp8"):
+        bench.fp8 = None  # freed: the rows after it do not hold it in their peak memory
     if setting.get("compile") != bench.block_mode:
-        compile_blocks(bench.model, setting.get("compile"))
+        for model in [bench.model] + ([bench.fp8[0]] if bench.fp8 else []):
+            compile_blocks(model, setting.get("compile"))
         bench.block_mode = setting.get("compile")
+    if setting.get("fp8") and bench.fp8 is None:
+        bench.fp8 = float8_copy(bench)
+    home = torch.device("cpu") if setting.get("offload") else bench.device
     for vae in bench.vaes.values():
-        compile_vae(vae, bool(setting.get("compile_vae")))
+        compile_vae(vae, bool(setting.get("compile_vae"))).to(home)
+    bench.tae.to(home)
+
+
+def float8_copy(bench):
+    """(cw.quantize_fp8 of a deep copy of the eager model, the prompt_kv of that copy: its
+    cross-attention projections are float8 layers too), its blocks compiled as the model's are."""
+    before = torch.cuda.memory_allocated(bench.device) if bench.cuda else 0
+    compile_blocks(bench.model, None)  # copy the eager model: a compiled block's code is bound to the original
+    model = cw.quantize_fp8(copy.deepcopy(bench.model))
+    for m in (bench.model, model) if bench.block_mode else ():
+        compile_blocks(m, bench.block_mode)
+    if bench.cuda:
+        print(f"  (the float8 copy of the model: {(torch.cuda.memory_allocated(bench.device) - before) / 2**30:.2f} GiB on the "
+              f"device next to the {bench.args.dtype} model, in this row's peak; freed after it)")
+    return model, model.prompt_kv(bench.context)
+
+
+def decode_for(bench, setting, decoder=None):
+    """decode(z, first) as sample.py's load_decoder makes it for `setting` (`decoder`, if given,
+    instead of its --decoder): the tiny decoder, or the VAE in --vae-dtype; with --offload through
+    cw.offloaded (the weights on the device only during each call)."""
+    if (decoder or setting.get("decoder", "vae")) == "tae":
+        module, decode = bench.tae, partial(cw.tae_decode, bench.tae)
+    else:
+        module = bench.vaes[setting.get("vae_dtype", "fp32")]
+        decode = partial(cw.vae_decode, module)
+    return cw.offloaded(decode, module, bench.device) if setting.get("offload") else decode
 
 
 def run_video(bench, frames, chunk, setting):
     """The sampling path of sample.py with `setting`: (seconds in all, seconds to each block's uint8
     frames on the CPU, latents, frames)."""
     apply_setting(bench, setting)
+    model, prompt_kv = bench.fp8 if setting.get("fp8") else (bench.model, bench.prompt_kv)
     marks, frames_out = [], []
 
     def on_frames(f):
         marks.append(time.perf_counter())
         frames_out.append(f)
 
-    vae = bench.vaes[setting.get("vae_dtype", "fp32")]
     bench.sync(); t0 = time.perf_counter()
-    latents = generate(bench.model, vae, bench.prompt_kv, bench.noise(frames), chunk, bench.args.max_frames, on_frames,
+    latents = generate(model, decode_for(bench, setting), prompt_kv, bench.noise(frames), chunk, bench.args.max_frames, on_frames,
                        generator=torch.Generator().manual_seed(1), overlap=bool(setting.get("overlap")),
                        static_cache=setting.get("static_cache", True))
     bench.sync()
@@ -1050,10 +1158,12 @@ def measure_kv_cache(bench):
 
 def measure_ladder(bench):
     """The LEVERS rows, each on top of the ones above it. A row left out by --levers still passes
-    its cheap settings on to the rows below, never a compilation. Returns the measured rows."""
+    its cheap settings on to the rows below, never a compilation, and an `alone` row (--fp8) never
+    passes anything on. Returns the measured rows."""
     args = bench.args
     print(f"\noptimizations, each on top of the rows above (FPS for {args.frames} frames incl. VAE decode; first = seconds to the first "
-          f"block's frames on the CPU; diff = max |difference| from the first measured row's latents / uint8 pixels, same noise; "
+          f"block's frames on the CPU; diff = max |difference| from the first measured row's latents / uint8 pixels, same noise "
+          f"(pixels: from the first measured row with the same decoder; a decoder's first row: from the other's, 'another decoder'); "
           f"compiled = torch.compile variants, see CompileCounter):")
     setting, rows, first = {}, [], {}
     for n, lever in enumerate(LEVERS, 1):
@@ -1062,23 +1172,35 @@ def measure_ladder(bench):
             print(f"  {label}: skipped ({lever.cpu_skip})")
             continue
         if args.levers and n not in args.levers:
-            setting = setting if lever.compiles else {**setting, **lever.change}
+            setting = setting if lever.compiles or lever.alone else {**setting, **lever.change}
+            continue
+        try:
+            if lever.check:
+                lever.check(bench)
+        except cw.UserError as e:  # e.g. --fp8 on a card without float8
+            print(f"  {label}: skipped ({e})")
             continue
         try:
             row = measure_row(bench, label, {**setting, **lever.change}, first)
         except Exception as e:  # an optimization that does not run on this device/torch: say so, measure the rest without it
             print(f"  {label}: FAILED ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); the rows below go on without it")
-            continue
-        setting = row["setting"]
-        rows.append(row)
-        print(result_line(bench, f"row {n}", row))
+            row = None
+        if lever.alone:
+            apply_setting(bench, setting)  # frees what only this row used (the float8 copy) before the next row
+        elif row:
+            setting = row["setting"]
+        if row:
+            rows.append(row)
+            print(result_line(bench, f"row {n}", row))
     return rows
 
 
 def measure_row(bench, label, setting, first):
     """One ladder row, chunk-wise then frame-wise: a warm-up video (the first block, later ones,
-    every VAE cache state: all that compiles), then the timed one. first: {chunk: (latents, frames)}
-    of the first measured row, the reference of the differences (filled by the first row)."""
+    every VAE cache state: all that compiles), then the timed one. first: the references of the
+    differences, filled as rows are measured: the first measured row's latents, and the first
+    measured row's pixels with each decoder (a decoder's first row is compared with the other
+    decoder's pixels, said as "another decoder")."""
     row, parts = {"label": label, "setting": dict(setting)}, []
     for chunk in (3, 1):
         mode = "chunk-wise" if chunk == 3 else "frame-wise"
@@ -1092,12 +1214,15 @@ def measure_row(bench, label, setting, first):
         total, marks, latents, frames = run_video(bench, bench.latent_frames, chunk, setting)
         timed_compiles = bench.compiles.since(before)
         peak = torch.cuda.max_memory_allocated(bench.device) / 2**30 if bench.cuda else float("nan")
-        ref_latents, ref_frames = first.setdefault(chunk, (latents.float(), frames))
+        ref_latents = first.setdefault(chunk, latents.float())
+        first_frames = first.setdefault((chunk, "pixels"), frames)  # the first measured row's
+        ref_frames = first.setdefault((chunk, setting.get("decoder", "vae")), frames)  # the first measured row's with this decoder
+        another = ref_frames is frames and first_frames is not frames  # this decoder's first row: compared with the other
         dl = (latents.float() - ref_latents).abs().max().item()
-        dp = max(int(abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(frames, ref_frames))
+        dp = max(int(abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(frames, first_frames if another else ref_frames))
         row[chunk] = dict(fps=bench.args.frames / total, first=marks[0], total=total, peak=peak, latents=latents)
         part = (f"{mode} {bench.args.frames / total:.2f} FPS, first {marks[0]:.3f} s" + (f", peak {peak:.1f} GiB" if bench.cuda else "")
-                + f", diff {dl:.1e} / {dp}")
+                + f", diff {dl:.1e} / {dp}" + (" (another decoder)" if another else ""))
         if setting.get("compile") or setting.get("compile_vae") or warm_compiles:
             part += f", warm-up {warm:.1f} s compiled {CompileCounter.describe(warm_compiles)}"
         if setting.get("compile") or setting.get("compile_vae") or timed_compiles:
@@ -1116,18 +1241,18 @@ def result_line(bench, what, row):
 
 
 def report_fastest(bench, rows):
-    """The fastest row that keeps the fp32 VAE in detail: FPS, first block, peak memory, the
-    transformer alone and its TFLOP/s against the card's bf16 peak, the VAE alone. Returns it."""
+    """The fastest row that decodes with the fp32 Wan VAE in detail: FPS, first block, peak memory,
+    the transformer alone and its TFLOP/s against the card's bf16 peak, the VAE and the tiny decoder
+    alone. Returns it."""
     args, cfg = bench.args, bench.cfg
-    best = max([r for r in rows if r["setting"].get("vae_dtype", "fp32") == "fp32"] or rows, key=lambda r: r[3]["fps"])
+    vae_rows = [r for r in rows if r["setting"].get("decoder", "vae") == "vae" and r["setting"].get("vae_dtype", "fp32") == "fp32"]
+    best = max(vae_rows or rows, key=lambda r: r[3]["fps"])
     s = best["setting"]
     apply_setting(bench, s)
-    fp32_vae = s.get("vae_dtype", "fp32") == "fp32"
-    print(f"\nfastest{' with the fp32 VAE' if fp32_vae else ''}: {best['label']}\n  sample.py flags: {lever_flags(s)}")
+    print(f"\nfastest{' with the fp32 VAE' if vae_rows else ''}: {best['label']}\n  sample.py flags: {lever_flags(s)}")
     lat_f, h, w = bench.latent_frames, args.height // 8, args.width // 8
     peak_tflops = (next((v for k, v in PEAK_BF16_TFLOPS.items() if k in bench.card), None)
                    if bench.cuda and bench.dtype == torch.bfloat16 else None)
-    vae_flops = vae_decode_flops(bench.vaes["fp32"].config, lat_f, h, w, 3)
     before = collections.Counter(bench.compiles.counts)
     for chunk in (3, 1):
         r = best[chunk]
@@ -1141,20 +1266,42 @@ def report_fastest(bench, rows):
               f"FFN={cfg.ffn_dim}, {cfg.num_layers} layers, 4 steps + cache pass, text 512) -> {flops / dit / 1e12:.4g} TFLOP/s"
               + (f" = {100 * flops / dit / 1e12 / peak_tflops:.1f}% of the {peak_tflops:.0f} TFLOP/s bf16 peak" if peak_tflops
                  else " (no bf16 peak known for this device)"))
-        if chunk == 3:  # the VAE alone, on these latents, block by block as sample.py decodes, with the row's settings
-            vae_dtype = s.get("vae_dtype", "fp32")
-            bench.sync(); t0 = time.perf_counter()
-            with torch.no_grad():
-                for b, start in enumerate(range(0, lat_f, 3)):
-                    cw.to_uint8_frames(cw.vae_decode(bench.vaes[vae_dtype], r["latents"][:, :, start:start + 3], first=b == 0)[0])
-            bench.sync(); vae_s = time.perf_counter() - t0
-            print(f"  VAE decode alone ({vae_dtype}): {vae_s:.3f} s, {vae_flops / 1e12:.4g} TFLOP counted by torch.utils.flop_counter "
-                  f"-> {vae_flops / vae_s / 1e12:.4g} TFLOP/s; transformer + VAE = {(flops + vae_flops) / 1e12:.4g} TFLOP"
-                  + (f": {args.frames / ((flops + vae_flops) / 1e12 / peak_tflops):.1f} FPS if all of it ran at the bf16 peak"
-                     if peak_tflops else ""))
+        if chunk == 3:
+            report_decoders(bench, s, r["latents"], flops, peak_tflops)
     warn_compiles(bench, before, "the fastest row's section")
     print(result_line(bench, f"fastest, {best['label'].split('.')[0]}", best))
     return best
+
+
+def report_decoders(bench, setting, latents, flops, peak_tflops):
+    """The Wan VAE (in the row's --vae-dtype) and the tiny decoder alone on `latents`, block by block
+    as sample.py decodes, with the FLOPs torch counts for each (decode_flops) and their ratio; flops:
+    the transformer's, for what both would give at the bf16 peak."""
+    args, (lat_f, h, w) = bench.args, latents.shape[2:]
+    vae_flops = vae_decode_flops(bench.vaes["fp32"].config, lat_f, h, w, 3)
+    tae_flops = tae_decode_flops(bench.tae, lat_f, h, w, 3)
+    vae_s = decode_seconds(bench, decode_for(bench, setting, "vae"), latents)
+    tae_s = decode_seconds(bench, decode_for(bench, setting, "tae"), latents)
+    at_peak = lambda decoder_flops: (f": {args.frames / ((flops + decoder_flops) / 1e12 / peak_tflops):.1f} FPS if all of it ran "  # noqa: E731
+                                     f"at the bf16 peak" if peak_tflops else "")
+    print(f"  VAE decode alone ({setting.get('vae_dtype', 'fp32')}): {vae_s:.3f} s, {vae_flops / 1e12:.4g} TFLOP counted by "
+          f"torch.utils.flop_counter -> {vae_flops / vae_s / 1e12:.4g} TFLOP/s; transformer + VAE = {(flops + vae_flops) / 1e12:.4g} "
+          f"TFLOP" + at_peak(vae_flops))
+    print(f"  tiny decoder alone ({args.dtype}, --decoder tae): {tae_s:.3f} s, {tae_flops / 1e12:.4g} TFLOP counted the same way -> "
+          f"{tae_flops / tae_s / 1e12:.4g} TFLOP/s; the VAE takes {vae_flops / tae_flops:.1f}x its FLOPs and {vae_s / tae_s:.1f}x its "
+          f"time; transformer + tiny decoder = {(flops + tae_flops) / 1e12:.4g} TFLOP" + at_peak(tae_flops))
+
+
+def decode_seconds(bench, decode, latents):
+    """Seconds to decode `latents` [1, 16, F, h, w] block by block (3 latent frames) into uint8
+    frames on the CPU, as sample.py does, after one warm-up block (a decoder's first call)."""
+    with torch.no_grad():
+        decode(latents[:, :, :3], first=True)
+        bench.sync(); t0 = time.perf_counter()
+        for start in range(0, latents.shape[2], 3):
+            cw.to_uint8_frames(decode(latents[:, :, start:start + 3], first=start == 0)[0])
+        bench.sync()
+    return time.perf_counter() - t0
 
 
 def warn_compiles(bench, before, where):
@@ -1179,7 +1326,7 @@ def measure_baseline(bench, best):
     kw = dict(prompt_embeds=bench.context, negative_prompt_embeds=torch.zeros_like(bench.context), height=args.height,
               width=args.width, num_frames=args.frames, guidance_scale=5.0, output_type="pt")
     torch.backends.cudnn.benchmark = False
-    compile_vae(vae, False)
+    compile_vae(vae, False).to(bench.device)  # eager, on the device (the --offload row keeps it in CPU memory)
     pipe(num_inference_steps=2, **kw)  # warm-up
     bench.sync(); t0 = time.perf_counter()
     pipe(num_inference_steps=args.baseline_steps, **kw)

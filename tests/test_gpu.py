@@ -14,6 +14,7 @@ RF_TEST_GPU_ON_CPU=1 runs the same checks on the CPU with 2 of the 30 layers at 
 check the tests themselves."""
 import copy
 import os
+from functools import partial
 
 import pytest
 import torch
@@ -86,7 +87,7 @@ def test_overlapped_decode_gives_the_same_frames(setup):
     got = {}
     for overlap in (False, True):
         got[overlap] = []
-        sample.generate(setup["model"], setup["vae"], setup["prompt_kv"], setup["noise"], 3, 21, got[overlap].append,
+        sample.generate(setup["model"], partial(cw.vae_decode, setup["vae"]), setup["prompt_kv"], setup["noise"], 3, 21, got[overlap].append,
                         generator=torch.Generator().manual_seed(1), overlap=overlap)
     assert [f.shape for f in got[True]] == [f.shape for f in got[False]]
     diff = max(int(abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(got[False], got[True]))
@@ -135,7 +136,7 @@ def test_compiled_vae_decoder_matches_eager(setup):
         sample.compile_vae(setup["vae"], on)
         try:
             frames[on] = []
-            sample.generate(setup["model"], setup["vae"], setup["prompt_kv"], setup["noise"][:, :, :6], 3, 21,
+            sample.generate(setup["model"], partial(cw.vae_decode, setup["vae"]), setup["prompt_kv"], setup["noise"][:, :, :6], 3, 21,
                             frames[on].append, generator=torch.Generator().manual_seed(1))
         finally:
             sample.compile_vae(setup["vae"], False)

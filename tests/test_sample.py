@@ -3,6 +3,7 @@ import os
 import re
 import subprocess
 import sys
+from functools import partial
 
 import imageio
 import numpy as np
@@ -103,8 +104,12 @@ RESULT_LINE = re.compile(r"CPU \| torch \S+ \| fp32 \| \d+ frames 64x64 \| (.+) 
 def test_benchmark_tiny_reports_speed(tiny_wan):
     """The whole benchmark on the CPU: every section, one result line per measured row, and the
     compilations of the --compile row counted (4 block variants per block shape, none in the timed
-    runs). Planted: attend_to_cache left inside the compiled blocks (a new variant per cache length:
-    the run no longer ended within the 300 s; test_compile_variants_and_cuda_graph_steps counts it)."""
+    runs); the tiny decoder's row keeps the latents and says its pixels are another decoder's, the
+    --offload row after it changes nothing, the --fp8 row says why the CPU skips it. Planted:
+    attend_to_cache left inside the compiled blocks (a new variant per cache length: the run no
+    longer ended within the 300 s; test_compile_variants_and_cuda_graph_steps counts it); the
+    pixel differences always against row 1 (row 11's was 164, not 0); cw.offloaded passing
+    first=True on every call (row 11's pixels differ)."""
     r = run("--benchmark", "--tiny", "--model", tiny_wan, "--frames", "21", "--long-frames", "93", "--baseline-steps", "4")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
@@ -126,6 +131,13 @@ def test_benchmark_tiny_reports_speed(tiny_wan):
     assert all(dl < 1e-5 and dp <= 1 for dl, dp in diffs[sample.LEVERS[4].label])  # torch.compile: fp32 rounding only
     assert "skipped (needs a GPU)" in ladder[sample.LEVERS[5].label]
     assert "skipped (its compilation takes" in ladder[sample.LEVERS[6].label]
+    tae, offload = sample.LEVERS[8].label, sample.LEVERS[10].label
+    assert [dl for dl, _ in diffs[tae]] == [dl for dl, _ in diffs[sample.LEVERS[4].label]]  # the decoder leaves the latents alone
+    assert all(dp > 10 for _, dp in diffs[tae]) and ladder[tae].count("(another decoder)") == 2  # its pixels vs the VAE's
+    assert diffs[offload] == [(dl, 0) for dl, _ in diffs[tae]] and "another decoder" not in ladder[offload]  # the same video
+    assert "skipped (needs a GPU of compute capability >= 8.9)" in ladder[sample.LEVERS[9].label]
+    decoders = next(line for line in lines if line.startswith("  tiny decoder alone (fp32, --decoder tae): "))
+    assert re.search(r"the VAE takes [\d.]+x its FLOPs and [\d.]+x its time", decoders), decoders
     # --compile: each block shape compiles the block in 4 pieces (split around the attention over the
     # cache), chunk-wise in the warm-up, frame-wise once more (a new shape); nothing in the timed runs
     warm = [(int(b), int(v)) for b, v in re.findall(r"warm-up [\d.]+ s compiled (\d+) block, (\d+) VAE variants", ladder[sample.LEVERS[4].label])]
@@ -137,7 +149,10 @@ def test_benchmark_tiny_reports_speed(tiny_wan):
     assert not any("WARNING" in line for line in lines)  # nothing compiled in the fastest row's section or the long video
     results = [RESULT_LINE.fullmatch(line) for line in lines if line.startswith("CPU | ")]
     whats = [m.group(1).split(":")[0] for m in results]
-    assert whats[:5] == ["row 1", "row 2", "row 3", "row 5", "row 8"] and re.fullmatch(r"fastest, [12358]", whats[5]), whats
+    assert whats[:7] == ["row 1", "row 2", "row 3", "row 5", "row 8", "row 9", "row 11"], whats
+    assert re.fullmatch(r"fastest, [1235]", whats[7]), whats  # the fp32 VAE's rows only
+    assert [m.group(1).split(": ")[1] for m in results[5:7]] == ["--compile default --overlap-decode --decoder tae",
+                                                                  "--compile default --overlap-decode --decoder tae --offload"]
     assert all(m and float(m.group(2)) > 0 and float(m.group(3)) > 0 for m in results)
 
 
@@ -166,8 +181,8 @@ def test_benchmark_cut_after_the_ladder_keeps_what_it_measured(tiny_wan):
     assert not any(line.startswith("fps=") for line in lines), lines  # it was cut before the end
     starts = ["device: CPU", "text encoding", "KV cache:", "parity with diffusers", "optimizations, each on top"]
     assert all(any(line.startswith(s) for line in lines) for s in starts), lines
-    rows = [line[:4] for line in lines if re.match(r"  \d\. ", line)]
-    assert rows == ["  1.", "  3.", "  4.", "  6.", "  7.", "  8."], lines
+    rows = [line.split(".")[0].strip() for line in lines if re.match(r"  \d+\. ", line)]
+    assert rows == ["1", "3", "4", "6", "7", "8", "10"], lines
     assert [RESULT_LINE.fullmatch(line).group(1)[:5] for line in lines if line.startswith("CPU | ")] == ["row 1", "row 3", "row 8"]
 
 
@@ -188,21 +203,89 @@ def test_flop_count_matches_torch_counter(chunk, max_frames):
     assert abs(counted / analytic - 1) < 0.01, (counted, analytic)  # the rest: patch embedding, time MLP, output head
 
 
+def test_tiny_decoder_flop_count_matches_conv_arithmetic():
+    """The tiny decoder's FLOPs the benchmark prints (FlopCounterMode on a meta copy) are the sum
+    of its convolutions written out here: per latent frame, stage s at resolution 2^s (h, w) with
+    1, 1, 2 frames in its memory blocks, 4 frames at the output head. 0.544 TFLOP per latent frame at
+    480x832 (BENCHMARKS.md). Planted: decode_flops counting the first block only -> fails."""
+    def conv(c_in, c_out, k, pixels, frames):
+        return 2 * c_in * c_out * k * k * pixels * frames
+
+    def per_latent_frame(widths, h, w):
+        total, pixels, frames = conv(16, widths[0], 3, h * w, 1), h * w, 1
+        for ch, ch_next, grow in zip(widths[:3], widths[1:], (1, 2, 2)):
+            total += 3 * (conv(2 * ch, ch, 3, pixels, frames) + 2 * conv(ch, ch, 3, pixels, frames))  # 3 memory blocks
+            pixels *= 4  # 2x upsampling
+            total += conv(ch, ch * grow, 1, pixels, frames)  # temporal grow: 1x1 conv
+            frames *= grow
+            total += conv(ch, ch_next, 3, pixels, frames)
+        return total + conv(widths[3], 3, 3, pixels, frames)
+
+    assert sample.tae_decode_flops(cw.TinyDecoder(), 7, 60, 104, 3) == 7 * per_latent_frame((256, 128, 64, 64), 60, 104)
+    assert per_latent_frame((256, 128, 64, 64), 60, 104) == 544_151_961_600
+    assert sample.tae_decode_flops(cw.TinyDecoder((32, 16, 8, 8)), 4, 8, 8, 1) == 4 * per_latent_frame((32, 16, 8, 8), 8, 8)
+
+
+def test_benchmark_fp8_row_on_the_cpu(tiny_wan, monkeypatch, capsys):
+    """Row 10 (--fp8) on the CPU, where the ladder skips it: torchao's float8 kernels run there with
+    its hardware assert lifted (as in tests/test_speed_levers.py), on the tiny model in bf16. With
+    cw.check_fp8 in place the row says its message and is skipped; without it the row is measured
+    after row 2, its latents are those of a float8 copy made here (the same torchao call on a deep
+    copy, with its own prompt_kv), it differs from row 2, the bf16 model keeps its plain weights,
+    and the float8 copy is freed after its row. Planted: quantize_fp8 on the model itself (no copy),
+    the bf16 prompt_kv given to the copy, the copy kept after its row -> each fails."""
+    import copy
+    import gc
+    import weakref
+    import torchao.quantization.quant_api as quant_api
+    from torchao.quantization import Float8Tensor
+    n = next(n for n, lever in enumerate(sample.LEVERS) if lever.change.get("fp8"))
+    levers = list(sample.LEVERS)
+    monkeypatch.setattr(sample, "LEVERS", levers)
+    levers[n] = levers[n]._replace(cpu_skip=None)
+    args = sample.parse_args(["--benchmark", "--tiny", "--model", tiny_wan, "--frames", "9", "--dtype", "bf16", "--levers", str(n + 1)])
+    sample.check_args(args)
+    bench = sample.build_benchmark(args)
+    assert sample.measure_ladder(bench) == []
+    assert f"  {n + 1}. + float8 linear layers (--fp8): skipped (--fp8 needs a CUDA GPU with compute capability >= 8.9" in capsys.readouterr().out
+
+    levers[n] = levers[n]._replace(check=None)
+    monkeypatch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
+    copies, real_copy = [], sample.float8_copy
+    monkeypatch.setattr(sample, "float8_copy", lambda bench: copies.append(real_copy(bench)) or copies[-1])
+    bench.args.levers = [2, n + 1]
+    rows = sample.measure_ladder(bench)
+    out = capsys.readouterr().out
+    assert [row["label"].split(".")[0] for row in rows] == ["2", str(n + 1)] and len(copies) == 1, out
+    assert "--decoder tae --fp8 |" in out  # its result line (rows 3, 8 and 9 pass on their settings)
+    fp8 = weakref.ref(copies.pop()[0])
+    gc.collect()
+    assert bench.fp8 is None and fp8() is None  # freed after its row
+    assert not any(isinstance(m.weight, Float8Tensor) for m in bench.model.modules() if isinstance(m, torch.nn.Linear))
+    with torch.no_grad():
+        reference = cw.quantize_fp8(copy.deepcopy(bench.model))
+        for chunk in (3, 1):
+            want = cw.rollout(reference, bench.noise(3), reference.prompt_kv(bench.context), block_size=chunk,
+                              generator=torch.Generator().manual_seed(1))
+            assert torch.equal(rows[1][chunk]["latents"], want)
+            assert not torch.equal(rows[1][chunk]["latents"], rows[0][chunk]["latents"])
+
+
 def test_benchmark_subset_of_levers(tiny_wan):
     """--levers: the rows left out pass on their cheap settings, not their compilation (row 8 after
     an unmeasured row 5 is eager); bad lengths and rows are one-line errors before any model loads.
     Planted: unmeasured rows passing on everything (row 8 then compiles the blocks)."""
     r = run("--benchmark", "--tiny", "--model", tiny_wan, "--frames", "9", "--long-frames", "0", "--levers", "3,8", "--baseline-steps", "0")
     assert r.returncode == 0, r.stderr
-    rows = [line for line in r.stdout.splitlines() if re.match(r"  \d\. ", line)]
-    assert [row[:4] for row in rows] == ["  3.", "  4.", "  6.", "  7.", "  8."], rows  # 4, 6, 7 not on a CPU: said, not measured
-    assert "diff 0.0e+00 / 0" in rows[0] and "diff 0.0e+00 / 0" not in rows[-1]  # the bf16 VAE row differs from row 3
+    rows = [line for line in r.stdout.splitlines() if re.match(r"  \d+\. ", line)]
+    assert [row.split(".")[0].strip() for row in rows] == ["3", "4", "6", "7", "8", "10"], rows  # 4, 6, 7, 10: not on a CPU
+    assert "diff 0.0e+00 / 0" in rows[0] and "diff 0.0e+00 / 0" not in rows[-2]  # the bf16 VAE row differs from row 3
     flags = [line for line in r.stdout.splitlines() if line.startswith(("CPU |", "  sample.py flags"))]
-    assert "compiled" not in rows[-1] and not any("--compile" in line for line in flags), (rows[-1], flags)
+    assert "compiled" not in rows[-2] and not any("--compile" in line for line in flags), (rows[-2], flags)
     assert "baseline WanPipeline: skipped" in r.stdout and "long video: skipped" in r.stdout
-    bad = run("--benchmark", "--tiny", "--model", tiny_wan, "--levers", "0,9")
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --levers takes row numbers 1-8")
-    for flags, message in [(["--levers", "4,6"], "--levers 4,6: only rows that need a GPU"),
+    bad = run("--benchmark", "--tiny", "--model", tiny_wan, "--levers", "0,12")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --levers takes row numbers 1-11")
+    for flags, message in [(["--levers", "4,6,10"], "--levers 4,6,10: only rows that need a GPU"),
                            (["--frames", "17"], "--frames 17 is 5 latent frames, not whole blocks of 3"),
                            (["--long-frames", "161"], "--long-frames 161 must be 12k-3 frames"),
                            (["--long-frames", "61"], "longer than the --max-frames 21 latent frame window: try 93")]:
@@ -312,14 +395,14 @@ def test_overlapped_decode_keeps_order_and_raises(tiny_wan):
     got = {}
     for overlap in (False, True):
         got[overlap] = []
-        sample.generate(model, vae, kv, noise, 3, 21, got[overlap].append, generator=torch.Generator().manual_seed(1), overlap=overlap)
+        sample.generate(model, partial(cw.vae_decode, vae), kv, noise, 3, 21, got[overlap].append, generator=torch.Generator().manual_seed(1), overlap=overlap)
     assert [len(f) for f in got[True]] == [9, 12, 4]
     assert all((a == b).all() for a, b in zip(got[False], got[True]))
 
     def broken(frames):
         raise RuntimeError("disk full")
     with pytest.raises(RuntimeError, match="disk full"):
-        sample.generate(model, vae, kv, noise, 3, 21, broken, overlap=True)
+        sample.generate(model, partial(cw.vae_decode, vae), kv, noise, 3, 21, broken, overlap=True)
 
 
 def test_stream_writes_each_block_while_generating(tmp_path):
