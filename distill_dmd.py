@@ -230,11 +230,39 @@ def main(args):
         dist.destroy_process_group()
 
 
-def train(args, rank, world, device):
-    # The global batch is `slots` groups of micro_batch videos; rank r runs slots [r*accum, (r+1)*accum).
-    # Slot j of update u draws its noise, prompts and timesteps from its own generator
-    # step_generator(seed, u, j), and its prompts from its own share of the prompt file (lines j,
-    # j + slots, ...): one GPU with accumulation and N GPUs compute the same step.
+@dataclass
+class Run:
+    """What the training loop works with, built once by setup(). The global batch is `slots` groups of
+    micro_batch videos; this rank runs `my_slots` (slots [rank*accum, (rank+1)*accum)). Slot j of update
+    u draws its noise, prompts and timesteps from its own generator step_generator(seed, u, j), and its
+    prompts from its own share of the prompt file (lines j, j + slots, ...): one GPU with accumulation
+    and N GPUs compute the same step."""
+    rank: int
+    device: torch.device
+    accum: int  # micro-batches per rank per update
+    my_slots: range
+    shares: dict  # slot -> the prompt lines it draws from
+    contexts: dict  # prompt line -> its embedding [n, text_dim] (CPU, padding cut off)
+    uncond: torch.Tensor  # the negative prompt's embedding [1, 512, text_dim]
+    teacher: torch.nn.Module  # real score, frozen
+    critic: torch.nn.Module  # fake score
+    generator: torch.nn.Module
+    ema: torch.nn.Module
+    opt: torch.optim.Optimizer  # the generator's
+    critic_opt: torch.optim.Optimizer
+    step: int  # generator updates done (from the checkpoint with --resume)
+    latent_shape: list  # [C, F, h, w] of one video
+    block_size: int  # latent frames per rollout block (all of them for the bidirectional generator)
+    vae: torch.nn.Module  # for the sample videos (rank 0, --sample-every), else None
+    ckpt_path: str
+    log_path: str
+    stage: str  # recorded in the checkpoint: --resume continues only the same --generator
+    wandb: object  # the wandb run on rank 0 with --wandb, else None
+
+
+def setup(args, rank, world, device):
+    """Check the flags and files (before any model loads), read the prompts and encode them, load the
+    three networks, shard them, and restore them with the optimizers from OUT/ckpt.pt on --resume."""
     if args.global_batch % (world * args.micro_batch):
         raise UserError(f"--global-batch {args.global_batch} is not divisible by world size {world} x --micro-batch {args.micro_batch}")
     if (args.frames - 1) % 4 or args.height % 16 or args.width % 16:
@@ -288,83 +316,108 @@ def train(args, rank, world, device):
     latent_shape = [generator.cfg.in_channels, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8]
     block_size = args.block_size if args.generator == "causal" else latent_shape[1]
     vae = cw.load_vae(args.model, device=device) if rank == 0 and args.sample_every else None
+    return Run(rank=rank, device=device, accum=accum, my_slots=my_slots, shares=shares, contexts=contexts, uncond=uncond,
+               teacher=teacher, critic=critic, generator=generator, ema=ema, opt=opt, critic_opt=critic_opt, step=step,
+               latent_shape=latent_shape, block_size=block_size, vae=vae, ckpt_path=ckpt_path, log_path=log_path,
+               stage=stage, wandb=wandb)
 
-    def draw(update, slot):
-        """Noise [B, C, F, H, W], prompt embeddings and the generator for the rest of this slot's draws."""
-        g = cw.step_generator(args.seed, update, slot, device)
-        share = shares[slot]
-        ids = [share[k] for k in torch.randint(len(share), (args.micro_batch,), generator=g, device=device).tolist()]
-        noise = torch.randn([args.micro_batch] + latent_shape, generator=g, device=device)
-        return noise, padded(contexts, ids, device), g
 
-    def exit_step(update):
-        """Where every block of this update's rollouts stops: the same on every rank (and slot), so
-        all ranks run the same number of sharded forwards."""
-        g = cw.step_generator(args.seed, update, -1, "cpu")  # slot -1: a stream no slot uses
-        return int(torch.randint(len(cw.DENOISING_TIMESTEPS), (1,), generator=g))
+def draw(args, run, update, slot):
+    """This slot's noise [B, C, F, H, W] and prompt embeddings, and the generator for the rest of its draws."""
+    g = cw.step_generator(args.seed, update, slot, run.device)
+    share = run.shares[slot]
+    ids = [share[k] for k in torch.randint(len(share), (args.micro_batch,), generator=g, device=run.device).tolist()]
+    noise = torch.randn([args.micro_batch] + run.latent_shape, generator=g, device=run.device)
+    return noise, padded(run.contexts, ids, run.device), g
 
+
+def exit_step(args, update):
+    """Where every block of this update's rollouts stops: the same on every rank (and slot), so
+    all ranks run the same number of sharded forwards."""
+    g = cw.step_generator(args.seed, update, -1, "cpu")  # slot -1: a stream no slot uses
+    return int(torch.randint(len(cw.DENOISING_TIMESTEPS), (1,), generator=g))
+
+
+def critic_update(args, run, update, step):
+    """One critic update on fresh detached rollouts of the generator: flow matching on its videos, so
+    the critic follows the score of the generator's current distribution. Returns (loss, grad norm)."""
+    k = exit_step(args, update)
+    loss_sum = torch.zeros((), device=run.device)
+    for slot in run.my_slots:
+        noise, context, g = draw(args, run, update, slot)
+        with torch.no_grad():
+            x0 = generate(run.generator, noise, context, k, run.block_size, g)
+        loss, _ = critic_loss(x0, run.critic, context, g)
+        (loss / run.accum).backward()
+        loss_sum += loss.detach() / run.accum
+    loss, norm = cw.all_mean(loss_sum), cw.grad_norm(run.critic, args.grad_clip)
+    cw.stop_if_diverged(step, run.ckpt_path, dict(critic_loss=loss, critic_grad_norm=norm), DIVERGED_HINT)
+    run.critic_opt.step()
+    run.critic_opt.zero_grad(set_to_none=True)
+    return loss, norm
+
+
+def generator_update(args, run, update, step):
+    """One DMD step of the generator through its rollout, scored by the teacher (real) and the critic
+    (fake), then the EMA. Returns (loss, grad norm, mean |DMD step|, exit step)."""
+    k = exit_step(args, update)
+    loss_sum, dmd_grad = torch.zeros((), device=run.device), torch.zeros((), device=run.device)
+    for slot in run.my_slots:
+        noise, context, g = draw(args, run, update, slot)
+        x0 = generate(run.generator, noise, context, k, run.block_size, g)
+        loss, logs = dmd_loss(x0, run.teacher, run.critic, context, run.uncond, args.guidance, g)
+        (loss / run.accum).backward()
+        loss_sum += loss.detach().float() / run.accum
+        dmd_grad += logs["dmd_grad"] / run.accum
+    loss, norm = cw.all_mean(loss_sum), cw.grad_norm(run.generator, args.grad_clip)
+    cw.stop_if_diverged(step, run.ckpt_path, dict(loss=loss, grad_norm=norm), DIVERGED_HINT)
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    # --ema-start N: through update N the EMA is a copy of the live weights, then it averages
+    cw.ema_update(run.ema, run.generator, args.ema_decay if step > args.ema_start else 0.0)
+    cw.stop_if_diverged(step, run.ckpt_path, hint=DIVERGED_HINT, nets=dict(generator=run.generator, EMA=run.ema, critic=run.critic))
+    return loss, norm, cw.all_mean(dmd_grad), k
+
+
+def save(args, run, step):
+    """OUT/ckpt.pt: both networks with their optimizers, and the EMA (gathered by every rank, written
+    by rank 0, atomically and only if every tensor is finite)."""
+    ckpt = dict(model=cw.full_state_dict(run.generator), ema=cw.full_state_dict(run.ema),
+                optimizer=cw.full_state_dict(run.generator, run.opt), critic=cw.full_state_dict(run.critic),
+                critic_optimizer=cw.full_state_dict(run.critic, run.critic_opt), step=step, args=vars(args),
+                script=SCRIPT, stage=run.stage)
+    if run.rank == 0:
+        cw.save_checkpoint(run.ckpt_path, ckpt)
+
+
+def train(args, rank, world, device):
+    run = setup(args, rank, world, device)
+    step = run.step
     bar = tqdm(initial=step, total=args.max_steps, desc=f"dmd {args.generator}", disable=rank != 0)
     while step < args.max_steps:
         t0 = time.time()
         updates = step * (args.critic_steps + 1)  # this step's update numbers: critic ..., generator
-
         # critic: learn the score of the generator's current distribution (its videos detached)
-        critic_losses, critic_norms = [], []
-        for c in range(args.critic_steps):
-            k = exit_step(updates + c)
-            loss_sum = torch.zeros((), device=device)
-            for slot in my_slots:
-                noise, context, g = draw(updates + c, slot)
-                with torch.no_grad():
-                    x0 = generate(generator, noise, context, k, block_size, g)
-                loss, _ = critic_loss(x0, critic, context, g)
-                (loss / accum).backward()
-                loss_sum += loss.detach() / accum
-            critic_losses.append(cw.all_mean(loss_sum))
-            critic_norms.append(cw.grad_norm(critic, args.grad_clip))
-            cw.stop_if_diverged(step + 1, ckpt_path, dict(critic_loss=critic_losses[-1], critic_grad_norm=critic_norms[-1]), DIVERGED_HINT)
-            critic_opt.step()
-            critic_opt.zero_grad(set_to_none=True)
-
+        critic_logs = [critic_update(args, run, updates + c, step + 1) for c in range(args.critic_steps)]
         # generator: one DMD step through the rollout, scored by the teacher (real) and the critic (fake)
-        k = exit_step(updates + args.critic_steps)
-        loss_sum, dmd_grad = torch.zeros((), device=device), torch.zeros((), device=device)
-        for slot in my_slots:
-            noise, context, g = draw(updates + args.critic_steps, slot)
-            x0 = generate(generator, noise, context, k, block_size, g)
-            loss, logs = dmd_loss(x0, teacher, critic, context, uncond, args.guidance, g)
-            (loss / accum).backward()
-            loss_sum += loss.detach().float() / accum
-            dmd_grad += logs["dmd_grad"] / accum
-        record = dict(step=step + 1, loss=cw.all_mean(loss_sum), grad_norm=cw.grad_norm(generator, args.grad_clip))
-        cw.stop_if_diverged(step + 1, ckpt_path, dict(loss=record["loss"], grad_norm=record["grad_norm"]), DIVERGED_HINT)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        # --ema-start N: through update N the EMA is a copy of the live weights, then it averages
-        cw.ema_update(ema, generator, args.ema_decay if step + 1 > args.ema_start else 0.0)
-        cw.stop_if_diverged(step + 1, ckpt_path, hint=DIVERGED_HINT, nets=dict(generator=generator, EMA=ema, critic=critic))
+        loss, grad_norm, dmd_grad, k = generator_update(args, run, updates + args.critic_steps, step + 1)
         step += 1
 
-        record.update(critic_loss=sum(critic_losses) / max(len(critic_losses), 1),
-                      critic_grad_norm=sum(critic_norms) / max(len(critic_norms), 1),
-                      dmd_grad=cw.all_mean(dmd_grad), exit_step=k, step_time=time.time() - t0)
+        critic_losses, critic_norms = [c[0] for c in critic_logs], [c[1] for c in critic_logs]
+        record = dict(step=step, loss=loss, grad_norm=grad_norm, critic_loss=sum(critic_losses) / max(len(critic_losses), 1),
+                      critic_grad_norm=sum(critic_norms) / max(len(critic_norms), 1), dmd_grad=dmd_grad, exit_step=k,
+                      step_time=time.time() - t0)
         if device.type == "cuda":
             record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         bar.update()
         bar.set_postfix(loss=f"{record['loss']:.2e}", critic=f"{record['critic_loss']:.4f}", gnorm=f"{record['grad_norm']:.3f}",
                         s=f"{record['step_time']:.2f}", **({"mem": f"{record['gpu_mem_gb']:.1f}G"} if "gpu_mem_gb" in record else {}))
         if rank == 0 and (step % args.log_every == 0 or step == args.max_steps):
-            cw.log_step(log_path, record, wandb)
+            cw.log_step(run.log_path, record, run.wandb)
         if args.sample_every and step % args.sample_every == 0:
-            write_sample(args, ema, vae, padded(contexts, [0], device), latent_shape, block_size, step, rank, device)
+            write_sample(args, run.ema, run.vae, padded(run.contexts, [0], device), run.latent_shape, run.block_size, step, rank, device)
         if step % args.save_every == 0 or step == args.max_steps:
-            ckpt = dict(model=cw.full_state_dict(generator), ema=cw.full_state_dict(ema),
-                        optimizer=cw.full_state_dict(generator, opt), critic=cw.full_state_dict(critic),
-                        critic_optimizer=cw.full_state_dict(critic, critic_opt), step=step, args=vars(args),
-                        script=SCRIPT, stage=stage)
-            if rank == 0:
-                cw.save_checkpoint(ckpt_path, ckpt)
-            del ckpt
+            save(args, run, step)
     bar.close()
 
 
