@@ -1,36 +1,150 @@
 """
 Stage 1 of Reward Forcing: distill Wan2.1 into a 4-step generator with DMD (Distribution Matching
-Distillation; paper section 3.1, recipe of Self Forcing).
+Distillation; paper sections 3.1 and 4.1, recipe of Self Forcing). Its bidirectional generator is the
+fast teacher of stage 2 (train_ode.py); its losses are the DMD term of train_reward.py --dmd-weight.
 
-Three networks: the frozen teacher (real score: bidirectional Wan with classifier-free guidance),
-a critic (fake score: a bidirectional Wan initialized from the base model and trained with the
-flow-matching loss on the generator's samples), and the generator, trained with
-
-    grad L_DMD = E_t[ (s_fake(x_t) - s_real(x_t)) dG/dtheta ],   x_t = noised G(z)
-
-by 5 critic updates for each generator update. `--generator causal` trains the block-causal model
-by self-rollout (Self Forcing: the generator makes the whole video with its own KV cache, the
-gradient flows through one denoising step); `--generator bidirectional` distills the 4-step
-bidirectional model that `train_ode.py generate --teacher OUT/ckpt.pt` samples trajectories from.
-
-    # CPU demo with a tiny random Wan (built once in ~/.cache/reward_forcing/tiny_wan), seconds
+    # CPU demo with a tiny random Wan (built once in ~/.cache/reward_forcing/tiny_wan): under a second per step
     python distill_dmd.py --tiny --out runs/dmd_tiny
     python distill_dmd.py --tiny --out runs/dmd_tiny --resume --max-steps 20
 
-    # one GPU (global batch by gradient accumulation; see the README for memory)
+    # one GPU (80 GB): the global batch of 64 by gradient accumulation (slow: see Hardware below)
     python distill_dmd.py --generator bidirectional --out runs/dmd_bidirectional
     python distill_dmd.py --generator causal --init runs/ode/ckpt.pt --out runs/dmd_causal
 
-    # 8 GPUs (FSDP: the three networks are sharded; bf16 compute, fp32 master weights)
+    # 8 GPUs on one machine (FSDP: the three networks are sharded; bf16 compute, fp32 master weights)
     torchrun --nproc_per_node 8 distill_dmd.py --generator bidirectional --out runs/dmd_bidirectional
+    torchrun --nproc_per_node 8 distill_dmd.py --generator causal --init runs/ode/ckpt.pt --out runs/dmd_causal
     # the paper's teacher ablation: 14B teacher, 1.3B generator and critic
     torchrun --nproc_per_node 8 distill_dmd.py --teacher Wan-AI/Wan2.1-T2V-14B-Diffusers --out runs/dmd_14b
+    # continue a run exactly (weights, EMA, both optimizers, step; the noise follows from the step)
+    torchrun --nproc_per_node 8 distill_dmd.py --generator causal --out runs/dmd_causal --resume
 
-One step = `--critic-steps` critic updates then one generator update, each over `--global-batch`
-videos. OUT/ckpt.pt holds the generator ('model', 'ema', 'optimizer'), the critic ('critic',
-'critic_optimizer'), 'step', 'args', and 'script' + 'stage' (--resume continues only a run of this script
-with the same --generator); `sample.py --checkpoint OUT/ckpt.pt` renders its EMA. One run at a time owns
-OUT (OUT/.lock); a checkpoint is saved only when every tensor in it is finite.
+The three networks
+------------------
+- teacher (real score): a bidirectional Wan (--teacher, default --model), frozen, loaded in bf16,
+  with classifier-free guidance: real_x0 = uncond + guidance * (cond - uncond);
+- critic (fake score): a bidirectional Wan initialized from --model, conditional only, trained with
+  the flow-matching loss on the generator's (detached) samples;
+- generator: 4 steps (timesteps 1000, 750, 500, 250 shifted by 5), initialized from --model or from a
+  checkpoint (--init: any checkpoint cw.generator_state_dict reads: train_ode.py's, or Self Forcing's
+  ode_init.pt), with an EMA copy that is what sample.py renders.
+
+--model and --teacher take a diffusers-format Wan, a hub id or a local folder (default
+Wan-AI/Wan2.1-T2V-1.3B-Diffusers). Two kinds of generator, one flag:
+
+- --generator causal (default) trains the block-causal model by self-rollout (Self Forcing): the
+  generator makes the whole 21-latent-frame video in blocks of 3 frames with its own KV cache; all
+  blocks stop after the same randomly drawn denoising step (identical on every rank) and the
+  gradient flows through that step only.
+- --generator bidirectional distills the 4-step bidirectional model (the whole video is one block
+  with full attention). Its checkpoint is the fast teacher of the ODE stage:
+  `train_ode.py generate --teacher runs/dmd_bidirectional/ckpt.pt` (DMD -> ODE -> reward);
+  `sample.py --checkpoint` renders it as one block with full attention.
+
+The losses
+----------
+Each step is --critic-steps (5) critic updates followed by one generator update, each on
+--global-batch fresh videos from the generator. The losses (module-level functions, also used by
+train_reward.py --dmd-weight):
+
+    grad L_DMD = E_t[ (s_fake(x_t) - s_real(x_t)) dG/dtheta ],   x_t = noised G(z)
+
+    t   ~ U[0, 1000), shifted by 5, clamped to [20, 980]     one t per video (as Self Forcing)
+    x_t = (1 - t/1000) x0 + t/1000 eps
+    dmd_loss:    grad = (critic_x0(x_t) - real_x0(x_t)) / mean|x0 - real_x0(x_t)|   (per video)
+                 loss = 0.5 * mse(x0, (x0 - grad).detach())                     in fp64
+    critic_loss: mse(critic_velocity(x_t), eps - x0)                           (flow matching, x0 detached)
+
+Optimizers: AdamW, betas (0.0, 0.999), weight decay 0.01, eps 1e-8; generator lr 2e-6, critic lr
+4e-7; gradient clipping at 10 for both. Training is data free: prompts only (--prompts FILE, one a
+line; prompts/dmd_example.txt is a 16-prompt example). Every prompt is encoded once at start
+(UMT5-XXL, then freed); the unconditional branch uses Wan's own negative prompt, as Self Forcing
+does (--negative-prompt "" gives WanPipeline's default, the encoding of the empty string).
+
+Flags
+-----
+--max-steps (generator updates, 120 = Self Forcing's 600 iterations), --global-batch (videos per
+update over all GPUs, 64) and --micro-batch (per GPU per forward, 1): gradient accumulation is
+global / (GPUs x micro), an error if not whole; --lr, --critic-lr, --guidance, --critic-steps,
+--ema-decay, --ema-start, --grad-clip, --height/--width/--frames (480x832, 81), --block-size (3;
+1 = frame-wise), --save-every, --log-every, --sample-every (0 = never), --seed, --wandb (opt-in).
+
+Output in --out
+---------------
+- ckpt.pt: a plain dict, torch.load(weights_only=True): 'model', 'ema', 'optimizer' (the generator),
+  'critic', 'critic_optimizer', 'step', 'args', and 'script' + 'stage' (--resume continues only a run
+  of this script with the same --generator); written atomically, and only when every tensor in it
+  is finite. `sample.py --checkpoint OUT/ckpt.pt` renders its EMA.
+- log.jsonl: one JSON line per logged step: loss, critic_loss, grad_norm, critic_grad_norm,
+  dmd_grad, exit_step, step_time, gpu_mem_gb.
+- sample_<step>.mp4: the EMA generator, 4 steps, the first prompt, the same noise every time.
+- .lock: one run at a time owns OUT.
+A NaN or inf loss or gradient stops the run with `error: training diverged at step N (...)` before
+the optimizer step and without saving, so the last good checkpoint stays.
+
+Batch layout: why one GPU and 8 GPUs train the same model
+---------------------------------------------------------
+The global batch is split into global/micro slots; slot j of every update draws its noise,
+timesteps and prompts from its own random stream (step_generator(seed, update, j)) and its prompts
+from lines j, j + slots, ... of the prompt file. Rank r runs slots [r*accum, (r+1)*accum), so the
+update does not depend on how the slots are spread over GPUs (tested: 2 processes = 1 process with
+2 accumulation steps).
+
+Choices, and where they differ from what one might expect
+---------------------------------------------------------
+- --guidance 4.0 is Self Forcing's guidance_scale: 3.0: its code computes cond + 3 (cond - uncond),
+  which is uncond + 4 (cond - uncond) in the usual (diffusers, Wan) convention used here.
+- One noise level per video for the DMD and critic losses (Self Forcing's uniform_timestep); the
+  critic is trained on the velocity (flow matching), equivalent to x0 prediction weighted by 1/s^2.
+- One exit step per update, shared by all blocks, samples and ranks (Self Forcing's
+  same_step_across_blocks: true); a fresh draw for every critic and generator update.
+- EMA decay 0.99, averaging from generator update 41 on (--ema-start 40 = Self Forcing's
+  ema_start_step of 200 iterations); through update 40 it is a copy of the live weights.
+
+Hardware (estimates, not measurements; no GPU was available when this was written)
+----------------------------------------------------------------------------------
+Parameter counts: 1.419 B (Wan 1.3B), 14.29 B (Wan 14B). FSDP shards every network over all GPUs.
+
+    state (GB = 1e9 bytes)                            1.3B teacher   14B teacher
+    generator fp32 + AdamW (2 moments) + EMA fp32        22.7 GB        22.7 GB
+    critic fp32 + AdamW                                  17.0 GB        17.0 GB
+    gradients (one network at a time, fp32)               5.7 GB         5.7 GB
+    teacher bf16                                          2.8 GB        28.6 GB
+    total, divided by the number of GPUs                 48.2 GB        74.0 GB
+
+Activations per GPU (micro-batch 1, 21 latent frames x 60 x 104 = 32,760 tokens, bf16, per-block
+activation checkpointing). The KV cache holds K and V of 30 layers, 288 MB per latent frame. In the
+causal generator's update every block's gradient step keeps the version of the cache it attended to
+alive until the backward (checkpoint inputs): 3 + 6 + ... + 18 = 63 frames, ~18 GB, plus ~3 GB of
+block inputs. The teacher's cond + uncond forward adds ~4 GB transient (~8 GB for the 14B) and a
+critic update ~6 GB. Peak activations: ~25 GB for the causal generator (~29 GB with the 14B
+teacher), ~7 GB for the bidirectional one (one block, no cache), plus ~4 GB of CUDA context and
+allocator slack. Startup briefly holds the UMT5-XXL text encoder (11.4 GB bf16), freed before the
+networks load. Per GPU (states / GPUs + peak activations + slack; in parentheses the GPU memory it fits):
+
+    GPUs   causal, 1.3B teacher    causal, 14B teacher     bidirectional, 1.3B teacher
+    1      ~77 GB (80 GB, tight)   ~107 GB (141 GB H200)   ~59 GB (80 GB)
+    2      ~53 GB (80 GB)          ~70 GB (80 GB)          ~35 GB (40 / 48 GB)
+    4      ~41 GB (48 GB)          ~52 GB (80 GB)          ~23 GB (24 GB tight / 32)
+    8      ~35 GB (40 / 48 GB)     ~42 GB (48 / 80 GB)     ~17 GB (24 GB)
+
+On fewer or smaller GPUs: keep --micro-batch 1 and the global batch (accumulation grows on its own),
+use more GPUs of a smaller kind (the states shrink with their number), and if a single 80 GB GPU
+runs out of memory, train on shorter videos: --frames 45 (12 latent frames, 4 blocks) keeps 18
+instead of 63 cached frames alive (~5 GB instead of ~18 GB) and halves the rest. The same commands
+serve A100s; bf16 is used on any CUDA GPU.
+
+Compute (rough): per video, a generator update costs ~2.1 PFLOP (rollout with 2.5 denoising calls
+per block on average, its backward through the exit step, the teacher's two full forwards and the
+critic's one) and a critic update ~1.8 PFLOP, so one step (5 + 1 updates x 64 videos) is ~0.7 EFLOP
+and the 120-step default ~85 EFLOP: about 60 H100-hours at 40% of bf16 peak, i.e. ~7-15 h on
+8 H100s (Self Forcing reports under 2 h on 64 H100s and estimates under 16 h on 8) and roughly
+2.5x that on A100s.
+
+Host memory and disk: each rank loads its networks on the CPU before sharding (for the 14B teacher
+up to 57 GB per rank while its files are read, if they are stored in fp32; 28.6 GB once in bf16).
+The checkpoint is ~40 GB (generator, EMA, critic, both optimizers); rank 0 gathers it in CPU memory
+to save it, and --resume maps it with mmap so the ranks of a machine share its pages.
 """
 import argparse
 import copy

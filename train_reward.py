@@ -1,11 +1,8 @@
 """
 Stage 3 of Reward Forcing (the paper's contribution, section 3.2): fine-tune the ODE-initialized
 causal generator so that the LAST frame of the video it rolls out by itself scores high under a
-differentiable image reward,
-
-    L_reward(theta) = -E_z[ R(x_T) ],    x_{1:T} = G_theta(z),  x_T its last frame.
-
-No teacher and no critic: the generator, the VAE (to reach pixels) and a frozen reward model.
+differentiable image reward (ImageReward): L_reward(theta) = -E_z[ R(x_T) ], x_{1:T} = G_theta(z).
+No teacher and no critic: the generator, the Wan VAE (to reach pixels) and a frozen reward model.
 
     # CPU demo with a tiny random Wan and a tiny random ImageReward (built once in ~/.cache/reward_forcing)
     python train_reward.py --tiny --out runs/reward_tiny
@@ -17,40 +14,74 @@ No teacher and no critic: the generator, the VAE (to reach pixels) and a frozen 
     # 8 GPUs (FSDP; bf16 compute, fp32 master weights, activation checkpointing)
     torchrun --nproc_per_node 8 train_reward.py --init runs/ode/ckpt.pt --prompts prompts.txt --out runs/reward
     # starting from Self Forcing's released ODE initialization instead of train_ode.py's
+    # (hf download gdhe17/Self-Forcing checkpoints/ode_init.pt --local-dir .)
     torchrun --nproc_per_node 8 train_reward.py --init checkpoints/ode_init.pt --prompts prompts.txt --out runs/reward
 
-The paper's ablations, as flags:
+The paper supervises the last frame only because supervising more frames encourages static videos
+(section 5.2); the last frame, at the end of the autoregressive rollout, keeps the motion.
 
-    --reward-frames random       section 5.2: score one random frame of the whole video instead of the last
-                                 (the paper: dynamic degree drops by more than 10 points)
-    --dmd-weight 1               section 5.1, Table 2 ("Reward + Distill", 82.55 total vs 84.92):
-                                 reward and DMD jointly, each normalized (see joint_gradient), with
-                                 distill_dmd.py's DMD loss and critic; the real score is --teacher,
-                                 by default --model (the base Wan 1.3B, as in distill_dmd.py)
-    --dmd-weight 1 --teacher Wan-AI/Wan2.1-T2V-14B-Diffusers
-                                 section 5.3: the same with the 14B teacher (no substantial difference)
-    --reward pickscore           another differentiable image reward in place of ImageReward
+The paper's ablations, as flags
+-------------------------------
+(... = torchrun --nproc_per_node 8 train_reward.py --init runs/ode/ckpt.pt --prompts PROMPTS;
+score each with `eval_vbench.sh --checkpoint OUT/ckpt.pt`)
 
-One step: for each video of the global batch, the generator rolls out the whole latent video
-block by block with its KV cache, exactly as at inference (causal_wan.rollout); every block stops
-at one randomly drawn denoising step, the same for all blocks and all ranks (Self Forcing's
-same_step_across_blocks), and the gradient flows through that step only. The real Wan VAE decodes
-the latent frames before the last block without gradient (the causal VAE needs them as context),
-then the last block's latent frames with gradient; its last pixel frame is scored against the
-prompt; AdamW steps on -mean(reward). OUT/ckpt.pt holds 'model', 'ema', 'optimizer', 'step',
-'args', 'script', 'stage' (+ 'critic', 'critic_optimizer', 'loss_scales' with --dmd-weight);
-`sample.py --checkpoint OUT/ckpt.pt` renders its EMA generator.
+    ... --out runs/reward                           Table 1 "Ours (chunk-wise)": 84.92 total / 85.91 quality / 80.97 semantic
+    ... --reward-frames random                      section 5.2: score one random frame of the whole video instead of
+                                                    the last (the paper: dynamic degree, Table 3, more than 10 points lower)
+    ... --dmd-weight 1                              section 5.1, Table 2 "Reward + Distill": 82.55 / 83.20 / 79.96:
+                                                    reward and DMD jointly, each normalized (see joint_gradient), with
+                                                    distill_dmd.py's DMD loss and critic; the real score is --teacher,
+                                                    by default --model (the base Wan 1.3B, as in distill_dmd.py)
+    ... --dmd-weight 1 --teacher Wan-AI/Wan2.1-T2V-14B-Diffusers
+                                                    section 5.3: the same with the 14B teacher (no substantial difference)
+    ... --reward pickscore                          not in the paper: another differentiable image reward in place of
+                                                    ImageReward (section 6 names other rewards as future work)
+    train_ode.py alone, then eval_vbench.sh         Table 1 "ODE Only (chunk-wise)": 68.77 / 73.27 / 50.81
 
-The decode is exact (decode_reward_frames): the scored pixels equal one decode of the whole video,
-and so does the gradient on every latent frame of the block that made them. Through the VAE's
-causal cache the last pixel frame depends on all three frames of the last block, and the two
-earlier ones get the larger share of the gradient (Wan2.1's VAE architecture with random weights,
-64x104: norms 9.4, 4.7 and 1.4 for the scored frame's own; the numbers below); the earlier blocks
-have no graph in training (they reach the last one only through the detached KV cache). The backward
-through 3 latent frames (12 pixel frames) of the decoder at 480x832 is large, so on GPU each
-latent frame's decode, and inside it each decoder module that reads the cache, is checkpointed
-(as the generator's blocks are on GPU): the backward recomputes one latent frame, then one
-residual block, at a time (two extra decoder forwards over the block).
+One training step
+-----------------
+For each video of the global batch (noise, prompt and scored frame drawn from that video's own
+random stream step_generator(seed, update, slot); the batch layout of distill_dmd.py, so one GPU
+with accumulation and N GPUs compute the same step):
+
+1. Self-rollout, as at inference. causal_wan.rollout generates the whole latent video (21 latent
+   frames, blocks of 3) with the generator's own KV cache. Every block stops after one denoising
+   step drawn at random per update, the same for all blocks, videos and ranks (Self Forcing's
+   same_step_across_blocks); the gradient flows through that step only, the earlier steps and the
+   cache passes run without it. Because the cache is detached, a loss on the last frame reaches
+   only the last block, so the other blocks run without a graph (rollout(..., grad_blocks=...):
+   ~15 GB less at 81 frames, same gradient, tested).
+2. Decode the scored frame through the real Wan VAE with gradient (decode_reward_frames, below).
+3. Score the frame with the reward against the prompt; the reward model and the VAE are frozen, in
+   fp32, so the reward judges the pixels sample.py writes. Loss reward_loss = -mean(reward).
+4. AdamW step on the generator, EMA update.
+
+The exact decode
+----------------
+The Wan VAE is causal (a per-frame feature cache): the latent frames before the scored frame's
+block are decoded without gradient only to fill that cache, then the block's latent frames with
+gradient; the scored pixel frame is the reward's input. The scored pixels equal one decode of the
+whole video, and so does the gradient on every latent frame of the block that made them (tested,
+1e-5). Through the VAE's causal cache the last pixel frame depends on all three frames of the last
+block, and the two earlier ones get the larger share of the gradient (Wan2.1's VAE architecture
+with random weights, 64x104: norms 9.4, 4.7 and 1.4 for the scored frame's own); the earlier blocks
+have no graph in training (they reach the last one only through the detached KV cache).
+
+Why the whole prefix: each of the decoder's ~30 causal convs reads the two frames before its input,
+so the last frame depends on every latent frame. Measured with Wan 2.1's VAE architecture (random
+weights, 32x32 pixels, 21 latent frames), max |difference| of the last frame when the decode starts
+at latent frame c instead of 0:
+
+    start c    1      2      5     10     15     19     20 (no context)
+    max diff   0.019  0.035  0.10  0.50   1.09   1.54   1.05
+
+No shorter context is identical, so exactness was chosen (the cost is a no-grad decode of the
+earlier frames, about one sample.py decode per video).
+
+The backward through 3 latent frames (12 pixel frames) of the decoder at 480x832 is large, so on
+GPU each latent frame's decode, and inside it each decoder module that reads the cache, is
+checkpointed (as the generator's blocks are on GPU): the backward recomputes one latent frame, then
+one residual block, at a time (two extra decoder forwards over the block).
 
 Its memory, measured with `python tests/measure_reward_decode.py --height H --width W
 --latent-frames 6 [--no-checkpoint]` (Wan2.1's VAE architecture, random weights, fp32; the last
@@ -70,9 +101,52 @@ of earlier frames (they fill a cache of fixed size), the time does: a no-grad de
 earlier frames alone took 113 s (120x208) and 360 s (240x416). The times are upper bounds (a busy
 machine); the checkpointed backward costs two more decoder forwards over the block.
 
-Rewards: reward_fn(frames, prompts) -> scores, frames [B, 3, H, W] in [-1, 1] (RGB, any H, W),
-prompts a list of B strings, scores [B] float32, differentiable w.r.t. the frames only (the reward
-model is frozen). Two are available, picked with --reward:
+Flags (beyond their --help)
+---------------------------
+- --init: train_ode.py's OUT/ckpt.pt (its EMA) or Self Forcing's ode_init.pt ({'generator',
+  'generator_ema'}, original Wan layout); required except with --tiny.
+- --model (default Wan-AI/Wan2.1-T2V-1.3B-Diffusers, hub id or folder): config, text encoder, VAE,
+  and the critic with --dmd-weight. --prompts defaults to prompts/dmd_example.txt (for real runs pass
+  your own list: Self Forcing trains on extended VidProM prompts).
+- --lr 2e-6, --ema-decay 0.99, --grad-clip 10, --global-batch 8: appendix B.2, with AdamW betas
+  (0.0, 0.999), eps 1e-8, weight decay 0.01. accumulation = global / (GPUs x micro), an error if not
+  whole. --max-steps 500 is not given in the paper: watch sample_reward in the log and the samples.
+- --guidance, --critic-steps, --critic-lr, --negative-prompt (4.0, 5, 4e-7, Wan's): with
+  --dmd-weight, as in distill_dmd.py.
+- --height, --width, --frames, --block-size: 480, 832, 81, 3 (--block-size 1: frame-wise).
+
+Output in --out
+---------------
+- ckpt.pt: plain dict, torch.load(weights_only=True), written atomically and only when every tensor
+  is finite: 'model', 'ema', 'optimizer', 'step', 'args', 'script', 'stage'; with --dmd-weight also
+  'critic', 'critic_optimizer', 'loss_scales'. `sample.py --checkpoint OUT/ckpt.pt` renders its EMA.
+- log.jsonl: one JSON line per logged step: loss, reward, grad_norm, exit_step, step_time,
+  gpu_mem_gb, sample_reward when a sample was written; with --dmd-weight also dmd_loss,
+  critic_loss, critic_grad_norm, reward_grad_norm, dmd_grad_norm, dmd_factor.
+- sample_<step>.mp4: the EMA generator, all 4 steps, the first prompt, the same noise every time;
+  sample_reward is its last frame's reward, also printed.
+The tqdm bar on rank 0 shows reward, loss, grad norm, step time and GPU memory. --resume continues
+exactly (weights, EMA, optimizers, normalizers, step; the noise follows from the step number). A
+NaN/inf loss, reward or gradient stops the run with `error: training diverged at step N (...)`
+before the optimizer step and without saving.
+
+Reward + DMD, and the normalization
+-----------------------------------
+With --dmd-weight W, each generator update also computes distill_dmd.py's dmd_loss on the same
+rollout (teacher with CFG as real score, critic as fake score), and before it --critic-steps critic
+updates with distill_dmd.py's critic_loss on fresh detached rollouts, exactly as in distill_dmd.py
+(its functions are imported, not copied). The paper says only that the losses are "normalized so
+that they are on the same scale" (appendix B.2); joint_gradient says how, and why the gradient's
+size rather than the loss value. The running means are EMAs (LOSS_SCALE_DECAY 0.9) of the global
+batch's mean gradient norms, updated after every step and saved in the checkpoint; at the first
+step each video's own norms are used. The log has both raw norms and the factor
+dmd_factor = s_reward / s_dmd.
+
+Rewards
+-------
+reward_fn(frames, prompts) -> scores, frames [B, 3, H, W] in [-1, 1] (RGB, any H, W), prompts a
+list of B strings, scores [B] float32, differentiable w.r.t. the frames only (the reward model is
+frozen). Two are available, picked with --reward:
 
     --reward imagereward   ImageReward-v1.0 (THUDM/ImageReward, the `image-reward` package)
     --reward pickscore     PickScore_v1 (yuvalkirstain/PickScore_v1, a CLIP-H through transformers)
@@ -82,6 +156,37 @@ Weights come from the Hugging Face hub cache, or from a folder with --reward-pat
 --reward-tokenizer DIR gives the text side: ImageReward's BERT tokenizer (default
 bert-base-uncased from the hub) or PickScore's processor (default
 laion/CLIP-ViT-H-14-laion2B-s32B-b79K), so a machine with everything on disk needs no hub at all.
+image-reward 1.5 is unmaintained and breaks on transformers 5: this file carries a small, commented
+compatibility patch (patch_image_reward_for_transformers5) instead of pinning transformers 4.
+
+--tiny builds a tiny random Wan and a tiny random ImageReward once, under ~/.cache/reward_forcing/.
+The random tiny VAE hardly depends on the latent frame it decodes, so the tiny demo's reward hardly
+moves; tests/test_train_reward.py gives its VAE a variance-preserving init to show the reward rising.
+
+Hardware (estimates, not measurements: no GPU run was done for this stage)
+--------------------------------------------------------------------------
+Per GPU, micro-batch 1, 21 latent frames at 480x832, bf16 compute with fp32 master weights, FSDP
+over all GPUs, activation checkpointing per transformer block, reward only:
+
+    generator fp32 + AdamW + EMA + fp32 gradients (1.419 B params)    28.4 GB / GPUs
+    ImageReward fp32 (~0.45 B) + VAE fp32 (0.13 B), replicated        ~2.3 GB (PickScore ~4 GB instead of 1.8)
+    rollout activations (the last block's graph: its cache of
+      18 frames + block inputs)                                       ~7 GB
+    VAE decode of one latent frame with gradient, fp32                ~29 GB (measured on the CPU with saved-tensor
+                                                                      hooks at 120x208 with Wan 2.1's VAE architecture, x16)
+    CUDA context, allocator slack                                     ~4 GB
+    1 GPU / 8 GPUs                                                    ~71 GB (80 GB, tight) / ~46 GB
+
+Startup briefly holds the UMT5-XXL text encoder (11.4 GB bf16), freed before training. With
+--dmd-weight, add the critic (fp32 + AdamW 17 GB / GPUs), the teacher (bf16, 2.8 GB or 28.6 GB for
+14B, / GPUs) and the activations of every block (~20 GB more; see distill_dmd.py's Hardware): fine
+on 8 x 80 GB, not on one GPU. Compute per video: ~23.5 transformer calls of a 3-frame block
+(~25 TFLOP each) forward plus the last block's backward, ~0.7 PFLOP, plus the VAE decode of 81
+frames and the reward model; ~6 PFLOP per step of 8 videos, i.e. a few seconds per step on 8 H100s
+and the 500-step default in well under an hour (estimate).
+
+Not tested here: anything on a GPU (bf16 autocast through FSDP, activation checkpointing, the memory
+and speed figures above), the real ImageReward/PickScore/Wan weights, and the paper's VBench numbers.
 """
 import argparse
 import copy
