@@ -2,8 +2,7 @@
 here, not the code's own helpers or constants, at a tolerance the bug it guards against exceeds:
 the long-video KV cache keeps its attention sink and the newest frames, the EMA formula, the ODE
 student's inputs and regression target, the atomic checkpoint save, and that CI runs the README's
-setup commands. Each docstring names the
-bug that was planted in the code to watch the test fail."""
+setup commands. Each docstring names the bug that was planted in the code to watch the test fail."""
 import io
 import json
 import os
