@@ -70,16 +70,16 @@ VBENCH_WEIGHTS=(
   clip_model/ViT-L-14.pt                                    # aesthetic_quality (CLIP ViT-L/14)
   aesthetic_model/emb_reader/sa_0_4_vit_l_14_linear.pth     # aesthetic_quality (LAION head)
   dino_model/facebookresearch_dino_main/hubconf.py          # subject_consistency (clone of facebookresearch/dino)
-  dino_model/dino_vitbase16_pretrain.pth                    # subject_consistency: VBench checks it is here,
+  dino_model/dino_vitbase16_pretrain.pth                    # subject_consistency (DINO ViT-B/16): VBench checks it is here,
   torch/hub/checkpoints/dino_vitbase16_pretrain.pth         #   DINO's hubconf loads it from $TORCH_HOME
   pyiqa_model/musiq_spaq_ckpt-358bb6af.pth                  # imaging_quality (MUSIQ, SPAQ)
-  amt_model/amt-s.pth                                       # motion_smoothness
-  raft_model/models/raft-things.pth                         # dynamic_degree and the static filter
-  grit_model/grit_b_densecap_objectdet.pth                  # object_class, multiple_objects, color, spatial_relationship
-  caption_model/tag2text_swin_14m.pth                       # scene
-  umt_model/l16_ptk710_ftk710_ftk400_f16_res224.pth         # human_action
-  ViCLIP/ViClip-InternVid-10M-FLT.pth                       # temporal_style, overall_consistency
-  ViCLIP/bpe_simple_vocab_16e6.txt.gz                       # temporal_style, overall_consistency
+  amt_model/amt-s.pth                                       # motion_smoothness (AMT-S)
+  raft_model/models/raft-things.pth                         # dynamic_degree and the static filter (RAFT, things)
+  grit_model/grit_b_densecap_objectdet.pth                  # object_class, multiple_objects, color, spatial_relationship (GRiT-B)
+  caption_model/tag2text_swin_14m.pth                       # scene (Tag2Text Swin 14M)
+  umt_model/l16_ptk710_ftk710_ftk400_f16_res224.pth         # human_action (UMT-L/16)
+  ViCLIP/ViClip-InternVid-10M-FLT.pth                       # temporal_style, overall_consistency (ViCLIP)
+  ViCLIP/bpe_simple_vocab_16e6.txt.gz                       # temporal_style, overall_consistency (CLIP's BPE vocabulary)
   "huggingface/hub/models--bert-base-uncased/snapshots/*/vocab.txt"          # GRiT and Tag2Text tokenizer
   "huggingface/hub/models--bert-base-uncased/snapshots/*/model.safetensors"  # Tag2Text (scene)
 )
