@@ -14,6 +14,36 @@ a key map. Three attention modes, one module:
 
 Latents are [B, C, F, H, W] everywhere (diffusers' layout); `t` is [B] or per frame [B, F].
 Flow matching: x_t = (1 - s) x0 + s noise, s = t / 1000, the network predicts v = noise - x0.
+
+How the causal model works
+--------------------------
+- The network is diffusers' WanTransformer3DModel written out in ~200 lines of plain PyTorch with
+  the same parameter names; a full-attention forward matches diffusers to < 1e-5 in fp32
+  (tests/test_causal_wan.py::test_parity_with_diffusers).
+- Per-frame timesteps: `t` is [B] or [B, F]; modulation is computed per frame and broadcast over
+  the frame's tokens (never repeated per token).
+- RoPE's time index is the absolute latent-frame index, so a block keeps its position whether it is
+  computed alone against the KV cache or inside the whole sequence.
+- Attention modes: full (teacher, critic); block-causal (block_size=3 chunk-wise, 1 frame-wise)
+  computed block by block over key prefixes with unmasked SDPA, so no dense mask exists even at
+  32,760 tokens and flash attention applies; and the cache mode, where a block attends to the cached
+  keys plus its own with no mask at all.
+- `rollout` (through VideoStream, the generation loop sample.py and demo.py share): per block,
+  4 steps at timesteps [1000, 750, 500, 250] warped with shift 5 (= [1000, 937.5, 833.3, 625]),
+  x0 prediction, re-noising between steps, then one clean t=0 pass that writes the block's
+  keys/values into the cache. `exit_steps` gives Self Forcing's training mode: block b stops at step
+  exit_steps[b], and the gradient flows through that step only. block_size >= F is the 4-step
+  bidirectional generator.
+- The KV cache (KVCache) holds each layer's keys (after RoPE) and values. At inference it is one
+  preallocated buffer per layer: a block writes its keys in place after the cached ones and attends
+  to that prefix view, so no call copies the cache; the window eviction of long videos moves the
+  recent frames down once per block. Training rollouts concatenate into new tensors instead,
+  because autograd and activation checkpointing's recompute need the tensors a step read to stay as
+  they were while later blocks extend the cache. `rollout` picks the storage from whether gradients
+  are on; both give the same video (tested).
+- Weights: from_pretrained(hub id or folder); generator_state_dict(checkpoint) for our checkpoints
+  and Self Forcing's {'generator', 'generator_ema'} (original Wan names, with `model.`/FSDP
+  prefixes; the key map is diffusers' conversion script's, and it round-trips).
 """
 import argparse
 import contextlib

@@ -4,10 +4,12 @@ Live demo: a web page that shows the video while it is generated, block by block
     python demo.py                                           # the 1.3B Wan on a GPU; open http://127.0.0.1:7860
     python demo.py --checkpoint runs/reward/ckpt.pt          # a generator trained here (EMA weights)
     python demo.py --compile --overlap-decode                # sample.py's speed flags
-    python demo.py --decoder tae --decoder-path taew2_1.pth --fp8 --offload   # and its speed kit (sample.py --help)
+    python demo.py --decoder tae --decoder-path taew2_1.pth --fp8 --offload   # and its speed kit (sample.py's docstring)
     python demo.py --host 0.0.0.0 --port 8000                # reachable from other machines: anyone who can reach it uses the GPU
     python demo.py --tiny                                    # CPU, random tiny Wan: the video is noise, the pipeline is real
 
+The page
+--------
 Type a prompt, press Start: each block's frames are sent as soon as they are decoded, and the page
 plays them at the video's 16 fps (a queue absorbs the bursts of a block). Type another prompt and
 press Switch while it plays: from the next block boundary on, the video follows it, with re-cache
@@ -19,6 +21,8 @@ playback: a generator faster than 16 fps waits while it is more than two blocks 
 clock, so a switch is seen within about two blocks of being pressed however long the video runs
 (`--no-pace` generates as fast as it can: the page's queue then grows, and so does the delay).
 
+The video
+---------
 The video is the one `sample.py --prompt P --seed S --frames N --switch F Q ...` writes (tested),
 N being --max-seconds as 4k+1 frames (961 for 60 s) and F the frames the switches took effect at:
 a long video (attention sink + a window of --max-frames latent frames: flat time per block) whose
@@ -26,12 +30,16 @@ blocks' noise is drawn from the seed and the block's position, so memory stays f
 it runs. It ends at Stop or --max-seconds; Download then gets the mp4 the server wrote while
 generating (sample.py's fragmented-mp4 writer).
 
+Models and the device
+---------------------
 The models load once at start-up (the text encoder stays resident to encode each new prompt, at
 Start and Switch: ~11 GB for UMT5-XXL in bf16; with --offload it stays in CPU memory and is on the
 device only while it encodes, so a Switch briefly holds it there beside the generator). One generation runs at a time on the device, in a
 worker thread (the server stays responsive): a viewer who presses Start while another generates
 is told it is busy; a viewer who closes the page stops its generation and frees the device.
 
+Protocol
+--------
 The page (demo.html, plain JavaScript, nothing fetched from the internet) talks to the server over
 one WebSocket per viewer, /ws:
 
@@ -82,7 +90,7 @@ HTML = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.html")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:2]), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (other than loopback: anyone who can reach it uses the GPU)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--max-seconds", type=float, default=60.0, help="a video ends after this many seconds (16 fps) unless stopped")

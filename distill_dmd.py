@@ -1,36 +1,150 @@
 """
 Stage 1 of Reward Forcing: distill Wan2.1 into a 4-step generator with DMD (Distribution Matching
-Distillation; paper section 3.1, recipe of Self Forcing).
+Distillation; paper sections 3.1 and 4.1, recipe of Self Forcing). Its bidirectional generator is the
+fast teacher of stage 2 (train_ode.py); its losses are the DMD term of train_reward.py --dmd-weight.
 
-Three networks: the frozen teacher (real score: bidirectional Wan with classifier-free guidance),
-a critic (fake score: a bidirectional Wan initialized from the base model and trained with the
-flow-matching loss on the generator's samples), and the generator, trained with
-
-    grad L_DMD = E_t[ (s_fake(x_t) - s_real(x_t)) dG/dtheta ],   x_t = noised G(z)
-
-by 5 critic updates for each generator update. `--generator causal` trains the block-causal model
-by self-rollout (Self Forcing: the generator makes the whole video with its own KV cache, the
-gradient flows through one denoising step); `--generator bidirectional` distills the 4-step
-bidirectional model that `train_ode.py generate --teacher OUT/ckpt.pt` samples trajectories from.
-
-    # CPU demo with a tiny random Wan (built once in ~/.cache/reward_forcing/tiny_wan), seconds
+    # CPU demo with a tiny random Wan (built once in ~/.cache/reward_forcing/tiny_wan): under a second per step
     python distill_dmd.py --tiny --out runs/dmd_tiny
     python distill_dmd.py --tiny --out runs/dmd_tiny --resume --max-steps 20
 
-    # one GPU (global batch by gradient accumulation; see the README for memory)
+    # one GPU (80 GB): the global batch of 64 by gradient accumulation (slow: see Hardware below)
     python distill_dmd.py --generator bidirectional --out runs/dmd_bidirectional
     python distill_dmd.py --generator causal --init runs/ode/ckpt.pt --out runs/dmd_causal
 
-    # 8 GPUs (FSDP: the three networks are sharded; bf16 compute, fp32 master weights)
+    # 8 GPUs on one machine (FSDP: the three networks are sharded; bf16 compute, fp32 master weights)
     torchrun --nproc_per_node 8 distill_dmd.py --generator bidirectional --out runs/dmd_bidirectional
+    torchrun --nproc_per_node 8 distill_dmd.py --generator causal --init runs/ode/ckpt.pt --out runs/dmd_causal
     # the paper's teacher ablation: 14B teacher, 1.3B generator and critic
     torchrun --nproc_per_node 8 distill_dmd.py --teacher Wan-AI/Wan2.1-T2V-14B-Diffusers --out runs/dmd_14b
+    # continue a run exactly (weights, EMA, both optimizers, step; the noise follows from the step)
+    torchrun --nproc_per_node 8 distill_dmd.py --generator causal --out runs/dmd_causal --resume
 
-One step = `--critic-steps` critic updates then one generator update, each over `--global-batch`
-videos. OUT/ckpt.pt holds the generator ('model', 'ema', 'optimizer'), the critic ('critic',
-'critic_optimizer'), 'step', 'args', and 'script' + 'stage' (--resume continues only a run of this script
-with the same --generator); `sample.py --checkpoint OUT/ckpt.pt` renders its EMA. One run at a time owns
-OUT (OUT/.lock); a checkpoint is saved only when every tensor in it is finite.
+The three networks
+------------------
+- teacher (real score): a bidirectional Wan (--teacher, default --model), frozen, loaded in bf16,
+  with classifier-free guidance: real_x0 = uncond + guidance * (cond - uncond);
+- critic (fake score): a bidirectional Wan initialized from --model, conditional only, trained with
+  the flow-matching loss on the generator's (detached) samples;
+- generator: 4 steps (timesteps 1000, 750, 500, 250 shifted by 5), initialized from --model or from a
+  checkpoint (--init: any checkpoint cw.generator_state_dict reads: train_ode.py's, or Self Forcing's
+  ode_init.pt), with an EMA copy that is what sample.py renders.
+
+--model and --teacher take a diffusers-format Wan, a hub id or a local folder (default
+Wan-AI/Wan2.1-T2V-1.3B-Diffusers). Two kinds of generator, one flag:
+
+- --generator causal (default) trains the block-causal model by self-rollout (Self Forcing): the
+  generator makes the whole 21-latent-frame video in blocks of 3 frames with its own KV cache; all
+  blocks stop after the same randomly drawn denoising step (identical on every rank) and the
+  gradient flows through that step only.
+- --generator bidirectional distills the 4-step bidirectional model (the whole video is one block
+  with full attention). Its checkpoint is the fast teacher of the ODE stage:
+  `train_ode.py generate --teacher runs/dmd_bidirectional/ckpt.pt` (DMD -> ODE -> reward);
+  `sample.py --checkpoint` renders it as one block with full attention.
+
+The losses
+----------
+Each step is --critic-steps (5) critic updates followed by one generator update, each on
+--global-batch fresh videos from the generator. The losses (module-level functions, also used by
+train_reward.py --dmd-weight):
+
+    grad L_DMD = E_t[ (s_fake(x_t) - s_real(x_t)) dG/dtheta ],   x_t = noised G(z)
+
+    t   ~ U[0, 1000), shifted by 5, clamped to [20, 980]     one t per video (as Self Forcing)
+    x_t = (1 - t/1000) x0 + t/1000 eps
+    dmd_loss:    grad = (critic_x0(x_t) - real_x0(x_t)) / mean|x0 - real_x0(x_t)|   (per video)
+                 loss = 0.5 * mse(x0, (x0 - grad).detach())                     in fp64
+    critic_loss: mse(critic_velocity(x_t), eps - x0)                           (flow matching, x0 detached)
+
+Optimizers: AdamW, betas (0.0, 0.999), weight decay 0.01, eps 1e-8; generator lr 2e-6, critic lr
+4e-7; gradient clipping at 10 for both. Training is data free: prompts only (--prompts FILE, one a
+line; prompts/dmd_example.txt is a 16-prompt example). Every prompt is encoded once at start
+(UMT5-XXL, then freed); the unconditional branch uses Wan's own negative prompt, as Self Forcing
+does (--negative-prompt "" gives WanPipeline's default, the encoding of the empty string).
+
+Flags
+-----
+--max-steps (generator updates, 120 = Self Forcing's 600 iterations), --global-batch (videos per
+update over all GPUs, 64) and --micro-batch (per GPU per forward, 1): gradient accumulation is
+global / (GPUs x micro), an error if not whole; --lr, --critic-lr, --guidance, --critic-steps,
+--ema-decay, --ema-start, --grad-clip, --height/--width/--frames (480x832, 81), --block-size (3;
+1 = frame-wise), --save-every, --log-every, --sample-every (0 = never), --seed, --wandb (opt-in).
+
+Output in --out
+---------------
+- ckpt.pt: a plain dict, torch.load(weights_only=True): 'model', 'ema', 'optimizer' (the generator),
+  'critic', 'critic_optimizer', 'step', 'args', and 'script' + 'stage' (--resume continues only a run
+  of this script with the same --generator); written atomically, and only when every tensor in it
+  is finite. `sample.py --checkpoint OUT/ckpt.pt` renders its EMA.
+- log.jsonl: one JSON line per logged step: loss, critic_loss, grad_norm, critic_grad_norm,
+  dmd_grad, exit_step, step_time, gpu_mem_gb.
+- sample_<step>.mp4: the EMA generator, 4 steps, the first prompt, the same noise every time.
+- .lock: one run at a time owns OUT.
+A NaN or inf loss or gradient stops the run with `error: training diverged at step N (...)` before
+the optimizer step and without saving, so the last good checkpoint stays.
+
+Batch layout: why one GPU and 8 GPUs train the same model
+---------------------------------------------------------
+The global batch is split into global/micro slots; slot j of every update draws its noise,
+timesteps and prompts from its own random stream (step_generator(seed, update, j)) and its prompts
+from lines j, j + slots, ... of the prompt file. Rank r runs slots [r*accum, (r+1)*accum), so the
+update does not depend on how the slots are spread over GPUs (tested: 2 processes = 1 process with
+2 accumulation steps).
+
+Choices, and where they differ from what one might expect
+---------------------------------------------------------
+- --guidance 4.0 is Self Forcing's guidance_scale: 3.0: its code computes cond + 3 (cond - uncond),
+  which is uncond + 4 (cond - uncond) in the usual (diffusers, Wan) convention used here.
+- One noise level per video for the DMD and critic losses (Self Forcing's uniform_timestep); the
+  critic is trained on the velocity (flow matching), equivalent to x0 prediction weighted by 1/s^2.
+- One exit step per update, shared by all blocks, samples and ranks (Self Forcing's
+  same_step_across_blocks: true); a fresh draw for every critic and generator update.
+- EMA decay 0.99, averaging from generator update 41 on (--ema-start 40 = Self Forcing's
+  ema_start_step of 200 iterations); through update 40 it is a copy of the live weights.
+
+Hardware (estimates, not measurements; no GPU was available when this was written)
+----------------------------------------------------------------------------------
+Parameter counts: 1.419 B (Wan 1.3B), 14.29 B (Wan 14B). FSDP shards every network over all GPUs.
+
+    state (GB = 1e9 bytes)                            1.3B teacher   14B teacher
+    generator fp32 + AdamW (2 moments) + EMA fp32        22.7 GB        22.7 GB
+    critic fp32 + AdamW                                  17.0 GB        17.0 GB
+    gradients (one network at a time, fp32)               5.7 GB         5.7 GB
+    teacher bf16                                          2.8 GB        28.6 GB
+    total, divided by the number of GPUs                 48.2 GB        74.0 GB
+
+Activations per GPU (micro-batch 1, 21 latent frames x 60 x 104 = 32,760 tokens, bf16, per-block
+activation checkpointing). The KV cache holds K and V of 30 layers, 288 MB per latent frame. In the
+causal generator's update every block's gradient step keeps the version of the cache it attended to
+alive until the backward (checkpoint inputs): 3 + 6 + ... + 18 = 63 frames, ~18 GB, plus ~3 GB of
+block inputs. The teacher's cond + uncond forward adds ~4 GB transient (~8 GB for the 14B) and a
+critic update ~6 GB. Peak activations: ~25 GB for the causal generator (~29 GB with the 14B
+teacher), ~7 GB for the bidirectional one (one block, no cache), plus ~4 GB of CUDA context and
+allocator slack. Startup briefly holds the UMT5-XXL text encoder (11.4 GB bf16), freed before the
+networks load. Per GPU (states / GPUs + peak activations + slack; in parentheses the GPU memory it fits):
+
+    GPUs   causal, 1.3B teacher    causal, 14B teacher     bidirectional, 1.3B teacher
+    1      ~77 GB (80 GB, tight)   ~107 GB (141 GB H200)   ~59 GB (80 GB)
+    2      ~53 GB (80 GB)          ~70 GB (80 GB)          ~35 GB (40 / 48 GB)
+    4      ~41 GB (48 GB)          ~52 GB (80 GB)          ~23 GB (24 GB tight / 32)
+    8      ~35 GB (40 / 48 GB)     ~42 GB (48 / 80 GB)     ~17 GB (24 GB)
+
+On fewer or smaller GPUs: keep --micro-batch 1 and the global batch (accumulation grows on its own),
+use more GPUs of a smaller kind (the states shrink with their number), and if a single 80 GB GPU
+runs out of memory, train on shorter videos: --frames 45 (12 latent frames, 4 blocks) keeps 18
+instead of 63 cached frames alive (~5 GB instead of ~18 GB) and halves the rest. The same commands
+serve A100s; bf16 is used on any CUDA GPU.
+
+Compute (rough): per video, a generator update costs ~2.1 PFLOP (rollout with 2.5 denoising calls
+per block on average, its backward through the exit step, the teacher's two full forwards and the
+critic's one) and a critic update ~1.8 PFLOP, so one step (5 + 1 updates x 64 videos) is ~0.7 EFLOP
+and the 120-step default ~85 EFLOP: about 60 H100-hours at 40% of bf16 peak, i.e. ~7-15 h on
+8 H100s (Self Forcing reports under 2 h on 64 H100s and estimates under 16 h on 8) and roughly
+2.5x that on A100s.
+
+Host memory and disk: each rank loads its networks on the CPU before sharding (for the 14B teacher
+up to 57 GB per rank while its files are read, if they are stored in fp32; 28.6 GB once in bf16).
+The checkpoint is ~40 GB (generator, EMA, critic, both optimizers); rank 0 gathers it in CPU memory
+to save it, and --resume maps it with mmap so the ranks of a machine share its pages.
 """
 import argparse
 import copy
@@ -230,11 +344,39 @@ def main(args):
         dist.destroy_process_group()
 
 
-def train(args, rank, world, device):
-    # The global batch is `slots` groups of micro_batch videos; rank r runs slots [r*accum, (r+1)*accum).
-    # Slot j of update u draws its noise, prompts and timesteps from its own generator
-    # step_generator(seed, u, j), and its prompts from its own share of the prompt file (lines j,
-    # j + slots, ...): one GPU with accumulation and N GPUs compute the same step.
+@dataclass
+class Run:
+    """What the training loop works with, built once by setup(). The global batch is `slots` groups of
+    micro_batch videos; this rank runs `my_slots` (slots [rank*accum, (rank+1)*accum)). Slot j of update
+    u draws its noise, prompts and timesteps from its own generator step_generator(seed, u, j), and its
+    prompts from its own share of the prompt file (lines j, j + slots, ...): one GPU with accumulation
+    and N GPUs compute the same step."""
+    rank: int
+    device: torch.device
+    accum: int  # micro-batches per rank per update
+    my_slots: range
+    shares: dict  # slot -> the prompt lines it draws from
+    contexts: dict  # prompt line -> its embedding [n, text_dim] (CPU, padding cut off)
+    uncond: torch.Tensor  # the negative prompt's embedding [1, 512, text_dim]
+    teacher: torch.nn.Module  # real score, frozen
+    critic: torch.nn.Module  # fake score
+    generator: torch.nn.Module
+    ema: torch.nn.Module
+    opt: torch.optim.Optimizer  # the generator's
+    critic_opt: torch.optim.Optimizer
+    step: int  # generator updates done (from the checkpoint with --resume)
+    latent_shape: list  # [C, F, h, w] of one video
+    block_size: int  # latent frames per rollout block (all of them for the bidirectional generator)
+    vae: torch.nn.Module  # for the sample videos (rank 0, --sample-every), else None
+    ckpt_path: str
+    log_path: str
+    stage: str  # recorded in the checkpoint: --resume continues only the same --generator
+    wandb: object  # the wandb run on rank 0 with --wandb, else None
+
+
+def setup(args, rank, world, device):
+    """Check the flags and files (before any model loads), read the prompts and encode them, load the
+    three networks, shard them, and restore them with the optimizers from OUT/ckpt.pt on --resume."""
     if args.global_batch % (world * args.micro_batch):
         raise UserError(f"--global-batch {args.global_batch} is not divisible by world size {world} x --micro-batch {args.micro_batch}")
     if (args.frames - 1) % 4 or args.height % 16 or args.width % 16:
@@ -288,83 +430,108 @@ def train(args, rank, world, device):
     latent_shape = [generator.cfg.in_channels, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8]
     block_size = args.block_size if args.generator == "causal" else latent_shape[1]
     vae = cw.load_vae(args.model, device=device) if rank == 0 and args.sample_every else None
+    return Run(rank=rank, device=device, accum=accum, my_slots=my_slots, shares=shares, contexts=contexts, uncond=uncond,
+               teacher=teacher, critic=critic, generator=generator, ema=ema, opt=opt, critic_opt=critic_opt, step=step,
+               latent_shape=latent_shape, block_size=block_size, vae=vae, ckpt_path=ckpt_path, log_path=log_path,
+               stage=stage, wandb=wandb)
 
-    def draw(update, slot):
-        """Noise [B, C, F, H, W], prompt embeddings and the generator for the rest of this slot's draws."""
-        g = cw.step_generator(args.seed, update, slot, device)
-        share = shares[slot]
-        ids = [share[k] for k in torch.randint(len(share), (args.micro_batch,), generator=g, device=device).tolist()]
-        noise = torch.randn([args.micro_batch] + latent_shape, generator=g, device=device)
-        return noise, padded(contexts, ids, device), g
 
-    def exit_step(update):
-        """Where every block of this update's rollouts stops: the same on every rank (and slot), so
-        all ranks run the same number of sharded forwards."""
-        g = cw.step_generator(args.seed, update, -1, "cpu")  # slot -1: a stream no slot uses
-        return int(torch.randint(len(cw.DENOISING_TIMESTEPS), (1,), generator=g))
+def draw(args, run, update, slot):
+    """This slot's noise [B, C, F, H, W] and prompt embeddings, and the generator for the rest of its draws."""
+    g = cw.step_generator(args.seed, update, slot, run.device)
+    share = run.shares[slot]
+    ids = [share[k] for k in torch.randint(len(share), (args.micro_batch,), generator=g, device=run.device).tolist()]
+    noise = torch.randn([args.micro_batch] + run.latent_shape, generator=g, device=run.device)
+    return noise, padded(run.contexts, ids, run.device), g
 
+
+def exit_step(args, update):
+    """Where every block of this update's rollouts stops: the same on every rank (and slot), so
+    all ranks run the same number of sharded forwards."""
+    g = cw.step_generator(args.seed, update, -1, "cpu")  # slot -1: a stream no slot uses
+    return int(torch.randint(len(cw.DENOISING_TIMESTEPS), (1,), generator=g))
+
+
+def critic_update(args, run, update, step):
+    """One critic update on fresh detached rollouts of the generator: flow matching on its videos, so
+    the critic follows the score of the generator's current distribution. Returns (loss, grad norm)."""
+    k = exit_step(args, update)
+    loss_sum = torch.zeros((), device=run.device)
+    for slot in run.my_slots:
+        noise, context, g = draw(args, run, update, slot)
+        with torch.no_grad():
+            x0 = generate(run.generator, noise, context, k, run.block_size, g)
+        loss, _ = critic_loss(x0, run.critic, context, g)
+        (loss / run.accum).backward()
+        loss_sum += loss.detach() / run.accum
+    loss, norm = cw.all_mean(loss_sum), cw.grad_norm(run.critic, args.grad_clip)
+    cw.stop_if_diverged(step, run.ckpt_path, dict(critic_loss=loss, critic_grad_norm=norm), DIVERGED_HINT)
+    run.critic_opt.step()
+    run.critic_opt.zero_grad(set_to_none=True)
+    return loss, norm
+
+
+def generator_update(args, run, update, step):
+    """One DMD step of the generator through its rollout, scored by the teacher (real) and the critic
+    (fake), then the EMA. Returns (loss, grad norm, mean |DMD step|, exit step)."""
+    k = exit_step(args, update)
+    loss_sum, dmd_grad = torch.zeros((), device=run.device), torch.zeros((), device=run.device)
+    for slot in run.my_slots:
+        noise, context, g = draw(args, run, update, slot)
+        x0 = generate(run.generator, noise, context, k, run.block_size, g)
+        loss, logs = dmd_loss(x0, run.teacher, run.critic, context, run.uncond, args.guidance, g)
+        (loss / run.accum).backward()
+        loss_sum += loss.detach().float() / run.accum
+        dmd_grad += logs["dmd_grad"] / run.accum
+    loss, norm = cw.all_mean(loss_sum), cw.grad_norm(run.generator, args.grad_clip)
+    cw.stop_if_diverged(step, run.ckpt_path, dict(loss=loss, grad_norm=norm), DIVERGED_HINT)
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    # --ema-start N: through update N the EMA is a copy of the live weights, then it averages
+    cw.ema_update(run.ema, run.generator, args.ema_decay if step > args.ema_start else 0.0)
+    cw.stop_if_diverged(step, run.ckpt_path, hint=DIVERGED_HINT, nets=dict(generator=run.generator, EMA=run.ema, critic=run.critic))
+    return loss, norm, cw.all_mean(dmd_grad), k
+
+
+def save(args, run, step):
+    """OUT/ckpt.pt: both networks with their optimizers, and the EMA (gathered by every rank, written
+    by rank 0, atomically and only if every tensor is finite)."""
+    ckpt = dict(model=cw.full_state_dict(run.generator), ema=cw.full_state_dict(run.ema),
+                optimizer=cw.full_state_dict(run.generator, run.opt), critic=cw.full_state_dict(run.critic),
+                critic_optimizer=cw.full_state_dict(run.critic, run.critic_opt), step=step, args=vars(args),
+                script=SCRIPT, stage=run.stage)
+    if run.rank == 0:
+        cw.save_checkpoint(run.ckpt_path, ckpt)
+
+
+def train(args, rank, world, device):
+    run = setup(args, rank, world, device)
+    step = run.step
     bar = tqdm(initial=step, total=args.max_steps, desc=f"dmd {args.generator}", disable=rank != 0)
     while step < args.max_steps:
         t0 = time.time()
         updates = step * (args.critic_steps + 1)  # this step's update numbers: critic ..., generator
-
         # critic: learn the score of the generator's current distribution (its videos detached)
-        critic_losses, critic_norms = [], []
-        for c in range(args.critic_steps):
-            k = exit_step(updates + c)
-            loss_sum = torch.zeros((), device=device)
-            for slot in my_slots:
-                noise, context, g = draw(updates + c, slot)
-                with torch.no_grad():
-                    x0 = generate(generator, noise, context, k, block_size, g)
-                loss, _ = critic_loss(x0, critic, context, g)
-                (loss / accum).backward()
-                loss_sum += loss.detach() / accum
-            critic_losses.append(cw.all_mean(loss_sum))
-            critic_norms.append(cw.grad_norm(critic, args.grad_clip))
-            cw.stop_if_diverged(step + 1, ckpt_path, dict(critic_loss=critic_losses[-1], critic_grad_norm=critic_norms[-1]), DIVERGED_HINT)
-            critic_opt.step()
-            critic_opt.zero_grad(set_to_none=True)
-
+        critic_logs = [critic_update(args, run, updates + c, step + 1) for c in range(args.critic_steps)]
         # generator: one DMD step through the rollout, scored by the teacher (real) and the critic (fake)
-        k = exit_step(updates + args.critic_steps)
-        loss_sum, dmd_grad = torch.zeros((), device=device), torch.zeros((), device=device)
-        for slot in my_slots:
-            noise, context, g = draw(updates + args.critic_steps, slot)
-            x0 = generate(generator, noise, context, k, block_size, g)
-            loss, logs = dmd_loss(x0, teacher, critic, context, uncond, args.guidance, g)
-            (loss / accum).backward()
-            loss_sum += loss.detach().float() / accum
-            dmd_grad += logs["dmd_grad"] / accum
-        record = dict(step=step + 1, loss=cw.all_mean(loss_sum), grad_norm=cw.grad_norm(generator, args.grad_clip))
-        cw.stop_if_diverged(step + 1, ckpt_path, dict(loss=record["loss"], grad_norm=record["grad_norm"]), DIVERGED_HINT)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        # --ema-start N: through update N the EMA is a copy of the live weights, then it averages
-        cw.ema_update(ema, generator, args.ema_decay if step + 1 > args.ema_start else 0.0)
-        cw.stop_if_diverged(step + 1, ckpt_path, hint=DIVERGED_HINT, nets=dict(generator=generator, EMA=ema, critic=critic))
+        loss, grad_norm, dmd_grad, k = generator_update(args, run, updates + args.critic_steps, step + 1)
         step += 1
 
-        record.update(critic_loss=sum(critic_losses) / max(len(critic_losses), 1),
-                      critic_grad_norm=sum(critic_norms) / max(len(critic_norms), 1),
-                      dmd_grad=cw.all_mean(dmd_grad), exit_step=k, step_time=time.time() - t0)
+        critic_losses, critic_norms = [c[0] for c in critic_logs], [c[1] for c in critic_logs]
+        record = dict(step=step, loss=loss, grad_norm=grad_norm, critic_loss=sum(critic_losses) / max(len(critic_losses), 1),
+                      critic_grad_norm=sum(critic_norms) / max(len(critic_norms), 1), dmd_grad=dmd_grad, exit_step=k,
+                      step_time=time.time() - t0)
         if device.type == "cuda":
             record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         bar.update()
         bar.set_postfix(loss=f"{record['loss']:.2e}", critic=f"{record['critic_loss']:.4f}", gnorm=f"{record['grad_norm']:.3f}",
                         s=f"{record['step_time']:.2f}", **({"mem": f"{record['gpu_mem_gb']:.1f}G"} if "gpu_mem_gb" in record else {}))
         if rank == 0 and (step % args.log_every == 0 or step == args.max_steps):
-            cw.log_step(log_path, record, wandb)
+            cw.log_step(run.log_path, record, run.wandb)
         if args.sample_every and step % args.sample_every == 0:
-            write_sample(args, ema, vae, padded(contexts, [0], device), latent_shape, block_size, step, rank, device)
+            write_sample(args, run.ema, run.vae, padded(run.contexts, [0], device), run.latent_shape, run.block_size, step, rank, device)
         if step % args.save_every == 0 or step == args.max_steps:
-            ckpt = dict(model=cw.full_state_dict(generator), ema=cw.full_state_dict(ema),
-                        optimizer=cw.full_state_dict(generator, opt), critic=cw.full_state_dict(critic),
-                        critic_optimizer=cw.full_state_dict(critic, critic_opt), step=step, args=vars(args),
-                        script=SCRIPT, stage=stage)
-            if rank == 0:
-                cw.save_checkpoint(ckpt_path, ckpt)
-            del ckpt
+            save(args, run, step)
     bar.close()
 
 

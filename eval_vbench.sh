@@ -6,15 +6,39 @@
 #   bash eval_vbench.sh --score-only RESULTS_DIR      # only the table, from VBench's *_eval_results.json
 #   bash eval_vbench.sh --dry-run --out DIR --prompt-list VBench_full_info.json [--gpus N]
 #
+# Run it with the project's venv active (`python` is ours; sample.py generates).
 # 1. Generate: every unique prompt of VBench's own prompt list (VBench_full_info.json of the installed
 #    vbench package), seeds 0..4, 81 frames 480x832 at 16 fps, into DIR/videos/"{prompt}-{seed}.mp4"
-#    (the original prompt, untruncated, even when --extended-prompts gives the text to generate from).
-#    Resumable: valid videos are kept. Spread over N GPUs. Then every one of the 4,720 files is checked.
-# 2. Score: VBench in its own venv (its pins conflict with ours), offline, one dimension at a time into
-#    DIR/vbench/<dimension>/; a missing or failed dimension stops the script.
-# 3. Aggregate: VBench's Min/Max/weights -> table, DIR/vbench_scores.json, and a last JSON line.
+#    (the original prompt, untruncated, even when --extended-prompts gives the text to generate from;
+#    names and counts: vbench_tools.py's docstring). The videos are split round-robin over --gpus N
+#    processes (CUDA_VISIBLE_DEVICES=0..N-1, one `sample.py --jobs` each, logs in DIR/logs/). A rerun
+#    keeps every valid video and makes the rest. Then every one of the 4,720 files is decoded and
+#    checked; anything missing, invalid or unexpected stops the script.
+# 2. Score: VBench 0.1.5 in its own venv ($VBENCH_VENV), created on first use from Python 3.10/3.11
+#    with the pins below (they conflict with ours: they are here, never in requirements.txt); creating
+#    it needs the network and nvcc (detectron2 is built from source). Scoring itself is offline
+#    (HF_HUB_OFFLINE=1) with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 (torch >= 2.6 refuses VBench's old
+#    checkpoints otherwise). Each dimension runs as its own `torchrun launch/evaluate.py` into
+#    DIR/vbench/<dimension>/; a dimension with a result file is skipped on a rerun.
+#    temporal_flickering is scored, as VBench prescribes, on the videos its static filter keeps
+#    (DIR/static_filter/filtered_videos). VBench's `vbench evaluate` exits 0 when a dimension fails;
+#    here a failed run or a missing result file stops the script with the dimension's name.
+# 3. Aggregate: VBench's Min/Max/weights -> table, DIR/vbench_scores.json, and a last JSON line
+#    {"total": ..., "quality": ..., "semantic": ...} in % (vbench_tools.py score).
 # --dry-run: the same flow on the CPU with `sample.py --tiny`, 3 prompts, small videos; VBench is
-#    skipped and stand-in result files (the paper's numbers) go through the aggregation.
+#    skipped and stand-in result files (the paper's numbers) go through the aggregation. The prompt list:
+#      pip download --no-deps vbench==0.1.5
+#      unzip -p vbench-0.1.5-py3-none-any.whl vbench/VBench_full_info.json > /tmp/VBench_full_info.json
+#
+# What it costs (estimates, not measurements):
+# - Generation: 4,720 videos x 81 frames = 382,320 frames. At the paper's 17.0 FPS on one H100
+#   (Table 1) that is about 22,500 s = 6.2 GPU-hours (about 47 minutes on 8 GPUs), plus model loading,
+#   text encoding and mp4 writing. For scale, the bidirectional Wan2.1 at 0.78 FPS would need about
+#   136 GPU-hours.
+# - Verification: every video is decoded once on the CPU, about 0.2 s per 81-frame 480x832 video
+#   (measured on one synthetic video), in parallel over the cores: a few minutes on 16 cores.
+# - VBench scoring of the 16 dimensions: not measured yet.
+# - First use only: VBench's venv (torch 2.6 with its CUDA libraries) and the detectron2 build.
 #
 # What this script expects from sample.py (one video per job line):
 #   python sample.py --jobs JOBS.tsv --frames F --height H --width W --fps FPS (--checkpoint CKPT | --tiny)
@@ -38,25 +62,46 @@ VBENCH_PACKAGES=(torch==2.6.0 torchvision==0.21.0 vbench==0.1.5 pyiqa==0.1.10 ti
                  numpy==1.26.4 opencv-python==4.11.0.86)
 DETECTRON2="detectron2 @ git+https://github.com/facebookresearch/detectron2.git@02b5c4e295e990042a714712c21dc79b731e8833"
 
-# Pre-placed under $VBENCH_CACHE_DIR (scoring runs offline; see docs for where to get each).
+# Pre-placed under $VBENCH_CACHE_DIR (scoring runs offline; where to get each: the commands below).
+# The script checks all of them before it starts and lists what is missing; it sets
+# TORCH_HOME=$VBENCH_CACHE_DIR/torch and HF_HOME=$VBENCH_CACHE_DIR/huggingface.
 VBENCH_WEIGHTS=(
-  clip_model/ViT-B-32.pt                                    # background_consistency, appearance_style
-  clip_model/ViT-L-14.pt                                    # aesthetic_quality
+  clip_model/ViT-B-32.pt                                    # background_consistency, appearance_style (CLIP ViT-B/32)
+  clip_model/ViT-L-14.pt                                    # aesthetic_quality (CLIP ViT-L/14)
   aesthetic_model/emb_reader/sa_0_4_vit_l_14_linear.pth     # aesthetic_quality (LAION head)
   dino_model/facebookresearch_dino_main/hubconf.py          # subject_consistency (clone of facebookresearch/dino)
-  dino_model/dino_vitbase16_pretrain.pth                    # subject_consistency: VBench checks it is here,
+  dino_model/dino_vitbase16_pretrain.pth                    # subject_consistency (DINO ViT-B/16): VBench checks it is here,
   torch/hub/checkpoints/dino_vitbase16_pretrain.pth         #   DINO's hubconf loads it from $TORCH_HOME
   pyiqa_model/musiq_spaq_ckpt-358bb6af.pth                  # imaging_quality (MUSIQ, SPAQ)
-  amt_model/amt-s.pth                                       # motion_smoothness
-  raft_model/models/raft-things.pth                         # dynamic_degree and the static filter
-  grit_model/grit_b_densecap_objectdet.pth                  # object_class, multiple_objects, color, spatial_relationship
-  caption_model/tag2text_swin_14m.pth                       # scene
-  umt_model/l16_ptk710_ftk710_ftk400_f16_res224.pth         # human_action
-  ViCLIP/ViClip-InternVid-10M-FLT.pth                       # temporal_style, overall_consistency
-  ViCLIP/bpe_simple_vocab_16e6.txt.gz                       # temporal_style, overall_consistency
+  amt_model/amt-s.pth                                       # motion_smoothness (AMT-S)
+  raft_model/models/raft-things.pth                         # dynamic_degree and the static filter (RAFT, things)
+  grit_model/grit_b_densecap_objectdet.pth                  # object_class, multiple_objects, color, spatial_relationship (GRiT-B)
+  caption_model/tag2text_swin_14m.pth                       # scene (Tag2Text Swin 14M)
+  umt_model/l16_ptk710_ftk710_ftk400_f16_res224.pth         # human_action (UMT-L/16)
+  ViCLIP/ViClip-InternVid-10M-FLT.pth                       # temporal_style, overall_consistency (ViCLIP)
+  ViCLIP/bpe_simple_vocab_16e6.txt.gz                       # temporal_style, overall_consistency (CLIP's BPE vocabulary)
   "huggingface/hub/models--bert-base-uncased/snapshots/*/vocab.txt"          # GRiT and Tag2Text tokenizer
   "huggingface/hub/models--bert-base-uncased/snapshots/*/model.safetensors"  # Tag2Text (scene)
 )
+# On a machine with the network (the URLs are the ones VBench 0.1.5 downloads from):
+#   C=${VBENCH_CACHE_DIR:-$HOME/.cache/vbench}
+#   mkdir -p $C/aesthetic_model/emb_reader $C/torch/hub/checkpoints
+#   wget -P $C/clip_model https://openaipublic.azureedge.net/clip/models/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt
+#   wget -P $C/clip_model https://openaipublic.azureedge.net/clip/models/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt
+#   wget -O $C/aesthetic_model/emb_reader/sa_0_4_vit_l_14_linear.pth 'https://github.com/LAION-AI/aesthetic-predictor/blob/main/sa_0_4_vit_l_14_linear.pth?raw=true'
+#   git clone https://github.com/facebookresearch/dino $C/dino_model/facebookresearch_dino_main
+#   wget -P $C/dino_model https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth
+#   cp $C/dino_model/dino_vitbase16_pretrain.pth $C/torch/hub/checkpoints/
+#   wget -P $C/pyiqa_model https://github.com/chaofengc/IQA-PyTorch/releases/download/v0.1-weights/musiq_spaq_ckpt-358bb6af.pth
+#   wget -P $C/amt_model https://huggingface.co/lalala125/AMT/resolve/main/amt-s.pth
+#   wget -P $C/raft_model https://dl.dropboxusercontent.com/s/4j4z58wuv8o0mfz/models.zip && unzip -d $C/raft_model $C/raft_model/models.zip && rm $C/raft_model/models.zip
+#   wget -P $C/grit_model https://datarelease.blob.core.windows.net/grit/models/grit_b_densecap_objectdet.pth
+#   wget -P $C/caption_model https://huggingface.co/spaces/xinyu1205/recognize-anything/resolve/main/tag2text_swin_14m.pth
+#   wget -P $C/umt_model https://huggingface.co/OpenGVLab/VBench_Used_Models/resolve/main/l16_ptk710_ftk710_ftk400_f16_res224.pth
+#   wget -P $C/ViCLIP https://huggingface.co/OpenGVLab/VBench_Used_Models/resolve/main/ViClip-InternVid-10M-FLT.pth
+#   wget -P $C/ViCLIP https://raw.githubusercontent.com/openai/CLIP/main/clip/bpe_simple_vocab_16e6.txt.gz
+#   HF_HOME=$C/huggingface ${VBENCH_VENV:-$HOME/.cache/vbench_venv}/bin/huggingface-cli download bert-base-uncased \
+#       config.json vocab.txt tokenizer_config.json tokenizer.json model.safetensors
 DIMENSIONS=(subject_consistency background_consistency temporal_flickering motion_smoothness
             dynamic_degree aesthetic_quality imaging_quality object_class multiple_objects human_action
             color spatial_relationship scene appearance_style temporal_style overall_consistency)
@@ -75,7 +120,7 @@ while (($#)); do
     --score-only) SCORE_ONLY=$2; shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
     --prompt-list) PROMPT_LIST=$2; shift 2 ;;
-    -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d'; exit 0 ;;
+    -h|--help) awk 'NR > 1 { if ($0 == "#" && ++n == 2) exit; print }' "${BASH_SOURCE[0]}"; exit 0 ;;  # the first paragraph and the commands
     *) die "unknown argument $1 (see --help)" ;;
   esac
 done

@@ -2,27 +2,50 @@
 Text -> video with the causal (autoregressive) Wan: block by block with a KV cache, each block
 decoded as soon as it is denoised; the prompt can change mid-video, a clip or an image can be continued.
 
-    python sample.py --prompt "a corgi running in a park at sunset"                  # 81 frames 480x832
-    python sample.py --checkpoint out/reward/ckpt.pt --prompt "..." --out corgi.mp4   # a trained generator (EMA)
+    python sample.py --prompt "a corgi running in a park at sunset"                  # out.mp4: 81 frames 480x832, 16 fps
+    python sample.py --checkpoint runs/reward/ckpt.pt --prompt "..." --out corgi.mp4  # a trained generator (EMA)
+    python sample.py --checkpoint self_forcing_dmd.pt --prompt "..."                  # Self Forcing's released checkpoint
     python sample.py --prompts-file prompts.txt --num-videos 2 --out videos/          # one video per prompt and seed
     python sample.py --prompt "..." --frames 321 --stream                             # 20 s, playable while written
+    python sample.py --prompt "..." --chunk 1                                         # frame-wise: lower first-frame latency
     python sample.py --tiny --prompt "a red fox" --frames 21 --out /tmp/fox.mp4       # CPU, seconds, random weights
     python sample.py --prompts-file prompts.txt --out videos/ --compile --overlap-decode  # speed options (BENCHMARKS.md)
-    python sample.py --prompt "..." --decoder tae --decoder-path taew2_1.pth          # the tiny decoder (speed kit, below)
+    python sample.py --prompt "..." --decoder tae --decoder-path taew2_1.pth          # the tiny decoder (Speed kit in this docstring)
     python sample.py --prompt "..." --fp8 --compile                                   # float8 transformer (GPU, cc >= 8.9)
     python sample.py --prompt "..." --offload                                         # less GPU memory
     python sample.py --benchmark [--tiny]                                             # speed (see BENCHMARKS.md)
-
     python sample.py --prompt "a corgi runs on a beach" --switch 41 "the corgi jumps into the sea" --frames 161
     python sample.py --prompt "..." --frames 961 --switch 241 "..." --switch 481 "..." --switch 721 "..."  # 1 min, 4 prompts
     python sample.py --prompt "the corgi swims back" --extend corgi.mp4 --frames 241  # the clip, then new frames
     python sample.py --prompt "a corgi runs on a beach" --image first.png              # image-to-video
     python sample.py --checkpoint runs/dmd/ckpt.pt --prompt "..."  # distill_dmd.py's bidirectional 4-step model
 
---chunk 3 generates 3 latent frames (12 video frames) per block, --chunk 1 one latent frame.
-Videos longer than 81 frames keep an attention window of --max-frames latent frames (the first
-block stays as an attention sink), so the time per block stays flat.
+Weights
+-------
+--model is a hub id (default Wan-AI/Wan2.1-T2V-1.3B-Diffusers) or a local diffusers-format folder
+(model_index.json, transformer/, vae/, text_encoder/, tokenizer/). Offline, get it once with
+`hf download Wan-AI/Wan2.1-T2V-1.3B-Diffusers --local-dir wan` and pass --model wan. Without weights
+and without the hub, sample.py says exactly that in one line. --checkpoint takes a checkpoint of
+this repo (its EMA generator; --no-ema for the raw one) or Self Forcing's / CausVid's .pt in the
+original Wan key layout (mapped on load). --tiny builds a random-init tiny Wan (transformer, VAE,
+UMT5, tokenizer) in the real diffusers format under ~/.cache/reward_forcing/tiny_wan and runs the
+same loading code a user with real weights runs, at 64x64. Its output is noise; it tests the
+pipeline, not the model.
 
+Frames, blocks and long videos
+------------------------------
+--frames is any 4k+1. The latent video has (frames-1)/4+1 frames, generated in blocks of --chunk
+latent frames: --chunk 3 (chunk-wise) generates 3 latent frames (12 video frames) per block,
+--chunk 1 (frame-wise) one latent frame; a last block may be shorter. Videos longer than 81 frames
+keep an attention window of --max-frames latent frames (21, the training length): a block attends
+to the first block (an attention sink) plus the most recent frames, with RoPE positions that keep
+growing, so the time per block stays flat however long the video. Each block is decoded by the VAE
+as soon as it is done (the Wan VAE is causal; block-wise decoding gives the same frames as one
+decode), and written to the mp4. --stream writes a fragmented mp4 that players open before the
+video is finished.
+
+Switching prompts
+-----------------
 --switch FRAME PROMPT (repeatable): from the first block boundary at or after video frame FRAME
 (blocks start at frames 0, 9, 21, 33, ... chunk-wise; 0, 1, 5, 9, ... frame-wise) the video
 follows PROMPT; the log says at which frame. The KV cache of the frames the window holds (sink +
@@ -30,6 +53,8 @@ recent frames) is recomputed under the new prompt from their clean latents, each
 position (re-cache, as LongLive does), so the new prompt takes hold without a cut. --no-recache
 swaps only the cross-attention prompt (for comparison: the cached frames keep the old prompt).
 
+Continuing a clip, image-to-video
+---------------------------------
 --extend CLIP continues a video: the clip (its longest 4k+1 prefix) is encoded by the Wan VAE
 (causal: first frame alone, then groups of 4) and its latents are placed in the KV cache as clean
 context, as a long video would hold them (the sink and the most recent frames). The output is the
@@ -40,6 +65,8 @@ weights is untested. Clips and images of another size are resized and center-cro
 --height x --width. A bidirectional checkpoint (distill_dmd.py --generator bidirectional) renders
 the whole video as one block with full attention (no --chunk, --switch, --extend, --image).
 
+What is exact
+-------------
 Exact (tests/test_interactive.py, on the tiny model): without a switch the video is training's
 rollout, bit for bit; frames before a switch are the single-prompt video's; a switch with re-cache
 after b blocks is bit for bit the continuation of those b blocks' latents under the new prompt;
@@ -52,6 +79,20 @@ goes through the VAE encoder, so a clip's latents are the encoder's, not the gen
 noise of each block depends only on --seed and where the block starts: a video of N frames is the
 first N frames of a longer one with the same seed and switches (up to a shorter last block).
 
+Speed flags
+-----------
+What each one measured is in BENCHMARKS.md; none is on by default until a GPU run shows it pays.
+--overlap-decode decodes block b in a worker thread (on a GPU, its own CUDA stream) while block b+1
+is denoised, same frames. --compile runs the transformer blocks through torch.compile (--compile
+reduce-overhead adds CUDA graphs; the first video pays the compilation, so it is for many prompts or
+long videos). --compile-vae compiles the VAE decoder too (its norms, activations and cache padding
+fuse around cuDNN's convolutions; same pixels within one level of 255 on the CPU). --cudnn-benchmark
+lets cuDNN autotune the VAE's convolutions. --vae-dtype bf16 decodes in bf16 instead of fp32
+(diffusers runs the Wan VAE in fp32; bf16 changes pixels, by up to 13/255 on the tiny random VAE:
+not checked on the real one).
+
+Speed kit
+---------
 Speed kit (what was measured: BENCHMARKS.md; none of it is on by default):
 --decoder tae --decoder-path taew2_1.pth decodes with the decoder of TAEW2.1, the tiny autoencoder
 for Wan 2.1 latents published at github.com/madebyollin/taehv (download taew2_1.pth there), instead
@@ -102,7 +143,7 @@ import causal_wan as cw
 
 
 def parse_args(argv=None):
-    p = cw.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cw.ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:2]), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", help="text of the video")
     p.add_argument("--prompts-file", help="one prompt a line, one video each")
     p.add_argument("--jobs", help="tab-separated lines 'prompt<TAB>seed<TAB>out.mp4' (used by eval_vbench.sh)")

@@ -1,23 +1,17 @@
 """
-Stage 2 of Reward Forcing: ODE initialization of the causal student (paper, section 3.2).
+Stage 2 of Reward Forcing: ODE initialization of the causal student (paper, section 3.2). `generate`
+samples ~1.4K noise -> video trajectories from a bidirectional teacher into a store, `verify` checks
+the store, `train` regresses the block-causal student onto them; train_reward.py starts from its checkpoint.
 
-Two phases. `generate` samples ~1.4K noise -> video trajectories from a bidirectional teacher and
-keeps five latents of each: the noisy inputs at the student's four timesteps and the clean end
-point x0. `train` regresses the block-causal student onto them,
-
-    L_ode = E || G(x_{t_f} per frame, t_f per frame) - x0 ||^2,
-
-which teaches it motion (the paper's "ODE only" row, 68.77 VBench total). Its checkpoint is
-what train_reward.py starts from, and what `sample.py --checkpoint` renders.
-
-    # CPU demo with a tiny random Wan (built once in ~/.cache/reward_forcing/tiny_wan), seconds
+    # CPU demo with a tiny random Wan (built once in ~/.cache/reward_forcing/tiny_wan): 64x64 pixels, 4 trajectories, 20 steps, seconds
     python distill_dmd.py --tiny --generator bidirectional --out runs/dmd_tiny
     python train_ode.py generate --tiny --teacher runs/dmd_tiny/ckpt.pt --prompts prompts/dmd_example.txt --store ode_tiny
     python train_ode.py verify --store ode_tiny
     python train_ode.py train --tiny --store ode_tiny --out runs/ode_tiny
 
-    # one GPU (teacher: distill_dmd.py --generator bidirectional; PROMPTS: ~1.4K lines)
+    # one GPU (teacher: distill_dmd.py --generator bidirectional; PROMPTS: ~1.4K lines, one prompt a line)
     python train_ode.py generate --teacher runs/dmd_bidirectional/ckpt.pt --prompts PROMPTS --store ode_store
+    python train_ode.py verify --store ode_store     # count, shapes, missing shards (exit code 2 if incomplete)
     python train_ode.py train --store ode_store --out runs/ode --global-batch 8
     # or the public code's teacher (no stage 1): base Wan, Euler, shift 8, 48 steps, CFG 6
     python train_ode.py generate --teacher Wan-AI/Wan2.1-T2V-1.3B-Diffusers --recipe self-forcing --prompts PROMPTS --store ode_store
@@ -25,20 +19,37 @@ what train_reward.py starts from, and what `sample.py --checkpoint` renders.
     # 8 GPUs (both phases split across ranks; generation skips finished shards when rerun)
     torchrun --nproc_per_node 8 train_ode.py generate --teacher runs/dmd_bidirectional/ckpt.pt --prompts PROMPTS --store ode_store
     torchrun --nproc_per_node 8 train_ode.py train --store ode_store --out runs/ode
+    python sample.py --checkpoint runs/ode/ckpt.pt --prompt "a red fox running in snow"   # render it
 
-Teachers (`--teacher`):
-  - a checkpoint file of distill_dmd.py: its 4-step bidirectional generator (`rollout` with one
-    block). The inputs of its four steps are exactly at the student's timesteps, and re-noised with
-    fresh noise as the student's own rollout does at inference, so they are exactly the inputs the
-    student meets. The flip side: x0 also depends on that later noise, so L_ode has a floor at the
-    early steps (there the student learns the mean x0 given its input).
-  - a diffusers-format Wan (folder or hub id): diffusers' own WanPipeline, `--teacher-steps` steps,
-    classifier-free guidance `--guidance` and `--negative-prompt` (these apply to this teacher only),
-    with its own scheduler (`--recipe pipeline`: UniPC, flow shift 3, 50 steps, CFG 5) or with
-    `--recipe self-forcing`: the recipe of Self Forcing's scripts/generate_ode_pairs.py, Euler on the
-    velocity over its grid of 48 steps with shift 8, CFG 6 (CausVid's: the same with
-    `--teacher-steps 50`). A deterministic ODE solve: the kept latents are the solver's latents
-    nearest to the student's timesteps; their true timesteps go into the store.
+The loss
+--------
+Each trajectory keeps five latents: the noisy inputs at the student's four timesteps and the clean
+end point x0. The student is regressed onto x0 under the block-causal mask,
+
+    L_ode = E || G(x_{t_f} per frame, t_f per frame) - x0 ||^2.
+
+This stage teaches motion, not texture: on its own it gives the paper's "ODE only" row (VBench
+total 68.77 / quality 73.27 / semantic 50.81). Its checkpoint is what train_reward.py starts from,
+and what `sample.py --checkpoint` renders. Peers published no training recipe for this stage
+(Self Forcing issue #64): the training defaults below are ours.
+
+Teachers (--teacher)
+--------------------
+- a checkpoint file of distill_dmd.py: its 4-step bidirectional generator (`rollout` with one
+  block). The inputs of its four steps are exactly at the student's timesteps (1000, 937.5, 833.3,
+  625), and re-noised with fresh noise as the student's own rollout does at inference, so they are
+  exactly the inputs the student meets. The flip side: x0 also depends on that later noise, so L_ode
+  has a floor at the early steps (there the student learns the mean x0 given its input). --model
+  (the base Wan folder) gives the network config and the text encoder.
+- a diffusers-format Wan (folder or hub id): diffusers' own WanPipeline, `--teacher-steps` steps,
+  classifier-free guidance `--guidance` and `--negative-prompt` (Wan's own by default; these apply
+  to this teacher only), with its own scheduler (`--recipe pipeline`: UniPC, flow shift 3, 50 steps,
+  CFG 5) or with `--recipe self-forcing`: the recipe of Self Forcing's scripts/generate_ode_pairs.py,
+  Euler on the velocity over its grid of 48 steps with shift 8, CFG 6 (CausVid's: the same with
+  `--teacher-steps 50`). A deterministic ODE solve: the kept latents are the solver's latents
+  nearest to the student's timesteps; their true timesteps go into the store (the solver grid does
+  not hit 937.5 or 625 exactly) and training uses them. The latents are stored in the VAE-normalized
+  space the transformer works in (output_type="latent").
 
 Which teacher: the paper (section 3.4) samples its 1.4K trajectories from the 4-step bidirectional
 DMD model, the first one above (`--teacher runs/dmd_bidirectional/ckpt.pt`): 4 model calls per
@@ -52,15 +63,62 @@ levels are stored). Pick the paper's to follow it, and when a distilled bidirect
 (then sampling costs 1/24); the public code's to reproduce Self Forcing's ODE initialization, or to
 skip stage 1.
 
-Training: each block of `--block-size` latent frames takes its input from one of the four noisy
-states, drawn at random per block, with that state's true t; the student predicts x0 for all
-frames at once under the block-causal mask, and L_ode compares it with the teacher's x0.
+The store
+---------
+DIR/index.json holds the settings, the latent shape, the five timesteps and every trajectory's
+prompt; DIR/shard_00000.safetensors, ... hold `latents` [n, 5, C, F, H, W] in bf16 (noisiest first,
+x0 last) with the prompts and seeds as metadata. Shard i holds trajectories [i*S, (i+1)*S)
+(S = --shard-size, 16). Trajectory k is drawn from seed + k alone, and a shard is written to a temp
+file and renamed, so the store is:
 
-Store: DIR/index.json (settings, shapes, timesteps, every trajectory's prompt) and
-DIR/shard_00000.safetensors, ... Shard i holds trajectories [i*S, (i+1)*S): `latents`
-[n, 5, C, F, H, W] bf16 (in the order noisiest -> x0) and, as metadata, their prompts and seeds.
-Trajectory k is drawn from seed + k alone, so rerunning `generate` (any world size) skips the
-finished shards and regenerates the missing ones identically.
+- resumable: rerunning the same `generate` command (any number of GPUs) skips finished shards and
+  regenerates the missing ones identically; changed flags are refused with the list of settings
+  that differ;
+- split across ranks: rank r generates shards r, r + world, ...;
+- verifiable: `verify` checks every shard's shape, dtype, prompts and seeds against the index.
+
+Prompts come from --prompts (one per line, cycled with new seeds if --num is larger).
+
+Disk size at full size (832x480, 81 frames -> latents 16 x 21 x 60 x 104): one trajectory is
+21 x 16 x 60 x 104 values x 5 kept states x 2 bytes = 20,966,400 bytes = 21.0 MB (20.0 MiB), so
+1K trajectories = 21.0 GB (19.5 GiB) and the paper's 1.4K = 29.4 GB (27.3 GiB), in 88 shards of
+~335 MB.
+
+Training
+--------
+Each training sample is one stored trajectory. Each block of --block-size (3) latent frames takes
+its input from one of the four noisy states, drawn at random per block (as in CausVid's and Self
+Forcing's ODE regression: a block shares one timestep at inference, too), with that state's true t.
+The student predicts x0 for all frames in one block-causal forward and L_ode compares it with the
+teacher's x0 over all frames. The text embeddings of all prompts are computed once at startup and
+kept on each GPU.
+
+Defaults (the paper gives none for this stage): AdamW lr 2e-6 (CausVid's ODE regression), betas
+(0.9, 0.999) (plain regression, as CausVid; the DMD and reward stages use beta1 = 0), weight decay
+0.01, global batch 64, 1000 steps (~46 passes over 1.4K trajectories), grad clip 10, EMA 0.99
+averaging after --ema-start 100 updates, bf16 compute with fp32 master weights, FSDP2 and activation
+checkpointing on GPU. The student starts from the base Wan weights (--model); --init CKPT starts it
+from another generator (e.g. the distill_dmd checkpoint) instead. These values are not tuned at
+full size: watch `loss` in runs/ode/log.jsonl and the sample_<step>.mp4 videos, and stop once
+motion is coherent. One GPU: add e.g. --global-batch 8 (the global batch is reached by gradient
+accumulation).
+
+Shared behaviour with the other training scripts: --max-steps, --out, --resume (exact: the
+trajectory order and timestep draws depend only on the seed and the global sample number, so a
+resumed run, or a different number of GPUs, sees the same samples), --save-every (atomic ckpt.pt =
+{'model', 'ema', 'optimizer', 'step', 'args', 'script', 'stage'}), --log-every, --sample-every,
+--wandb, tqdm on rank 0, and a one-line stop without saving if the loss becomes NaN/inf.
+
+Time (estimates, not measurements)
+----------------------------------
+Calibrated on the paper's 103 s for one 50-step CFG Wan2.1-1.3B video on an H100 (~1 s per
+full-video transformer call):
+
+    phase                                            per unit, one H100       1.4K trajectories / 1000 steps on 8 H100
+    generate, distill_dmd teacher (4 calls, no CFG)  ~4-5 s per trajectory    ~15 min
+    generate, Wan 50 steps + CFG (100 calls)         ~103 s per trajectory    ~5 h
+    train (block-causal forward + backward +         ~3 s per sample          ~6-7 h for 1000 steps of 64
+      recompute, 32,760 tokens)
 """
 import argparse
 import copy
@@ -537,11 +595,12 @@ def train(args, rank, world, device):
 
 
 def parse_args(argv=None):
-    parser = cw.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    summary = dict(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cw.ArgumentParser(**summary)  # --help: the docstring's first paragraph, for each subcommand too
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="sample trajectories from the teacher into a store")
-    ver = sub.add_parser("verify", help="report a store's count, shapes and missing shards")
-    tr = sub.add_parser("train", help="regress the causal student onto a store")
+    gen = sub.add_parser("generate", help="sample trajectories from the teacher into a store", **summary)
+    ver = sub.add_parser("verify", help="report a store's count, shapes and missing shards", **summary)
+    tr = sub.add_parser("train", help="regress the causal student onto a store", **summary)
     for p in (gen, tr):
         p.add_argument("--tiny", action="store_true", help="tiny random Wan, small sizes (CPU demo, tests)")
         p.add_argument("--model", help=f"base diffusers-format Wan: config, text encoder, VAE, student init "

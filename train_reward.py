@@ -1,11 +1,8 @@
 """
 Stage 3 of Reward Forcing (the paper's contribution, section 3.2): fine-tune the ODE-initialized
 causal generator so that the LAST frame of the video it rolls out by itself scores high under a
-differentiable image reward,
-
-    L_reward(theta) = -E_z[ R(x_T) ],    x_{1:T} = G_theta(z),  x_T its last frame.
-
-No teacher and no critic: the generator, the VAE (to reach pixels) and a frozen reward model.
+differentiable image reward (ImageReward): L_reward(theta) = -E_z[ R(x_T) ], x_{1:T} = G_theta(z).
+No teacher and no critic: the generator, the Wan VAE (to reach pixels) and a frozen reward model.
 
     # CPU demo with a tiny random Wan and a tiny random ImageReward (built once in ~/.cache/reward_forcing)
     python train_reward.py --tiny --out runs/reward_tiny
@@ -17,40 +14,74 @@ No teacher and no critic: the generator, the VAE (to reach pixels) and a frozen 
     # 8 GPUs (FSDP; bf16 compute, fp32 master weights, activation checkpointing)
     torchrun --nproc_per_node 8 train_reward.py --init runs/ode/ckpt.pt --prompts prompts.txt --out runs/reward
     # starting from Self Forcing's released ODE initialization instead of train_ode.py's
+    # (hf download gdhe17/Self-Forcing checkpoints/ode_init.pt --local-dir .)
     torchrun --nproc_per_node 8 train_reward.py --init checkpoints/ode_init.pt --prompts prompts.txt --out runs/reward
 
-The paper's ablations, as flags:
+The paper supervises the last frame only because supervising more frames encourages static videos
+(section 5.2); the last frame, at the end of the autoregressive rollout, keeps the motion.
 
-    --reward-frames random       section 5.2: score one random frame of the whole video instead of the last
-                                 (the paper: dynamic degree drops by more than 10 points)
-    --dmd-weight 1               section 5.1, Table 2 ("Reward + Distill", 82.55 total vs 84.92):
-                                 reward and DMD jointly, each normalized (see joint_gradient), with
-                                 distill_dmd.py's DMD loss and critic; the real score is --teacher,
-                                 by default --model (the base Wan 1.3B, as in distill_dmd.py)
-    --dmd-weight 1 --teacher Wan-AI/Wan2.1-T2V-14B-Diffusers
-                                 section 5.3: the same with the 14B teacher (no substantial difference)
-    --reward pickscore           another differentiable image reward in place of ImageReward
+The paper's ablations, as flags
+-------------------------------
+(... = torchrun --nproc_per_node 8 train_reward.py --init runs/ode/ckpt.pt --prompts PROMPTS;
+score each with `eval_vbench.sh --checkpoint OUT/ckpt.pt`)
 
-One step: for each video of the global batch, the generator rolls out the whole latent video
-block by block with its KV cache, exactly as at inference (causal_wan.rollout); every block stops
-at one randomly drawn denoising step, the same for all blocks and all ranks (Self Forcing's
-same_step_across_blocks), and the gradient flows through that step only. The real Wan VAE decodes
-the latent frames before the last block without gradient (the causal VAE needs them as context),
-then the last block's latent frames with gradient; its last pixel frame is scored against the
-prompt; AdamW steps on -mean(reward). OUT/ckpt.pt holds 'model', 'ema', 'optimizer', 'step',
-'args', 'script', 'stage' (+ 'critic', 'critic_optimizer', 'loss_scales' with --dmd-weight);
-`sample.py --checkpoint OUT/ckpt.pt` renders its EMA generator.
+    ... --out runs/reward                           Table 1 "Ours (chunk-wise)": 84.92 total / 85.91 quality / 80.97 semantic
+    ... --reward-frames random                      section 5.2: score one random frame of the whole video instead of
+                                                    the last (the paper: dynamic degree, Table 3, more than 10 points lower)
+    ... --dmd-weight 1                              section 5.1, Table 2 "Reward + Distill": 82.55 / 83.20 / 79.96:
+                                                    reward and DMD jointly, each normalized (see joint_gradient), with
+                                                    distill_dmd.py's DMD loss and critic; the real score is --teacher,
+                                                    by default --model (the base Wan 1.3B, as in distill_dmd.py)
+    ... --dmd-weight 1 --teacher Wan-AI/Wan2.1-T2V-14B-Diffusers
+                                                    section 5.3: the same with the 14B teacher (no substantial difference)
+    ... --reward pickscore                          not in the paper: another differentiable image reward in place of
+                                                    ImageReward (section 6 names other rewards as future work)
+    train_ode.py alone, then eval_vbench.sh         Table 1 "ODE Only (chunk-wise)": 68.77 / 73.27 / 50.81
 
-The decode is exact (decode_reward_frames): the scored pixels equal one decode of the whole video,
-and so does the gradient on every latent frame of the block that made them. Through the VAE's
-causal cache the last pixel frame depends on all three frames of the last block, and the two
-earlier ones get the larger share of the gradient (Wan2.1's VAE architecture with random weights,
-64x104: norms 9.4, 4.7 and 1.4 for the scored frame's own; the numbers below); the earlier blocks
-have no graph in training (they reach the last one only through the detached KV cache). The backward
-through 3 latent frames (12 pixel frames) of the decoder at 480x832 is large, so on GPU each
-latent frame's decode, and inside it each decoder module that reads the cache, is checkpointed
-(as the generator's blocks are on GPU): the backward recomputes one latent frame, then one
-residual block, at a time (two extra decoder forwards over the block).
+One training step
+-----------------
+For each video of the global batch (noise, prompt and scored frame drawn from that video's own
+random stream step_generator(seed, update, slot); the batch layout of distill_dmd.py, so one GPU
+with accumulation and N GPUs compute the same step):
+
+1. Self-rollout, as at inference. causal_wan.rollout generates the whole latent video (21 latent
+   frames, blocks of 3) with the generator's own KV cache. Every block stops after one denoising
+   step drawn at random per update, the same for all blocks, videos and ranks (Self Forcing's
+   same_step_across_blocks); the gradient flows through that step only, the earlier steps and the
+   cache passes run without it. Because the cache is detached, a loss on the last frame reaches
+   only the last block, so the other blocks run without a graph (rollout(..., grad_blocks=...):
+   ~15 GB less at 81 frames, same gradient, tested).
+2. Decode the scored frame through the real Wan VAE with gradient (decode_reward_frames, below).
+3. Score the frame with the reward against the prompt; the reward model and the VAE are frozen, in
+   fp32, so the reward judges the pixels sample.py writes. Loss reward_loss = -mean(reward).
+4. AdamW step on the generator, EMA update.
+
+The exact decode
+----------------
+The Wan VAE is causal (a per-frame feature cache): the latent frames before the scored frame's
+block are decoded without gradient only to fill that cache, then the block's latent frames with
+gradient; the scored pixel frame is the reward's input. The scored pixels equal one decode of the
+whole video, and so does the gradient on every latent frame of the block that made them (tested,
+1e-5). Through the VAE's causal cache the last pixel frame depends on all three frames of the last
+block, and the two earlier ones get the larger share of the gradient (Wan2.1's VAE architecture
+with random weights, 64x104: norms 9.4, 4.7 and 1.4 for the scored frame's own); the earlier blocks
+have no graph in training (they reach the last one only through the detached KV cache).
+
+Why the whole prefix: each of the decoder's ~30 causal convs reads the two frames before its input,
+so the last frame depends on every latent frame. Measured with Wan 2.1's VAE architecture (random
+weights, 32x32 pixels, 21 latent frames), max |difference| of the last frame when the decode starts
+at latent frame c instead of 0:
+
+    start c    1      2      5     10     15     19     20 (no context)
+    max diff   0.019  0.035  0.10  0.50   1.09   1.54   1.05
+
+No shorter context is identical, so exactness was chosen (the cost is a no-grad decode of the
+earlier frames, about one sample.py decode per video).
+
+The backward through 3 latent frames (12 pixel frames) of the decoder at 480x832 is large, so on
+GPU each latent frame's decode, and inside it each decoder module that reads the cache, is
+checkpointed (as the generator's blocks are on GPU): the backward recomputes one latent frame, then
+one residual block, at a time (two extra decoder forwards over the block).
 
 Its memory, measured with `python tests/measure_reward_decode.py --height H --width W
 --latent-frames 6 [--no-checkpoint]` (Wan2.1's VAE architecture, random weights, fp32; the last
@@ -70,9 +101,52 @@ of earlier frames (they fill a cache of fixed size), the time does: a no-grad de
 earlier frames alone took 113 s (120x208) and 360 s (240x416). The times are upper bounds (a busy
 machine); the checkpointed backward costs two more decoder forwards over the block.
 
-Rewards: reward_fn(frames, prompts) -> scores, frames [B, 3, H, W] in [-1, 1] (RGB, any H, W),
-prompts a list of B strings, scores [B] float32, differentiable w.r.t. the frames only (the reward
-model is frozen). Two are available, picked with --reward:
+Flags (beyond their --help)
+---------------------------
+- --init: train_ode.py's OUT/ckpt.pt (its EMA) or Self Forcing's ode_init.pt ({'generator',
+  'generator_ema'}, original Wan layout); required except with --tiny.
+- --model (default Wan-AI/Wan2.1-T2V-1.3B-Diffusers, hub id or folder): config, text encoder, VAE,
+  and the critic with --dmd-weight. --prompts defaults to prompts/dmd_example.txt (for real runs pass
+  your own list: Self Forcing trains on extended VidProM prompts).
+- --lr 2e-6, --ema-decay 0.99, --grad-clip 10, --global-batch 8: appendix B.2, with AdamW betas
+  (0.0, 0.999), eps 1e-8, weight decay 0.01. accumulation = global / (GPUs x micro), an error if not
+  whole. --max-steps 500 is not given in the paper: watch sample_reward in the log and the samples.
+- --guidance, --critic-steps, --critic-lr, --negative-prompt (4.0, 5, 4e-7, Wan's): with
+  --dmd-weight, as in distill_dmd.py.
+- --height, --width, --frames, --block-size: 480, 832, 81, 3 (--block-size 1: frame-wise).
+
+Output in --out
+---------------
+- ckpt.pt: plain dict, torch.load(weights_only=True), written atomically and only when every tensor
+  is finite: 'model', 'ema', 'optimizer', 'step', 'args', 'script', 'stage'; with --dmd-weight also
+  'critic', 'critic_optimizer', 'loss_scales'. `sample.py --checkpoint OUT/ckpt.pt` renders its EMA.
+- log.jsonl: one JSON line per logged step: loss, reward, grad_norm, exit_step, step_time,
+  gpu_mem_gb, sample_reward when a sample was written; with --dmd-weight also dmd_loss,
+  critic_loss, critic_grad_norm, reward_grad_norm, dmd_grad_norm, dmd_factor.
+- sample_<step>.mp4: the EMA generator, all 4 steps, the first prompt, the same noise every time;
+  sample_reward is its last frame's reward, also printed.
+The tqdm bar on rank 0 shows reward, loss, grad norm, step time and GPU memory. --resume continues
+exactly (weights, EMA, optimizers, normalizers, step; the noise follows from the step number). A
+NaN/inf loss, reward or gradient stops the run with `error: training diverged at step N (...)`
+before the optimizer step and without saving.
+
+Reward + DMD, and the normalization
+-----------------------------------
+With --dmd-weight W, each generator update also computes distill_dmd.py's dmd_loss on the same
+rollout (teacher with CFG as real score, critic as fake score), and before it --critic-steps critic
+updates with distill_dmd.py's critic_loss on fresh detached rollouts, exactly as in distill_dmd.py
+(its functions are imported, not copied). The paper says only that the losses are "normalized so
+that they are on the same scale" (appendix B.2); joint_gradient says how, and why the gradient's
+size rather than the loss value. The running means are EMAs (LOSS_SCALE_DECAY 0.9) of the global
+batch's mean gradient norms, updated after every step and saved in the checkpoint; at the first
+step each video's own norms are used. The log has both raw norms and the factor
+dmd_factor = s_reward / s_dmd.
+
+Rewards
+-------
+reward_fn(frames, prompts) -> scores, frames [B, 3, H, W] in [-1, 1] (RGB, any H, W), prompts a
+list of B strings, scores [B] float32, differentiable w.r.t. the frames only (the reward model is
+frozen). Two are available, picked with --reward:
 
     --reward imagereward   ImageReward-v1.0 (THUDM/ImageReward, the `image-reward` package)
     --reward pickscore     PickScore_v1 (yuvalkirstain/PickScore_v1, a CLIP-H through transformers)
@@ -82,6 +156,37 @@ Weights come from the Hugging Face hub cache, or from a folder with --reward-pat
 --reward-tokenizer DIR gives the text side: ImageReward's BERT tokenizer (default
 bert-base-uncased from the hub) or PickScore's processor (default
 laion/CLIP-ViT-H-14-laion2B-s32B-b79K), so a machine with everything on disk needs no hub at all.
+image-reward 1.5 is unmaintained and breaks on transformers 5: this file carries a small, commented
+compatibility patch (patch_image_reward_for_transformers5) instead of pinning transformers 4.
+
+--tiny builds a tiny random Wan and a tiny random ImageReward once, under ~/.cache/reward_forcing/.
+The random tiny VAE hardly depends on the latent frame it decodes, so the tiny demo's reward hardly
+moves; tests/test_train_reward.py gives its VAE a variance-preserving init to show the reward rising.
+
+Hardware (estimates, not measurements: no GPU run was done for this stage)
+--------------------------------------------------------------------------
+Per GPU, micro-batch 1, 21 latent frames at 480x832, bf16 compute with fp32 master weights, FSDP
+over all GPUs, activation checkpointing per transformer block, reward only:
+
+    generator fp32 + AdamW + EMA + fp32 gradients (1.419 B params)    28.4 GB / GPUs
+    ImageReward fp32 (~0.45 B) + VAE fp32 (0.13 B), replicated        ~2.3 GB (PickScore ~4 GB instead of 1.8)
+    rollout activations (the last block's graph: its cache of
+      18 frames + block inputs)                                       ~7 GB
+    VAE decode of one latent frame with gradient, fp32                ~29 GB (measured on the CPU with saved-tensor
+                                                                      hooks at 120x208 with Wan 2.1's VAE architecture, x16)
+    CUDA context, allocator slack                                     ~4 GB
+    1 GPU / 8 GPUs                                                    ~71 GB (80 GB, tight) / ~46 GB
+
+Startup briefly holds the UMT5-XXL text encoder (11.4 GB bf16), freed before training. With
+--dmd-weight, add the critic (fp32 + AdamW 17 GB / GPUs), the teacher (bf16, 2.8 GB or 28.6 GB for
+14B, / GPUs) and the activations of every block (~20 GB more; see distill_dmd.py's Hardware): fine
+on 8 x 80 GB, not on one GPU. Compute per video: ~23.5 transformer calls of a 3-frame block
+(~25 TFLOP each) forward plus the last block's backward, ~0.7 PFLOP, plus the VAE decode of 81
+frames and the reward model; ~6 PFLOP per step of 8 videos, i.e. a few seconds per step on 8 H100s
+and the 500-step default in well under an hour (estimate).
+
+Not tested here: anything on a GPU (bf16 autocast through FSDP, activation checkpointing, the memory
+and speed figures above), the real ImageReward/PickScore/Wan weights, and the paper's VBench numbers.
 """
 import argparse
 import copy
@@ -595,23 +700,61 @@ def write_sample(args, ema, vae, reward_fn, context, prompt, latent_shape, step,
     return reward_fn(pixels[:, :, -1], [prompt]).item()
 
 
-def train(args, rank, world, device):
-    # As in distill_dmd.py, the global batch is `slots` groups of micro_batch videos; rank r runs slots
-    # [r*accum, (r+1)*accum). Slot j of update u draws its noise, prompts and frames from its own
-    # generator step_generator(seed, u, j), and its prompts from its own share of the prompt file
-    # (lines j, j + slots, ...): one GPU with accumulation and N GPUs compute the same step.
+@dataclass
+class Run:
+    """What the training loop works with, built once by setup(). As in distill_dmd.py, the global batch
+    is `slots` groups of micro_batch videos; this rank runs `my_slots` (slots [rank*accum, (rank+1)*accum)).
+    Slot j of update u draws its noise, prompts and frames from its own generator step_generator(seed, u, j),
+    and its prompts from its own share of the prompt file (lines j, j + slots, ...): one GPU with
+    accumulation and N GPUs compute the same step."""
+    rank: int
+    device: torch.device
+    joint: bool  # --dmd-weight > 0: section 5.1's reward + DMD
+    accum: int  # micro-batches per rank per update
+    my_slots: range
+    prompts: list  # the prompt file's lines, repeated until every slot has one
+    shares: dict  # slot -> the prompt lines it draws from
+    contexts: dict  # prompt line -> its embedding [n, text_dim] (CPU, padding cut off)
+    uncond: torch.Tensor  # the negative prompt's embedding [1, 512, text_dim] (the teacher's CFG)
+    generator: torch.nn.Module
+    ema: torch.nn.Module
+    opt: torch.optim.Optimizer
+    teacher: torch.nn.Module  # --dmd-weight only (else None): the real score, frozen
+    critic: torch.nn.Module  # --dmd-weight only: the fake score
+    critic_opt: torch.optim.Optimizer  # --dmd-weight only
+    loss_scales: dict  # --dmd-weight: running means of the two terms' gradient norms {'reward', 'dmd'}
+    step: int  # generator updates done (from the checkpoint with --resume)
+    latent_shape: list  # [C, F, h, w] of one video
+    num_blocks: int
+    vae: torch.nn.Module  # frozen, fp32: decodes the scored frames and the samples
+    reward_fn: object  # reward_fn(frames [B, 3, H, W], prompts) -> [B]
+    checkpointed: bool  # checkpoint the reward decode (on GPU, as the generator's blocks)
+    ckpt_path: str
+    log_path: str
+    wandb: object  # the wandb run on rank 0 with --wandb, else None
+
+
+def check_args(args, world):
+    """Everything about the flags and files that can be wrong, before any model loads."""
     if args.global_batch % (world * args.micro_batch):
         raise UserError(f"--global-batch {args.global_batch} is not divisible by world size {world} x --micro-batch {args.micro_batch}")
     if (args.frames - 1) % 4 or args.height % 16 or args.width % 16:
         raise UserError(f"--frames must be 4k+1 and --height/--width multiples of 16 (got {args.frames}, {args.height}x{args.width})")
+    cw.check_model(args.model)
+    if args.dmd_weight > 0:
+        cw.check_model(args.teacher, "--teacher")
+    check_reward_path(args.reward, args.reward_path)
+
+
+def setup(args, rank, world, device):
+    """Check the flags and files (before any model loads), read the prompts and encode them, load the
+    generator (and with --dmd-weight the teacher and the critic), shard them, restore them with the
+    optimizers from OUT/ckpt.pt on --resume, and load the VAE and the reward model."""
+    check_args(args, world)
     joint = args.dmd_weight > 0  # section 5.1's ablation: reward + DMD
     slots = args.global_batch // args.micro_batch
     accum = slots // world
     my_slots = range(rank * accum, (rank + 1) * accum)
-    cw.check_model(args.model)
-    if joint:
-        cw.check_model(args.teacher, "--teacher")
-    check_reward_path(args.reward, args.reward_path)
     ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
     ckpt = cw.load_resume(ckpt_path, args, SCRIPT, stage="with --dmd-weight" if joint else "without --dmd-weight")
     if ckpt is None and args.init:  # before the text encoder loads
@@ -631,9 +774,26 @@ def train(args, rank, world, device):
     contexts, uncond = dmd.text_contexts(args, {i: prompts[i] for i in needed}, device)
 
     bf16 = device.type == "cuda"  # bf16 compute with fp32 master weights on GPU; fp32 on CPU
+    nets = load_networks(args, ckpt, joint, bf16)
+    del ckpt
+    latent_shape = [nets["generator"].cfg.in_channels, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8]
+    # both frozen and in fp32, so the reward judges the pixels sample.py writes (fp32 VAE, as diffusers)
+    # and scores as the reward package computes them; every rank decodes and scores its own videos
+    vae = cw.load_vae(args.model, torch.float32, device)
+    reward_fn = load_reward(args.reward, args.reward_path, args.reward_tokenizer, device, torch.float32)
+    return Run(rank=rank, device=device, joint=joint, accum=accum, my_slots=my_slots, prompts=prompts, shares=shares,
+               contexts=contexts, uncond=uncond, **nets, latent_shape=latent_shape,
+               num_blocks=math.ceil(latent_shape[1] / args.block_size), vae=vae, reward_fn=reward_fn, checkpointed=bf16,
+               ckpt_path=ckpt_path, log_path=log_path, wandb=wandb)
+
+
+def load_networks(args, ckpt, joint, bf16):
+    """The generator, its EMA and optimizer (+ with --dmd-weight the frozen teacher, the critic and its
+    optimizer), sharded, and restored from ckpt (None: a new run from --init). Returns the Run fields."""
     generator = load_generator(args, None if ckpt is not None else args.init)
     ema = copy.deepcopy(generator).requires_grad_(False)
     generator.gradient_checkpointing = bf16  # per block, on GPU
+    teacher = critic = critic_opt = None
     nets = [generator, ema]
     if joint:  # the real score (frozen teacher) and the fake score (critic, from the base model), as in distill_dmd.py
         teacher = cw.from_pretrained(args.teacher, torch.bfloat16 if bf16 else torch.float32).requires_grad_(False)
@@ -659,99 +819,120 @@ def train(args, rank, world, device):
             cw.load_full_state_dict(critic, ckpt["critic_optimizer"], critic_opt)
             loss_scales = dict(ckpt["loss_scales"])
         step = ckpt["step"]
-        del ckpt
+    return dict(generator=generator, ema=ema, opt=opt, teacher=teacher, critic=critic, critic_opt=critic_opt,
+                loss_scales=loss_scales, step=step)
 
-    latent_shape = [generator.cfg.in_channels, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8]
-    num_blocks = math.ceil(latent_shape[1] / args.block_size)
-    # both frozen and in fp32, so the reward judges the pixels sample.py writes (fp32 VAE, as diffusers)
-    # and scores as the reward package computes them; every rank decodes and scores its own videos
-    vae = cw.load_vae(args.model, torch.float32, device)
-    reward_fn = load_reward(args.reward, args.reward_path, args.reward_tokenizer, device, torch.float32)
 
-    def draw(update, slot):
-        """This slot's prompts (line numbers), noise [B, C, F, h, w], scored frames, and the generator
-        for the rest of its draws (the rollout's re-noising, DMD's timesteps)."""
-        g = cw.step_generator(args.seed, update, slot, device)
-        share = shares[slot]
-        ids = [share[k] for k in torch.randint(len(share), (args.micro_batch,), generator=g, device=device).tolist()]
-        noise = torch.randn([args.micro_batch] + latent_shape, generator=g, device=device)
-        return ids, noise, reward_frame_indices(args.reward_frames, latent_shape[1], args.micro_batch, g), g
+def exit_step(args, update):
+    """The denoising step where every block of this update's rollouts stops: the same on every
+    rank (and slot), so all ranks run the same number of sharded forwards."""
+    g = cw.step_generator(args.seed, update, -1, "cpu")  # slot -1: a stream no slot uses
+    return int(torch.randint(len(cw.DENOISING_TIMESTEPS), (1,), generator=g))
 
-    def exit_step(update):
-        """The denoising step where every block of this update's rollouts stops: the same on every
-        rank (and slot), so all ranks run the same number of sharded forwards."""
-        g = cw.step_generator(args.seed, update, -1, "cpu")  # slot -1: a stream no slot uses
-        return int(torch.randint(len(cw.DENOISING_TIMESTEPS), (1,), generator=g))
 
-    def rollout(update, slot, grad):
-        ids, noise, pixel_frames, g = draw(update, slot)
-        context = dmd.padded(contexts, ids, device)
-        reached = range(num_blocks) if joint else {latent_frame_of(p) // args.block_size for p in pixel_frames}
-        with torch.set_grad_enabled(grad):
-            video = cw.rollout(generator, noise, generator.prompt_kv(context), block_size=args.block_size,
-                               exit_steps=[exit_step(update)] * num_blocks, generator=g,
-                               grad_blocks=reached)  # [B, C, F, h, w]
-        return video, [prompts[i] for i in ids], context, pixel_frames, g
+def rollout(args, run, update, slot, grad):
+    """This slot's videos [B, C, F, h, w] by self-rollout, with their prompts, text embeddings, scored
+    frames and the generator for the rest of the slot's draws (the rollout's re-noising, DMD's timesteps).
+    Only the blocks the loss reaches get a graph: the scored frames' (all of them with --dmd-weight)."""
+    g = cw.step_generator(args.seed, update, slot, run.device)
+    share = run.shares[slot]
+    ids = [share[k] for k in torch.randint(len(share), (args.micro_batch,), generator=g, device=run.device).tolist()]
+    noise = torch.randn([args.micro_batch] + run.latent_shape, generator=g, device=run.device)
+    pixel_frames = reward_frame_indices(args.reward_frames, run.latent_shape[1], args.micro_batch, g)
+    context = dmd.padded(run.contexts, ids, run.device)
+    reached = range(run.num_blocks) if run.joint else {latent_frame_of(p) // args.block_size for p in pixel_frames}
+    with torch.set_grad_enabled(grad):
+        video = cw.rollout(run.generator, noise, run.generator.prompt_kv(context), block_size=args.block_size,
+                           exit_steps=[exit_step(args, update)] * run.num_blocks, generator=g,
+                           grad_blocks=reached)  # [B, C, F, h, w]
+    return video, [run.prompts[i] for i in ids], context, pixel_frames, g
 
-    critic_steps = args.critic_steps if joint else 0
+
+def critic_update(args, run, update, step):
+    """--dmd-weight: one update of the critic on fresh detached rollouts, as in distill_dmd.py.
+    Returns its logs {'critic_loss', 'critic_grad_norm'}."""
+    loss_sum = torch.zeros((), device=run.device)
+    for slot in run.my_slots:
+        video, _, context, _, g = rollout(args, run, update, slot, grad=False)
+        loss, _ = dmd.critic_loss(video, run.critic, context, g)
+        (loss / run.accum).backward()
+        loss_sum += loss.detach() / run.accum
+    logs = dict(critic_loss=cw.all_mean(loss_sum), critic_grad_norm=cw.grad_norm(run.critic, args.grad_clip))
+    cw.stop_if_diverged(step, run.ckpt_path, logs)
+    run.critic_opt.step()
+    run.critic_opt.zero_grad(set_to_none=True)
+    return logs
+
+
+def generator_update(args, run, update, step):
+    """One update of the generator on the reward of the frames of its own rollout (+ the normalized DMD
+    term with --dmd-weight), then the EMA (and the running means of --dmd-weight). Returns its logs."""
+    sums = {}
+    for slot in run.my_slots:
+        video, texts, context, pixel_frames, g = rollout(args, run, update, slot, grad=True)
+        frames = decode_reward_frames(run.vae, video, pixel_frames, args.block_size, checkpointed=run.checkpointed)
+        rewards = run.reward_fn(frames, texts)  # [B]
+        loss = reward_loss(rewards)
+        stats = dict(loss=loss, reward=rewards.mean())
+        if run.joint:
+            loss_dmd, _ = dmd.dmd_loss(video, run.teacher, run.critic, context, run.uncond, args.guidance, g)
+            grad, norms, factor = joint_gradient(video, loss, loss_dmd, run.loss_scales, args.dmd_weight)
+            video.backward(grad / run.accum)
+            stats.update(dmd_loss=loss_dmd.float(), reward_grad_norm=norms["reward"], dmd_grad_norm=norms["dmd"],
+                         dmd_factor=factor)
+        else:
+            (loss / run.accum).backward()
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0) + v.detach() / run.accum
+        del video  # before the next rollout
+    logs = {k: cw.all_mean(v) for k, v in sums.items()}
+    logs.update(grad_norm=cw.grad_norm(run.generator, args.grad_clip), exit_step=exit_step(args, update))
+    cw.stop_if_diverged(step, run.ckpt_path, logs)
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    # --ema-start N: through update N the EMA is a copy of the live weights, then it averages
+    cw.ema_update(run.ema, run.generator, args.ema_decay if step > args.ema_start else 0.0)
+    cw.stop_if_diverged(step, run.ckpt_path, nets=dict(generator=run.generator, EMA=run.ema, **(dict(critic=run.critic) if run.joint else {})))
+    if run.joint:  # the running means take this step's gradient norms (mean over the global batch)
+        for k, used in run.loss_scales.items():
+            norm = logs[f"{k}_grad_norm"]
+            run.loss_scales[k] = norm if used is None else LOSS_SCALE_DECAY * used + (1 - LOSS_SCALE_DECAY) * norm
+    return logs
+
+
+def save(args, run, step):
+    """OUT/ckpt.pt: the generator, its EMA and optimizer (+ the critic, its optimizer and the running means
+    with --dmd-weight), gathered by every rank, written by rank 0 atomically and only if every tensor is finite."""
+    ckpt = dict(model=cw.full_state_dict(run.generator), ema=cw.full_state_dict(run.ema),
+                optimizer=cw.full_state_dict(run.generator, run.opt), step=step, args=vars(args),
+                script=SCRIPT, stage="with --dmd-weight" if run.joint else "without --dmd-weight")
+    if run.joint:
+        ckpt.update(critic=cw.full_state_dict(run.critic), critic_optimizer=cw.full_state_dict(run.critic, run.critic_opt),
+                    loss_scales=dict(run.loss_scales))
+    if run.rank == 0:
+        cw.save_checkpoint(run.ckpt_path, ckpt)
+
+
+def train(args, rank, world, device):
+    run = setup(args, rank, world, device)
+    step = run.step
+    critic_steps = args.critic_steps if run.joint else 0
     bar = tqdm(initial=step, total=args.max_steps, desc="reward", disable=rank != 0)
     while step < args.max_steps:
         t0 = time.time()
         updates = step * (critic_steps + 1)  # this step's update numbers: critic ..., generator
         record = dict(step=step + 1)
-
         # --dmd-weight: the critic learns the score of the generator's current videos, as in distill_dmd.py
-        critic_logs = []
-        for c in range(critic_steps):
-            loss_sum = torch.zeros((), device=device)
-            for slot in my_slots:
-                video, _, context, _, g = rollout(updates + c, slot, grad=False)
-                loss, _ = dmd.critic_loss(video, critic, context, g)
-                (loss / accum).backward()
-                loss_sum += loss.detach() / accum
-            critic_logs.append(dict(critic_loss=cw.all_mean(loss_sum), critic_grad_norm=cw.grad_norm(critic, args.grad_clip)))
-            cw.stop_if_diverged(step + 1, ckpt_path, critic_logs[-1])
-            critic_opt.step()
-            critic_opt.zero_grad(set_to_none=True)
+        critic_logs = [critic_update(args, run, updates + c, step + 1) for c in range(critic_steps)]
         if critic_logs:
             record.update({k: sum(log[k] for log in critic_logs) / len(critic_logs) for k in critic_logs[0]})
-
         # generator: the reward of the frames of its own rollout (+ the normalized DMD term with --dmd-weight)
-        update = updates + critic_steps
-        sums = {}
-        for slot in my_slots:
-            video, texts, context, pixel_frames, g = rollout(update, slot, grad=True)
-            rewards = reward_fn(decode_reward_frames(vae, video, pixel_frames, args.block_size, checkpointed=bf16), texts)  # [B]
-            loss = reward_loss(rewards)
-            stats = dict(loss=loss, reward=rewards.mean())
-            if joint:
-                loss_dmd, _ = dmd.dmd_loss(video, teacher, critic, context, uncond, args.guidance, g)
-                grad, norms, factor = joint_gradient(video, loss, loss_dmd, loss_scales, args.dmd_weight)
-                video.backward(grad / accum)
-                stats.update(dmd_loss=loss_dmd.float(), reward_grad_norm=norms["reward"], dmd_grad_norm=norms["dmd"],
-                             dmd_factor=factor)
-            else:
-                (loss / accum).backward()
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0) + v.detach() / accum
-            del video  # before the next rollout
-        record.update({k: cw.all_mean(v) for k, v in sums.items()})
-        record.update(grad_norm=cw.grad_norm(generator, args.grad_clip), exit_step=exit_step(update))
-        cw.stop_if_diverged(step + 1, ckpt_path, record)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        # --ema-start N: through update N the EMA is a copy of the live weights, then it averages
-        cw.ema_update(ema, generator, args.ema_decay if step + 1 > args.ema_start else 0.0)
-        cw.stop_if_diverged(step + 1, ckpt_path, nets=dict(generator=generator, EMA=ema, **(dict(critic=critic) if joint else {})))
-        if joint:  # the running means take this step's gradient norms (mean over the global batch)
-            for k, used in loss_scales.items():
-                norm = record[f"{k}_grad_norm"]
-                loss_scales[k] = norm if used is None else LOSS_SCALE_DECAY * used + (1 - LOSS_SCALE_DECAY) * norm
+        record.update(generator_update(args, run, updates + critic_steps, step + 1))
         step += 1
 
         if args.sample_every and step % args.sample_every == 0:
-            record["sample_reward"] = write_sample(args, ema, vae, reward_fn, dmd.padded(contexts, [0], device),
-                                                   prompts[0], latent_shape, step, rank, device)
+            record["sample_reward"] = write_sample(args, run.ema, run.vae, run.reward_fn, dmd.padded(run.contexts, [0], device),
+                                                   run.prompts[0], run.latent_shape, step, rank, device)
         record["step_time"] = time.time() - t0
         if device.type == "cuda":
             record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -761,17 +942,9 @@ def train(args, rank, world, device):
         if rank == 0 and record.get("sample_reward") is not None:
             bar.write(f"step {step}: {args.out}/sample_{step}.mp4, reward of its last frame {record['sample_reward']:.4f}")
         if rank == 0 and (step % args.log_every == 0 or step == args.max_steps):
-            cw.log_step(log_path, record, wandb)
+            cw.log_step(run.log_path, record, run.wandb)
         if step % args.save_every == 0 or step == args.max_steps:
-            ckpt = dict(model=cw.full_state_dict(generator), ema=cw.full_state_dict(ema),
-                        optimizer=cw.full_state_dict(generator, opt), step=step, args=vars(args),
-                        script=SCRIPT, stage="with --dmd-weight" if joint else "without --dmd-weight")
-            if joint:
-                ckpt.update(critic=cw.full_state_dict(critic), critic_optimizer=cw.full_state_dict(critic, critic_opt),
-                            loss_scales=dict(loss_scales))
-            if rank == 0:
-                cw.save_checkpoint(ckpt_path, ckpt)
-            del ckpt
+            save(args, run, step)
     bar.close()
 
 

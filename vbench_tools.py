@@ -1,16 +1,78 @@
 """The bookkeeping half of eval_vbench.sh: VBench's prompt list, the video names, the check that
-every video is there, and the Total / Quality / Semantic scores. eval_vbench.sh calls it:
+every video is there, and the Total / Quality / Semantic scores beside the paper's.
 
     python vbench_tools.py jobs   --prompt-list VBench_full_info.json --videos DIR/videos --jobs-dir DIR/jobs --shards 8
     python vbench_tools.py verify --prompt-list VBench_full_info.json --videos DIR/videos
     python vbench_tools.py score  RESULTS_DIR [--json scores.json]
     python vbench_tools.py dry-run-results --videos DIR/videos --results-dir DIR/vbench_dry_run   # stand-ins
 
+Prompts and names
+-----------------
 The prompt list is VBench's own VBench_full_info.json (the same 946 lines as its prompts/all_dimension.txt,
 in the same order; the pip wheel ships only the json). VBench's standard mode looks every entry up as
 f"{prompt_en}-{i}.mp4", i = 0..4, in one folder (vbench/__init__.py, build_full_info_json), so that is
-the name, untruncated. Two prompts appear twice in the list (with different dimensions); both entries
-read the same five files, so each unique prompt is generated once: 944 prompts x 5 seeds = 4,720 videos.
+the name, untruncated: 72 prompts are longer than 100 characters, which peers truncate. Two prompts
+appear twice in the list (with different dimensions); both entries read the same five files, so each
+unique prompt is generated once: 944 prompts x 5 seeds = 4,720 videos of 81 frames, 480x832, 16 fps.
+With --extended-prompts (a file line-aligned with the list) a video is generated from its line but
+keeps the original prompt's name; a prompt listed twice is generated from its first line. Two prompts
+differ only in case (`a fantasy landscape` and `A fantasy landscape`): use a case-sensitive file system.
+
+`jobs` keeps every valid video and writes the rest round-robin into one job file per GPU. `verify`
+decodes every expected file (frame count, size, fps); anything missing, invalid or unexpected in the
+folder is listed and it exits 2.
+
+Scores
+------
+Each raw score is normalized with VBench's Min/Max and weight (scripts/constant.py, not in the pip
+wheel; DIMENSIONS below): Quality = weighted mean of the 7 quality dimensions (dynamic degree weighs
+0.5), Semantic = mean of the 9 semantic ones, Total = (4 Quality + Semantic) / 5. `score` prints the
+table (ours beside the paper's columns), writes it to --json, and its last line is
+{"total": ..., "quality": ..., "semantic": ...} in %. A missing dimension, a NaN, or a dimension found
+twice is an error naming it (VBench's own cal_final_score.py counts a missing dimension as 0).
+
+Reference rows
+--------------
+The paper's numbers; ours go beside them once a checkpoint trained here has been scored (none yet).
+
+    model (paper, Table 1)              Total   Quality  Semantic
+    Wan2.1-1.3B (bidirectional)         84.26   85.30    80.09
+    CausVid                             81.20   84.05    69.80
+    Self Forcing (chunk-wise)           84.31   85.07    81.28
+    Self Forcing (frame-wise)           84.26   85.25    80.30
+    ODE init only (chunk-wise)          68.77   73.27    50.81
+    Reward + DMD (ablation, Table 2)    82.55   83.20    79.96
+    Reward Forcing (paper)              84.92   85.91    80.97
+
+    dimension (paper, Table 3)   CausVid   Self Forcing   Reward Forcing (paper)
+    subject_consistency          96.32     95.32          96.15
+    background_consistency       94.65     96.30          95.83
+    temporal_flickering          99.38     99.05          97.88
+    motion_smoothness            98.00     98.35          97.99
+    dynamic_degree               73.61     72.22          81.94
+    aesthetic_quality            62.24     65.75          70.51
+    imaging_quality              67.82     69.02          68.84
+    object_class                 78.01     93.75          93.20
+    multiple_objects             60.75     83.92          87.58
+    human_action                 74.00     97.00          97.00
+    color                        82.34     89.28          89.04
+    spatial_relationship         67.74     83.38          83.78
+    scene                        14.03     57.34          54.36
+    appearance_style             21.23     24.40          24.06
+    temporal_style               18.85     20.48          21.19
+    overall_consistency          22.50     26.72          26.14
+    Q / S / Total recomputed     84.25 / 63.09 / 80.02   85.08 / 81.35 / 84.33   85.91 / 81.22 / 84.97
+      from this table
+    printed in Table 1           84.05 / 69.80 / 81.20   85.07 / 81.28 / 84.31   85.91 / 80.97 / 84.92
+
+The paper's two tables do not agree exactly, and we do not adjust for it. Recomputing Table 1 from
+Table 3 with VBench's normalization (what tests/test_eval_vbench.py checks) gives the "recomputed"
+row. Table 3 prints two decimals; that rounding moves any of the three scores by at most 0.009
+points. It explains the Quality scores (85.08 vs 85.07, 85.91 vs 85.91) but not the Semantic ones
+(81.35 vs 81.28 for Self Forcing, 81.22 vs 80.97 for Reward Forcing) nor, through them, the Totals:
+the two tables presumably come from different evaluation runs or sources. CausVid's column does not
+reproduce its Table 1 row at all (84.25 / 63.09 vs 84.05 / 69.80). Compare our own runs with the
+recomputed row of the same table.
 """
 import argparse
 import json
@@ -288,7 +350,7 @@ def make_folder(folder, what):
 
 
 def parse_args(argv=None):
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:2]), formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("jobs", "verify"):
         p = sub.add_parser(name)

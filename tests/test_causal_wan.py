@@ -1,5 +1,11 @@
-"""The model file's numerics on a tiny random Wan: parity with diffusers, the block-causal mask,
-KV-cache equivalence, key mapping, long videos."""
+"""The model file's numerics on a tiny random Wan (`pytest tests/test_causal_wan.py`, seconds): the
+causal network equals diffusers' WanTransformer3DModel on the same weights (< 1e-5, fp32, per-frame
+timesteps); block-causal attention equals SDPA with the block-causal mask; later blocks never change
+earlier outputs; the KV-cached rollout equals recomputing the whole prefix; the gradient flows only
+through the exit step; the original-layout key map round-trips and loads Self Forcing-style
+checkpoints; long videos keep the cache bounded; the in-place (inference) KV cache gives the rollout
+of the concatenating (training) one, window eviction included; block-wise VAE decoding equals one
+decode; a one-block rollout is the bidirectional sampler; bf16 keeps Wan's fp32 parameters."""
 import os
 
 import pytest

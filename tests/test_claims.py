@@ -1,8 +1,8 @@
 """Tests of claims the README makes about the core (issue 17), each against a reference written out
 here, not the code's own helpers or constants, at a tolerance the bug it guards against exceeds:
 the long-video KV cache keeps its attention sink and the newest frames, the EMA formula, the ODE
-student's inputs and regression target, and the atomic checkpoint save. Each docstring names the
-bug that was planted in the code to watch the test fail."""
+student's inputs and regression target, the atomic checkpoint save, and that CI runs the README's
+setup commands. Each docstring names the bug that was planted in the code to watch the test fail."""
 import io
 import json
 import os
@@ -229,3 +229,19 @@ def test_ode_regression_pulls_the_student_towards_x0(tiny_wan, tmp_path):
     print(f"student x0: distance to x0 {before[0]:.3f} -> {after[0]:.3f}, to the t=625 state {before[1]:.3f} -> {after[1]:.3f}")
     assert after[0] < 0.7 * before[0], (before, after)  # towards x0
     assert after[1] > before[1], (before, after)  # away from the t=625 state
+
+
+def test_ci_runs_the_readme_setup_commands():
+    """.ci/run runs exactly the README's setup and test commands (comments aside), so what a newcomer
+    copies is what CI checks. Planted: `pip install -r requirements.txt torchao` in the README's
+    Setup block -> the lists differ."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def commands(lines):
+        return [line.split("  #")[0].strip() for line in lines if line.strip() and not line.startswith("#")]
+    readme = open(os.path.join(root, "README.md")).read()
+    setup = readme.split("\n## Setup\n", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    ci = open(os.path.join(root, ".ci", "run")).read().splitlines()
+    ci = ci[ci.index('cd "$(dirname "$0")/.."') + 1:]  # what runs after the preamble
+    assert commands(setup.splitlines()) == commands(ci)
+    assert len(commands(ci)) == 3

@@ -102,7 +102,7 @@ def test_normalization_constants_are_vbench_s():
 # Table 3 -> Table 1: Quality / Semantic / Total (fractions) of the two Table 3 columns, computed once by
 # VBench's own scripts/cal_final_score.py functions (get_nomalized_score, get_quality_score,
 # get_semantic_score, get_final_score) with the constants above. The paper's Table 1 prints 85.07 / 81.28 /
-# 84.31 and 85.91 / 80.97 / 84.92; Table 3's rounding explains the Quality part only (README, "Reference rows").
+# 84.31 and 85.91 / 80.97 / 84.92; Table 3's rounding explains the Quality part only (vbench_tools.py docstring, "Reference rows").
 @pytest.mark.parametrize("column, expected", [
     (SELF_FORCING, (0.850804620464428, 0.8135090923058953, 0.8433455148327214)),
     (OURS, (0.8590884928020757, 0.8121847160888882, 0.8497077374594382))])

@@ -10,8 +10,16 @@ a guess of 20-40 s each, no CPU measurement can size them); less when inductor's
 them from a benchmark run on the same machine. The compiled VAE test adds 2-4 min cold, so it
 runs only with RF_TEST_GPU_SLOW=1. The compiling tests run last, so a cut run keeps the others.
 
+What only a GPU shows, at the full 1.3B size and 81 frames 480x832 in bf16: parity with diffusers'
+fp32 network within bf16 rounding (our error against its fp32 output must be no worse than
+diffusers' own bf16 error), the in-place KV cache against the concatenating one, --overlap-decode (a
+CUDA side stream) against in-line decoding, --compile / --compile reduce-overhead against eager,
+--compile-vae against the eager VAE, --fp8 against bf16, and --offload's memory returning to the GPU.
+It has not run on a GPU yet.
+
 RF_TEST_GPU_ON_CPU=1 runs the same checks on the CPU with 2 of the 30 layers at 64x64, only to
-check the tests themselves."""
+check the tests themselves: there they passed with relative differences 5.4e-3 (parity), 0 (cache),
+4.0e-3 (compile) and 1 level of 255 (compiled VAE)."""
 import copy
 import os
 from functools import partial

@@ -1,4 +1,9 @@
-"""sample.py end to end on the tiny Wan, and its one-line errors on bad input."""
+"""sample.py end to end on the tiny Wan, and its one-line errors on bad input: mp4s with the requested
+frame counts (chunk-wise, frame-wise, a shorter last block, prompt files, jobs, checkpoints,
+streaming); the speed flags give the same video (--compile changes latents by fp32 rounding only,
+< 1e-5 on the CPU: inductor's CPU backend, not its GPU one); --overlap-decode gives the same frames
+in the same order and passes a decode error on; the benchmark runs on --tiny (CI runs it) and its
+FLOP count matches torch's counter."""
 import os
 import re
 import subprocess

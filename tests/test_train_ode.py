@@ -1,6 +1,14 @@
-"""train_ode.py on a tiny random Wan (CPU): generate -> verify -> train, resuming both phases,
-causality of the training forward, the diffusers teacher, the NaN stop, and both phases under
-torchrun with 2 processes."""
+"""train_ode.py on a tiny random Wan (CPU; `pytest tests/test_train_ode.py`, about a minute on 2 cores):
+
+- generate -> verify -> train end to end: the stored trajectories equal the teacher's own rollout,
+  and the loss falls;
+- resumed generation skips finished shards and reproduces the store; `train --resume` continues
+  bit-exactly; --ema-start;
+- the training forward never sees later frames; the timestep index is drawn per block;
+- the diffusers teacher keeps the nearest solver latents with their true timesteps (--recipe
+  pipeline and self-forcing);
+- a NaN loss stops without saving;
+- both phases under `torchrun --nproc_per_node 2`: the 2-process model equals the 1-process one."""
 import json
 import os
 import shutil
