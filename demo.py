@@ -90,41 +90,14 @@ HTML = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.html")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:2]), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cw.ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:2]), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (other than loopback: anyone who can reach it uses the GPU)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--max-seconds", type=float, default=60.0, help="a video ends after this many seconds (16 fps) unless stopped")
-    # as in sample.py
-    p.add_argument("--model", default=cw.DEFAULT_MODEL, help="diffusers-format Wan: hub id or local folder")
-    p.add_argument("--checkpoint", help="a generator trained by this repo (or Self Forcing's .pt)")
-    p.add_argument("--no-ema", action="store_true", help="use the checkpoint's raw weights instead of its EMA")
-    p.add_argument("--height", type=int, help="multiple of 16 (default 480; 64 with --tiny)")
-    p.add_argument("--width", type=int, help="multiple of 16 (default 832; 64 with --tiny)")
     p.add_argument("--chunk", type=int, default=3, choices=[1, 3], help="latent frames per block: 3 chunk-wise, 1 frame-wise")
-    p.add_argument("--max-frames", type=int, default=21, help="attention window in latent frames (long videos)")
-    p.add_argument("--tiny", action="store_true", help="random tiny Wan built on the fly (CPU demo; output is noise)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="default bf16 on GPU, fp32 on CPU")
-    p.add_argument("--compile", nargs="?", const="default", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
-                   help="torch.compile the transformer blocks (reduce-overhead: also CUDA graphs); the first video pays the compilation")
-    p.add_argument("--compile-vae", action="store_true", help="torch.compile the VAE decoder too (minutes of compilation on the first video)")
-    p.add_argument("--overlap-decode", action="store_true", help="decode block b while block b+1 is denoised")
-    p.add_argument("--vae-dtype", default="fp32", choices=["fp32", "bf16"], help="VAE decode precision")
-    p.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN autotune the decoder's convolutions (GPU)")
-    p.add_argument("--decoder", default="vae", choices=["vae", "tae"], help="vae: the Wan VAE (exact, the default); tae: the tiny decoder of --decoder-path")
-    p.add_argument("--decoder-path", metavar="FILE", help="--decoder tae: taew2_1.pth from github.com/madebyollin/taehv (--tiny: a random one)")
-    p.add_argument("--fp8", action="store_true", help="the transformer blocks' linear layers in float8 (torchao; a GPU of compute capability >= 8.9)")
-    p.add_argument("--offload", action="store_true", help="low memory: the text encoder and the decoder in CPU memory, on the device only while they run")
+    sample.add_model_flags(p)  # the generator, decoder and speed flags of sample.py
     p.add_argument("--no-pace", action="store_true", help="generate as fast as possible instead of at most two blocks ahead of playback")
-    args = p.parse_args(argv)
-    if args.tiny:
-        args.model = cw.tiny_model_dir() if args.model == cw.DEFAULT_MODEL else args.model
-    if args.height is None:
-        args.height = 64 if args.tiny else 480
-    if args.width is None:
-        args.width = 64 if args.tiny else 832
-    args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
-    return args
+    return sample.model_defaults(p.parse_args(argv))
 
 
 def check_args(args):

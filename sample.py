@@ -147,16 +147,11 @@ def parse_args(argv=None):
     p.add_argument("--prompt", help="text of the video")
     p.add_argument("--prompts-file", help="one prompt a line, one video each")
     p.add_argument("--jobs", help="tab-separated lines 'prompt<TAB>seed<TAB>out.mp4' (used by eval_vbench.sh)")
-    p.add_argument("--model", default=cw.DEFAULT_MODEL, help="diffusers-format Wan: hub id or local folder")
-    p.add_argument("--checkpoint", help="a generator trained by this repo (or Self Forcing's .pt)")
-    p.add_argument("--no-ema", action="store_true", help="use the checkpoint's raw weights instead of its EMA")
+    add_model_flags(p)
     p.add_argument("--seed", type=cw.seed, default=0)
     p.add_argument("--num-videos", type=cw.positive_int, default=1, help="videos per prompt (seeds seed, seed+1, ...)")
     p.add_argument("--frames", type=int, default=81, help="video frames, 4k+1 (81 = 5 s at 16 fps)")
-    p.add_argument("--height", type=int, help="multiple of 16 (default 480; 64 with --tiny)")
-    p.add_argument("--width", type=int, help="multiple of 16 (default 832; 64 with --tiny)")
     p.add_argument("--chunk", type=int, choices=[1, 3], help="latent frames per block: 3 chunk-wise (default), 1 frame-wise")
-    p.add_argument("--max-frames", type=cw.positive_int, default=21, help="attention window in latent frames (long videos)")
     p.add_argument("--out", default="out.mp4", help="an .mp4 path for one video, else a folder")
     p.add_argument("--fps", type=cw.positive_int, default=16)
     p.add_argument("--stream", action="store_true", help="write each block into the mp4 as soon as it is decoded (fragmented mp4, playable while written)")
@@ -165,6 +160,26 @@ def parse_args(argv=None):
     p.add_argument("--no-recache", action="store_true", help="--switch changes only the cross-attention, without re-caching (for comparison)")
     p.add_argument("--extend", metavar="CLIP", help="continue this video: the output is the clip, then new frames (--frames counts both)")
     p.add_argument("--image", help="image-to-video: the image is the first frame (untested with text-to-video weights)")
+    p.add_argument("--benchmark", action="store_true", help="measure speed with random weights (see BENCHMARKS.md)")
+    p.add_argument("--baseline-steps", type=int, default=50, help="benchmark: steps of diffusers' WanPipeline (0: skip it)")
+    p.add_argument("--levers", help="benchmark: which optimization rows to measure, e.g. 1,2,5 (default all; row 1 is the plain path)")
+    p.add_argument("--long-frames", type=int, help="benchmark: frames of the long-video run, 12k-3 (957 = 1 min; 165 with --tiny; 0: skip it)")
+    args = p.parse_args(argv)
+    model_defaults(args)
+    if args.long_frames is None:
+        args.long_frames = 165 if args.tiny else 957
+    args.chunk_given, args.chunk = args.chunk is not None, args.chunk or 3
+    return args
+
+
+def add_model_flags(p):
+    """The flags of the generator, its decoder and their speed options, shared with demo.py."""
+    p.add_argument("--model", default=cw.DEFAULT_MODEL, help="diffusers-format Wan: hub id or local folder")
+    p.add_argument("--checkpoint", help="a generator trained by this repo (or Self Forcing's .pt)")
+    p.add_argument("--no-ema", action="store_true", help="use the checkpoint's raw weights instead of its EMA")
+    p.add_argument("--height", type=int, help="multiple of 16 (default 480; 64 with --tiny)")
+    p.add_argument("--width", type=int, help="multiple of 16 (default 832; 64 with --tiny)")
+    p.add_argument("--max-frames", type=cw.positive_int, default=21, help="attention window in latent frames (long videos)")
     p.add_argument("--tiny", action="store_true", help="random tiny Wan built on the fly (CPU demo; output is noise)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="default bf16 on GPU, fp32 on CPU")
@@ -178,22 +193,20 @@ def parse_args(argv=None):
     p.add_argument("--decoder-path", metavar="FILE", help="--decoder tae: taew2_1.pth from github.com/madebyollin/taehv (--tiny: a random one)")
     p.add_argument("--fp8", action="store_true", help="the transformer blocks' linear layers in float8 (torchao; a GPU of compute capability >= 8.9)")
     p.add_argument("--offload", action="store_true", help="low memory: the text encoder and the decoder in CPU memory, on the device only while they run")
-    p.add_argument("--benchmark", action="store_true", help="measure speed with random weights (see BENCHMARKS.md)")
-    p.add_argument("--baseline-steps", type=int, default=50, help="benchmark: steps of diffusers' WanPipeline (0: skip it)")
-    p.add_argument("--levers", help="benchmark: which optimization rows to measure, e.g. 1,2,5 (default all; row 1 is the plain path)")
-    p.add_argument("--long-frames", type=int, help="benchmark: frames of the long-video run, 12k-3 (957 = 1 min; 165 with --tiny; 0: skip it)")
-    args = p.parse_args(argv)
+
+
+def model_defaults(args):
+    """The defaults that depend on --tiny and --device."""
     if args.tiny:
         args.model = cw.tiny_model_dir() if args.model == cw.DEFAULT_MODEL else args.model
     if args.height is None:
         args.height = 64 if args.tiny else 480
     if args.width is None:
         args.width = 64 if args.tiny else 832
-    if args.long_frames is None:
-        args.long_frames = 165 if args.tiny else 957
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
-    args.chunk_given, args.chunk = args.chunk is not None, args.chunk or 3
     return args
+
+
 
 
 def check_args(args):
