@@ -83,23 +83,32 @@ GPU each latent frame's decode, and inside it each decoder module that reads the
 checkpointed (as the generator's blocks are on GPU): the backward recomputes one latent frame, then
 one residual block, at a time (two extra decoder forwards over the block).
 
-Its memory, measured with `python tests/measure_reward_decode.py --height H --width W
---latent-frames 6 [--no-checkpoint]` (Wan2.1's VAE architecture, random weights, fp32; the last
-frame of the video, the gradient to its block of 3; growth of the peak resident memory over the
-decode + backward; CPU, 2 AMD EPYC cores shared with other jobs, load ~5, 2026-11-28):
+Its memory: `python tests/measure_reward_decode.py --count` runs the decode + backward on fake
+tensors (shapes, no data) and adds up the bytes of the tensors alive at each moment, in seconds on
+any machine; without --count it measures (growth of the peak resident memory on a CPU,
+torch.cuda.max_memory_allocated on a GPU). Wan2.1's VAE architecture, random weights, fp32, the last
+frame of the video, the gradient to its block of 3, 2026-11-28:
 
-    pixels     checkpointed (as on GPU)    without checkpoints (as on CPU)
-    64x104     0.59 GiB, 348 s             1.38 GiB, 201 s
-    120x208    2.10 GiB, 671 s             4.99 GiB, 396 s
-    240x416    8.37 GiB, 1533 s            (not run)
+    pixels     checkpointed (as on GPU)           without checkpoints (as on CPU)
+               counted     measured (CPU)         counted     measured (CPU)
+    64x104     0.35 GiB    0.36 GiB, 106 s        1.39 GiB    1.38 GiB, 201 s
+    120x208    1.30 GiB                           5.15 GiB    4.99 GiB, 396 s
+    240x416    5.18 GiB                           20.4 GiB
+    480x832    20.7 GiB                           81.4 GiB
 
-The peak grows with the pixel count (x3.6 and x4.0 for x3.75 and x4 the pixels): extrapolated to
-480x832, about 4 x 8.37 = 33 GiB checkpointed and 16 x 4.99 = 80 GiB without (not measured: more
-memory than this machine had). `python tests/measure_reward_decode.py` measures 480x832 with 21
-latent frames (on a GPU: torch.cuda.max_memory_allocated). The peak does not depend on the number
-of earlier frames (they fill a cache of fixed size), the time does: a no-grad decode of the 3
-earlier frames alone took 113 s (120x208) and 360 s (240x416). The times are upper bounds (a busy
-machine); the checkpointed backward costs two more decoder forwards over the block.
+At 480x832 the reward decode + backward needs 20.7 GiB (counted; this CPU has 24 GiB, so not
+measured) on top of the generator's training memory, under a third of an 80 GB GPU. The count was
+checked against measurements of the earlier checkpointed decode: counted 0.56 / 2.09 / 8.36 GiB,
+measured 0.59 / 2.10 / 8.37 GiB at 64x104 / 120x208 / 240x416; it does not see a conv library's
+scratch space or allocator fragmentation. Three changes took 480x832 from 33.4 to 20.7 GiB, each
+guarded by tests/test_train_reward.py: the checkpoint's recompute stops early and left its cache
+in the VAE, alive through the rest of the backward (decode_frame now always clears it); a
+checkpointed module kept the whole cache list for its recompute, not just its own slots; and a
+causal conv's cache gradient was a view into the gradient of its concatenation with the input, 3x
+its size, until the previous frame's backward used it (CompactGradient). The peak does not depend
+on the number of earlier frames (they fill a cache of fixed size), the time does: a no-grad decode
+of the 3 earlier frames alone took 29 s (64x104), 113 s (120x208) and 360 s (240x416) on 2 shared
+CPU cores; the checkpointed backward costs two more decoder forwards over the block.
 
 Flags (beyond their --help)
 ---------------------------
@@ -558,8 +567,10 @@ def first_pixel_frame(latent_frame):
 class CheckpointedCacheModule(torch.nn.Module):
     """A module of the Wan VAE decoder that reads and writes its causal feature cache (a residual block,
     a resampler, the middle block: module(x, feat_cache, feat_idx)), run under activation checkpointing.
-    Inside, it is a pure function of (x, cache list, first slot): the cache it starts from is a copy, so
-    the recompute in the backward sees that cache, not the one later frames left behind."""
+    Inside, it is a pure function of (x, the cache slots from its first one on): they are a copy, so the
+    recompute in the backward sees those slots, not the ones later frames left behind. Only the slots
+    from its own on are kept for the recompute: the earlier ones hold this latent frame's new cache,
+    which the backward does not need (2.7 GiB less at the peak at 480x832, counted)."""
 
     def __init__(self, module):
         super().__init__()
@@ -569,12 +580,41 @@ class CheckpointedCacheModule(torch.nn.Module):
         if not torch.is_grad_enabled():  # nothing to save: a plain call
             return self.module(x, feat_cache=feat_cache, feat_idx=feat_idx, **kw)
 
-        def run(x, cache, slot):
-            cache, idx = list(cache), [slot]
-            return self.module(x, feat_cache=cache, feat_idx=idx, **kw), cache, idx[0]
-        y, cache, feat_idx[0] = checkpoint(run, x, list(feat_cache), feat_idx[0], use_reentrant=False)
-        feat_cache[:] = cache  # the caller's cache moves on, as after the module's own call
+        def run(x, slots):
+            slots, idx = list(slots), [0]
+            return self.module(x, feat_cache=slots, feat_idx=idx, **kw), slots, idx[0]
+        first = feat_idx[0]
+        y, slots, used = checkpoint(run, x, feat_cache[first:], use_reentrant=False)
+        feat_cache[first:] = slots  # the caller's cache moves on, as after the module's own call
+        feat_idx[0] = first + used
         return y
+
+
+class CompactGradient(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous. The Wan VAE's causal convs read their
+    cache as torch.cat([cache, x]) (2 + 4 frames), whose backward hands the cache a view into the
+    gradient of the whole concatenation, so that gradient (3x the cache's) would stay alive until the
+    previous latent frame's backward consumes it. Passed through this just before the cat, the cache
+    gets its own 2 frames, as soon as the cat's backward has run (6.3 GiB less at the peak at
+    480x832, counted)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def compact_cache_gradient(conv, args, kwargs):
+    """Forward pre-hook of a causal conv of the Wan VAE decoder, conv(x, cache_x): the cache through
+    CompactGradient (the values are unchanged)."""
+    if len(args) > 1 and torch.is_tensor(args[1]) and args[1].requires_grad:
+        args = (args[0], CompactGradient.apply(args[1])) + args[2:]
+    if torch.is_tensor(kwargs.get("cache_x")) and kwargs["cache_x"].requires_grad:
+        kwargs = dict(kwargs, cache_x=CompactGradient.apply(kwargs["cache_x"]))
+    return args, kwargs
 
 
 def checkpoint_decoder(vae):
@@ -584,6 +624,9 @@ def checkpoint_decoder(vae):
     those of a latent frame (4 pixel frames at full size). Returns the VAE."""
     decoder = vae.decoder
     if not isinstance(decoder.mid_block, CheckpointedCacheModule):
+        for conv in decoder.modules():
+            if isinstance(conv, torch.nn.Conv3d):  # diffusers' WanCausalConv3d
+                conv.register_forward_pre_hook(compact_cache_gradient, with_kwargs=True)
         decoder.mid_block = CheckpointedCacheModule(decoder.mid_block)
         for block in decoder.up_blocks:
             for i, resnet in enumerate(block.resnets):
@@ -596,10 +639,16 @@ def checkpoint_decoder(vae):
 def decode_frame(vae, z, cache, first):
     """One latent frame z [B, C, 1, h, w] -> pixels [B, 3, 1 or 4, H, W], and the VAE's causal feature
     cache after it (a new list). A pure function of (z, cache), so it can be checkpointed: the cache
-    it starts from is passed in, not read from the VAE."""
+    it starts from is passed in, not read from the VAE. The VAE is left holding no cache, also when
+    the checkpoint's recompute in the backward stops this function early (it stops once it has the
+    tensors it needs): else that cache (11 GiB at 480x832) stayed alive through the generator's
+    backward, until the next step's decode."""
     vae._feat_map = list(cache)
-    pixels = cw.vae_decode(vae, z, first=first)  # first: a video's latent frame 0 (clears the cache)
-    return pixels, list(vae._feat_map)
+    try:
+        pixels = cw.vae_decode(vae, z, first=first)  # first: a video's latent frame 0 (clears the cache)
+        return pixels, list(vae._feat_map)
+    finally:
+        vae._feat_map = [None] * len(vae._feat_map)
 
 
 def decode_reward_frames(vae, video, pixel_frames, block_size, checkpointed=False):
