@@ -4,6 +4,8 @@ streaming); the speed flags give the same video (--compile changes latents by fp
 < 1e-5 on the CPU: inductor's CPU backend, not its GPU one); --overlap-decode gives the same frames
 in the same order and passes a decode error on; the benchmark runs on --tiny (CI runs it) and its
 FLOP count matches torch's counter."""
+import contextlib
+import io
 import os
 import re
 import subprocess
@@ -22,7 +24,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(*args):
+    """sample.py in a process of its own: the benchmark (its line buffering and compile counts), errors."""
     return subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def run_here(*args):
+    """sample.py's main in this process, as `python sample.py ARGS` runs it, without starting Python
+    (its imports take most of a tiny run's time): -> the written lines of stdout."""
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        sample.main(sample.parse_args([str(a) for a in args]))
+    return out.getvalue()
 
 
 def frames_of(path):
@@ -33,8 +44,7 @@ def frames_of(path):
 @pytest.mark.parametrize("chunk,frames", [(3, 21), (1, 21), (3, 17)])  # 17 frames: a shorter last block
 def test_tiny_writes_the_requested_frames(tiny_wan, tmp_path, chunk, frames):
     out = tmp_path / "fox.mp4"
-    r = run("--tiny", "--model", tiny_wan, "--prompt", "a red fox", "--frames", str(frames), "--chunk", str(chunk), "--out", str(out))
-    assert r.returncode == 0, r.stderr
+    run_here("--tiny", "--model", tiny_wan, "--prompt", "a red fox", "--frames", frames, "--chunk", chunk, "--out", out)
     assert frames_of(out) == (frames, 16.0, (64, 64, 3))
     assert not os.path.exists(str(out) + ".part.mp4")
 
@@ -47,9 +57,8 @@ def test_prompts_file_checkpoint_and_stream(tiny_wan, tmp_path):
     outs = []
     for ckpt in ([], ["--checkpoint", str(tmp_path / "ckpt.pt")]):
         out = tmp_path / f"videos{len(ckpt)}"
-        r = run("--tiny", "--model", tiny_wan, "--prompts-file", str(tmp_path / "prompts.txt"), "--num-videos", "2",
-                "--frames", "9", "--stream", "--out", str(out), *ckpt)
-        assert r.returncode == 0, r.stderr
+        run_here("--tiny", "--model", tiny_wan, "--prompts-file", tmp_path / "prompts.txt", "--num-videos", "2",
+                 "--frames", "9", "--stream", "--out", out, *ckpt)
         files = sorted(os.listdir(out))
         assert len(files) == 4 and files[0] == "0000_a_red_fox-0.mp4"
         assert all(frames_of(out / f)[0] == 9 for f in files)
@@ -61,8 +70,7 @@ def test_prompts_file_checkpoint_and_stream(tiny_wan, tmp_path):
 def test_jobs_file(tiny_wan, tmp_path):
     jobs = tmp_path / "jobs.tsv"
     jobs.write_text(f"a red fox\t3\t{tmp_path / 'a fox, (odd) name-3.mp4'}\n")
-    r = run("--tiny", "--model", tiny_wan, "--jobs", str(jobs), "--frames", "5")
-    assert r.returncode == 0, r.stderr
+    run_here("--tiny", "--model", tiny_wan, "--jobs", jobs, "--frames", "5")
     assert frames_of(tmp_path / "a fox, (odd) name-3.mp4")[0] == 5
 
 
@@ -381,8 +389,7 @@ def test_speed_flags_give_the_same_video(tiny_wan, tmp_path):
     videos = {}
     for name, flags in [("plain", []), ("fast", ["--overlap-decode", "--compile"]), ("bf16", ["--vae-dtype", "bf16"])]:
         out = tmp_path / f"{name}.mp4"
-        r = run("--tiny", "--model", tiny_wan, "--prompt", "a red fox", "--frames", "21", "--out", str(out), *flags)
-        assert r.returncode == 0, r.stderr
+        run_here("--tiny", "--model", tiny_wan, "--prompt", "a red fox", "--frames", "21", "--out", out, *flags)
         with imageio.get_reader(out) as rd:
             videos[name] = np.stack([f.astype(int) for f in rd])
     assert videos["plain"].shape == videos["fast"].shape == (21, 64, 64, 3)
