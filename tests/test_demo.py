@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 import types
 import urllib.request
 import weakref
@@ -411,22 +412,24 @@ def test_a_viewer_who_disconnects_mid_stream_frees_the_device(models, tmp_path):
     assert wait_for(lambda: threading.active_count() <= baseline), [t.name for t in threading.enumerate()]
 
 
-def rss_mib():
-    """Resident memory after a garbage collection, with the freed heap given back (malloc_trim): what is
-    alive, not how fragmented the heap of a long test process (a pytest-xdist worker) has become."""
-    import ctypes
+def tensor_bytes():
+    """Bytes of the distinct storages of every live tensor (gc finds each tensor object; a frame's
+    numpy array keeps its tensor alive)."""
     gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in gc.get_objects() if issubclass(type(t), torch.Tensor)}.values())
 
 
-def test_twenty_connect_disconnect_cycles_leak_no_thread_session_or_memory(models, tmp_path, monkeypatch):
-    """Twenty viewers in turn connect, start and leave (every fifth one after its first block):
+def test_twenty_connect_disconnect_cycles_leak_no_thread_session_or_memory(models, tmp_path, monkeypatch, request):
+    """Twenty viewers in turn connect, start and leave (every other one after its first block):
     every Start gets the device, afterwards no thread is left over, no Session object is alive,
-    the resident memory did not grow between cycle 5 and cycle 20 (beyond allocator noise), and
-    no departed viewer's video is left on disk. Planted: sessions kept in a list -> 'session alive' fails;
-    the session not stopped on disconnect -> the next Start is busy -> fail."""
+    what cycles 5-19 allocated is freed (live tensor storages, which hold the frames, and Python's
+    own allocations by tracemalloc, which hold the JPEGs: no frame's worth of tensors, < 128 KiB),
+    and no departed viewer's video is left on disk. Planted: sessions kept in a list -> 'session
+    alive' fails; every frame or every JPEG kept in a list -> the tensor or tracemalloc check
+    fails; the session not stopped on disconnect -> the next Start is busy -> fail. (The process's
+    resident memory was the measure before: a pytest-xdist worker's grew by up to 95 MiB here,
+    from its own history; flat in a process of its own.)"""
     alive = weakref.WeakSet()
 
     class TrackedSession(demo.Session):
@@ -441,18 +444,21 @@ def test_twenty_connect_disconnect_cycles_leak_no_thread_session_or_memory(model
             with c.websocket_connect("/ws") as ws:
                 recv(ws)
                 assert start(ws, seed=cycle)["type"] == "started", f"cycle {cycle}"
-                if cycle % 5 == 4:
+                if cycle % 2 == 1:
                     until(ws, "stats")
-            if cycle == 4:  # the first mid-stream disconnect is done
+            if cycle == 4:  # warmed up: two mid-stream disconnects and three at the start are done
                 assert wait_for(lambda: not c.demo.device_lock.locked())
-                gc.collect()
-                rss_after_5 = rss_mib()
+                tensors_after_5 = tensor_bytes()
+                tracemalloc.start()  # counts what Python allocates from here on and is still alive
+                request.addfinalizer(tracemalloc.stop)  # also when an assertion fails on the way
         assert wait_for(lambda: not c.demo.device_lock.locked())
         assert os.listdir(tmp_path / "videos") == []  # nobody is left to download a departed viewer's video
     assert wait_for(lambda: threading.active_count() <= baseline), [t.name for t in threading.enumerate()]
     gc.collect()
     assert len(alive) == 0, "Session objects are still referenced after their viewers left"
-    assert rss_mib() - rss_after_5 < 40, (rss_after_5, rss_mib())
+    kept, tensors = tracemalloc.get_traced_memory()[0], tensor_bytes() - tensors_after_5
+    assert tensors < 64 * 64 * 3, f"{tensors / 1024:.0f} KiB more in live tensors than after cycle 5"  # < 1 frame
+    assert kept < 128 * 1024, f"{kept / 1024:.0f} KiB that Python allocated in cycles 5-19 are still alive"
 
 
 # -----------------------------------------------------------------------------
