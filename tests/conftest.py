@@ -37,6 +37,19 @@ class EmaUpdates(list):
                            for b, w, a in zip(before, live, after)), f"update {update}: not the average"
                 assert not all(torch.equal(a, w) for a, w in zip(after, live)), f"update {update}: the EMA does not average"
 
+    def check_start_and_resume(self, train, folder, start, decay):
+        """train(out, *flags) runs a trainer with --ema-start `start` --ema-decay `decay`: 4 updates in
+        one go pass check(); 1 update, then --resume to 4 (across the start), gives the same model and
+        EMA bit for bit."""
+        train(folder / "a", "--max-steps", 4)
+        assert len(self) == 4
+        self.check(start, decay)
+        train(folder / "b", "--max-steps", 1)
+        train(folder / "b", "--max-steps", 4, "--resume")
+        a, b = (torch.load(folder / d / "ckpt.pt", weights_only=True) for d in "ab")
+        for key in ("model", "ema"):
+            assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+
 
 @pytest.fixture
 def ema_updates(monkeypatch):

@@ -4,8 +4,6 @@ streaming); the speed flags give the same video (--compile changes latents by fp
 < 1e-5 on the CPU: inductor's CPU backend, not its GPU one); --overlap-decode gives the same frames
 in the same order and passes a decode error on; the benchmark runs on --tiny (CI runs it) and its
 FLOP count matches torch's counter."""
-import contextlib
-import io
 import os
 import re
 import subprocess
@@ -30,10 +28,8 @@ def run(*args):
 
 def run_here(*args):
     """sample.py's main in this process, as `python sample.py ARGS` runs it, without starting Python
-    (its imports take most of a tiny run's time): -> the written lines of stdout."""
-    with contextlib.redirect_stdout(io.StringIO()) as out:
-        sample.main(sample.parse_args([str(a) for a in args]))
-    return out.getvalue()
+    (its imports take most of a tiny run's time)."""
+    sample.main(sample.parse_args([str(a) for a in args]))
 
 
 def frames_of(path):

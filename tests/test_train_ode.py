@@ -165,14 +165,7 @@ def test_ema_start(store, tiny_wan, tmp_path, ema_updates):
     update late, and counting this run's updates instead of the step: each fails)."""
     common = ["train", "--tiny", "--model", tiny_wan, "--store", store, "--sample-every", 0, "--save-every", 1,
               "--ema-start", 2, "--ema-decay", 0.5]
-    run(*common, "--out", tmp_path / "a", "--max-steps", 4)
-    assert len(ema_updates) == 4
-    ema_updates.check(start=2, decay=0.5)
-    run(*common, "--out", tmp_path / "b", "--max-steps", 1)
-    run(*common, "--out", tmp_path / "b", "--max-steps", 4, "--resume")
-    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in "ab")
-    for key in ("model", "ema"):
-        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    ema_updates.check_start_and_resume(lambda out, *flags: run(*common, "--out", out, *flags), tmp_path, start=2, decay=0.5)
 
 
 def test_student_never_sees_later_frames(tiny_wan):
