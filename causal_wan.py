@@ -45,18 +45,11 @@ How the causal model works
   and Self Forcing's {'generator', 'generator_ema'} (original Wan names, with `model.`/FSDP
   prefixes; the key map is diffusers' conversion script's, and it round-trips).
 """
-import argparse
-import contextlib
-import fcntl
-import glob
-import json
-import logging
 import math
 import os
 import re
 import sys
-import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -64,172 +57,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from common import UserError, read_json
+from convert import is_original_layout, original_to_diffusers
+
 DEFAULT_MODEL = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
-
-
-class _DropMessages(logging.Filter):
-    def __init__(self, *texts):
-        super().__init__()
-        self.texts = texts
-
-    def filter(self, record):
-        return not any(t in record.getMessage() for t in self.texts)
-
-
-# torchao 0.18 (--fp8) on torch 2.14 and diffusers 0.42 print three lines whenever diffusers is
-# imported: torch's deprecation note on torchao registering two Enums, and diffusers failing to
-# import torchao classes it needs only to load torchao-serialized checkpoints (never done here).
-# Dropped by their exact text, so every other warning still shows.
-logging.getLogger("torch.utils._pytree").addFilter(_DropMessages("is an Enum subclass and is now natively supported"))
-logging.getLogger("diffusers.quantizers.torchao.torchao_quantizer").addFilter(_DropMessages("Unable to import `torchao` Tensor objects"))
-
-# Wan 2.1's own negative prompt (its shared_config): the unconditional branch of classifier-free
-# guidance in Wan, CausVid and Self Forcing
-WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
-                       "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
-                       "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
-
-
-class UserError(Exception):
-    """A problem the user can fix (bad flag, missing weights). Scripts print it as one line."""
-
-
-# -----------------------------------------------------------------------------
-# checking what the user typed or pointed at, before anything loads
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors look like a UserError's: one line `error: ...` on stderr, exit 2
-    (argparse would print the whole usage first; --help still does)."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
-def print_error(error):
-    """What a script prints for a UserError: one line `error: ...` of its own. Progress bars still
-    running (a failure mid-run) are closed first, so the message never lands at the end of a bar."""
-    from tqdm import tqdm
-    for bar in list(getattr(tqdm, "_instances", [])):
-        bar.close()
-    print(f"error: {error}", file=sys.stderr)
-
-
-def positive_int(text):
-    """argparse type for counts and sizes (batch, block, shard, steps, intervals): an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
-    return value
-
-
-def nonnegative_int(text):
-    """argparse type for intervals where 0 means never (--sample-every): an integer >= 0."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is not an integer >= 0 (0: never)")
-    return value
-
-
-def positive_float(text):
-    """argparse type for learning rates and the clipping norm: a finite number > 0."""
-    value = float(text)
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{text} is not a finite number > 0")
-    return value
-
-
-def learning_rate(text):
-    """argparse type for AdamW learning rates: in (0, 1). AdamW moves every weight by about lr per
-    step, so 1 or more diverges at once (and past 1e38 the update itself overflows fp32)."""
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a learning rate in (0, 1)")
-    return value
-
-
-def nonnegative_float(text):
-    """argparse type for guidance scales and loss weights: a finite number >= 0."""
-    value = float(text)
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"{text} is not a finite number >= 0")
-    return value
-
-
-def decay(text):
-    """argparse type for an EMA decay: a number in [0, 1) (1 would never move, NaN poisons the EMA)."""
-    value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1) (e.g. 0.99)")
-    return value
-
-
-def seed(text):
-    """argparse type for seeds: an integer in [0, 2^32), so that seed + offsets stays a valid torch seed."""
-    value = int(text)
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"{text} is not in 0..{2**32 - 1}")
-    return value
-
-
-def check_file(path, what):
-    """A file the user pointed at (a checkpoint) exists and can be opened; its content is read later."""
-    if not os.path.isfile(path):
-        raise UserError(f"{what} '{path}' " + ("is a folder, not a file" if os.path.isdir(path) else "does not exist"))
-    try:
-        open(path, "rb").close()
-    except OSError as e:
-        raise UserError(f"{what} '{path}' cannot be read ({e.strerror})") from None
-
-
-def read_text(path, what):
-    """The text of a file the user pointed at, or a one-line error naming `what` (its flag):
-    missing, a folder, unreadable, or not UTF-8."""
-    check_file(path, what)
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except UnicodeDecodeError as e:
-        raise UserError(f"{what} '{path}' is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
-    except OSError as e:
-        raise UserError(f"{what} '{path}' cannot be read ({e.strerror})") from None
-
-
-def read_json(path, what, fix="restore or regenerate it"):
-    """json.load of a file the user pointed at (a model's config.json, a store's index.json)."""
-    text = read_text(path, what)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{what} '{path}' is not valid JSON (line {e.lineno}: {e.msg}): {fix}") from None
-
-
-HUB_ID = re.compile(r"[\w-][\w.-]*/[\w.-]+")
-
-
-def check_model(model, flag="--model"):
-    """Before anything loads: a local diffusers-format Wan has its four parts and a transformer
-    config we can read; anything else must look like a hub id (downloaded when it loads)."""
-    if os.path.isdir(model):
-        for part in ("transformer", "vae", "text_encoder", "tokenizer"):
-            resolve_folder(model, part)
-        read_wan_config(os.path.join(model, "transformer"))
-    elif os.path.exists(model) or not HUB_ID.fullmatch(model):
-        raise UserError(f"{'model' if flag == '--model' else flag} '{model}' is neither a diffusers-format folder "
-                        f"nor a hub id like {DEFAULT_MODEL}")
-
-
-def check_output_folder(folder, what):
-    """Create `folder` if needed and make sure a file can be written in it, so that a file in the
-    way, a missing permission or a read-only disk stop the run before anything loads."""
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise UserError(f"{what} '{folder}' is a file, not a folder: remove it or choose another location")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise UserError(f"{what} '{folder}' cannot be written ({e.strerror}): choose another location") from None
 
 
 # -----------------------------------------------------------------------------
@@ -656,6 +487,48 @@ def cast_model(model, dtype, device=None):
     return model
 
 
+def shard_model(model, bf16):
+    """FSDP2: shard every transformer block and the rest of the model across ranks. With bf16,
+    compute runs in bf16 while the sharded master weights, gradients and optimizer stay fp32, except
+    for the FP32_PARAMS, which the forward also sees in fp32 (as Wan computes them).
+
+    FSDP casts per unit (one fully_shard call), so the bf16 layers are units of their own: the
+    patch and text embeddings and each block's attention and FFN layers. Each block's own unit then
+    holds only its modulation table and affine norm, and the root's only the timestep path and the
+    output head: those units cast nothing."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    # cast_forward_inputs=False: FSDP would otherwise round every float input to bf16, including
+    # the timesteps (937.5 -> 936), the fp32 modulation and the RoPE tables; each module casts its
+    # inputs where it needs to (forward() the latents, MLP its input, the head its input).
+    compute = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None,
+                                   cast_forward_inputs=False)
+    keep = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32 if bf16 else None, cast_forward_inputs=False)
+    # FSDP2 warns when a module returns a view (our blocks return k/v as transposed views), because an
+    # in-place op on it would skip a hook. Nothing here modifies a module output in place.
+    import warnings
+    warnings.filterwarnings("ignore", message=r".*returned a view tensor", category=UserWarning)
+    for blk in model.blocks:
+        for layer in (blk.attn1, blk.attn2, blk.ffn):
+            fully_shard(layer, mp_policy=compute)
+        register_fsdp_forward_method(blk.attn2, "keys_values")  # called outside forward (prompt_kv): gather its weights too
+        fully_shard(blk, mp_policy=keep)
+    fully_shard(model.patch_embedding, mp_policy=compute)
+    fully_shard(model.condition_embedder.text_embedder, mp_policy=compute)
+    bf16_units = {id(p) for m in [model.patch_embedding, model.condition_embedder.text_embedder]
+                  + [layer for blk in model.blocks for layer in (blk.attn1, blk.attn2, blk.ffn)] for p in m.parameters()}
+    stray = [n for n, p in model.named_parameters() if id(p) not in bf16_units and not keeps_fp32(n)]
+    if stray:  # a new parameter outside the bf16 units would silently train in fp32: say where it belongs
+        raise ValueError(f"shard_model: {stray[:3]} are neither in a bf16 unit nor in FP32_PARAMS")
+    # FSDP keeps the root's weights (embeddings, head) gathered after a forward, as plain tensors,
+    # until the backward that follows. A network that never trains (teacher, EMA) has no backward:
+    # its root must reshard after each forward, or after the EMA's sample rollout the next
+    # ema_update would mix those plain tensors with the model's sharded DTensors
+    frozen = not any(p.requires_grad for p in model.parameters())
+    fully_shard(model, mp_policy=keep, reshard_after_forward=True if frozen else None)
+    register_fsdp_forward_method(model, "prompt_kv")
+    return model
+
+
 # -----------------------------------------------------------------------------
 # the few-step schedule and the autoregressive rollout
 
@@ -843,57 +716,22 @@ def rollout(model, noise, prompt_kv, block_size=3, timesteps=DENOISING_TIMESTEPS
 
 
 # -----------------------------------------------------------------------------
-# weights: diffusers format, original Wan layout, our checkpoints
-
-# original Wan / CausVid / Self Forcing key -> diffusers key (from diffusers'
-# scripts/convert_wan_to_diffusers.py). Original norm3 (the affine cross-attn norm) is
-# diffusers' norm2; original norm1/norm2 have no parameters.
-ORIGINAL_TO_DIFFUSERS = [
-    ("time_embedding.0.", "condition_embedder.time_embedder.linear_1."),
-    ("time_embedding.2.", "condition_embedder.time_embedder.linear_2."),
-    ("text_embedding.0.", "condition_embedder.text_embedder.linear_1."),
-    ("text_embedding.2.", "condition_embedder.text_embedder.linear_2."),
-    ("time_projection.1.", "condition_embedder.time_proj."),
-    ("head.modulation", "scale_shift_table"),
-    ("head.head.", "proj_out."),
-    (".modulation", ".scale_shift_table"),
-    (".ffn.0.", ".ffn.net.0.proj."),
-    (".ffn.2.", ".ffn.net.2."),
-    (".norm3.", ".norm2."),
-    (".self_attn.o.", ".attn1.to_out.0."),
-    (".cross_attn.o.", ".attn2.to_out.0."),
-    (".self_attn.norm_", ".attn1.norm_"),
-    (".cross_attn.norm_", ".attn2.norm_"),
-] + [(f".{a}.{p}.", f".{b}.to_{p}.") for a, b in [("self_attn", "attn1"), ("cross_attn", "attn2")] for p in "qkv"]
-
-# wrappers other code bases put around the keys (Self Forcing: "model.", FSDP, compile, DDP)
-WRAPPER_PREFIXES = re.compile(r"^(model\.|module\.|_orig_mod\.|_fsdp_wrapped_module\.|_checkpoint_wrapped_module\.)+")
+# weights: diffusers format, our checkpoints (other layouts: convert.py)
 
 
-def _rename(key, pairs):
-    """Apply the first matching pair; a pattern without a leading '.' only matches at the start."""
-    for old, new in pairs:
-        if (old in key) if old.startswith(".") else key.startswith(old):
-            return key.replace(old, new, 1)
-    return key
+HUB_ID = re.compile(r"[\w-][\w.-]*/[\w.-]+")
 
 
-def original_to_diffusers(state_dict):
-    """Map an original-layout Wan state dict (optionally wrapped, e.g. Self Forcing's
-    `model.blocks.0.self_attn.q.weight`) to diffusers names."""
-    out = {}
-    for key, value in state_dict.items():
-        key = WRAPPER_PREFIXES.sub("", key.replace("._fsdp_wrapped_module", "").replace("._checkpoint_wrapped_module", ""))
-        out[_rename(key, ORIGINAL_TO_DIFFUSERS)] = value
-    return out
-
-
-def diffusers_to_original(state_dict):
-    return {_rename(k, [(new, old) for old, new in ORIGINAL_TO_DIFFUSERS]): v for k, v in state_dict.items()}
-
-
-def is_original_layout(state_dict):
-    return any(".self_attn." in k or k.endswith("head.modulation") for k in state_dict)
+def check_model(model, flag="--model"):
+    """Before anything loads: a local diffusers-format Wan has its four parts and a transformer
+    config we can read; anything else must look like a hub id (downloaded when it loads)."""
+    if os.path.isdir(model):
+        for part in ("transformer", "vae", "text_encoder", "tokenizer"):
+            resolve_folder(model, part)
+        read_wan_config(os.path.join(model, "transformer"))
+    elif os.path.exists(model) or not HUB_ID.fullmatch(model):
+        raise UserError(f"{'model' if flag == '--model' else flag} '{model}' is neither a diffusers-format folder "
+                        f"nor a hub id like {DEFAULT_MODEL}")
 
 
 def resolve_folder(model, subfolder):
@@ -1002,6 +840,12 @@ def load_generator_weights(model, path, use_ema=True, kind="causal"):
 # -----------------------------------------------------------------------------
 # text encoder (UMT5) and VAE from the same diffusers-format folder
 
+# Wan 2.1's own negative prompt (its shared_config): the unconditional branch of classifier-free
+# guidance in Wan, CausVid and Self Forcing
+WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+                       "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+                       "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
+
 
 def load_text_encoder(model=DEFAULT_MODEL, dtype=torch.float32, device="cpu"):
     from transformers import AutoTokenizer, UMT5EncoderModel
@@ -1024,6 +868,49 @@ def encode_prompts(tokenizer, encoder, prompts, max_len=512):
     ids, mask = tok.input_ids.to(encoder.device), tok.attention_mask.to(encoder.device)
     out = encoder(ids, mask).last_hidden_state
     return out * mask[..., None].to(out.dtype)
+
+
+@torch.no_grad()
+def encode_negative_prompt(tokenizer, encoder, text, max_len=512):
+    """[1, 512, text_dim] embedding of a negative prompt. "" (WanPipeline's default) is the encoder
+    output of the lone </s> token followed by zeros, not all zeros; encode_prompts refuses "" because
+    for a user's prompt it is a mistake, so that case is encoded here the same way."""
+    if text.strip():
+        return encode_prompts(tokenizer, encoder, [text], max_len)
+    tok = tokenizer([""], padding="max_length", max_length=max_len, truncation=True, add_special_tokens=True,
+                    return_attention_mask=True, return_tensors="pt")
+    ids, mask = tok.input_ids.to(encoder.device), tok.attention_mask.to(encoder.device)
+    out = encoder(ids, mask).last_hidden_state
+    return out * mask[..., None].to(out.dtype)
+
+
+def text_contexts(model, prompts, device, dtype, negative_prompt=None, progress=True):
+    """The trainers' text embeddings, each prompt encoded once at start: {key: prompt} -> ({key:
+    embedding [n, text_dim] on the CPU, the zero padding cut off (a 1.4K-prompt set would be 6 GB per
+    GPU at 512 x 4096)}, the negative prompt's [1, 512, text_dim] fp32 on `device`, or None). Batches
+    of 16 in the order of the keys; the text encoder (UMT5-XXL: 11 GB in bf16) is freed after."""
+    from tqdm import tqdm
+    tokenizer, encoder = load_text_encoder(model, dtype, device)
+    keys = sorted(prompts)
+    contexts = {}
+    for s in tqdm(range(0, len(keys), 16), desc="text", disable=not progress or len(keys) <= 16):
+        emb = encode_prompts(tokenizer, encoder, [prompts[k] for k in keys[s:s + 16]])  # [b, 512, text_dim]
+        for k, e in zip(keys[s:s + 16], emb):
+            n = int((e.abs().sum(-1) > 0).nonzero().max()) + 1
+            contexts[k] = e[:n].cpu().clone()
+    uncond = None
+    if negative_prompt is not None:
+        uncond = encode_negative_prompt(tokenizer, encoder, negative_prompt).float().to(device)
+    del encoder
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return contexts, uncond
+
+
+def padded(contexts, keys, device, length=512):
+    """The text_contexts of `keys` as a batch [B, 512, text_dim] fp32 on `device`, with exact zeros
+    after each prompt, as encode_prompts returns it."""
+    return torch.stack([F.pad(contexts[k].float(), (0, 0, 0, length - len(contexts[k]))) for k in keys]).to(device)
 
 
 def load_vae(model=DEFAULT_MODEL, dtype=torch.float32, device="cpu"):
@@ -1051,276 +938,6 @@ def vae_decode(vae, z, first=True):
         # torch.compile (--compile-vae) would compile every variant of the decoder twice for that
         frames.append(vae.decoder(x[:, :, i:i + 1].contiguous(), feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=first and i == 0))
     return torch.cat(frames, 2).clamp(-1, 1)
-
-
-def to_uint8_frames(pixels):
-    """Decoded pixels [3, T, H, W] in [-1, 1] -> uint8 frames [T, H, W, 3] for imageio."""
-    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
-
-
-def save_video(path, pixels, fps=16):
-    """Write pixels [3, T, H, W] in [-1, 1] as an H.264 mp4 (imageio + ffmpeg), checked before it
-    is renamed into place (see finished_mp4)."""
-    import imageio
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".part.mp4"
-    with finished_mp4(tmp, path, pixels.shape[1]):
-        imageio.mimwrite(tmp, to_uint8_frames(pixels), fps=fps, codec="libx264", macro_block_size=1)
-
-
-@contextlib.contextmanager
-def finished_mp4(tmp, path, expected_frames):
-    """Around the writing of one mp4 into tmp: once the writer has closed, the file must decode to
-    expected_frames frames before it is renamed to path (tmp may be path itself). imageio never
-    looks at ffmpeg's exit status, so a full disk or a killed ffmpeg leaves a truncated file that
-    only a decode shows. On any failure the partial file is removed: nothing is reported written
-    that is not."""
-    try:
-        yield
-        problem = mp4_problem(tmp, expected_frames)
-    except OSError as e:  # imageio raises when ffmpeg's pipe breaks, e.g. ffmpeg died on a full disk
-        problem = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
-    except BaseException:
-        _remove(tmp)
-        raise
-    if problem is None and tmp != path:
-        try:
-            os.replace(tmp, path)
-        except OSError as e:
-            problem = f"renaming it into place failed: {e.strerror}"
-    if problem is not None:
-        _remove(tmp)
-        raise UserError(f"could not write '{path}': {problem} (a full disk? the partial file was removed)")
-
-
-def mp4_problem(path, expected_frames):
-    """None if the mp4 at path decodes (every frame) to expected_frames frames, else what is wrong."""
-    import imageio
-    if not os.path.isfile(path):
-        return "ffmpeg wrote no file"
-    try:
-        with imageio.get_reader(path, format="FFMPEG") as reader:
-            frames = sum(1 for _ in reader)
-    except Exception as e:
-        return f"the written file does not decode ({type(e).__name__}: {str(e).strip().splitlines()[0][:150] if str(e).strip() else ''})"
-    if frames != expected_frames:
-        return f"the written file decodes to {frames} frames, not {expected_frames}"
-    return None
-
-
-def _remove(path):
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(path)
-
-
-# -----------------------------------------------------------------------------
-# tiny streaming decoder for Wan latents: the decoder of TAEW2.1 (madebyollin/taehv)
-#
-# `taew2_1.pth` from https://github.com/madebyollin/taehv is the tiny autoencoder for the Wan 2.1
-# latent space that Self Forcing's demo and ComfyUI load. Its decoder is 9.8M parameters of 2-D
-# convolutions: 0.54 TFLOP per latent frame at 480x832, against 13.55 for the Wan VAE's causal 3-D
-# ones (torch's FlopCounterMode on meta tensors; 11.4 vs 275 TFLOP for 81 frames). Three stages, each
-# three memory blocks (a residual conv stack that sees the frame and the previous frame's input),
-# 2x nearest upsampling, a temporal grow (a 1x1 conv that turns one frame into 1, 2, 2 frames: 4 per
-# latent frame) and a 3x3 conv to the next width. Module names follow taehv.py's nn.Sequential
-# (decoder.0 ... decoder.22), so the published file loads with strict=True. From taehv.py and its
-# README: latents go in as the diffusion model produces them (no latents_mean / latents_std: "TAEHV
-# encodes / decodes exactly what diffusion models use"; the TAEW2.1 diffusers notebook sets mean 0,
-# std 1), so our transformer's normalized latents need no conversion; frames come out in [0, 1];
-# the first t_upscale - 1 = 3 output frames are warm-up and dropped, which gives the Wan VAE's
-# counts: latent frame 0 -> 1 frame, each later one -> 4. Its image quality is the published
-# model's: nothing here measures it (the tests use random weights).
-
-TAE_DOWNLOAD = "download taew2_1.pth from https://github.com/madebyollin/taehv (the tiny autoencoder for Wan 2.1)"
-TAE_WARMUP_FRAMES = 3  # taehv.py's frames_to_trim = 4 - 1
-
-
-def tae_conv(n_in, n_out, bias=True):
-    return nn.Conv2d(n_in, n_out, 3, padding=1, bias=bias)
-
-
-class TAEClamp(nn.Module):
-    """Soft clamp of the latents to (-3, 3), the decoder's first layer."""
-
-    def forward(self, x):
-        return torch.tanh(x / 3) * 3
-
-
-class TAEMemBlock(nn.Module):
-    """Residual conv stack over [frame, input of the previous frame] (the temporal memory)."""
-
-    def __init__(self, ch):
-        super().__init__()
-        self.conv = nn.Sequential(tae_conv(2 * ch, ch), nn.ReLU(), tae_conv(ch, ch), nn.ReLU(), tae_conv(ch, ch))
-
-    def forward(self, x, past):
-        return F.relu(self.conv(torch.cat([x, past], 1)) + x)
-
-
-class TAEGrow(nn.Module):
-    """Temporal upsampling: a 1x1 conv makes `stride` consecutive frames out of each frame."""
-
-    def __init__(self, ch, stride):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch * stride, 1, bias=False)
-
-    def forward(self, x):  # [N, C, H, W] -> [N * stride, C, H, W]; frame n's outputs stay in order
-        return self.conv(x).reshape(-1, *x.shape[1:])
-
-
-class TinyDecoder(nn.Module):
-    """TAEW2.1's decoder. widths: channels of the three stages and of the output head; the published
-    file has (256, 128, 64, 64). `memory` holds, per memory block, the input of the last frame it saw:
-    the causal state that tae_decode carries from one block of latents to the next."""
-
-    def __init__(self, widths=(256, 128, 64, 64), latent_channels=16):
-        super().__init__()
-        layers = [TAEClamp(), tae_conv(latent_channels, widths[0]), nn.ReLU()]
-        for ch, ch_next, grow in zip(widths[:3], widths[1:], (1, 2, 2)):
-            layers += [TAEMemBlock(ch), TAEMemBlock(ch), TAEMemBlock(ch), nn.Upsample(scale_factor=2),
-                       TAEGrow(ch, grow), tae_conv(ch, ch_next, bias=False)]
-        layers += [nn.ReLU(), tae_conv(widths[3], 3)]
-        self.decoder = nn.Sequential(*layers)
-        self.memory = None
-
-    def decode_frame(self, z):
-        """One latent frame [B, C, h, w] -> 4 frames [B, 3, 4, 8h, 8w] in ~[0, 1], after self.memory."""
-        B = z.shape[0]
-        x = z  # [B * T, C, H, W]: T frames per video, 1 then 2 then 4 after the temporal grows
-        for i, layer in enumerate(self.decoder):
-            if isinstance(layer, TAEMemBlock):
-                frames = x.view(B, -1, *x.shape[1:])  # [B, T, C, H, W]
-                before = torch.zeros_like(frames[:, 0]) if self.memory[i] is None else self.memory[i]
-                past = torch.cat([before[:, None], frames[:, :-1]], 1).flatten(0, 1)  # each frame's predecessor
-                self.memory[i] = frames[:, -1]
-                x = layer(x, past)
-            else:
-                x = layer(x)
-        return x.view(B, -1, *x.shape[1:]).transpose(1, 2)
-
-
-def tae_decode(tae, z, first=True):
-    """Normalized latents [B, 16, n, h, w] -> pixels [B, 3, T, 8h, 8w] in [-1, 1], like vae_decode
-    (functools.partial(tae_decode, tae) replaces partial(vae_decode, vae)): first=True starts a video
-    (resets the memory and drops the 3 warm-up frames: T = 1 + 4(n - 1)), first=False continues the
-    previous call's video (T = 4n). The memory carries over between calls, so decoding block by
-    block gives the frames of one decode of the whole video. Latent frames go through one at a time:
-    the activations of 4 frames at full size, not 4n."""
-    if first:
-        tae.memory = [None] * len(tae.decoder)
-    elif tae.memory is None:
-        raise ValueError("tae_decode(first=False) before any first=True call: nothing to continue")
-    z = z.to(tae.decoder[1].weight.dtype)
-    x = torch.cat([tae.decode_frame(z[:, :, i]) for i in range(z.shape[2])], 2)  # [B, 3, 4n, H, W]
-    if first:
-        x = x[:, :, TAE_WARMUP_FRAMES:]
-    return (x * 2 - 1).clamp(-1, 1)
-
-
-def load_tiny_decoder(path, device="cpu", dtype=torch.float32):
-    """The TinyDecoder in a TAEHV checkpoint for Wan 2.1 (taew2_1.pth, or its .safetensors), loaded
-    strictly: every decoder tensor present with its shape, nothing else but the encoder half (which
-    the file also holds and sampling does not use). A wrong or corrupt file is a one-line UserError."""
-    if not os.path.isfile(path):
-        raise UserError(f"tiny decoder '{path}' does not exist: {TAE_DOWNLOAD}")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            sd = load_file(path)
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"tiny decoder '{path}' is not a readable checkpoint ({type(e).__name__}): {TAE_DOWNLOAD}") from None
-    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
-        raise UserError(f"tiny decoder '{path}' holds no state dict of tensors: {TAE_DOWNLOAD}")
-    sd = {k: v for k, v in sd.items() if not k.startswith("encoder.")}
-    try:
-        widths = tuple(sd[f"decoder.{i}.weight"].shape[0] for i in (1, 8, 14, 20))
-        latent_channels = sd["decoder.1.weight"].shape[1]
-        if latent_channels != 16:
-            raise UserError(f"tiny decoder '{path}' is for {latent_channels} latent channels, not Wan 2.1's 16: {TAE_DOWNLOAD}")
-        tae = TinyDecoder(widths, latent_channels)
-        tae.load_state_dict(sd, strict=True)
-    except (KeyError, IndexError, RuntimeError) as e:
-        raise UserError(f"tiny decoder '{path}' does not have TAEW2.1's decoder layout "
-                        f"({' '.join(str(e).split())[:160]}): {TAE_DOWNLOAD}") from None
-    return tae.to(device=device, dtype=dtype).eval().requires_grad_(False)
-
-
-# -----------------------------------------------------------------------------
-# FP8 linear layers (torchao) for the transformer blocks
-
-
-def fp8_layer(module, name):
-    """The layers --fp8 converts (torchao's filter_fn): every nn.Linear inside the transformer blocks
-    (self- and cross-attention q/k/v/out, the FFN), 10 per block, which hold nearly all the FLOPs.
-    The patch embedding, the timestep and text embedders (condition_embedder) and proj_out stay as
-    they are; so do the norms, RoPE and the scale_shift_tables inside the blocks (not Linear)."""
-    return isinstance(module, nn.Linear) and name.startswith("blocks.")
-
-
-def check_fp8(device, dtype):
-    """One-line UserError unless --fp8 can run here: a CUDA GPU of compute capability >= 8.9 (Ada,
-    Hopper or newer: float8 tensor cores), a bf16 model, torchao installed. Cheap: call it before
-    loading any model."""
-    device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        raise UserError(f"--fp8 needs a CUDA GPU with compute capability >= 8.9 (Ada, Hopper or newer), not device '{device}'")
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < (8, 9):
-        raise UserError(f"--fp8 needs compute capability >= 8.9; {torch.cuda.get_device_name(device)} has {major}.{minor}")
-    if dtype != torch.bfloat16:
-        raise UserError("--fp8 keeps the rest of the transformer in bf16: use --dtype bf16")
-    try:
-        import torchao  # noqa: F401
-    except ImportError:
-        raise UserError("--fp8 needs torchao: pip install 'torchao>=0.18,<0.19'") from None
-
-
-def quantize_fp8(model):
-    """Convert the fp8_layer linear layers of a bf16 model in place with torchao: weights stored in
-    float8 (e4m3) with one scale per output row, activations quantized to float8 per row (per token)
-    at every call, matmuls in float8 with bf16 outputs. Call check_fp8 first, on the model already
-    on its GPU and before torch.compile (sample.compile_blocks). Returns model."""
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8Tensor, PerRow, quantize_
-    quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=fp8_layer)
-    # torchao silently keeps a layer whose sizes are not multiples of 16: say so instead
-    kept = [name for name, m in model.named_modules() if fp8_layer(m, name) and not isinstance(m.weight, Float8Tensor)]
-    if kept:
-        raise UserError(f"--fp8: {len(kept)} linear layers could not be converted (sizes must be multiples of 16), e.g. {kept[0]}")
-    return model
-
-
-# -----------------------------------------------------------------------------
-# low memory (--offload): a model's weights on the generation device only while it runs
-
-
-@contextlib.contextmanager
-def on_device(module, device):
-    """Run the with-block with module's weights (parameters and buffers) on `device`; afterwards they
-    are the tensors they were before (e.g. in CPU memory) and the device copies are dropped, not
-    copied back: inference does not change weights, so leaving costs no transfer."""
-    # .to() either swaps a parameter's .data or puts a new Parameter in its place (meta), and puts new
-    # tensors in the buffers' places: keep the objects and their data to put back
-    home = [(m, kind, name, t, t.data) for m in module.modules() for kind in ("_parameters", "_buffers")
-            for name, t in getattr(m, kind).items() if t is not None]
-    module.to(device)
-    try:
-        yield module
-    finally:
-        for m, kind, name, tensor, data in home:
-            tensor.data = data
-            getattr(m, kind)[name] = tensor
-
-
-def offloaded(decode, module, device):
-    """decode (e.g. partial(vae_decode, vae) or partial(tae_decode, tae)) with module's weights on
-    `device` only during each call. The decoder's causal state (the VAE's feature cache, the tiny
-    decoder's memory) is not a weight: it stays on the device between blocks."""
-    def decode_on_device(*args, **kwargs):
-        with on_device(module, device):
-            return decode(*args, **kwargs)
-    return decode_on_device
 
 
 # -----------------------------------------------------------------------------
@@ -1361,296 +978,3 @@ def make_tiny_wan(folder, seed=0):
 def tiny_model_dir():
     """Where --tiny keeps its tiny Wan (built once, then reused)."""
     return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "reward_forcing", "tiny_wan")
-
-
-def make_tiny_decoder(path, seed=0):
-    """Write a random-init TinyDecoder in taew2_1.pth's layout (same keys, narrow widths) to path,
-    atomically, for --tiny and the tests: it loads through load_tiny_decoder like the real file."""
-    torch.manual_seed(seed)
-    tae = TinyDecoder(widths=(32, 16, 8, 8))
-    with torch.no_grad():  # PyTorch's default init gives near-black frames (~0.05); spread them around grey
-        tae.decoder[22].weight.mul_(4)  # so that clamping to [0, 1] hides nothing in the tests
-        tae.decoder[22].bias.fill_(0.5)
-    save_checkpoint(path, tae.state_dict())
-    return path
-
-
-def tiny_decoder_path():
-    """--tiny's decoder file, built once in its own cache folder (not inside tiny_wan/, whose
-    completeness marker would not know about it)."""
-    path = os.path.join(os.path.dirname(tiny_model_dir()), "tiny_taew2_1", "taew2_1.pth")
-    return path if os.path.isfile(path) else make_tiny_decoder(path)
-
-
-def config_dict(cfg):
-    return asdict(cfg)
-
-
-# -----------------------------------------------------------------------------
-# training plumbing shared by distill_dmd.py, train_ode.py and train_reward.py
-
-
-def init_distributed():
-    """(rank, world_size, device). Under torchrun (RANK set) one process per GPU (NCCL) or per CPU
-    process (gloo); a plain `python script.py` is a world of one. Both take the same FSDP path."""
-    import torch.distributed as dist
-    cuda = torch.cuda.is_available()
-    if "RANK" in os.environ:
-        dist.init_process_group("nccl" if cuda else "gloo")
-    else:
-        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if cuda:
-        torch.cuda.set_device(local)
-    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
-
-
-def shard_model(model, bf16):
-    """FSDP2: shard every transformer block and the rest of the model across ranks. With bf16,
-    compute runs in bf16 while the sharded master weights, gradients and optimizer stay fp32, except
-    for the FP32_PARAMS, which the forward also sees in fp32 (as Wan computes them).
-
-    FSDP casts per unit (one fully_shard call), so the bf16 layers are units of their own: the
-    patch and text embeddings and each block's attention and FFN layers. Each block's own unit then
-    holds only its modulation table and affine norm, and the root's only the timestep path and the
-    output head: those units cast nothing."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-    # cast_forward_inputs=False: FSDP would otherwise round every float input to bf16, including
-    # the timesteps (937.5 -> 936), the fp32 modulation and the RoPE tables; each module casts its
-    # inputs where it needs to (forward() the latents, MLP its input, the head its input).
-    compute = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None,
-                                   cast_forward_inputs=False)
-    keep = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32 if bf16 else None, cast_forward_inputs=False)
-    # FSDP2 warns when a module returns a view (our blocks return k/v as transposed views), because an
-    # in-place op on it would skip a hook. Nothing here modifies a module output in place.
-    import warnings
-    warnings.filterwarnings("ignore", message=r".*returned a view tensor", category=UserWarning)
-    for blk in model.blocks:
-        for layer in (blk.attn1, blk.attn2, blk.ffn):
-            fully_shard(layer, mp_policy=compute)
-        register_fsdp_forward_method(blk.attn2, "keys_values")  # called outside forward (prompt_kv): gather its weights too
-        fully_shard(blk, mp_policy=keep)
-    fully_shard(model.patch_embedding, mp_policy=compute)
-    fully_shard(model.condition_embedder.text_embedder, mp_policy=compute)
-    bf16_units = {id(p) for m in [model.patch_embedding, model.condition_embedder.text_embedder]
-                  + [layer for blk in model.blocks for layer in (blk.attn1, blk.attn2, blk.ffn)] for p in m.parameters()}
-    stray = [n for n, p in model.named_parameters() if id(p) not in bf16_units and not keeps_fp32(n)]
-    if stray:  # a new parameter outside the bf16 units would silently train in fp32: say where it belongs
-        raise ValueError(f"shard_model: {stray[:3]} are neither in a bf16 unit nor in FP32_PARAMS")
-    # FSDP keeps the root's weights (embeddings, head) gathered after a forward, as plain tensors,
-    # until the backward that follows. A network that never trains (teacher, EMA) has no backward:
-    # its root must reshard after each forward, or after the EMA's sample rollout the next
-    # ema_update would mix those plain tensors with the model's sharded DTensors
-    frozen = not any(p.requires_grad for p in model.parameters())
-    fully_shard(model, mp_policy=keep, reshard_after_forward=True if frozen else None)
-    register_fsdp_forward_method(model, "prompt_kv")
-    return model
-
-
-def full_state_dict(model, optimizer=None):
-    """Full (unsharded) CPU state dict of a sharded model (and optimizer) on rank 0; {} elsewhere."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    if optimizer is not None:
-        return get_optimizer_state_dict(model, optimizer, options=opts)
-    return get_model_state_dict(model, options=opts)
-
-
-def load_full_state_dict(model, state_dict, optimizer=None):
-    """Inverse of full_state_dict: every rank passes the same full dict (read from disk)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-    opts = StateDictOptions(full_state_dict=True)
-    if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, state_dict, options=opts)
-    else:
-        set_model_state_dict(model, state_dict, options=opts)
-
-
-def nonfinite_tensors(tree, prefix=""):
-    """Names of the floating-point tensors holding a NaN or inf in nested dicts/lists of a checkpoint."""
-    if isinstance(tree, dict):
-        return [n for k, v in tree.items() for n in nonfinite_tensors(v, f"{prefix}{k}/")]
-    if isinstance(tree, (list, tuple)):
-        return [n for i, v in enumerate(tree) for n in nonfinite_tensors(v, f"{prefix}{i}/")]
-    if torch.is_tensor(tree) and tree.is_floating_point() and not torch.isfinite(tree).all():
-        return [prefix.rstrip("/")]
-    return []
-
-
-def save_checkpoint(path, ckpt):
-    """Write to a temp file, then rename: a crash mid-save never replaces a good checkpoint. A
-    checkpoint with any NaN or inf tensor is not written at all (the good one stays)."""
-    bad = nonfinite_tensors(ckpt)
-    if bad:
-        raise UserError(f"not saving {path}: {len(bad)} tensors hold NaN or inf ({', '.join(bad[:3])}); "
-                        f"{kept_checkpoint(path)}")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
-
-
-def kept_checkpoint(path):
-    """What a stopped run leaves at path, said truthfully (for its error message)."""
-    if not os.path.isfile(path):
-        return "no checkpoint has been written yet"
-    try:
-        step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
-    except Exception:
-        return f"{path} was left as it was"
-    return f"the last good checkpoint, step {step}, stays in {path}"
-
-
-@contextlib.contextmanager
-def own_folder(folder, stale_patterns, what="--out"):
-    """Hold `folder` for one run: rank 0 creates it, takes an exclusive lock on folder/.lock and
-    removes what a crashed run left there (stale_patterns, e.g. 'ckpt.pt.tmp*'); every rank gets
-    the same one-line error when it cannot (a file in the way, read-only, another run holds it).
-
-    The lock is an flock held while the block runs: the OS drops it when the process ends in any
-    way (kill -9 included), so a crashed run never leaves the folder locked. Only rank 0 takes it:
-    the ranks of one run share the folder, and a second flock from another rank would block on
-    rank 0's. Needs the process group (init_distributed)."""
-    import torch.distributed as dist
-    lock, error = None, None
-    if dist.get_rank() == 0:
-        try:
-            lock = _lock_folder(folder, what)
-            for stale in sorted(p for pattern in stale_patterns for p in glob.glob(os.path.join(glob.escape(folder), pattern))):
-                os.remove(stale)
-                print(f"removed {stale}, left by a run that crashed", file=sys.stderr)
-        except UserError as e:
-            error = str(e)
-    message = [error]
-    dist.broadcast_object_list(message, src=0)
-    if message[0] is not None:
-        raise UserError(message[0])
-    try:
-        yield
-    finally:
-        if lock is not None:
-            lock.close()  # releases the flock
-
-
-def _lock_folder(folder, what):
-    check_output_folder(folder, what)
-    path = os.path.join(folder, ".lock")
-    lock = open(path, "a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "?"
-        lock.close()
-        raise UserError(f"{what} '{folder}' is in use by another run (pid {holder}, lock {path}): "
-                        f"wait for it to end, or choose another {what}") from None
-    lock.truncate(0)
-    lock.write(str(os.getpid()))
-    lock.flush()
-    return lock
-
-
-def all_mean(x):
-    """Average of a scalar tensor over ranks (the loss every rank logs)."""
-    x = x.detach().clone()
-    torch.distributed.all_reduce(x)
-    return x.item() / torch.distributed.get_world_size()
-
-
-def grad_norm(model, clip):
-    """Clip the gradients to norm `clip` and return their global norm before clipping (all ranks)."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # a DTensor under FSDP
-
-
-def load_resume(path, args, script, stage=None):
-    """Our checkpoint for --resume (mmap: the ranks of one machine share the file's pages instead of
-    each holding a copy; the full-size checkpoint is ~40 GB). Without --resume: None, and a
-    checkpoint already at path is an error rather than something to overwrite. The checkpoint must
-    come from the same script (its 'script') and stage (its 'stage', e.g. 'with --dmd-weight'), and
-    be short of --max-steps."""
-    if not args.resume:
-        if os.path.isfile(path):
-            raise UserError(f"'{path}' exists: pass --resume to continue it, or choose another --out")
-        return None
-    if not os.path.isfile(path):
-        raise UserError(f"nothing to resume: '{path}' does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise UserError(f"checkpoint '{path}' is not readable ({type(e).__name__}: {str(e)[:100]})") from None
-    saved = ckpt.get("script") if isinstance(ckpt, dict) else None
-    if saved != script:
-        raise UserError(f"'{path}' was written by {saved or 'something else (it names no script)'}, not {script}: resume it "
-                        f"with {saved or 'the script that wrote it'}, or start a new --out from it with --init")
-    if ckpt.get("stage") != stage:
-        raise UserError(f"'{path}' was trained {ckpt.get('stage')}: resume it with the same flags (this run: {stage})")
-    if ckpt["step"] >= args.max_steps:
-        raise UserError(f"'{path}' is at step {ckpt['step']} already: pass a --max-steps above {ckpt['step']} to go on")
-    return ckpt
-
-
-def open_log(log_path, step, resume, wandb_name=None, config=None):
-    """Rank 0's training log: one JSON line per logged step in log_path. A resumed run keeps the
-    lines up to its checkpoint's step (those a crashed run wrote after it go). With a wandb run
-    name (--wandb), also starts wandb and returns it; else None."""
-    os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
-    lines = []
-    if resume and os.path.isfile(log_path):
-        with open(log_path, encoding="utf-8", errors="replace") as f:
-            records = f.read().splitlines()
-        for n, line in enumerate(records, 1):
-            try:
-                keep = json.loads(line)["step"] <= step
-            except (ValueError, KeyError, TypeError):
-                if n < len(records):
-                    raise UserError(f"line {n} of {log_path} is not a log record: delete that line, then --resume") from None
-                # what a crash or a full disk leaves: a last line cut short. It is lost, the rest is kept
-                print(f"warning: dropped the torn last line of {log_path}: {line[:80]!r}", file=sys.stderr)
-                break
-            if keep:
-                lines.append(line + "\n")
-    with open(log_path, "w") as f:
-        f.writelines(lines)
-    if wandb_name is None:
-        return None
-    import wandb
-    wandb.init(project="reward-forcing", name=wandb_name, config=config, resume="allow")
-    return wandb
-
-
-def log_step(log_path, record, wandb=None):
-    """Append a step's record (it has a 'step') to the log, and to wandb when it runs."""
-    with open(log_path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-    if wandb is not None:
-        wandb.log(record, step=record["step"])
-
-
-def stop_if_diverged(step, ckpt_path, values=None, hint="lower --lr and --resume", nets=None):
-    """Stop, without saving, when any logged value is NaN or inf (before the optimizer step), or
-    any weight of nets {name: model} (after the optimizer step and the EMA update: a finite loss
-    can still make infinite weights). Every rank takes part in the weight check and stops together."""
-    bad = [f"{k} = {v}" for k, v in (values or {}).items() if not math.isfinite(v)]
-    if nets:
-        from torch.distributed.tensor import DTensor
-        counts = torch.stack([sum((~torch.isfinite(p.to_local() if isinstance(p, DTensor) else p)).sum() for p in net.parameters())
-                              for net in nets.values()])
-        torch.distributed.all_reduce(counts)  # each rank holds a shard
-        bad += [f"{n} NaN/inf weights in the {name}" for name, n in zip(nets, counts.tolist()) if n]
-    if bad:
-        raise UserError(f"training diverged at step {step} ({', '.join(bad)}): stopped without saving; "
-                        f"{kept_checkpoint(ckpt_path)} ({hint})")
-
-
-@torch.no_grad()
-def ema_update(ema, model, decay):
-    """ema <- decay * ema + (1 - decay) * model, on the local shards (same sharding for both)."""
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach().to(e.dtype), 1 - decay)
-
-
-def step_generator(seed, step, rank, device):
-    """A generator for this step and rank: resuming at step N draws exactly the noise a run from
-    scratch drew at step N, with no RNG state to save."""
-    return torch.Generator(device).manual_seed(seed * 1_000_003 + step * 8191 + rank)

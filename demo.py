@@ -80,6 +80,8 @@ from dataclasses import dataclass
 import torch
 
 import causal_wan as cw
+import common
+import speedkit
 import sample
 
 FPS = 16  # Wan's frame rate: the page plays at it, the mp4 is written at it
@@ -90,7 +92,7 @@ HTML = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.html")
 
 
 def parse_args(argv=None):
-    p = cw.ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:2]), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:2]), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (other than loopback: anyone who can reach it uses the GPU)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--max-seconds", type=float, default=60.0, help="a video ends after this many seconds (16 fps) unless stopped")
@@ -104,23 +106,23 @@ def check_args(args):
     """Everything that can be checked before the models load (a minute for the real ones)."""
     for name in ("height", "width"):
         if getattr(args, name) <= 0 or getattr(args, name) % 16:
-            raise cw.UserError(f"--{name} {getattr(args, name)} is not a positive multiple of 16 (VAE 8x and patch 2x)")
+            raise common.UserError(f"--{name} {getattr(args, name)} is not a positive multiple of 16 (VAE 8x and patch 2x)")
     if args.max_frames < 2 * args.chunk:
-        raise cw.UserError(f"--max-frames {args.max_frames} must hold at least two blocks of --chunk {args.chunk}")
+        raise common.UserError(f"--max-frames {args.max_frames} must hold at least two blocks of --chunk {args.chunk}")
     if not args.max_seconds > 0 or not math.isfinite(args.max_seconds):
-        raise cw.UserError(f"--max-seconds {args.max_seconds} must be a positive number of seconds")
+        raise common.UserError(f"--max-seconds {args.max_seconds} must be a positive number of seconds")
     if not 1 <= args.port <= 65535:
-        raise cw.UserError(f"--port {args.port} is not a TCP port (1-65535)")
+        raise common.UserError(f"--port {args.port} is not a TCP port (1-65535)")
     try:
         device = torch.device(args.device)
     except RuntimeError:
-        raise cw.UserError(f"--device '{args.device}' is not a torch device (cpu, cuda, cuda:1, ...)") from None
+        raise common.UserError(f"--device '{args.device}' is not a torch device (cpu, cuda, cuda:1, ...)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise cw.UserError(f"--device {args.device}: CUDA is not available on this machine (use --device cpu, e.g. with --tiny)")
+        raise common.UserError(f"--device {args.device}: CUDA is not available on this machine (use --device cpu, e.g. with --tiny)")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise cw.UserError(f"--device {args.device}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        raise common.UserError(f"--device {args.device}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     if args.checkpoint and not os.path.isfile(args.checkpoint):
-        raise cw.UserError(f"checkpoint '{args.checkpoint}' does not exist")
+        raise common.UserError(f"checkpoint '{args.checkpoint}' does not exist")
     sample.check_speed_kit(args)  # --decoder, --decoder-path, --fp8 (the tiny decoder's file: loaded first)
     try:  # the port must be free now, not after the models have loaded
         family, _, _, _, address = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)[0]
@@ -128,7 +130,7 @@ def check_args(args):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
             s.bind(address)
     except OSError as e:
-        raise cw.UserError(f"cannot listen on --host {args.host} --port {args.port} ({e.strerror or e}): choose another --port"
+        raise common.UserError(f"cannot listen on --host {args.host} --port {args.port} ({e.strerror or e}): choose another --port"
                            + (" or --host" if isinstance(e, socket.gaierror) else "")) from None
 
 
@@ -157,7 +159,7 @@ class Models:
         """A prompt -> text context [1, 512, text_dim]: the one place the text encoder runs (in the
         generation thread, for the first prompt and every switch). With --offload its weights live
         in CPU memory and are on the device only while it encodes."""
-        with cw.on_device(self.encoder, self.device):  # a no-op unless --offload
+        with speedkit.on_device(self.encoder, self.device):  # a no-op unless --offload
             return cw.encode_prompts(self.tokenizer, self.encoder, [prompt])
 
 
@@ -174,20 +176,20 @@ def load_models(args):
     say = lambda what: print(f"loading {next(step)}/3: {what}", file=sys.stderr, flush=True)  # noqa: E731
     tae = None
     if args.decoder == "tae":
-        path = args.decoder_path or cw.tiny_decoder_path()
+        path = args.decoder_path or speedkit.tiny_decoder_path()
         say(f"the tiny decoder from {path}")
-        tae = cw.load_tiny_decoder(path, home, dtype)
+        tae = speedkit.load_tiny_decoder(path, home, dtype)
     say(f"the generator from {args.model}" + (f" + {args.checkpoint}" if args.checkpoint else ""))
     model = sample.load_generator(args, device, dtype)
     if args.fp8:
-        cw.quantize_fp8(model)  # on the GPU, before torch.compile
+        speedkit.quantize_fp8(model)  # on the GPU, before torch.compile
     say("the text encoder" + (" (in CPU memory: --offload)" if args.offload else ""))
     tokenizer, encoder = cw.load_text_encoder(args.model, dtype=dtype, device=home)
     if tae is None:
         say("the VAE" + (" (in CPU memory: --offload)" if args.offload else ""))
     decode, _ = sample.load_decoder(args, device, tae)
     if args.compile:
-        sample.compile_blocks(model, args.compile)
+        speedkit.compile_blocks(model, args.compile)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     print(f"models loaded in {time.perf_counter() - t0:.1f} s on {device} ({args.dtype})"
           + ("; the first video pays the compilation" if args.compile or args.compile_vae else ""), file=sys.stderr, flush=True)
@@ -431,7 +433,7 @@ class Viewer:
                     break
                 try:
                     await self.on_message(parse_message(message))
-                except (ValueError, cw.UserError) as e:
+                except (ValueError, common.UserError) as e:
                     self.emit({"type": "error", "message": str(e)})
         finally:  # a viewer who leaves frees the device: the worker ends at the next block
             if self.session is not None:
@@ -544,6 +546,6 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except cw.UserError as e:
+    except common.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -160,10 +160,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import causal_wan as cw
-from causal_wan import WAN_NEGATIVE_PROMPT, UserError
+import common
+from causal_wan import WAN_NEGATIVE_PROMPT
+from common import UserError
 
 EXAMPLE_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts", "dmd_example.txt")
-TEXT_LEN = 512  # tokens of every text embedding (encode_prompts pads to it)
 DIVERGED_HINT = "lower --lr / --critic-lr and --resume"
 SCRIPT = "distill_dmd.py"  # recorded in the checkpoint: --resume continues only this script's runs
 STALE = ["ckpt.pt.tmp*", "sample_*.mp4.part.mp4"]  # what a crashed run can leave in --out
@@ -271,55 +272,6 @@ def generate(model, noise, context, exit_step, block_size, generator):
 
 
 # -----------------------------------------------------------------------------
-# prompts: every text embedding is computed once, at start
-
-
-@torch.no_grad()
-def encode_negative_prompt(tokenizer, encoder, text):
-    """[1, 512, text_dim] embedding of the negative prompt. "" (WanPipeline's default) is the encoder
-    output of the lone </s> token followed by zeros, not all zeros; encode_prompts refuses "" because
-    for a user's prompt it is a mistake, so that case is encoded here the same way."""
-    if text.strip():
-        return cw.encode_prompts(tokenizer, encoder, [text])
-    tok = tokenizer([""], padding="max_length", max_length=TEXT_LEN, truncation=True, add_special_tokens=True,
-                    return_attention_mask=True, return_tensors="pt")
-    ids, mask = tok.input_ids.to(encoder.device), tok.attention_mask.to(encoder.device)
-    out = encoder(ids, mask).last_hidden_state
-    return out * mask[..., None].to(out.dtype)
-
-
-def read_prompts(path):
-    prompts = [line.strip() for line in cw.read_text(path, "--prompts").splitlines() if line.strip()]
-    if not prompts:
-        raise UserError(f"prompt file '{path}' has no prompts (one per line)")
-    return prompts
-
-
-def text_contexts(args, prompts, device):
-    """Embeddings of the given prompts {index: [n, text_dim]} with the zero padding cut off (kept
-    on the CPU), and of the negative prompt [1, 512, text_dim]. The text encoder is freed after."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    tokenizer, encoder = cw.load_text_encoder(args.model, dtype, device)
-    ids = sorted(prompts)
-    contexts = {}
-    for s in tqdm(range(0, len(ids), 16), desc="text", disable=dist.get_rank() != 0 or len(ids) <= 16):
-        emb = cw.encode_prompts(tokenizer, encoder, [prompts[i] for i in ids[s:s + 16]])  # [b, 512, text_dim]
-        for i, e in zip(ids[s:s + 16], emb):
-            n = int((e.abs().sum(-1) > 0).nonzero().max()) + 1
-            contexts[i] = e[:n].cpu().clone()
-    uncond = encode_negative_prompt(tokenizer, encoder, args.negative_prompt).float().to(device)
-    del encoder
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return contexts, uncond
-
-
-def padded(contexts, ids, device):
-    """[B, 512, text_dim] fp32 with exact zeros after each prompt, as encode_prompts returns it."""
-    return torch.stack([F.pad(contexts[i].float(), (0, 0, 0, TEXT_LEN - len(contexts[i]))) for i in ids]).to(device)
-
-
-# -----------------------------------------------------------------------------
 # training
 
 
@@ -331,13 +283,13 @@ def write_sample(args, ema, vae, context, latent_shape, block_size, step, rank, 
     noise = torch.randn([1] + latent_shape, generator=g, device=device)
     video = cw.rollout(ema, noise, ema.prompt_kv(context), block_size=block_size, generator=g)
     if rank == 0:
-        cw.save_video(os.path.join(args.out, f"sample_{step}.mp4"), cw.vae_decode(vae, video.float())[0])
+        common.save_video(os.path.join(args.out, f"sample_{step}.mp4"), cw.vae_decode(vae, video.float())[0])
 
 
 def main(args):
-    rank, world, device = cw.init_distributed()
+    rank, world, device = common.init_distributed()
     try:
-        with cw.own_folder(args.out, STALE):  # one run per --out
+        with common.own_folder(args.out, STALE):  # one run per --out
             train(args, rank, world, device)
             dist.barrier()  # no rank tears the group down while rank 0 still writes the checkpoint
     finally:
@@ -387,22 +339,23 @@ def setup(args, rank, world, device):
     for model, flag in ((args.model, "--model"), (args.teacher, "--teacher")):
         cw.check_model(model, flag)
     if args.init:
-        cw.check_file(args.init, "--init checkpoint")
+        common.check_file(args.init, "--init checkpoint")
     ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
     stage = f"with --generator {args.generator}"
-    ckpt = cw.load_resume(ckpt_path, args, SCRIPT, stage)
+    ckpt = common.load_resume(ckpt_path, args, SCRIPT, stage)
     wandb = None
     if rank == 0:
-        wandb = cw.open_log(log_path, ckpt["step"] if ckpt else 0, args.resume, config=vars(args),
+        wandb = common.open_log(log_path, ckpt["step"] if ckpt else 0, args.resume, config=vars(args),
                             wandb_name=f"dmd-{os.path.basename(os.path.abspath(args.out))}" if args.wandb else None)
 
-    prompts = read_prompts(args.prompts)
+    prompts = common.read_prompts(args.prompts)
     prompts = prompts * math.ceil(slots / len(prompts))  # every slot needs at least one line
     shares = {j: list(range(j, len(prompts), slots)) for j in my_slots}
     needed = {i for share in shares.values() for i in share} | {0}  # + prompt 0 for the sample videos
-    contexts, uncond = text_contexts(args, {i: prompts[i] for i in needed}, device)
-
     bf16 = device.type == "cuda"  # bf16 compute with fp32 master weights on GPU; fp32 on CPU
+    contexts, uncond = cw.text_contexts(args.model, {i: prompts[i] for i in needed}, device,
+                                        torch.bfloat16 if bf16 else torch.float32, args.negative_prompt, progress=rank == 0)
+
     teacher = cw.from_pretrained(args.teacher, torch.bfloat16 if bf16 else torch.float32).requires_grad_(False)
     generator = cw.from_pretrained(args.model, torch.float32)  # the base model (1.3B): generator and critic
     critic = copy.deepcopy(generator)
@@ -419,11 +372,11 @@ def setup(args, rank, world, device):
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, betas=(0.0, 0.999), weight_decay=0.01, eps=1e-8)
     step = 0
     if ckpt is not None:
-        cw.load_full_state_dict(generator, ckpt["model"])
-        cw.load_full_state_dict(ema, ckpt["ema"])
-        cw.load_full_state_dict(generator, ckpt["optimizer"], opt)
-        cw.load_full_state_dict(critic, ckpt["critic"])
-        cw.load_full_state_dict(critic, ckpt["critic_optimizer"], critic_opt)
+        common.load_full_state_dict(generator, ckpt["model"])
+        common.load_full_state_dict(ema, ckpt["ema"])
+        common.load_full_state_dict(generator, ckpt["optimizer"], opt)
+        common.load_full_state_dict(critic, ckpt["critic"])
+        common.load_full_state_dict(critic, ckpt["critic_optimizer"], critic_opt)
         step = ckpt["step"]
         del ckpt
 
@@ -438,17 +391,17 @@ def setup(args, rank, world, device):
 
 def draw(args, run, update, slot):
     """This slot's noise [B, C, F, H, W] and prompt embeddings, and the generator for the rest of its draws."""
-    g = cw.step_generator(args.seed, update, slot, run.device)
+    g = common.step_generator(args.seed, update, slot, run.device)
     share = run.shares[slot]
     ids = [share[k] for k in torch.randint(len(share), (args.micro_batch,), generator=g, device=run.device).tolist()]
     noise = torch.randn([args.micro_batch] + run.latent_shape, generator=g, device=run.device)
-    return noise, padded(run.contexts, ids, run.device), g
+    return noise, cw.padded(run.contexts, ids, run.device), g
 
 
 def exit_step(args, update):
     """Where every block of this update's rollouts stops: the same on every rank (and slot), so
     all ranks run the same number of sharded forwards."""
-    g = cw.step_generator(args.seed, update, -1, "cpu")  # slot -1: a stream no slot uses
+    g = common.step_generator(args.seed, update, -1, "cpu")  # slot -1: a stream no slot uses
     return int(torch.randint(len(cw.DENOISING_TIMESTEPS), (1,), generator=g))
 
 
@@ -464,8 +417,8 @@ def critic_update(args, run, update, step):
         loss, _ = critic_loss(x0, run.critic, context, g)
         (loss / run.accum).backward()
         loss_sum += loss.detach() / run.accum
-    loss, norm = cw.all_mean(loss_sum), cw.grad_norm(run.critic, args.grad_clip)
-    cw.stop_if_diverged(step, run.ckpt_path, dict(critic_loss=loss, critic_grad_norm=norm), DIVERGED_HINT)
+    loss, norm = common.all_mean(loss_sum), common.grad_norm(run.critic, args.grad_clip)
+    common.stop_if_diverged(step, run.ckpt_path, dict(critic_loss=loss, critic_grad_norm=norm), DIVERGED_HINT)
     run.critic_opt.step()
     run.critic_opt.zero_grad(set_to_none=True)
     return loss, norm
@@ -483,25 +436,25 @@ def generator_update(args, run, update, step):
         (loss / run.accum).backward()
         loss_sum += loss.detach().float() / run.accum
         dmd_grad += logs["dmd_grad"] / run.accum
-    loss, norm = cw.all_mean(loss_sum), cw.grad_norm(run.generator, args.grad_clip)
-    cw.stop_if_diverged(step, run.ckpt_path, dict(loss=loss, grad_norm=norm), DIVERGED_HINT)
+    loss, norm = common.all_mean(loss_sum), common.grad_norm(run.generator, args.grad_clip)
+    common.stop_if_diverged(step, run.ckpt_path, dict(loss=loss, grad_norm=norm), DIVERGED_HINT)
     run.opt.step()
     run.opt.zero_grad(set_to_none=True)
     # --ema-start N: through update N the EMA is a copy of the live weights, then it averages
-    cw.ema_update(run.ema, run.generator, args.ema_decay if step > args.ema_start else 0.0)
-    cw.stop_if_diverged(step, run.ckpt_path, hint=DIVERGED_HINT, nets=dict(generator=run.generator, EMA=run.ema, critic=run.critic))
-    return loss, norm, cw.all_mean(dmd_grad), k
+    common.ema_update(run.ema, run.generator, args.ema_decay if step > args.ema_start else 0.0)
+    common.stop_if_diverged(step, run.ckpt_path, hint=DIVERGED_HINT, nets=dict(generator=run.generator, EMA=run.ema, critic=run.critic))
+    return loss, norm, common.all_mean(dmd_grad), k
 
 
 def save(args, run, step):
     """OUT/ckpt.pt: both networks with their optimizers, and the EMA (gathered by every rank, written
     by rank 0, atomically and only if every tensor is finite)."""
-    ckpt = dict(model=cw.full_state_dict(run.generator), ema=cw.full_state_dict(run.ema),
-                optimizer=cw.full_state_dict(run.generator, run.opt), critic=cw.full_state_dict(run.critic),
-                critic_optimizer=cw.full_state_dict(run.critic, run.critic_opt), step=step, args=vars(args),
+    ckpt = dict(model=common.full_state_dict(run.generator), ema=common.full_state_dict(run.ema),
+                optimizer=common.full_state_dict(run.generator, run.opt), critic=common.full_state_dict(run.critic),
+                critic_optimizer=common.full_state_dict(run.critic, run.critic_opt), step=step, args=vars(args),
                 script=SCRIPT, stage=run.stage)
     if run.rank == 0:
-        cw.save_checkpoint(run.ckpt_path, ckpt)
+        common.save_checkpoint(run.ckpt_path, ckpt)
 
 
 def train(args, rank, world, device):
@@ -527,9 +480,9 @@ def train(args, rank, world, device):
         bar.set_postfix(loss=f"{record['loss']:.2e}", critic=f"{record['critic_loss']:.4f}", gnorm=f"{record['grad_norm']:.3f}",
                         s=f"{record['step_time']:.2f}", **({"mem": f"{record['gpu_mem_gb']:.1f}G"} if "gpu_mem_gb" in record else {}))
         if rank == 0 and (step % args.log_every == 0 or step == args.max_steps):
-            cw.log_step(run.log_path, record, run.wandb)
+            common.log_step(run.log_path, record, run.wandb)
         if args.sample_every and step % args.sample_every == 0:
-            write_sample(args, run.ema, run.vae, padded(run.contexts, [0], device), run.latent_shape, run.block_size, step, rank, device)
+            write_sample(args, run.ema, run.vae, cw.padded(run.contexts, [0], device), run.latent_shape, run.block_size, step, rank, device)
         if step % args.save_every == 0 or step == args.max_steps:
             save(args, run, step)
     bar.close()
@@ -539,7 +492,7 @@ def train(args, rank, world, device):
 
 
 def parse_args(argv=None):
-    p = cw.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny random Wan, small sizes (CPU demo, tests)")
     p.add_argument("--model", help=f"base diffusers-format Wan (folder or hub id): generator and critic init, text encoder, "
                                    f"VAE (default {cw.DEFAULT_MODEL}; with --tiny the cached tiny Wan)")
@@ -550,27 +503,27 @@ def parse_args(argv=None):
                                                                             "bidirectional: the 4-step full-attention model")
     p.add_argument("--prompts", help="text file, one prompt per line (default prompts/dmd_example.txt)")
     p.add_argument("--negative-prompt", help="unconditional branch of the teacher's CFG (default: Wan's own)")
-    p.add_argument("--guidance", type=cw.nonnegative_float, help="teacher CFG, uncond + g (cond - uncond) (4.0 = Self Forcing's 3.0)")
-    p.add_argument("--height", type=cw.positive_int)
-    p.add_argument("--width", type=cw.positive_int)
-    p.add_argument("--frames", type=cw.positive_int, help="pixel frames, 4k+1 (81)")
-    p.add_argument("--block-size", type=cw.positive_int, help="latent frames per causal block (3)")
-    p.add_argument("--critic-steps", type=cw.positive_int, help="critic updates per generator update (5)")
+    p.add_argument("--guidance", type=common.nonnegative_float, help="teacher CFG, uncond + g (cond - uncond) (4.0 = Self Forcing's 3.0)")
+    p.add_argument("--height", type=common.positive_int)
+    p.add_argument("--width", type=common.positive_int)
+    p.add_argument("--frames", type=common.positive_int, help="pixel frames, 4k+1 (81)")
+    p.add_argument("--block-size", type=common.positive_int, help="latent frames per causal block (3)")
+    p.add_argument("--critic-steps", type=common.positive_int, help="critic updates per generator update (5)")
     p.add_argument("--out", required=True, help="folder for ckpt.pt, log.jsonl, sample_<step>.mp4")
     p.add_argument("--resume", action="store_true", help="continue exactly from OUT/ckpt.pt")
-    p.add_argument("--max-steps", type=cw.positive_int, help="generator updates (120)")
-    p.add_argument("--global-batch", type=cw.positive_int, help="videos per update, all ranks (64)")
-    p.add_argument("--micro-batch", type=cw.positive_int, help="videos per rank per forward (1)")
-    p.add_argument("--lr", type=cw.learning_rate, help="generator learning rate (2e-6)")
-    p.add_argument("--critic-lr", type=cw.learning_rate, help="critic learning rate (4e-7)")
-    p.add_argument("--ema-decay", type=cw.decay, help="EMA of the generator (0.99)")
-    p.add_argument("--ema-start", type=cw.nonnegative_int, help="generator updates before the EMA starts averaging: until then it is a "
+    p.add_argument("--max-steps", type=common.positive_int, help="generator updates (120)")
+    p.add_argument("--global-batch", type=common.positive_int, help="videos per update, all ranks (64)")
+    p.add_argument("--micro-batch", type=common.positive_int, help="videos per rank per forward (1)")
+    p.add_argument("--lr", type=common.learning_rate, help="generator learning rate (2e-6)")
+    p.add_argument("--critic-lr", type=common.learning_rate, help="critic learning rate (4e-7)")
+    p.add_argument("--ema-decay", type=common.decay, help="EMA of the generator (0.99)")
+    p.add_argument("--ema-start", type=common.nonnegative_int, help="generator updates before the EMA starts averaging: until then it is a "
                                                  "copy of the live weights (40, Self Forcing's ema_start_step of 200 iterations)")
-    p.add_argument("--grad-clip", type=cw.positive_float, help="gradient norm clipping, both networks (10)")
-    p.add_argument("--save-every", type=cw.positive_int)
-    p.add_argument("--log-every", type=cw.positive_int)
-    p.add_argument("--sample-every", type=cw.nonnegative_int, help="write OUT/sample_<step>.mp4 from the EMA generator (0: never)")
-    p.add_argument("--seed", type=cw.seed, default=0)
+    p.add_argument("--grad-clip", type=common.positive_float, help="gradient norm clipping, both networks (10)")
+    p.add_argument("--save-every", type=common.positive_int)
+    p.add_argument("--log-every", type=common.positive_int)
+    p.add_argument("--sample-every", type=common.nonnegative_int, help="write OUT/sample_<step>.mp4 from the EMA generator (0: never)")
+    p.add_argument("--seed", type=common.seed, default=0)
     p.add_argument("--wandb", action="store_true")
     args = p.parse_args(argv)
     preset = Config.tiny() if args.tiny else Config()
@@ -587,5 +540,5 @@ if __name__ == "__main__":
     try:
         main(parse_args())
     except UserError as e:
-        cw.print_error(e)
+        common.print_error(e)
         sys.exit(2)

@@ -138,7 +138,9 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import causal_wan as cw
-from causal_wan import WAN_NEGATIVE_PROMPT, UserError
+import common
+from causal_wan import WAN_NEGATIVE_PROMPT
+from common import UserError
 
 SCRIPT = "train_ode.py"  # recorded in the checkpoint: --resume continues only this script's runs
 STALE_OUT = ["ckpt.pt.tmp*", "sample_*.mp4.part.mp4"]  # what a crashed run can leave in --out / --store
@@ -207,7 +209,7 @@ def read_index(store):
     if not os.path.isfile(path):
         raise UserError(f"'{store}' is not a trajectory store (no index.json): make one with `train_ode.py generate`")
     fix = "delete the store and run `train_ode.py generate` again"
-    index = cw.read_json(path, "store index", fix)
+    index = common.read_json(path, "store index", fix)
     if not isinstance(index, dict) or any(k not in index for k in INDEX_KEYS):
         raise UserError(f"store index '{path}' lacks {[k for k in INDEX_KEYS if k not in index] if isinstance(index, dict) else 'everything'}: {fix}")
     return index
@@ -284,13 +286,6 @@ class TrajectoryStore:
 
 # -----------------------------------------------------------------------------
 # generate: trajectories from the teacher
-
-
-def read_prompts(path, num):
-    prompts = [line.strip() for line in cw.read_text(path, "--prompts").splitlines() if line.strip()]
-    if not prompts:
-        raise UserError(f"prompt file '{path}' has no prompts (one per line)")
-    return [prompts[k % len(prompts)] for k in range(num)]  # cycled (with new seeds) if num > lines
 
 
 class DMDTeacher:
@@ -373,7 +368,8 @@ class DiffusersTeacher:
 
 @torch.no_grad()
 def generate(args, rank, world, device):
-    prompts = read_prompts(args.prompts, args.num)
+    lines = common.read_prompts(args.prompts)
+    prompts = [lines[k % len(lines)] for k in range(args.num)]  # cycled (with new seeds) if --num > lines
     shape = latent_shape(args)
     cw.check_model(args.model)
     dmd = os.path.isfile(args.teacher)  # a checkpoint file; otherwise a diffusers-format Wan
@@ -468,28 +464,6 @@ def sample_position(seed, num, position):
     return epoch_order(seed, num, epoch)[k], torch.Generator().manual_seed(seed * 1_000_003 + 7919 * position + 1)
 
 
-def text_contexts(args, prompts, device, dtype):
-    """Text embeddings of the unique prompts, encoded once and kept on this rank's device with the
-    zero padding cut off (a 1.4K-prompt store would be 6 GB per GPU at 512 x 4096)."""
-    tokenizer, encoder = cw.load_text_encoder(args.model, dtype, device)
-    unique = sorted(set(prompts))
-    contexts = {}
-    for s in tqdm(range(0, len(unique), 16), desc="text", disable=dist.get_rank() != 0):
-        emb = cw.encode_prompts(tokenizer, encoder, unique[s:s + 16])  # [b, 512, text_dim]
-        for p, e in zip(unique[s:s + 16], emb):
-            n = int((e.abs().sum(-1) > 0).nonzero().max()) + 1
-            contexts[p] = e[:n].clone()
-    del encoder
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return contexts
-
-
-def padded(contexts, prompts, length=512):
-    """[B, 512, text_dim] with exact zeros after each prompt, as encode_prompts returns it."""
-    return torch.stack([F.pad(contexts[p], (0, 0, 0, length - len(contexts[p]))) for p in prompts])
-
-
 @torch.no_grad()
 def write_sample(args, ema, vae, context, shape, step, rank, device):
     """A video from the EMA student by the real autoregressive rollout (every rank takes part: the
@@ -498,7 +472,7 @@ def write_sample(args, ema, vae, context, shape, step, rank, device):
     noise = torch.randn([1] + shape, generator=g, device=device)
     video = cw.rollout(ema, noise, ema.prompt_kv(context), block_size=args.block_size, generator=g)
     if rank == 0:
-        cw.save_video(os.path.join(args.out, f"sample_{step}.mp4"), cw.vae_decode(vae, video.float())[0])
+        common.save_video(os.path.join(args.out, f"sample_{step}.mp4"), cw.vae_decode(vae, video.float())[0])
 
 
 def train(args, rank, world, device):
@@ -508,16 +482,17 @@ def train(args, rank, world, device):
     accum = args.global_batch // (world * args.micro_batch)
     cw.check_model(args.model)
     if args.init:
-        cw.check_file(args.init, "--init checkpoint")
+        common.check_file(args.init, "--init checkpoint")
     ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
-    ckpt = cw.load_resume(ckpt_path, args, SCRIPT)
+    ckpt = common.load_resume(ckpt_path, args, SCRIPT)
     wandb = None
     if rank == 0:
-        wandb = cw.open_log(log_path, ckpt["step"] if ckpt else 0, args.resume, config=vars(args),
+        wandb = common.open_log(log_path, ckpt["step"] if ckpt else 0, args.resume, config=vars(args),
                             wandb_name=f"ode-{os.path.basename(os.path.abspath(args.out))}" if args.wandb else None)
     store = TrajectoryStore(args.store)
     bf16 = device.type == "cuda"  # bf16 compute with fp32 master weights on GPU; fp32 on CPU
-    contexts = text_contexts(args, store.prompts, device, torch.bfloat16 if bf16 else torch.float32)
+    contexts, _ = cw.text_contexts(args.model, {p: p for p in store.prompts}, device, torch.bfloat16 if bf16 else torch.float32,
+                                   progress=rank == 0)
     timesteps = store.timesteps.to(device)
     num_noisy = len(timesteps) - 1
 
@@ -535,9 +510,9 @@ def train(args, rank, world, device):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=0.01, eps=1e-8)
     step = 0
     if ckpt is not None:
-        cw.load_full_state_dict(model, ckpt["model"])
-        cw.load_full_state_dict(ema, ckpt["ema"])
-        cw.load_full_state_dict(model, ckpt["optimizer"], optimizer)
+        common.load_full_state_dict(model, ckpt["model"])
+        common.load_full_state_dict(ema, ckpt["ema"])
+        common.load_full_state_dict(model, ckpt["optimizer"], optimizer)
         step = ckpt["step"]
         del ckpt
     vae = cw.load_vae(args.model, device=device) if rank == 0 and args.sample_every else None
@@ -551,7 +526,7 @@ def train(args, rank, world, device):
             picks = [sample_position(args.seed, store.num, first + b) for b in range(args.micro_batch)]
             trajectory = torch.stack([store[k] for k, _ in picks]).to(device, torch.float32)  # [B, 5, C, F, H, W]
             index = torch.stack([timestep_index(trajectory.shape[3], args.block_size, num_noisy, g) for _, g in picks]).to(device)
-            context = padded(contexts, [store.prompts[k] for k, _ in picks])
+            context = cw.padded(contexts, [store.prompts[k] for k, _ in picks], device)
             x0 = student_x0(model, trajectory, index, timesteps, model.prompt_kv(context), args.block_size)
             loss = ode_loss(x0, trajectory[:, -1])
             (loss / accum).backward()
@@ -560,16 +535,16 @@ def train(args, rank, world, device):
         step_loss /= world
         if not torch.isfinite(step_loss):
             raise UserError(f"loss is {step_loss.item()} at step {step + 1}: stopped without saving; "
-                            f"{cw.kept_checkpoint(ckpt_path)}")
+                            f"{common.kept_checkpoint(ckpt_path)}")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).full_tensor()
         if not torch.isfinite(grad_norm):  # clipping would turn the weights into NaN
             raise UserError(f"gradient norm is {grad_norm.item()} at step {step + 1}: stopped without saving; "
-                            f"{cw.kept_checkpoint(ckpt_path)}")
+                            f"{common.kept_checkpoint(ckpt_path)}")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         # --ema-start N: through update N the EMA is a copy of the live weights, then it averages
-        cw.ema_update(ema, model, args.ema_decay if step + 1 > args.ema_start else 0.0)
-        cw.stop_if_diverged(step + 1, ckpt_path, nets=dict(student=model, EMA=ema))
+        common.ema_update(ema, model, args.ema_decay if step + 1 > args.ema_start else 0.0)
+        common.stop_if_diverged(step + 1, ckpt_path, nets=dict(student=model, EMA=ema))
         step += 1
 
         record = dict(step=step, loss=step_loss.item(), grad_norm=grad_norm.item(), lr=args.lr, step_time=time.time() - t0)
@@ -579,14 +554,14 @@ def train(args, rank, world, device):
         bar.set_postfix(loss=f"{record['loss']:.4f}", gnorm=f"{record['grad_norm']:.3f}", s=f"{record['step_time']:.2f}",
                         **({"mem_gb": f"{record['gpu_mem_gb']:.1f}"} if "gpu_mem_gb" in record else {}))
         if rank == 0 and (step % args.log_every == 0 or step == args.max_steps):
-            cw.log_step(log_path, record, wandb)
+            common.log_step(log_path, record, wandb)
         if args.sample_every and step % args.sample_every == 0:
-            write_sample(args, ema, vae, padded(contexts, store.prompts[:1]), store.index["latent_shape"], step, rank, device)
+            write_sample(args, ema, vae, cw.padded(contexts, store.prompts[:1], device), store.index["latent_shape"], step, rank, device)
         if step % args.save_every == 0 or step == args.max_steps:
-            ckpt = dict(model=cw.full_state_dict(model), ema=cw.full_state_dict(ema),
-                        optimizer=cw.full_state_dict(model, optimizer), step=step, args=vars(args), script=SCRIPT, stage=None)
+            ckpt = dict(model=common.full_state_dict(model), ema=common.full_state_dict(ema),
+                        optimizer=common.full_state_dict(model, optimizer), step=step, args=vars(args), script=SCRIPT, stage=None)
             if rank == 0:
-                cw.save_checkpoint(ckpt_path, ckpt)
+                common.save_checkpoint(ckpt_path, ckpt)
             del ckpt
     bar.close()
 
@@ -596,7 +571,7 @@ def train(args, rank, world, device):
 
 def parse_args(argv=None):
     summary = dict(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser = cw.ArgumentParser(**summary)  # --help: the docstring's first paragraph, for each subcommand too
+    parser = common.ArgumentParser(**summary)  # --help: the docstring's first paragraph, for each subcommand too
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="sample trajectories from the teacher into a store", **summary)
     ver = sub.add_parser("verify", help="report a store's count, shapes and missing shards", **summary)
@@ -605,38 +580,38 @@ def parse_args(argv=None):
         p.add_argument("--tiny", action="store_true", help="tiny random Wan, small sizes (CPU demo, tests)")
         p.add_argument("--model", help=f"base diffusers-format Wan: config, text encoder, VAE, student init "
                                        f"(default {cw.DEFAULT_MODEL}; with --tiny the cached tiny Wan)")
-        p.add_argument("--seed", type=cw.seed, default=0)
+        p.add_argument("--seed", type=common.seed, default=0)
     for p in (gen, ver, tr):
         p.add_argument("--store", required=True, help="trajectory store folder")
     gen.add_argument("--teacher", required=True,
                      help="distill_dmd.py checkpoint file, or a diffusers-format Wan (folder or hub id)")
     gen.add_argument("--prompts", required=True, help="text file, one prompt per line (cycled if --num is larger)")
-    gen.add_argument("--num", type=cw.positive_int, help="number of trajectories (1400)")
-    gen.add_argument("--shard-size", type=cw.positive_int, help="trajectories per shard (16)")
-    gen.add_argument("--height", type=cw.positive_int)
-    gen.add_argument("--width", type=cw.positive_int)
-    gen.add_argument("--frames", type=cw.positive_int, help="pixel frames, 4k+1 (81)")
+    gen.add_argument("--num", type=common.positive_int, help="number of trajectories (1400)")
+    gen.add_argument("--shard-size", type=common.positive_int, help="trajectories per shard (16)")
+    gen.add_argument("--height", type=common.positive_int)
+    gen.add_argument("--width", type=common.positive_int)
+    gen.add_argument("--frames", type=common.positive_int, help="pixel frames, 4k+1 (81)")
     gen.add_argument("--recipe", choices=["pipeline", "self-forcing"], default="pipeline",
                      help="solver of a diffusers teacher: pipeline = WanPipeline's own (UniPC, flow shift 3, 50 steps, "
                           "CFG 5); self-forcing = Self Forcing's generate_ode_pairs.py (Euler, shift 8, 48 steps, CFG 6)")
-    gen.add_argument("--teacher-steps", type=cw.positive_int, help="solver steps of a diffusers teacher (50; 48 with --recipe self-forcing)")
-    gen.add_argument("--guidance", type=cw.nonnegative_float, help="CFG scale of a diffusers teacher (5.0; 6.0 with --recipe self-forcing)")
+    gen.add_argument("--teacher-steps", type=common.positive_int, help="solver steps of a diffusers teacher (50; 48 with --recipe self-forcing)")
+    gen.add_argument("--guidance", type=common.nonnegative_float, help="CFG scale of a diffusers teacher (5.0; 6.0 with --recipe self-forcing)")
     gen.add_argument("--negative-prompt", default=WAN_NEGATIVE_PROMPT, help="of a diffusers teacher (default: Wan's)")
     tr.add_argument("--out", required=True, help="folder for ckpt.pt, log.jsonl, sample_<step>.mp4")
     tr.add_argument("--init", help="start the student from this checkpoint's generator instead of --model's weights")
     tr.add_argument("--resume", action="store_true", help="continue exactly from OUT/ckpt.pt")
-    tr.add_argument("--block-size", type=cw.positive_int, help="latent frames per causal block (3)")
-    tr.add_argument("--max-steps", type=cw.positive_int)
-    tr.add_argument("--global-batch", type=cw.positive_int, help="trajectories per optimizer step, all ranks (64)")
-    tr.add_argument("--micro-batch", type=cw.positive_int, help="trajectories per rank per forward (1)")
-    tr.add_argument("--lr", type=cw.learning_rate)
-    tr.add_argument("--ema-decay", type=cw.decay)
-    tr.add_argument("--ema-start", type=cw.nonnegative_int, help="updates before the EMA starts averaging: until then it is a copy of "
+    tr.add_argument("--block-size", type=common.positive_int, help="latent frames per causal block (3)")
+    tr.add_argument("--max-steps", type=common.positive_int)
+    tr.add_argument("--global-batch", type=common.positive_int, help="trajectories per optimizer step, all ranks (64)")
+    tr.add_argument("--micro-batch", type=common.positive_int, help="trajectories per rank per forward (1)")
+    tr.add_argument("--lr", type=common.learning_rate)
+    tr.add_argument("--ema-decay", type=common.decay)
+    tr.add_argument("--ema-start", type=common.nonnegative_int, help="updates before the EMA starts averaging: until then it is a copy of "
                                                 "the live weights (100)")
-    tr.add_argument("--grad-clip", type=cw.positive_float)
-    tr.add_argument("--save-every", type=cw.positive_int)
-    tr.add_argument("--log-every", type=cw.positive_int)
-    tr.add_argument("--sample-every", type=cw.nonnegative_int, help="write OUT/sample_<step>.mp4 from the EMA student (0: never)")
+    tr.add_argument("--grad-clip", type=common.positive_float)
+    tr.add_argument("--save-every", type=common.positive_int)
+    tr.add_argument("--log-every", type=common.positive_int)
+    tr.add_argument("--sample-every", type=common.nonnegative_int, help="write OUT/sample_<step>.mp4 from the EMA student (0: never)")
     tr.add_argument("--wandb", action="store_true")
     args = parser.parse_args(argv)
     if args.command == "generate" and args.recipe == "self-forcing":  # its steps and CFG, unless given
@@ -659,10 +634,10 @@ def main(args):
         if report["missing"] or report["bad"]:
             raise UserError(f"store '{args.store}' is incomplete: rerun `train_ode.py generate` with the same flags")
         return
-    rank, world, device = cw.init_distributed()
+    rank, world, device = common.init_distributed()
     folder, what, stale = (args.store, "--store", STALE_STORE) if args.command == "generate" else (args.out, "--out", STALE_OUT)
     try:
-        with cw.own_folder(folder, stale, what):  # one run per --out (one generate per --store)
+        with common.own_folder(folder, stale, what):  # one run per --out (one generate per --store)
             (generate if args.command == "generate" else train)(args, rank, world, device)
             dist.barrier()  # no rank tears the group down while rank 0 still writes the checkpoint
     finally:
@@ -673,5 +648,5 @@ if __name__ == "__main__":
     try:
         main(parse_args())
     except UserError as e:
-        cw.print_error(e)
+        common.print_error(e)
         sys.exit(2)

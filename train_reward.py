@@ -217,8 +217,9 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import causal_wan as cw
+import common
 import distill_dmd as dmd
-from causal_wan import UserError
+from common import UserError
 
 SCRIPT = "train_reward.py"  # recorded in the checkpoint: --resume continues only this script's runs
 
@@ -452,7 +453,7 @@ def check_reward_path(name, path):
                         f"folder and pass --reward-path DIR")
     for f in needed:
         if f.endswith(".json"):
-            cw.read_json(os.path.join(path, f), "--reward-path file", fix="download it again")
+            common.read_json(os.path.join(path, f), "--reward-path file", fix="download it again")
 
 
 def load_reward(name, path=None, tokenizer=None, device="cpu", dtype=torch.float32):
@@ -745,7 +746,7 @@ def write_sample(args, ema, vae, reward_fn, context, prompt, latent_shape, step,
     if rank != 0:
         return None
     pixels = cw.vae_decode(vae, video)  # [1, 3, T, H, W]
-    cw.save_video(os.path.join(args.out, f"sample_{step}.mp4"), pixels[0])
+    common.save_video(os.path.join(args.out, f"sample_{step}.mp4"), pixels[0])
     return reward_fn(pixels[:, :, -1], [prompt]).item()
 
 
@@ -805,24 +806,25 @@ def setup(args, rank, world, device):
     accum = slots // world
     my_slots = range(rank * accum, (rank + 1) * accum)
     ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
-    ckpt = cw.load_resume(ckpt_path, args, SCRIPT, stage="with --dmd-weight" if joint else "without --dmd-weight")
+    ckpt = common.load_resume(ckpt_path, args, SCRIPT, stage="with --dmd-weight" if joint else "without --dmd-weight")
     if ckpt is None and args.init:  # before the text encoder loads
-        cw.check_file(args.init, "--init checkpoint")
+        common.check_file(args.init, "--init checkpoint")
     if ckpt is None and not args.init and not args.tiny:
         raise UserError("--init is required: the ODE-initialized generator (runs/ode/ckpt.pt from train_ode.py, "
                         "or Self Forcing's checkpoints/ode_init.pt)")
     wandb = None
     if rank == 0:
-        wandb = cw.open_log(log_path, ckpt["step"] if ckpt else 0, args.resume, config=vars(args),
+        wandb = common.open_log(log_path, ckpt["step"] if ckpt else 0, args.resume, config=vars(args),
                             wandb_name=f"reward-{os.path.basename(os.path.abspath(args.out))}" if args.wandb else None)
 
-    prompts = dmd.read_prompts(args.prompts)
+    prompts = common.read_prompts(args.prompts)
     prompts = prompts * math.ceil(slots / len(prompts))  # every slot needs at least one line
     shares = {j: list(range(j, len(prompts), slots)) for j in my_slots}
     needed = {i for share in shares.values() for i in share} | {0}  # + prompt 0 for the sample videos
-    contexts, uncond = dmd.text_contexts(args, {i: prompts[i] for i in needed}, device)
-
     bf16 = device.type == "cuda"  # bf16 compute with fp32 master weights on GPU; fp32 on CPU
+    contexts, uncond = cw.text_contexts(args.model, {i: prompts[i] for i in needed}, device,
+                                        torch.bfloat16 if bf16 else torch.float32, args.negative_prompt, progress=rank == 0)
+
     nets = load_networks(args, ckpt, joint, bf16)
     del ckpt
     latent_shape = [nets["generator"].cfg.in_channels, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8]
@@ -860,12 +862,12 @@ def load_networks(args, ckpt, joint, bf16):
         critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, betas=(0.0, 0.999), weight_decay=0.01, eps=1e-8)
     step, loss_scales = 0, {"reward": None, "dmd": None}
     if ckpt is not None:
-        cw.load_full_state_dict(generator, ckpt["model"])
-        cw.load_full_state_dict(ema, ckpt["ema"])
-        cw.load_full_state_dict(generator, ckpt["optimizer"], opt)
+        common.load_full_state_dict(generator, ckpt["model"])
+        common.load_full_state_dict(ema, ckpt["ema"])
+        common.load_full_state_dict(generator, ckpt["optimizer"], opt)
         if joint:
-            cw.load_full_state_dict(critic, ckpt["critic"])
-            cw.load_full_state_dict(critic, ckpt["critic_optimizer"], critic_opt)
+            common.load_full_state_dict(critic, ckpt["critic"])
+            common.load_full_state_dict(critic, ckpt["critic_optimizer"], critic_opt)
             loss_scales = dict(ckpt["loss_scales"])
         step = ckpt["step"]
     return dict(generator=generator, ema=ema, opt=opt, teacher=teacher, critic=critic, critic_opt=critic_opt,
@@ -875,7 +877,7 @@ def load_networks(args, ckpt, joint, bf16):
 def exit_step(args, update):
     """The denoising step where every block of this update's rollouts stops: the same on every
     rank (and slot), so all ranks run the same number of sharded forwards."""
-    g = cw.step_generator(args.seed, update, -1, "cpu")  # slot -1: a stream no slot uses
+    g = common.step_generator(args.seed, update, -1, "cpu")  # slot -1: a stream no slot uses
     return int(torch.randint(len(cw.DENOISING_TIMESTEPS), (1,), generator=g))
 
 
@@ -883,12 +885,12 @@ def rollout(args, run, update, slot, grad):
     """This slot's videos [B, C, F, h, w] by self-rollout, with their prompts, text embeddings, scored
     frames and the generator for the rest of the slot's draws (the rollout's re-noising, DMD's timesteps).
     Only the blocks the loss reaches get a graph: the scored frames' (all of them with --dmd-weight)."""
-    g = cw.step_generator(args.seed, update, slot, run.device)
+    g = common.step_generator(args.seed, update, slot, run.device)
     share = run.shares[slot]
     ids = [share[k] for k in torch.randint(len(share), (args.micro_batch,), generator=g, device=run.device).tolist()]
     noise = torch.randn([args.micro_batch] + run.latent_shape, generator=g, device=run.device)
     pixel_frames = reward_frame_indices(args.reward_frames, run.latent_shape[1], args.micro_batch, g)
-    context = dmd.padded(run.contexts, ids, run.device)
+    context = cw.padded(run.contexts, ids, run.device)
     reached = range(run.num_blocks) if run.joint else {latent_frame_of(p) // args.block_size for p in pixel_frames}
     with torch.set_grad_enabled(grad):
         video = cw.rollout(run.generator, noise, run.generator.prompt_kv(context), block_size=args.block_size,
@@ -906,8 +908,8 @@ def critic_update(args, run, update, step):
         loss, _ = dmd.critic_loss(video, run.critic, context, g)
         (loss / run.accum).backward()
         loss_sum += loss.detach() / run.accum
-    logs = dict(critic_loss=cw.all_mean(loss_sum), critic_grad_norm=cw.grad_norm(run.critic, args.grad_clip))
-    cw.stop_if_diverged(step, run.ckpt_path, logs)
+    logs = dict(critic_loss=common.all_mean(loss_sum), critic_grad_norm=common.grad_norm(run.critic, args.grad_clip))
+    common.stop_if_diverged(step, run.ckpt_path, logs)
     run.critic_opt.step()
     run.critic_opt.zero_grad(set_to_none=True)
     return logs
@@ -934,14 +936,14 @@ def generator_update(args, run, update, step):
         for k, v in stats.items():
             sums[k] = sums.get(k, 0) + v.detach() / run.accum
         del video  # before the next rollout
-    logs = {k: cw.all_mean(v) for k, v in sums.items()}
-    logs.update(grad_norm=cw.grad_norm(run.generator, args.grad_clip), exit_step=exit_step(args, update))
-    cw.stop_if_diverged(step, run.ckpt_path, logs)
+    logs = {k: common.all_mean(v) for k, v in sums.items()}
+    logs.update(grad_norm=common.grad_norm(run.generator, args.grad_clip), exit_step=exit_step(args, update))
+    common.stop_if_diverged(step, run.ckpt_path, logs)
     run.opt.step()
     run.opt.zero_grad(set_to_none=True)
     # --ema-start N: through update N the EMA is a copy of the live weights, then it averages
-    cw.ema_update(run.ema, run.generator, args.ema_decay if step > args.ema_start else 0.0)
-    cw.stop_if_diverged(step, run.ckpt_path, nets=dict(generator=run.generator, EMA=run.ema, **(dict(critic=run.critic) if run.joint else {})))
+    common.ema_update(run.ema, run.generator, args.ema_decay if step > args.ema_start else 0.0)
+    common.stop_if_diverged(step, run.ckpt_path, nets=dict(generator=run.generator, EMA=run.ema, **(dict(critic=run.critic) if run.joint else {})))
     if run.joint:  # the running means take this step's gradient norms (mean over the global batch)
         for k, used in run.loss_scales.items():
             norm = logs[f"{k}_grad_norm"]
@@ -952,14 +954,14 @@ def generator_update(args, run, update, step):
 def save(args, run, step):
     """OUT/ckpt.pt: the generator, its EMA and optimizer (+ the critic, its optimizer and the running means
     with --dmd-weight), gathered by every rank, written by rank 0 atomically and only if every tensor is finite."""
-    ckpt = dict(model=cw.full_state_dict(run.generator), ema=cw.full_state_dict(run.ema),
-                optimizer=cw.full_state_dict(run.generator, run.opt), step=step, args=vars(args),
+    ckpt = dict(model=common.full_state_dict(run.generator), ema=common.full_state_dict(run.ema),
+                optimizer=common.full_state_dict(run.generator, run.opt), step=step, args=vars(args),
                 script=SCRIPT, stage="with --dmd-weight" if run.joint else "without --dmd-weight")
     if run.joint:
-        ckpt.update(critic=cw.full_state_dict(run.critic), critic_optimizer=cw.full_state_dict(run.critic, run.critic_opt),
+        ckpt.update(critic=common.full_state_dict(run.critic), critic_optimizer=common.full_state_dict(run.critic, run.critic_opt),
                     loss_scales=dict(run.loss_scales))
     if run.rank == 0:
-        cw.save_checkpoint(run.ckpt_path, ckpt)
+        common.save_checkpoint(run.ckpt_path, ckpt)
 
 
 def train(args, rank, world, device):
@@ -980,7 +982,7 @@ def train(args, rank, world, device):
         step += 1
 
         if args.sample_every and step % args.sample_every == 0:
-            record["sample_reward"] = write_sample(args, run.ema, run.vae, run.reward_fn, dmd.padded(run.contexts, [0], device),
+            record["sample_reward"] = write_sample(args, run.ema, run.vae, run.reward_fn, cw.padded(run.contexts, [0], device),
                                                    run.prompts[0], run.latent_shape, step, rank, device)
         record["step_time"] = time.time() - t0
         if device.type == "cuda":
@@ -991,7 +993,7 @@ def train(args, rank, world, device):
         if rank == 0 and record.get("sample_reward") is not None:
             bar.write(f"step {step}: {args.out}/sample_{step}.mp4, reward of its last frame {record['sample_reward']:.4f}")
         if rank == 0 and (step % args.log_every == 0 or step == args.max_steps):
-            cw.log_step(run.log_path, record, run.wandb)
+            common.log_step(run.log_path, record, run.wandb)
         if step % args.save_every == 0 or step == args.max_steps:
             save(args, run, step)
     bar.close()
@@ -1001,45 +1003,45 @@ def train(args, rank, world, device):
 
 
 def parse_args(argv=None):
-    p = cw.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny random Wan and reward, small sizes (CPU demo, tests)")
     p.add_argument("--model", help=f"base diffusers-format Wan (folder or hub id): config, text encoder, VAE, critic init "
                                    f"(default {cw.DEFAULT_MODEL}; with --tiny the cached tiny Wan)")
     p.add_argument("--init", help="the generator to start from: train_ode.py's OUT/ckpt.pt (its EMA) or Self Forcing's "
                                   "ode_init.pt (required, except with --tiny: the tiny Wan's random weights)")
     p.add_argument("--prompts", help="text file, one prompt per line (default prompts/dmd_example.txt)")
-    p.add_argument("--height", type=cw.positive_int)
-    p.add_argument("--width", type=cw.positive_int)
-    p.add_argument("--frames", type=cw.positive_int, help="pixel frames, 4k+1 (81)")
-    p.add_argument("--block-size", type=cw.positive_int, help="latent frames per causal block (3; 1: frame-wise)")
+    p.add_argument("--height", type=common.positive_int)
+    p.add_argument("--width", type=common.positive_int)
+    p.add_argument("--frames", type=common.positive_int, help="pixel frames, 4k+1 (81)")
+    p.add_argument("--block-size", type=common.positive_int, help="latent frames per causal block (3; 1: frame-wise)")
     p.add_argument("--reward", choices=["imagereward", "pickscore"], help="the differentiable image reward (imagereward)")
     p.add_argument("--reward-path", help="folder with the reward's weights (default: the hub cache; with --tiny a tiny random one)")
     p.add_argument("--reward-tokenizer", help="folder with ImageReward's BERT tokenizer or PickScore's CLIP processor")
     p.add_argument("--reward-frames", choices=["last", "random"],
                    help="last: the final frame (the paper); random: one random frame of the whole video (section 5.2)")
-    p.add_argument("--dmd-weight", type=cw.nonnegative_float, help="0: reward only (the paper's method); W > 0: + W x the normalized DMD "
+    p.add_argument("--dmd-weight", type=common.nonnegative_float, help="0: reward only (the paper's method); W > 0: + W x the normalized DMD "
                                                     "loss of distill_dmd.py (section 5.1, Table 2)")
     p.add_argument("--teacher", help="with --dmd-weight: the real score's diffusers-format Wan (default: --model, the base "
                                      "Wan as in the paper; Wan-AI/Wan2.1-T2V-14B-Diffusers for section 5.3)")
-    p.add_argument("--guidance", type=cw.nonnegative_float, help="with --dmd-weight: teacher CFG, uncond + g (cond - uncond) (4.0)")
-    p.add_argument("--critic-steps", type=cw.positive_int, help="with --dmd-weight: critic updates per generator update (5)")
-    p.add_argument("--critic-lr", type=cw.learning_rate, help="with --dmd-weight: critic learning rate (4e-7)")
+    p.add_argument("--guidance", type=common.nonnegative_float, help="with --dmd-weight: teacher CFG, uncond + g (cond - uncond) (4.0)")
+    p.add_argument("--critic-steps", type=common.positive_int, help="with --dmd-weight: critic updates per generator update (5)")
+    p.add_argument("--critic-lr", type=common.learning_rate, help="with --dmd-weight: critic learning rate (4e-7)")
     p.add_argument("--negative-prompt", help="with --dmd-weight: unconditional branch of the teacher's CFG (default: Wan's own)")
     p.add_argument("--out", required=True, help="folder for ckpt.pt, log.jsonl, sample_<step>.mp4")
     p.add_argument("--resume", action="store_true", help="continue exactly from OUT/ckpt.pt")
-    p.add_argument("--max-steps", type=cw.positive_int, help="generator updates (500)")
-    p.add_argument("--global-batch", type=cw.positive_int, help="videos per update, all ranks (8)")
-    p.add_argument("--micro-batch", type=cw.positive_int, help="videos per rank per forward (1)")
-    p.add_argument("--lr", type=cw.learning_rate, help="generator learning rate (2e-6)")
-    p.add_argument("--ema-decay", type=cw.decay, help="EMA of the generator (0.99)")
-    p.add_argument("--ema-start", type=cw.nonnegative_int, help="generator updates before the EMA starts averaging: until then it is a "
+    p.add_argument("--max-steps", type=common.positive_int, help="generator updates (500)")
+    p.add_argument("--global-batch", type=common.positive_int, help="videos per update, all ranks (8)")
+    p.add_argument("--micro-batch", type=common.positive_int, help="videos per rank per forward (1)")
+    p.add_argument("--lr", type=common.learning_rate, help="generator learning rate (2e-6)")
+    p.add_argument("--ema-decay", type=common.decay, help="EMA of the generator (0.99)")
+    p.add_argument("--ema-start", type=common.nonnegative_int, help="generator updates before the EMA starts averaging: until then it is a "
                                                  "copy of the live weights (0: the init is already trained)")
-    p.add_argument("--grad-clip", type=cw.positive_float, help="gradient norm clipping (10)")
-    p.add_argument("--save-every", type=cw.positive_int)
-    p.add_argument("--log-every", type=cw.positive_int)
-    p.add_argument("--sample-every", type=cw.nonnegative_int, help="write OUT/sample_<step>.mp4 from the EMA generator and log its "
+    p.add_argument("--grad-clip", type=common.positive_float, help="gradient norm clipping (10)")
+    p.add_argument("--save-every", type=common.positive_int)
+    p.add_argument("--log-every", type=common.positive_int)
+    p.add_argument("--sample-every", type=common.nonnegative_int, help="write OUT/sample_<step>.mp4 from the EMA generator and log its "
                                                     "last frame's reward (0: never)")
-    p.add_argument("--seed", type=cw.seed, default=0)
+    p.add_argument("--seed", type=common.seed, default=0)
     p.add_argument("--wandb", action="store_true")
     args = p.parse_args(argv)
     preset = Config.tiny() if args.tiny else Config()
@@ -1055,9 +1057,9 @@ def parse_args(argv=None):
 
 
 def main(args):
-    rank, world, device = cw.init_distributed()
+    rank, world, device = common.init_distributed()
     try:
-        with cw.own_folder(args.out, dmd.STALE):  # one run per --out
+        with common.own_folder(args.out, dmd.STALE):  # one run per --out
             train(args, rank, world, device)
             dist.barrier()  # no rank tears the group down while rank 0 still writes the checkpoint
     finally:
@@ -1068,5 +1070,5 @@ if __name__ == "__main__":
     try:
         main(parse_args())
     except UserError as e:
-        cw.print_error(e)
+        common.print_error(e)
         sys.exit(2)

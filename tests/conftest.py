@@ -23,7 +23,7 @@ def tiny_wan(tmp_path_factory):
 
 
 class EmaUpdates(list):
-    """Every causal_wan.ema_update call of a training run: (EMA before, live weights, EMA after), each
+    """Every common.ema_update call of a training run: (EMA before, live weights, EMA after), each
     a list of full tensors (FSDP shards gathered)."""
 
     def check(self, start, decay):
@@ -54,8 +54,8 @@ class EmaUpdates(list):
 @pytest.fixture
 def ema_updates(monkeypatch):
     """Records the ema_update calls of the runs in a test (EmaUpdates)."""
-    import causal_wan as cw
-    real, calls = cw.ema_update, EmaUpdates()
+    import common
+    real, calls = common.ema_update, EmaUpdates()
 
     def weights(model):
         return [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for p in model.parameters()]
@@ -64,5 +64,5 @@ def ema_updates(monkeypatch):
         before = weights(ema)
         real(ema, model, decay)
         calls.append((before, weights(model), weights(ema)))
-    monkeypatch.setattr(cw, "ema_update", spy)
+    monkeypatch.setattr(common, "ema_update", spy)
     return calls

@@ -7,7 +7,7 @@ does, with every model loader replaced by one that fails the test (`no_model_loa
 real `__main__` block runs once (runpy), one case crosses a real process boundary, and
 eval_vbench.sh runs under bash.
 
-Planted on the fixed code to see these fail: no range in cw.seed (the seed cases reach the model
+Planted on the fixed code to see these fail: no range in common.seed (the seed cases reach the model
 loader); read_text decoding with errors='replace' (the non-UTF-8 cases pass the check);
 check_outputs skipped (a folder in the way, a file in the way, an unwritable folder: found only
 after the model loads); sample.check_speed_kit not called (--fp8 on the CPU and --decoder tae without
@@ -27,6 +27,7 @@ import pytest
 import torch
 
 import causal_wan as cw
+import common
 import distill_dmd
 import sample
 import train_ode
@@ -46,7 +47,7 @@ def cli(module, argv):
         module.main(module.parse_args([str(a) for a in argv]))
     except SystemExit as e:  # argparse
         return e.code
-    except (cw.UserError, getattr(vbench_tools, "UserError", cw.UserError)) as e:
+    except (common.UserError, getattr(vbench_tools, "UserError", common.UserError)) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -307,12 +308,12 @@ def test_eval_vbench_checks_inputs_before_building_vbench(tmp_path, argv, messag
 
 def test_resume_at_or_past_max_steps_is_an_error(tmp_path):
     """--resume of a checkpoint that already reached --max-steps used to exit 0 having done nothing."""
-    cw.save_checkpoint(str(tmp_path / "ckpt.pt"), {"step": 5, "script": "train_ode.py", "stage": None})
+    common.save_checkpoint(str(tmp_path / "ckpt.pt"), {"step": 5, "script": "train_ode.py", "stage": None})
     args = train_ode.parse_args(["train", "--model", "x/y", "--store", "s", "--out", str(tmp_path), "--resume", "--max-steps", "5"])
-    with pytest.raises(cw.UserError, match=r"is at step 5 already: pass a --max-steps above 5"):
-        cw.load_resume(str(tmp_path / "ckpt.pt"), args, "train_ode.py")
+    with pytest.raises(common.UserError, match=r"is at step 5 already: pass a --max-steps above 5"):
+        common.load_resume(str(tmp_path / "ckpt.pt"), args, "train_ode.py")
     args.max_steps = 6
-    assert cw.load_resume(str(tmp_path / "ckpt.pt"), args, "train_ode.py")["step"] == 5
+    assert common.load_resume(str(tmp_path / "ckpt.pt"), args, "train_ode.py")["step"] == 5
 
 
 class Reached(Exception):

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
 
 import causal_wan as cw
+import common
+import convert
 
 
 def _inputs(model, frames=6, hw=8, batch=2, seed=0):
@@ -171,14 +173,14 @@ def test_denoising_timesteps():
 
 def test_original_layout_round_trip(model):
     sd = model.state_dict()
-    orig = cw.diffusers_to_original(sd)
+    orig = convert.diffusers_to_original(sd)
     for key in ["blocks.0.self_attn.q.weight", "blocks.0.cross_attn.o.bias", "blocks.0.norm3.weight",
                 "blocks.0.modulation", "blocks.1.ffn.0.weight", "head.modulation", "head.head.weight",
                 "time_embedding.0.weight", "time_projection.1.bias", "text_embedding.2.weight",
                 "blocks.0.self_attn.norm_k.weight", "patch_embedding.weight"]:
         assert key in orig, key
     assert len(orig) == len(sd)
-    back = cw.original_to_diffusers(orig)
+    back = convert.original_to_diffusers(orig)
     assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
     # Self Forcing's checkpoint layout: {'generator': {'model.<original key>': ...}, 'generator_ema': ...}
     ckpt = {"generator": {"model." + k: v for k, v in orig.items()},
@@ -258,14 +260,14 @@ def test_text_encoding_zero_padding(tiny_wan):
     assert emb.shape == (2, 512, 32)
     n = len(tok("a red fox").input_ids)  # real length including </s>
     assert emb[0, :n].abs().sum(-1).min() > 0 and emb[0, n:].abs().max() == 0
-    with pytest.raises(cw.UserError, match="empty prompt"):
+    with pytest.raises(common.UserError, match="empty prompt"):
         cw.encode_prompts(tok, enc, ["  "])
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path):
-    with pytest.raises(cw.UserError, match="neither a diffusers-format folder nor a hub id"):
+    with pytest.raises(common.UserError, match="neither a diffusers-format folder nor a hub id"):
         cw.from_pretrained(str(tmp_path / "no" / "such" / "dir"))
-    with pytest.raises(cw.UserError, match="has no 'transformer/' folder"):
+    with pytest.raises(common.UserError, match="has no 'transformer/' folder"):
         cw.from_pretrained(str(tmp_path))
 
 
@@ -366,7 +368,7 @@ def fsdp_bf16_worker(model_dir):
     optimizer step; a frozen teacher loaded in bf16), recording the dtype of every parameter as the
     forward sees it (FSDP has gathered and cast it by then) and of the inputs of the fp32 layers."""
     import torch.distributed as dist
-    rank, world, device = cw.init_distributed()
+    rank, world, device = common.init_distributed()
     seen, fp32_inputs = {}, {}
 
     def watch(model):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import causal_wan as cw
+import common
 import train_ode as T
 
 
@@ -115,7 +116,7 @@ def test_ema_update_is_the_formula():
         model.weight.add_(1.0)  # far from the EMA: the two possible weightings differ clearly
     ema_before = {n: p.detach().clone() for n, p in ema.named_parameters()}
     model_before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    cw.ema_update(ema, model, 0.9)
+    common.ema_update(ema, model, 0.9)
     for n, p in ema.named_parameters():
         error = (p - (0.9 * ema_before[n] + 0.1 * model_before[n])).abs().max().item()
         assert error < 1e-6, (n, error)
@@ -134,7 +135,7 @@ def test_a_save_that_fails_halfway_keeps_the_previous_checkpoint(tmp_path, monke
     Planted in save_checkpoint: torch.save(ckpt, path) straight to the path -> ckpt.pt is half a
     file: 'checkpoint ... is not a readable torch checkpoint'."""
     path = str(tmp_path / "ckpt.pt")
-    cw.save_checkpoint(path, {"model": {"w": torch.ones(4096)}, "step": 1})
+    common.save_checkpoint(path, {"model": {"w": torch.ones(4096)}, "step": 1})
     real_save = torch.save
 
     def save_half_then_fail(obj, f, *args, **kwargs):
@@ -148,8 +149,8 @@ def test_a_save_that_fails_halfway_keeps_the_previous_checkpoint(tmp_path, monke
             f.write(half)
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", save_half_then_fail)
-    with pytest.raises((OSError, cw.UserError), match="No space left on device"):
-        cw.save_checkpoint(path, {"model": {"w": torch.full((4096,), 2.0)}, "step": 2})
+    with pytest.raises((OSError, common.UserError), match="No space left on device"):
+        common.save_checkpoint(path, {"model": {"w": torch.full((4096,), 2.0)}, "step": 2})
     monkeypatch.undo()
     ckpt = cw.load_checkpoint(path)
     assert ckpt["step"] == 1 and torch.equal(ckpt["model"]["w"], torch.ones(4096))

@@ -26,6 +26,8 @@ import pytest
 import torch
 
 import causal_wan as cw
+import common
+import speedkit
 
 fastapi = pytest.importorskip("fastapi", reason="the demo needs fastapi (pip install -r requirements.txt)")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -474,13 +476,13 @@ def test_the_tiny_decoder_with_offload_streams_frames(tiny_wan, tmp_path, monkey
     block decoded by the tiny decoder, none by the Wan VAE. Planted: Session decoding with
     partial(cw.vae_decode, ...) whatever --decoder says -> fails."""
     decoded = []
-    for name in ("vae_decode", "tae_decode"):
-        def recording(decoder, z, first=True, real=getattr(cw, name), kind=name[:3]):
+    for module, name in ((cw, "vae_decode"), (speedkit, "tae_decode")):
+        def recording(decoder, z, first=True, real=getattr(module, name), kind=name[:3]):
             decoded.append((kind, first))
             return real(decoder, z, first)
-        monkeypatch.setattr(cw, name, recording)  # before load_models binds them
+        monkeypatch.setattr(module, name, recording)  # before load_models binds them
     tae_models = demo.load_models(demo.parse_args(["--tiny", "--model", tiny_wan, "--decoder", "tae", "--offload",
-                                                   "--decoder-path", cw.make_tiny_decoder(str(tmp_path / "taew2_1.pth"))]))
+                                                   "--decoder-path", speedkit.make_tiny_decoder(str(tmp_path / "taew2_1.pth"))]))
     with client(tae_models, tmp_path / "videos", "--max-seconds", "1") as c, contextlib.ExitStack() as viewer:
         ws, _ = connect(c, viewer)
         ws.send_json({"type": "start", "prompt": "a red fox", "seed": 0})
@@ -495,7 +497,7 @@ def test_offload_puts_the_text_encoder_on_the_device_only_while_it_encodes(tiny_
     """Models.encode, the one place the demo's text encoder runs (Start, Switch), with the encoder
     in CPU memory (--offload) and the meta device standing in for the GPU: its weights are all on
     the device while it encodes, none after. (The encoder's output is a stand-in: UMT5 does not run
-    on meta tensors.) Planted: Models.encode without cw.on_device -> fails."""
+    on meta tensors.) Planted: Models.encode without speedkit.on_device -> fails."""
     tokenizer, encoder = cw.load_text_encoder(tiny_wan)
     during = []
 
@@ -516,7 +518,7 @@ def test_a_wrong_tiny_decoder_file_is_said_before_the_generator_loads(tmp_path, 
     (tmp_path / "taew2_1.pth").write_bytes(b"not a checkpoint")
     for module, name in [(sample, "load_generator"), (cw, "load_text_encoder"), (cw, "load_vae")]:
         monkeypatch.setattr(module, name, lambda *a, **kw: pytest.fail("a model loaded before the tiny decoder's file was checked"))
-    with pytest.raises(cw.UserError, match=r"tiny decoder '.*taew2_1\.pth' is not a readable checkpoint") as e:
+    with pytest.raises(common.UserError, match=r"tiny decoder '.*taew2_1\.pth' is not a readable checkpoint") as e:
         demo.main(demo.parse_args(["--tiny", "--decoder", "tae", "--decoder-path", str(tmp_path / "taew2_1.pth"), "--port", str(free_port())]))
     assert "\n" not in str(e.value)
 
@@ -551,15 +553,15 @@ def test_bad_flags_are_one_line_errors_before_loading(tmp_path, monkeypatch, fla
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         flags = [str(busy.getsockname()[1]) if f == "BUSY" else f for f in flags]
-        with pytest.raises(cw.UserError, match=re.escape(message)) as e:
+        with pytest.raises(common.UserError, match=re.escape(message)) as e:
             demo.main(demo.parse_args(["--tiny", *flags]))
     assert "\n" not in str(e.value)
 
 
 def test_non_loopback_host_says_who_can_use_the_gpu(monkeypatch, capsys):
-    monkeypatch.setattr(demo, "load_models", lambda args: (_ for _ in ()).throw(cw.UserError("stop here")))
+    monkeypatch.setattr(demo, "load_models", lambda args: (_ for _ in ()).throw(common.UserError("stop here")))
     port = free_port()
-    with pytest.raises(cw.UserError, match="stop here"):
+    with pytest.raises(common.UserError, match="stop here"):
         demo.main(demo.parse_args(["--tiny", "--host", "0.0.0.0", "--port", str(port)]))
     assert capsys.readouterr().err.splitlines() == [f"warning: listening on 0.0.0.0: anyone who can reach port {port} can use this GPU"]
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 import causal_wan as cw
+import common
 import distill_dmd as dmd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,7 +134,7 @@ def test_dmd_moves_a_gaussian_generator_onto_the_teacher():
 def test_empty_negative_prompt_matches_wan_pipeline(tiny_wan):
     from diffusers import WanPipeline
     tok, enc = cw.load_text_encoder(tiny_wan)
-    ours = dmd.encode_negative_prompt(tok, enc, "")
+    ours = cw.encode_negative_prompt(tok, enc, "")
     pipe = WanPipeline.from_pretrained(tiny_wan)
     _, theirs = pipe.encode_prompt("a fox", negative_prompt="", max_sequence_length=512, device="cpu")
     assert ours.shape == theirs.shape == (1, 512, 32)
@@ -186,8 +187,8 @@ def test_tiny_run_moves_the_generator_towards_the_teacher(tiny_wan, tmp_path):
         "--critic-lr", "2e-3", "--save-every", "25")
     teacher = cw.from_pretrained(tiny_wan).eval()
     tok, enc = cw.load_text_encoder(tiny_wan)
-    ctx = cw.encode_prompts(tok, enc, dmd.read_prompts(dmd.EXAMPLE_PROMPTS)[:4]).repeat(4, 1, 1)  # 16 videos
-    unc = dmd.encode_negative_prompt(tok, enc, dmd.WAN_NEGATIVE_PROMPT)
+    ctx = cw.encode_prompts(tok, enc, common.read_prompts(dmd.EXAMPLE_PROMPTS)[:4]).repeat(4, 1, 1)  # 16 videos
+    unc = cw.encode_negative_prompt(tok, enc, dmd.WAN_NEGATIVE_PROMPT)
     noise = torch.randn(16, 16, 6, 8, 8, generator=torch.Generator().manual_seed(123))
     with torch.no_grad():
         kv = teacher.prompt_kv(torch.cat([ctx, unc.expand_as(ctx)]))
@@ -218,7 +219,7 @@ def test_resume_continues_exactly(tiny_wan, tmp_path):
     ca, cb = (torch.load(p / "ckpt.pt", weights_only=True) for p in (tmp_path / "a", tmp_path / "b"))
     for name in ("model", "ema", "critic"):
         assert all(torch.equal(ca[name][k], cb[name][k]) for k in ca[name]), name
-    with pytest.raises(cw.UserError, match="pass --resume"):  # never overwrites a run by accident
+    with pytest.raises(common.UserError, match="pass --resume"):  # never overwrites a run by accident
         run(tiny_wan, tmp_path / "b", "--max-steps", "5", *flags)
 
 
@@ -264,7 +265,7 @@ def test_gradients_reach_only_the_network_being_trained(tiny_wan, tmp_path, monk
     """At every optimizer step of a real run, exactly that optimizer's network holds gradients
     (critic steps: the critic; generator steps: the generator) and the teacher never changes."""
     nets, emas, seen, teacher_before = [], [], [], {}
-    shard_model, ema_update, adamw_step = cw.shard_model, cw.ema_update, torch.optim.AdamW.step
+    shard_model, ema_update, adamw_step = cw.shard_model, common.ema_update, torch.optim.AdamW.step
 
     def spy_shard(model, bf16):  # the script shards teacher, critic, generator, EMA in this order
         if not nets:
@@ -286,7 +287,7 @@ def test_gradients_reach_only_the_network_being_trained(tiny_wan, tmp_path, monk
         return adamw_step(optimizer, *args, **kwargs)
 
     monkeypatch.setattr(cw, "shard_model", spy_shard)
-    monkeypatch.setattr(cw, "ema_update", lambda ema, model, decay: emas.append(ema) or ema_update(ema, model, decay))
+    monkeypatch.setattr(common, "ema_update", lambda ema, model, decay: emas.append(ema) or ema_update(ema, model, decay))
     monkeypatch.setattr(torch.optim.AdamW, "step", spy_step)
     run(tiny_wan, tmp_path, "--max-steps", "2", "--critic-steps", "2")
     assert seen == [1, 1, 2, 1, 1, 2]  # critic, critic, generator, per step
@@ -307,7 +308,7 @@ def test_nan_loss_stops_without_saving(tiny_wan, tmp_path, monkeypatch):
         return (loss * float("nan") if len(calls) == 3 else loss), logs
 
     monkeypatch.setattr(dmd, "dmd_loss", nan_on_third)
-    with pytest.raises(cw.UserError, match=r"training diverged at step 3 \(loss = nan"):
+    with pytest.raises(common.UserError, match=r"training diverged at step 3 \(loss = nan"):
         run(tiny_wan, tmp_path, "--max-steps", "5", "--critic-steps", "1", "--global-batch", "1", "--save-every", "1")
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2  # the last good checkpoint stays
     assert [r["step"] for r in read_log(tmp_path)] == [1, 2]

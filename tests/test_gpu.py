@@ -28,6 +28,7 @@ import pytest
 import torch
 
 import causal_wan as cw
+import speedkit
 import sample
 
 ON_CPU = os.environ.get("RF_TEST_GPU_ON_CPU") == "1"
@@ -113,13 +114,13 @@ def test_compiled_blocks_match_eager(setup, mode):
     counters.clear()
     with torch.no_grad():
         eager = cw.rollout(model, noise, setup["prompt_kv"], generator=torch.Generator().manual_seed(1))
-        sample.compile_blocks(model, mode)
+        speedkit.compile_blocks(model, mode)
         try:
             compiled = cw.rollout(model, noise, setup["prompt_kv"], generator=torch.Generator().manual_seed(1))
             graphs = counters["stats"]["unique_graphs"]
             again = cw.rollout(model, noise, setup["prompt_kv"], generator=torch.Generator().manual_seed(1))
         finally:
-            sample.compile_blocks(model, None)
+            speedkit.compile_blocks(model, None)
     d = rel(compiled, eager)
     print(f"{mode}: relative difference from eager {d:.2e}; graphs compiled {graphs}, then {counters['stats']['unique_graphs'] - graphs}; "
           f"inductor counters {dict(counters['inductor'])}")
@@ -141,13 +142,13 @@ def test_compiled_vae_decoder_matches_eager(setup):
     counters.clear()
     frames = {}
     for on in (False, True):
-        sample.compile_vae(setup["vae"], on)
+        speedkit.compile_vae(setup["vae"], on)
         try:
             frames[on] = []
             sample.generate(setup["model"], partial(cw.vae_decode, setup["vae"]), setup["prompt_kv"], setup["noise"][:, :, :6], 3, 21,
                             frames[on].append, generator=torch.Generator().manual_seed(1))
         finally:
-            sample.compile_vae(setup["vae"], False)
+            speedkit.compile_vae(setup["vae"], False)
     diff = max(int(abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(frames[False], frames[True]))
     print(f"compiled VAE: max pixel difference {diff} of 255; graphs compiled {counters['stats']['unique_graphs']}")
     assert 0 < counters["stats"]["unique_graphs"] <= 4
@@ -159,7 +160,7 @@ FP8_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8
 
 @pytest.mark.skipif(not (FP8_GPU or ON_CPU), reason="float8 needs compute capability >= 8.9")
 def test_fp8_blocks_stay_close_to_bf16(setup, monkeypatch):
-    """--fp8 (cw.quantize_fp8: the blocks' linear layers in float8 through torchao) against bf16 on
+    """--fp8 (speedkit.quantize_fp8: the blocks' linear layers in float8 through torchao) against bf16 on
     the same noise: one forward and the whole rollout; prints both relative differences. The bounds
     only catch a broken path (unrelated outputs differ by ~1.4); a 2-layer full-width model on the
     CPU gave 0.5% and 0.4%."""
@@ -168,9 +169,9 @@ def test_fp8_blocks_stay_close_to_bf16(setup, monkeypatch):
         import torchao.quantization.quant_api as quant_api
         monkeypatch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
     else:
-        cw.check_fp8(DEVICE, torch.bfloat16)
+        speedkit.check_fp8(DEVICE, torch.bfloat16)
     model = setup["model"]
-    fp8 = cw.quantize_fp8(copy.deepcopy(model))
+    fp8 = speedkit.quantize_fp8(copy.deepcopy(model))
     x, t = setup["noise"][:, :, :3], torch.full((1,), 700.0, device=DEVICE)
     with torch.no_grad():
         fp8_kv = fp8.prompt_kv(setup["context"].bfloat16())  # its cross-attention keys/values are fp8 layers too
@@ -189,7 +190,7 @@ def test_on_device_frees_the_gpu_after_use():
     layer = torch.nn.Linear(4096, 4096)  # 64 MiB in fp32
     weight = layer.weight.data_ptr()
     base = torch.cuda.memory_allocated(DEVICE)
-    with cw.on_device(layer, DEVICE):
+    with speedkit.on_device(layer, DEVICE):
         assert layer.weight.is_cuda
         inside = torch.cuda.memory_allocated(DEVICE) - base
     after = torch.cuda.memory_allocated(DEVICE) - base

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import causal_wan as cw
+import common
 import sample
 
 HW = 4  # latent height and width: 32x32 pixels, 2x2 tokens a frame
@@ -156,7 +157,7 @@ def test_continuing_a_video_gives_its_remaining_blocks(model, vae, contexts, chu
     z, frames = latents_of(go_on)
     assert torch.equal(z, original)
     with torch.no_grad():
-        whole = cw.to_uint8_frames(vae.decode(original * torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+        whole = common.to_uint8_frames(vae.decode(original * torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
                                               + torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)).sample[0])
     frames = np.concatenate(frames)
     assert frames.shape == whole.shape == (4 * latent_frames - 3, 32, 32, 3)
@@ -263,7 +264,7 @@ def frame_count(path):
 
 def bidirectional_checkpoint(tiny_wan, path):
     sd = cw.from_pretrained(tiny_wan).state_dict()
-    cw.save_checkpoint(str(path), {"ema": sd, "model": sd, "step": 1, "args": {"generator": "bidirectional"}})
+    common.save_checkpoint(str(path), {"ema": sd, "model": sd, "step": 1, "args": {"generator": "bidirectional"}})
     return path
 
 
@@ -325,7 +326,7 @@ def test_bad_interactive_input_is_one_line_before_any_model_loads(tiny_wan, tmp_
         monkeypatch.setattr(cw, name, loaded)
     args = [str(paths.get(a, a)) for a in args]
     frames = [] if "--frames" in args else ["--frames", "25"]
-    with pytest.raises(cw.UserError, match=re.escape(message)) as e:
+    with pytest.raises(common.UserError, match=re.escape(message)) as e:
         cli(tiny_wan, tmp_path, "--prompt", "a fox", *frames, "--out", tmp_path / "x.mp4", *args)
     assert "\n" not in str(e.value)
     assert not (tmp_path / "x.mp4").exists()

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import causal_wan as cw
+import common
 import distill_dmd as dmd
 import sample
 import train_ode
@@ -40,7 +41,7 @@ def store(tiny_wan, tmp_path_factory):
     folder = tmp_path_factory.mktemp("ode")
     torch.manual_seed(1)
     sd = cw.CausalWan(cw.WanConfig.tiny()).state_dict()
-    cw.save_checkpoint(str(folder / "teacher.pt"), {"model": sd, "ema": sd, "step": 0, "args": {"generator": "bidirectional"}})
+    common.save_checkpoint(str(folder / "teacher.pt"), {"model": sd, "ema": sd, "step": 0, "args": {"generator": "bidirectional"}})
     (folder / "prompts.txt").write_text("a red fox\na boat on a lake\n")
     flags = ["generate", "--tiny", "--model", tiny_wan, "--teacher", str(folder / "teacher.pt"), "--prompts",
              str(folder / "prompts.txt"), "--store", str(folder / "store"), "--num", "2", "--shard-size", "1"]
@@ -160,7 +161,7 @@ def test_sample_mp4_that_does_not_decode_is_removed(tiny_wan, tmp_path, monkeypa
     monkeypatch.setattr(imageio, "get_writer", lambda path, **kw: writer(path, real(path, **kw)))
     out = tmp_path / "fox.mp4"
     args = ["--tiny", "--model", tiny_wan, "--prompt", "a red fox", "--frames", "9", "--out", str(out)] + (["--stream"] if stream else [])
-    with pytest.raises(cw.UserError, match=r"could not write '.*fox\.mp4': .*the partial file was removed") as e:
+    with pytest.raises(common.UserError, match=r"could not write '.*fox\.mp4': .*the partial file was removed") as e:
         sample.main(sample.parse_args(args))
     assert "\n" not in str(e.value)
     assert os.listdir(tmp_path) == []  # neither fox.mp4 nor fox.mp4.part.mp4
@@ -184,7 +185,7 @@ def test_failing_ffmpeg_process(tiny_wan, tmp_path):
 
 
 def test_trainer_sample_video_is_checked(tmp_path, monkeypatch):
-    """cw.save_video (the trainers' sample_<step>.mp4) takes the same check. Planted: save_video
+    """common.save_video (the trainers' sample_<step>.mp4) takes the same check. Planted: save_video
     writing straight to its path (the old code): the truncated file stays and no error is raised."""
     real = imageio.mimwrite
 
@@ -193,11 +194,11 @@ def test_trainer_sample_video_is_checked(tmp_path, monkeypatch):
         with open(path, "r+b") as f:
             f.truncate(os.path.getsize(path) // 2)
     pixels = torch.rand(3, 9, 32, 32) * 2 - 1
-    cw.save_video(str(tmp_path / "ok.mp4"), pixels)
+    common.save_video(str(tmp_path / "ok.mp4"), pixels)
     assert frames_in(tmp_path / "ok.mp4") == 9
     monkeypatch.setattr(imageio, "mimwrite", truncating_mimwrite)
-    with pytest.raises(cw.UserError, match=r"could not write '.*sample_3\.mp4'"):
-        cw.save_video(str(tmp_path / "sample_3.mp4"), pixels)
+    with pytest.raises(common.UserError, match=r"could not write '.*sample_3\.mp4'"):
+        common.save_video(str(tmp_path / "sample_3.mp4"), pixels)
     assert sorted(os.listdir(tmp_path)) == ["ok.mp4"]
 
 
@@ -209,11 +210,11 @@ def test_checkpoint_with_a_nan_is_not_written(tmp_path):
     """Planted: save_checkpoint without the finiteness check: the NaN optimizer state replaces the good file."""
     path = str(tmp_path / "ckpt.pt")
     good = {"model": {"w": torch.ones(3)}, "step": 1}
-    cw.save_checkpoint(path, good)
+    common.save_checkpoint(path, good)
     bad = {"model": {"w": torch.ones(3)}, "optimizer": {"state": {0: {"exp_avg": torch.tensor([0.0, float("nan")])}}}, "step": 2}
-    with pytest.raises(cw.UserError, match=r"not saving .*ckpt\.pt: 1 tensors hold NaN or inf \(optimizer/state/0/exp_avg\); "
+    with pytest.raises(common.UserError, match=r"not saving .*ckpt\.pt: 1 tensors hold NaN or inf \(optimizer/state/0/exp_avg\); "
                                            r"the last good checkpoint, step 1, stays in"):
-        cw.save_checkpoint(path, bad)
+        common.save_checkpoint(path, bad)
     assert torch.load(path, weights_only=True)["step"] == 1 and os.listdir(tmp_path) == ["ckpt.pt"]
 
 
@@ -223,16 +224,16 @@ def test_infinite_weights_after_a_finite_loss_stop_the_run(name, tiny_wan, store
     where an overflowing update puts it) while the loss of step 1 was finite. Planted in the code:
     no weight check after the update (the code before issue 13): each script saved ckpt.pt with an
     inf generator and an inf EMA at step 1 and exited 0."""
-    real = cw.ema_update
+    real = common.ema_update
 
     def overflowed_update(ema, model, decay):
         with torch.no_grad():
             next(model.parameters()).to_local().view(-1)[0] = float("inf")
         real(ema, model, decay)
-    monkeypatch.setattr(cw, "ema_update", overflowed_update)
+    monkeypatch.setattr(common, "ema_update", overflowed_update)
     module, flags = trainer(name, tiny_wan, store, tiny_reward)
     out = tmp_path / "run"
-    with pytest.raises(cw.UserError, match=r"training diverged at step 1 \(1 NaN/inf weights in the (generator|student), "
+    with pytest.raises(common.UserError, match=r"training diverged at step 1 \(1 NaN/inf weights in the (generator|student), "
                                            r"1 NaN/inf weights in the EMA\): stopped without saving; no checkpoint has been written yet"):
         run(module, *flags, "--out", out, "--max-steps", 1, "--save-every", 1, "--sample-every", 0)
     assert not (out / "ckpt.pt").exists()
@@ -242,7 +243,7 @@ def test_nan_ema_stops_and_the_message_names_the_kept_checkpoint(tiny_wan, tmp_p
     """A NaN that reaches only the EMA (here planted into its update at step 2). On the old code a
     NaN EMA was saved at step 2 and the run exited 0; with the EMA left out of the weight check,
     save_checkpoint refuses it instead (another message, and the stop comes one check later)."""
-    real, calls = cw.ema_update, []
+    real, calls = common.ema_update, []
 
     def poisoned_ema_update(ema, model, decay):
         real(ema, model, decay)
@@ -250,14 +251,14 @@ def test_nan_ema_stops_and_the_message_names_the_kept_checkpoint(tiny_wan, tmp_p
         if len(calls) == 2:
             with torch.no_grad():
                 next(ema.parameters()).to_local().fill_(float("nan"))
-    monkeypatch.setattr(cw, "ema_update", poisoned_ema_update)
+    monkeypatch.setattr(common, "ema_update", poisoned_ema_update)
     out = tmp_path / "run"
-    with pytest.raises(cw.UserError, match=r"diverged at step 2 \(\d+ NaN/inf weights in the EMA\): stopped without saving; "
+    with pytest.raises(common.UserError, match=r"diverged at step 2 \(\d+ NaN/inf weights in the EMA\): stopped without saving; "
                                            r"the last good checkpoint, step 1, stays in .*ckpt\.pt"):
         run(dmd, "--tiny", "--model", tiny_wan, "--critic-steps", 1, "--global-batch", 1, "--out", out,
             "--max-steps", 3, "--save-every", 1, "--sample-every", 0)
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == 1 and cw.nonfinite_tensors(ckpt) == []
+    assert ckpt["step"] == 1 and common.nonfinite_tensors(ckpt) == []
 
 
 # -----------------------------------------------------------------------------
@@ -281,7 +282,7 @@ def test_one_run_per_folder_and_stale_files_go(tiny_wan, tmp_path):
         assert holder.stdout.readline().strip() == "locked"
         flags = ["--tiny", "--model", tiny_wan, "--critic-steps", 1, "--global-batch", 1, "--out", out, "--max-steps", 1,
                  "--sample-every", 0]
-        with pytest.raises(cw.UserError, match=r"--out '.*run' is in use by another run \(pid 4242, lock .*\.lock\): wait for it"):
+        with pytest.raises(common.UserError, match=r"--out '.*run' is in use by another run \(pid 4242, lock .*\.lock\): wait for it"):
             run(dmd, *flags)
         assert sorted(os.listdir(out)) == sorted(stale + ["notes.txt", ".lock"])  # the other run's files are untouched
     finally:
@@ -301,13 +302,13 @@ def test_resume_refuses_another_scripts_checkpoint(tiny_wan, store, tiny_reward,
         "--sample-every", 0)
     for name in ("train_reward", "train_ode"):
         module, flags = trainer(name, tiny_wan, store, tiny_reward)
-        with pytest.raises(cw.UserError, match=rf"'.*ckpt\.pt' was written by distill_dmd\.py, not {name}\.py: resume it with "
+        with pytest.raises(common.UserError, match=rf"'.*ckpt\.pt' was written by distill_dmd\.py, not {name}\.py: resume it with "
                                                r"distill_dmd\.py, or start a new --out from it with --init"):
             run(module, *flags, "--out", out, "--max-steps", 2, "--resume")
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     ckpt.update(script="train_reward.py", stage="without --dmd-weight", args={})
     torch.save(ckpt, out / "ckpt.pt")
-    with pytest.raises(cw.UserError, match=r"was written by train_reward\.py, not distill_dmd\.py"):
+    with pytest.raises(common.UserError, match=r"was written by train_reward\.py, not distill_dmd\.py"):
         run(dmd, "--tiny", "--model", tiny_wan, "--out", out, "--max-steps", 2, "--resume")
 
 
@@ -315,27 +316,27 @@ def test_resume_refuses_another_stage(tmp_path):
     """The stage: distill_dmd.py's --generator, train_reward.py's --dmd-weight. Planted: the stage
     check removed from load_resume (the bidirectional checkpoint is handed to the causal run)."""
     path = str(tmp_path / "ckpt.pt")
-    cw.save_checkpoint(path, {"step": 3, "script": "distill_dmd.py", "stage": "with --generator bidirectional"})
+    common.save_checkpoint(path, {"step": 3, "script": "distill_dmd.py", "stage": "with --generator bidirectional"})
     args = dmd.parse_args(["--model", "a/b", "--out", str(tmp_path), "--resume", "--max-steps", "9"])
-    with pytest.raises(cw.UserError, match=r"was trained with --generator bidirectional: resume it with the same flags "
+    with pytest.raises(common.UserError, match=r"was trained with --generator bidirectional: resume it with the same flags "
                                            r"\(this run: with --generator causal\)"):
-        cw.load_resume(path, args, "distill_dmd.py", "with --generator causal")
-    assert cw.load_resume(path, args, "distill_dmd.py", "with --generator bidirectional")["step"] == 3
+        common.load_resume(path, args, "distill_dmd.py", "with --generator causal")
+    assert common.load_resume(path, args, "distill_dmd.py", "with --generator bidirectional")["step"] == 3
 
 
 def test_torn_last_log_line_is_dropped_on_resume(tmp_path, capsys):
     """Planted: open_log parsing every line (the old code): the torn line raised JSONDecodeError."""
     log = tmp_path / "log.jsonl"
     log.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "loss": 0.3}\n{"step": 4, "lo')
-    cw.open_log(str(log), 3, resume=True)
+    common.open_log(str(log), 3, resume=True)
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3]
     err = capsys.readouterr().err
     assert err.startswith(f"warning: dropped the torn last line of {log}") and len(err.splitlines()) == 1
-    cw.open_log(str(log), 2, resume=True)  # lines after the checkpoint's step go, as before
+    common.open_log(str(log), 2, resume=True)  # lines after the checkpoint's step go, as before
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
     log.write_text('{"step": 1}\n{"ste\n{"step": 2}\n')  # damage in the middle is not a torn line: say where
-    with pytest.raises(cw.UserError, match=r"line 2 of .*log\.jsonl is not a log record: delete that line"):
-        cw.open_log(str(log), 2, resume=True)
+    with pytest.raises(common.UserError, match=r"line 2 of .*log\.jsonl is not a log record: delete that line"):
+        common.open_log(str(log), 2, resume=True)
 
 
 # -----------------------------------------------------------------------------

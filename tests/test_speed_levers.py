@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import causal_wan as cw
+import common
+import speedkit
 import sample
 
 
@@ -58,13 +60,13 @@ def reference_decode(sd, z):
 @pytest.fixture(scope="module")
 def tiny_tae(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tae") / "taew2_1.pth")
-    cw.make_tiny_decoder(path)
-    return path, cw.load_tiny_decoder(path)
+    speedkit.make_tiny_decoder(path)
+    return path, speedkit.load_tiny_decoder(path)
 
 
 def test_tiny_decoder_has_the_published_checkpoint_layout():
     """Planted: a bias on the stage convs (decoder.8 ...), or TGrow's 1x1 conv with a bias -> fails."""
-    got = {k: tuple(v.shape) for k, v in cw.TinyDecoder().state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in speedkit.TinyDecoder().state_dict().items()}
     assert got == published_decoder_shapes()
 
 
@@ -77,12 +79,12 @@ def test_tiny_decoder_streams_exactly_and_matches_the_reference(tiny_tae):
     path, tae = tiny_tae
     z = torch.randn(2, 16, 7, 4, 6, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        whole = cw.tae_decode(tae, z)
+        whole = speedkit.tae_decode(tae, z)
         assert whole.shape == (2, 3, 1 + 4 * 6, 32, 48)
         ref = reference_decode(torch.load(path, weights_only=True), z)
         assert (whole - ref).abs().max() < 1e-5
         for chunk, counts in ((3, [9, 12, 4]), (1, [1, 4, 4, 4, 4, 4, 4])):
-            blocks = [cw.tae_decode(tae, z[:, :, s:s + chunk], first=s == 0) for s in range(0, 7, chunk)]
+            blocks = [speedkit.tae_decode(tae, z[:, :, s:s + chunk], first=s == 0) for s in range(0, 7, chunk)]
             assert [b.shape[2] for b in blocks] == counts
             assert (torch.cat(blocks, 2) - whole).abs().max() < 1e-5
     assert whole.std() > 0.05 and (whole.abs() < 1).float().mean() > 0.99  # not a flat or clamped video
@@ -110,27 +112,27 @@ def test_load_tiny_decoder_refuses_wrong_files_in_one_line(tiny_tae, tmp_path):
         saved("taew2_2.pth", {**good, "decoder.1.weight": torch.zeros(32, 48, 3, 3)}): "48 latent channels",
     }
     for path, why in bad.items():
-        with pytest.raises(cw.UserError) as e:
-            cw.load_tiny_decoder(path)
+        with pytest.raises(common.UserError) as e:
+            speedkit.load_tiny_decoder(path)
         msg = str(e.value)
         assert why in msg and path in msg and "madebyollin/taehv" in msg and "taew2_1.pth" in msg and "\n" not in msg, msg
-    ours = cw.tae_decode(tiny_tae[1], torch.ones(1, 16, 2, 2, 2))
+    ours = speedkit.tae_decode(tiny_tae[1], torch.ones(1, 16, 2, 2, 2))
     with_encoder = saved("full.pth", {**good, "encoder.0.weight": torch.zeros(64, 3, 3, 3)})
     save_file(good, str(tmp_path / "taew2_1.safetensors"))
     for path in (with_encoder, str(tmp_path / "taew2_1.safetensors")):
-        assert torch.equal(cw.tae_decode(cw.load_tiny_decoder(path), torch.ones(1, 16, 2, 2, 2)), ours)
+        assert torch.equal(speedkit.tae_decode(speedkit.load_tiny_decoder(path), torch.ones(1, 16, 2, 2, 2)), ours)
 
 
 def test_tiny_decoder_file_has_its_own_cache_folder(tmp_path, monkeypatch):
     """--tiny's decoder is built once beside the tiny Wan, not inside its folder (whose cache would go
     stale), and loads through load_tiny_decoder. Planted: the file inside tiny_wan/ -> fails."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    path = cw.tiny_decoder_path()
+    path = speedkit.tiny_decoder_path()
     assert path == str(tmp_path / "reward_forcing" / "tiny_taew2_1" / "taew2_1.pth")
     assert not path.startswith(cw.tiny_model_dir())
     mtime = (tmp_path / path).stat().st_mtime_ns
-    assert cw.tiny_decoder_path() == path and (tmp_path / path).stat().st_mtime_ns == mtime  # reused
-    assert cw.load_tiny_decoder(path).decoder[1].weight.shape == (32, 16, 3, 3)
+    assert speedkit.tiny_decoder_path() == path and (tmp_path / path).stat().st_mtime_ns == mtime  # reused
+    assert speedkit.load_tiny_decoder(path).decoder[1].weight.shape == (32, 16, 3, 3)
 
 
 # -----------------------------------------------------------------------------
@@ -141,8 +143,8 @@ def test_check_fp8_refuses_devices_without_float8_in_one_line(monkeypatch):
     """CPU, no CUDA, compute capability 8.6, or an fp32 model: one-line UserError; 8.9 with bf16
     passes. Planted: the capability compared as > (8, 9) (refuses Ada) -> fails."""
     def refused(device, dtype=torch.bfloat16):
-        with pytest.raises(cw.UserError) as e:
-            cw.check_fp8(device, dtype)
+        with pytest.raises(common.UserError) as e:
+            speedkit.check_fp8(device, dtype)
         assert "\n" not in str(e.value)
         return str(e.value)
 
@@ -155,7 +157,7 @@ def test_check_fp8_refuses_devices_without_float8_in_one_line(monkeypatch):
     assert "RTX 3090 has 8.6" in refused("cuda")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
     assert "--dtype bf16" in refused("cuda:0", torch.float32)
-    cw.check_fp8("cuda:0", torch.bfloat16)
+    speedkit.check_fp8("cuda:0", torch.bfloat16)
 
 
 def block_linears(num_layers):
@@ -168,7 +170,7 @@ def block_linears(num_layers):
 def test_fp8_filter_selects_exactly_the_block_linears():
     """Planted: a filter on isinstance(nn.Linear) alone (takes the embedders and proj_out) -> fails."""
     model = cw.CausalWan(cw.WanConfig.tiny())
-    chosen = sorted(name for name, m in model.named_modules() if cw.fp8_layer(m, name))
+    chosen = sorted(name for name, m in model.named_modules() if speedkit.fp8_layer(m, name))
     assert chosen == block_linears(2) and len(chosen) == 20
 
 
@@ -188,7 +190,7 @@ def test_fp8_model_stays_close_to_bf16_on_the_cpu(monkeypatch):
     context = torch.randn(1, 16, 32, dtype=torch.bfloat16)
     with torch.no_grad():
         ref = model(x, t, model.prompt_kv(context)).float()
-        fp8 = cw.quantize_fp8(copy.deepcopy(model))
+        fp8 = speedkit.quantize_fp8(copy.deepcopy(model))
         out = fp8(x, t, fp8.prompt_kv(context)).float()  # the cross-attention keys/values are fp8 layers too
     converted = sorted(n for n, m in fp8.named_modules() if isinstance(getattr(m, "weight", None), Float8Tensor))
     assert converted == block_linears(2)
@@ -196,8 +198,8 @@ def test_fp8_model_stays_close_to_bf16_on_the_cpu(monkeypatch):
     print(f"fp8 vs bf16 relative difference {rel:.3e}")
     assert 1e-3 < rel < 0.1
     odd = cw.CausalWan(cw.WanConfig(dim=24, ffn_dim=40, num_heads=2, num_layers=1, text_dim=32, freq_dim=32)).to(torch.bfloat16)
-    with pytest.raises(cw.UserError, match="multiples of 16"):
-        cw.quantize_fp8(odd)
+    with pytest.raises(common.UserError, match="multiples of 16"):
+        speedkit.quantize_fp8(odd)
 
 
 # -----------------------------------------------------------------------------
@@ -216,21 +218,21 @@ def test_text_encoder_leaves_the_device_after_encoding(tiny_wan):
     before = [(p.data_ptr(), p.clone()) for p in encoder.parameters()]
     context = cw.encode_prompts(tokenizer, encoder, ["a red fox"])
     for _ in range(2):  # a first prompt, then a switch to a new one
-        with cw.on_device(encoder, "meta"):
+        with speedkit.on_device(encoder, "meta"):
             assert devices(encoder) == {"meta"}
         assert devices(encoder) == {"cpu"}
         assert all(p.data_ptr() == ptr and torch.equal(p, value) for p, (ptr, value) in zip(encoder.parameters(), before))
-    with cw.on_device(encoder, "cpu"):
+    with speedkit.on_device(encoder, "cpu"):
         assert torch.equal(cw.encode_prompts(tokenizer, encoder, ["a red fox"]), context)
 
 
 @pytest.mark.parametrize("kind", ["vae", "tae"])
 def test_offloaded_decoder_is_on_the_device_only_while_decoding(tiny_wan, tiny_tae, kind):
-    """Streaming decode through cw.offloaded: on the (meta) device during each block, back on the CPU
+    """Streaming decode through speedkit.offloaded: on the (meta) device during each block, back on the CPU
     between blocks, the causal state carried over; on the CPU the frames equal plain decoding.
     Planted: offloaded() returning decode unwrapped -> fails."""
     decoder = cw.load_vae(tiny_wan) if kind == "vae" else copy.deepcopy(tiny_tae[1])
-    decode = functools.partial(cw.vae_decode if kind == "vae" else cw.tae_decode, decoder)
+    decode = functools.partial(cw.vae_decode if kind == "vae" else speedkit.tae_decode, decoder)
     z = torch.randn(1, 16, 5, 8, 8, generator=torch.Generator().manual_seed(0))
     seen = []
 
@@ -238,14 +240,14 @@ def test_offloaded_decoder_is_on_the_device_only_while_decoding(tiny_wan, tiny_t
         seen.append(devices(decoder))
         return decode(z, first)
 
-    on_meta = cw.offloaded(spy, decoder, "meta")
+    on_meta = speedkit.offloaded(spy, decoder, "meta")
     with torch.no_grad():
         for s in range(0, 5, 3):
             assert on_meta(z[:, :, s:s + 3].to("meta"), first=s == 0).device.type == "meta"
             assert devices(decoder) == {"cpu"}
         assert seen == [{"meta"}, {"meta"}]
         plain = torch.cat([decode(z[:, :, s:s + 3], first=s == 0) for s in range(0, 5, 3)], 2)
-        offloaded = cw.offloaded(decode, decoder, "cpu")
+        offloaded = speedkit.offloaded(decode, decoder, "cpu")
         assert torch.equal(torch.cat([offloaded(z[:, :, s:s + 3], first=s == 0) for s in range(0, 5, 3)], 2), plain)
 
 
@@ -264,20 +266,20 @@ def sample_frames(argv, monkeypatch):
 
 
 def spy_decoders(monkeypatch, on_call=lambda: None):
-    """Replace cw.vae_decode and cw.tae_decode (before sample.py binds them) with recorders of
+    """Replace cw.vae_decode and speedkit.tae_decode (before sample.py binds them) with recorders of
     ('vae' or 'tae', latents, first) for each call; on_call runs at each call."""
     calls = []
-    for name in ("vae_decode", "tae_decode"):
-        def recording(decoder, z, first=True, real=getattr(cw, name), kind=name[:3]):
+    for module, name in ((cw, "vae_decode"), (speedkit, "tae_decode")):
+        def recording(decoder, z, first=True, real=getattr(module, name), kind=name[:3]):
             calls.append((kind, z.detach().clone(), first))
             on_call()
             return real(decoder, z, first)
-        monkeypatch.setattr(cw, name, recording)
+        monkeypatch.setattr(module, name, recording)
     return calls
 
 
 def as_uint8(pixels):
-    """pixels [3, T, H, W] in [-1, 1] -> uint8 frames [T, H, W, 3], written out here (not cw.to_uint8_frames)."""
+    """pixels [3, T, H, W] in [-1, 1] -> uint8 frames [T, H, W, 3], written out here (not common.to_uint8_frames)."""
     return ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy().astype(int)
 
 
@@ -310,7 +312,7 @@ def test_sample_extends_a_clip_with_the_tiny_decoder(tiny_wan, tmp_path, monkeyp
     first block), decodes nothing and is freed before the first block is decoded; the 21 frames
     written are the tiny decoder's decode of the clip's latents and the new ones, all at once.
     Planted: load_decoder keeping the VAE alive (stored on args) -> fails."""
-    tae_path = cw.make_tiny_decoder(str(tmp_path / "taew2_1.pth"))
+    tae_path = speedkit.make_tiny_decoder(str(tmp_path / "taew2_1.pth"))
     clip = np.random.default_rng(0).integers(0, 256, (9, 32, 32, 3), dtype=np.uint8)
     imageio.mimwrite(tmp_path / "clip.mp4", clip, fps=16, codec="libx264", macro_block_size=1)
     vaes, vae_alive, real_load_vae = [], [], cw.load_vae
@@ -337,12 +339,12 @@ def test_sample_extends_a_clip_with_the_tiny_decoder(tiny_wan, tmp_path, monkeyp
 def test_offload_leaves_the_video_unchanged(tiny_wan, tmp_path, monkeypatch, decoder):
     """--offload (on the CPU: the same device, the same computation in a different order) writes
     the frames the run without it writes, with an --image prefix and a switch. Planted:
-    cw.offloaded passing first=True on every call (the decoder's causal state reset) -> fails."""
+    speedkit.offloaded passing first=True on every call (the decoder's causal state reset) -> fails."""
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "first.png")
     argv = SMALL + ["--model", tiny_wan, "--decoder", decoder, "--frames", "21", "--image", tmp_path / "first.png",
                     "--switch", "9", "a blue bird"]
     if decoder == "tae":
-        argv += ["--decoder-path", cw.make_tiny_decoder(str(tmp_path / "taew2_1.pth"))]
+        argv += ["--decoder-path", speedkit.make_tiny_decoder(str(tmp_path / "taew2_1.pth"))]
     plain = sample_frames(argv + ["--out", tmp_path / "plain.mp4"], monkeypatch)
     offloaded = sample_frames(argv + ["--offload", "--out", tmp_path / "offload.mp4"], monkeypatch)
     assert plain.shape == (21, 32, 32, 3) and np.array_equal(plain, offloaded)
@@ -357,7 +359,7 @@ def test_offload_keeps_the_text_encoder_and_the_generator_apart_on_the_device(ti
     generator moved to the device before the encoding, or the text encoder loaded on the device,
     or the decoder not offloaded -> each fails."""
     held, during, vae_during = {}, [], []
-    real_load_generator, real_vae_encode, real_tae_decode = sample.load_generator, sample.vae_encode, cw.tae_decode
+    real_load_generator, real_vae_encode, real_tae_decode = sample.load_generator, sample.vae_encode, speedkit.tae_decode
     monkeypatch.setattr(sample, "load_generator", lambda *a: held.setdefault("generator", real_load_generator(*a)))
 
     def encode_prompts(tokenizer, encoder, prompts):
@@ -376,9 +378,9 @@ def test_offload_keeps_the_text_encoder_and_the_generator_apart_on_the_device(ti
 
     monkeypatch.setattr(cw, "encode_prompts", encode_prompts)
     monkeypatch.setattr(sample, "vae_encode", vae_encode)
-    monkeypatch.setattr(cw, "tae_decode", tae_decode)
+    monkeypatch.setattr(speedkit, "tae_decode", tae_decode)
     args = sample.parse_args(SMALL + ["--model", tiny_wan, "--offload", "--decoder", "tae", "--decoder-path",
-                                      cw.make_tiny_decoder(str(tmp_path / "taew2_1.pth"))])
+                                      speedkit.make_tiny_decoder(str(tmp_path / "taew2_1.pth"))])
     meta = torch.device("meta")
     model, contexts, decode, prefix = sample.load_models(args, meta, torch.float32, "causal", ["a red fox", "a blue bird"],
                                                          np.zeros((1, 32, 32, 3), np.uint8))

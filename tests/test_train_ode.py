@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import causal_wan as cw
+import common
 import train_ode as T
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,7 +57,7 @@ def teacher(tmp_path_factory):
     folder = tmp_path_factory.mktemp("teacher")
     torch.manual_seed(1)
     sd = cw.CausalWan(cw.WanConfig.tiny()).state_dict()
-    cw.save_checkpoint(str(folder / "ckpt.pt"), {"model": sd, "ema": sd, "step": 0, "args": {"generator": "bidirectional"}})
+    common.save_checkpoint(str(folder / "ckpt.pt"), {"model": sd, "ema": sd, "step": 0, "args": {"generator": "bidirectional"}})
     (folder / "prompts.txt").write_text(PROMPTS)
     return str(folder / "ckpt.pt"), str(folder / "prompts.txt")
 
@@ -139,17 +140,17 @@ def test_generation_resume_skips_finished_shards(store, teacher, tiny_wan, tmp_p
     for i in range(2):
         (a, meta_a), (b, meta_b) = (read_shard(os.path.join(d, f"shard_{i:05d}.safetensors")) for d in (store, copy))
         assert torch.equal(a, b) and meta_a == meta_b
-    with pytest.raises(cw.UserError, match=r"other settings \(num, prompts differ\)"):
+    with pytest.raises(common.UserError, match=r"other settings \(num, prompts differ\)"):
         run("generate", "--tiny", "--model", tiny_wan, "--teacher", teacher[0], "--prompts", teacher[1], "--store", copy, "--num", 5)
 
 
 def test_train_resume_is_exact(store, tiny_wan, tmp_path):
-    common = ["train", "--tiny", "--model", tiny_wan, "--store", store, "--sample-every", 0, "--save-every", 2]
-    run(*common, "--out", tmp_path / "a", "--max-steps", 4)
-    run(*common, "--out", tmp_path / "b", "--max-steps", 2)
-    with pytest.raises(cw.UserError, match="pass --resume"):
-        run(*common, "--out", tmp_path / "b", "--max-steps", 4)
-    run(*common, "--out", tmp_path / "b", "--max-steps", 4, "--resume")
+    flags = ["train", "--tiny", "--model", tiny_wan, "--store", store, "--sample-every", 0, "--save-every", 2]
+    run(*flags, "--out", tmp_path / "a", "--max-steps", 4)
+    run(*flags, "--out", tmp_path / "b", "--max-steps", 2)
+    with pytest.raises(common.UserError, match="pass --resume"):
+        run(*flags, "--out", tmp_path / "b", "--max-steps", 4)
+    run(*flags, "--out", tmp_path / "b", "--max-steps", 4, "--resume")
     a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in "ab")
     assert a["step"] == b["step"] == 4
     for key in ("model", "ema"):
@@ -163,9 +164,9 @@ def test_ema_start(store, tiny_wan, tmp_path, ema_updates):
     """--ema-start 2: the EMA is the live weights through update 2, then the average with --ema-decay;
     1 step then --resume to 4 (across the start) equals 4 steps in one go (planted: averaging one
     update late, and counting this run's updates instead of the step: each fails)."""
-    common = ["train", "--tiny", "--model", tiny_wan, "--store", store, "--sample-every", 0, "--save-every", 1,
+    base = ["train", "--tiny", "--model", tiny_wan, "--store", store, "--sample-every", 0, "--save-every", 1,
               "--ema-start", 2, "--ema-decay", 0.5]
-    ema_updates.check_start_and_resume(lambda out, *flags: run(*common, "--out", out, *flags), tmp_path, start=2, decay=0.5)
+    ema_updates.check_start_and_resume(lambda out, *flags: run(*base, "--out", out, *flags), tmp_path, start=2, decay=0.5)
 
 
 def test_student_never_sees_later_frames(tiny_wan):
@@ -253,7 +254,7 @@ def test_self_forcing_recipe(teacher, tiny_wan, tmp_path):
     for state, k in zip(stored, keep + [48]):
         assert (state - states[k][0]).abs().max() < 1e-2 * states[k].abs().max(), k  # bf16 rounding
     assert (stored[-1] - stored[0]).abs().max() > 0.1  # it moved
-    with pytest.raises(cw.UserError, match="--recipe self-forcing is a solver for a diffusers-format --teacher"):
+    with pytest.raises(common.UserError, match="--recipe self-forcing is a solver for a diffusers-format --teacher"):
         run("generate", "--tiny", "--model", tiny_wan, "--teacher", teacher[0], "--prompts", teacher[1],
             "--store", str(tmp_path / "x"), "--recipe", "self-forcing")
 
@@ -265,7 +266,7 @@ def test_nan_loss_stops_without_saving(store, tiny_wan, tmp_path):
         latents, meta = read_shard(os.path.join(bad, f"shard_{i:05d}.safetensors"))
         save_file({"latents": latents * float("nan")}, os.path.join(bad, f"shard_{i:05d}.safetensors"), metadata=meta)
     out = tmp_path / "run"
-    with pytest.raises(cw.UserError, match="loss is nan at step 1: stopped without saving"):
+    with pytest.raises(common.UserError, match="loss is nan at step 1: stopped without saving"):
         run("train", "--tiny", "--model", tiny_wan, "--store", bad, "--out", out, "--max-steps", 2)
     assert not os.path.exists(out / "ckpt.pt")
 

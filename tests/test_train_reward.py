@@ -37,6 +37,8 @@ import pytest
 import torch
 
 import causal_wan as cw
+import common
+import convert
 import train_reward as tr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -259,15 +261,15 @@ def test_dmd_weight_and_exact_resume(tiny_wan, tiny_reward, prompts_file, tmp_pa
     """--dmd-weight 1 --teacher: the critic trains beside the generator, the DMD term enters at the
     reward's scale; a run resumed at step 2 equals one run straight to 4 (weights, optimizers, critic,
     normalizers, logged numbers)."""
-    common = ["--tiny", "--model", tiny_wan, "--reward-path", tiny_reward[0], "--reward-tokenizer", tiny_reward[1],
+    flags = ["--tiny", "--model", tiny_wan, "--reward-path", tiny_reward[0], "--reward-tokenizer", tiny_reward[1],
               "--prompts", prompts_file, "--dmd-weight", 1, "--teacher", tiny_wan, "--sample-every", 0, "--save-every", 2]
-    run(*common, "--out", tmp_path / "a", "--max-steps", 4)
-    run(*common, "--out", tmp_path / "b", "--max-steps", 2)
-    with pytest.raises(cw.UserError, match="pass --resume"):
-        run(*common, "--out", tmp_path / "b", "--max-steps", 4)
-    with pytest.raises(cw.UserError, match="trained with --dmd-weight: resume it with the same flags"):
-        run(*common[:-8], "--sample-every", 0, "--out", tmp_path / "b", "--max-steps", 4, "--resume")
-    run(*common, "--out", tmp_path / "b", "--max-steps", 4, "--resume")
+    run(*flags, "--out", tmp_path / "a", "--max-steps", 4)
+    run(*flags, "--out", tmp_path / "b", "--max-steps", 2)
+    with pytest.raises(common.UserError, match="pass --resume"):
+        run(*flags, "--out", tmp_path / "b", "--max-steps", 4)
+    with pytest.raises(common.UserError, match="trained with --dmd-weight: resume it with the same flags"):
+        run(*flags[:-8], "--sample-every", 0, "--out", tmp_path / "b", "--max-steps", 4, "--resume")
+    run(*flags, "--out", tmp_path / "b", "--max-steps", 4, "--resume")
     a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in "ab")
     assert a["step"] == b["step"] == 4 and a["loss_scales"] == b["loss_scales"]
     for key in ("model", "ema", "critic"):
@@ -300,10 +302,10 @@ def test_ema_start(tiny_wan, tiny_reward, prompts_file, tmp_path, ema_updates):
     """--ema-start 2: the EMA is the live weights through update 2, then the average with --ema-decay;
     1 step then --resume to 4 (across the start) equals 4 steps in one go (planted: averaging one
     update late, and counting this run's updates instead of the step: each fails)."""
-    common = ["--tiny", "--model", tiny_wan, "--reward-path", tiny_reward[0], "--reward-tokenizer", tiny_reward[1],
+    base = ["--tiny", "--model", tiny_wan, "--reward-path", tiny_reward[0], "--reward-tokenizer", tiny_reward[1],
               "--prompts", prompts_file, "--sample-every", 0, "--save-every", 1, "--ema-start", 2, "--ema-decay", 0.5,
               "--frames", 5, "--global-batch", 1]  # short videos: the EMA is what is tested
-    ema_updates.check_start_and_resume(lambda out, *flags: run(*common, "--out", out, *flags), tmp_path, start=2, decay=0.5)
+    ema_updates.check_start_and_resume(lambda out, *flags: run(*base, "--out", out, *flags), tmp_path, start=2, decay=0.5)
 
 
 def test_dmd_weight_defaults_the_teacher_to_the_model(tiny_wan, tiny_reward, prompts_file, tmp_path, monkeypatch):
@@ -336,7 +338,7 @@ def test_nan_stops_without_saving(tiny_wan, tiny_reward, prompts_file, tmp_path,
         return poisoned
     monkeypatch.setattr(tr, "load_reward", load_reward)
     out = tmp_path / "run"
-    with pytest.raises(cw.UserError, match=r"training diverged at step 3 \(loss = nan, reward = nan.*stopped without saving"):
+    with pytest.raises(common.UserError, match=r"training diverged at step 3 \(loss = nan, reward = nan.*stopped without saving"):
         run("--tiny", "--model", tiny_wan, "--reward-path", tiny_reward[0], "--reward-tokenizer", tiny_reward[1],
             "--prompts", prompts_file, "--out", out, "--max-steps", 4, "--save-every", 1, "--sample-every", 0)
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2  # the last good checkpoint stays
@@ -347,23 +349,23 @@ def test_errors_are_one_line(tiny_wan, tiny_reward, prompts_file, tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [res.stderr.strip()]
     assert res.stderr.startswith("error: --init is required: the ODE-initialized generator")
-    common = ["--tiny", "--model", tiny_wan, "--reward-path", tiny_reward[0], "--reward-tokenizer", tiny_reward[1],
+    flags = ["--tiny", "--model", tiny_wan, "--reward-path", tiny_reward[0], "--reward-tokenizer", tiny_reward[1],
               "--prompts", prompts_file, "--out", tmp_path / "y"]
-    with pytest.raises(cw.UserError, match="--global-batch 3 is not divisible by world size 1 x --micro-batch 2"):
-        run(*common, "--global-batch", 3, "--micro-batch", 2)
-    with pytest.raises(cw.UserError, match="checkpoint '.*nope.pt' does not exist"):
-        run(*common, "--init", tmp_path / "nope.pt")
-    with pytest.raises(cw.UserError, match="ImageReward weights not found at"):
-        run(*common[:3], "--reward-path", tmp_path, "--reward-tokenizer", tiny_reward[1], *common[7:])
+    with pytest.raises(common.UserError, match="--global-batch 3 is not divisible by world size 1 x --micro-batch 2"):
+        run(*flags, "--global-batch", 3, "--micro-batch", 2)
+    with pytest.raises(common.UserError, match="checkpoint '.*nope.pt' does not exist"):
+        run(*flags, "--init", tmp_path / "nope.pt")
+    with pytest.raises(common.UserError, match="ImageReward weights not found at"):
+        run(*flags[:3], "--reward-path", tmp_path, "--reward-tokenizer", tiny_reward[1], *flags[7:])
 
 
 def test_init_from_ours_or_self_forcing(tiny_wan, tmp_path):
     """--init takes train_ode.py's checkpoint (its EMA) and Self Forcing's original-layout dict."""
     torch.manual_seed(3)
     ema = cw.CausalWan(cw.WanConfig.tiny()).state_dict()
-    cw.save_checkpoint(str(tmp_path / "ours.pt"), {"model": cw.CausalWan(cw.WanConfig.tiny()).state_dict(), "ema": ema,
+    common.save_checkpoint(str(tmp_path / "ours.pt"), {"model": cw.CausalWan(cw.WanConfig.tiny()).state_dict(), "ema": ema,
                                                     "step": 7, "args": {}})
-    original = {"model." + k: v for k, v in cw.diffusers_to_original(ema).items()}
+    original = {"model." + k: v for k, v in convert.diffusers_to_original(ema).items()}
     torch.save({"generator": original}, tmp_path / "ode_init.pt")  # Self Forcing's ode_init.pt layout
     args = tr.parse_args(["--tiny", "--model", tiny_wan, "--reward-path", str(tmp_path), "--out", str(tmp_path)])
     for path in ("ours.pt", "ode_init.pt"):
@@ -401,7 +403,7 @@ def test_reward_decode_memory_is_checkpointed_and_freed():
     (the VAE's cache included). Planted: the recompute leaving its cache in the VAE (alive 0.029 GiB,
     ratio 0.298), CheckpointedCacheModule copying the whole cache list for the recompute (0.267), the
     causal convs' cache gradients kept as views of their concatenation (0.311): each fails."""
-    from measure_reward_decode import count
+    from bench import reward_decode_peak as count
     peak, alive = count(32, 32, checkpointed=True)
     plain, _ = count(32, 32, checkpointed=False)
     assert alive < 1e-3, f"{alive:.3f} GiB alive after the backward"

@@ -1,0 +1,486 @@
+"""
+What every script shares and that is not the model (nanochat's common.py): checking what the user
+typed before anything loads (argparse types, files, folders, devices) and the one-line UserError;
+mp4 writing that checks what it wrote; torch.distributed start-up and gathering; checkpoints that
+are saved atomically, only when finite, and resumed only by the script that wrote them; one run per
+output folder (an flock); the training log; the EMA; the noise of a step.
+
+Nothing here imports the project's other modules: causal_wan.py and the scripts build on it.
+"""
+import argparse
+import contextlib
+import fcntl
+import glob
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+
+import torch
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *texts):
+        super().__init__()
+        self.texts = texts
+
+    def filter(self, record):
+        return not any(t in record.getMessage() for t in self.texts)
+
+
+# torchao 0.18 (--fp8) on torch 2.14 and diffusers 0.42 print three lines whenever diffusers is
+# imported: torch's deprecation note on torchao registering two Enums, and diffusers failing to
+# import torchao classes it needs only to load torchao-serialized checkpoints (never done here).
+# Dropped by their exact text, so every other warning still shows.
+logging.getLogger("torch.utils._pytree").addFilter(_DropMessages("is an Enum subclass and is now natively supported"))
+logging.getLogger("diffusers.quantizers.torchao.torchao_quantizer").addFilter(_DropMessages("Unable to import `torchao` Tensor objects"))
+
+
+# torchao 0.18 (--fp8) on torch 2.14 and diffusers 0.42 print three lines whenever diffusers is
+# imported: torch's deprecation note on torchao registering two Enums, and diffusers failing to
+# import torchao classes it needs only to load torchao-serialized checkpoints (never done here).
+# Dropped by their exact text, so every other warning still shows.
+logging.getLogger("torch.utils._pytree").addFilter(_DropMessages("is an Enum subclass and is now natively supported"))
+logging.getLogger("diffusers.quantizers.torchao.torchao_quantizer").addFilter(_DropMessages("Unable to import `torchao` Tensor objects"))
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad flag, missing weights). Scripts print it as one line."""
+
+
+# -----------------------------------------------------------------------------
+# checking what the user typed or pointed at, before anything loads
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors look like a UserError's: one line `error: ...` on stderr, exit 2
+    (argparse would print the whole usage first; --help still does)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def print_error(error):
+    """What a script prints for a UserError: one line `error: ...` of its own. Progress bars still
+    running (a failure mid-run) are closed first, so the message never lands at the end of a bar."""
+    from tqdm import tqdm
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()
+    print(f"error: {error}", file=sys.stderr)
+
+
+def positive_int(text):
+    """argparse type for counts and sizes (batch, block, shard, steps, intervals): an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def nonnegative_int(text):
+    """argparse type for intervals where 0 means never (--sample-every): an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not an integer >= 0 (0: never)")
+    return value
+
+
+def positive_float(text):
+    """argparse type for learning rates and the clipping norm: a finite number > 0."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number > 0")
+    return value
+
+
+def learning_rate(text):
+    """argparse type for AdamW learning rates: in (0, 1). AdamW moves every weight by about lr per
+    step, so 1 or more diverges at once (and past 1e38 the update itself overflows fp32)."""
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a learning rate in (0, 1)")
+    return value
+
+
+def nonnegative_float(text):
+    """argparse type for guidance scales and loss weights: a finite number >= 0."""
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number >= 0")
+    return value
+
+
+def decay(text):
+    """argparse type for an EMA decay: a number in [0, 1) (1 would never move, NaN poisons the EMA)."""
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1) (e.g. 0.99)")
+    return value
+
+
+def seed(text):
+    """argparse type for seeds: an integer in [0, 2^32), so that seed + offsets stays a valid torch seed."""
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"{text} is not in 0..{2**32 - 1}")
+    return value
+
+
+def check_file(path, what):
+    """A file the user pointed at (a checkpoint) exists and can be opened; its content is read later."""
+    if not os.path.isfile(path):
+        raise UserError(f"{what} '{path}' " + ("is a folder, not a file" if os.path.isdir(path) else "does not exist"))
+    try:
+        open(path, "rb").close()
+    except OSError as e:
+        raise UserError(f"{what} '{path}' cannot be read ({e.strerror})") from None
+
+
+def read_text(path, what):
+    """The text of a file the user pointed at, or a one-line error naming `what` (its flag):
+    missing, a folder, unreadable, or not UTF-8."""
+    check_file(path, what)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} '{path}' is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+    except OSError as e:
+        raise UserError(f"{what} '{path}' cannot be read ({e.strerror})") from None
+
+
+def read_json(path, what, fix="restore or regenerate it"):
+    """json.load of a file the user pointed at (a model's config.json, a store's index.json)."""
+    text = read_text(path, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{what} '{path}' is not valid JSON (line {e.lineno}: {e.msg}): {fix}") from None
+
+
+def check_output_folder(folder, what):
+    """Create `folder` if needed and make sure a file can be written in it, so that a file in the
+    way, a missing permission or a read-only disk stop the run before anything loads."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"{what} '{folder}' is a file, not a folder: remove it or choose another location")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(f"{what} '{folder}' cannot be written ({e.strerror}): choose another location") from None
+
+
+def check_device(name):
+    """--device names a device this machine has: cpu, cuda, cuda:N."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device '{name}' is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: only cpu and cuda are supported")
+
+
+def read_prompts(path, flag="--prompts"):
+    """The prompts of a text file, one a line (blank lines skipped), or a one-line error."""
+    prompts = [line.strip() for line in read_text(path, flag).splitlines() if line.strip()]
+    if not prompts:
+        raise UserError(f"prompt file '{path}' has no prompts (one per line)")
+    return prompts
+
+
+# -----------------------------------------------------------------------------
+# videos: mp4 files that are checked before they are reported written
+
+
+def to_uint8_frames(pixels):
+    """Decoded pixels [3, T, H, W] in [-1, 1] -> uint8 frames [T, H, W, 3] for imageio."""
+    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
+
+
+def save_video(path, pixels, fps=16):
+    """Write pixels [3, T, H, W] in [-1, 1] as an H.264 mp4 (imageio + ffmpeg), checked before it
+    is renamed into place (see finished_mp4)."""
+    import imageio
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".part.mp4"
+    with finished_mp4(tmp, path, pixels.shape[1]):
+        imageio.mimwrite(tmp, to_uint8_frames(pixels), fps=fps, codec="libx264", macro_block_size=1)
+
+
+@contextlib.contextmanager
+def finished_mp4(tmp, path, expected_frames):
+    """Around the writing of one mp4 into tmp: once the writer has closed, the file must decode to
+    expected_frames frames before it is renamed to path (tmp may be path itself). imageio never
+    looks at ffmpeg's exit status, so a full disk or a killed ffmpeg leaves a truncated file that
+    only a decode shows. On any failure the partial file is removed: nothing is reported written
+    that is not."""
+    try:
+        yield
+        problem = mp4_problem(tmp, expected_frames)
+    except OSError as e:  # imageio raises when ffmpeg's pipe breaks, e.g. ffmpeg died on a full disk
+        problem = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+    except BaseException:
+        _remove(tmp)
+        raise
+    if problem is None and tmp != path:
+        try:
+            os.replace(tmp, path)
+        except OSError as e:
+            problem = f"renaming it into place failed: {e.strerror}"
+    if problem is not None:
+        _remove(tmp)
+        raise UserError(f"could not write '{path}': {problem} (a full disk? the partial file was removed)")
+
+
+def mp4_problem(path, expected_frames):
+    """None if the mp4 at path decodes (every frame) to expected_frames frames, else what is wrong."""
+    import imageio
+    if not os.path.isfile(path):
+        return "ffmpeg wrote no file"
+    try:
+        with imageio.get_reader(path, format="FFMPEG") as reader:
+            frames = sum(1 for _ in reader)
+    except Exception as e:
+        return f"the written file does not decode ({type(e).__name__}: {str(e).strip().splitlines()[0][:150] if str(e).strip() else ''})"
+    if frames != expected_frames:
+        return f"the written file decodes to {frames} frames, not {expected_frames}"
+    return None
+
+
+def _remove(path):
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+
+
+# -----------------------------------------------------------------------------
+# training plumbing shared by distill_dmd.py, train_ode.py and train_reward.py
+
+
+def init_distributed():
+    """(rank, world_size, device). Under torchrun (RANK set) one process per GPU (NCCL) or per CPU
+    process (gloo); a plain `python script.py` is a world of one. Both take the same FSDP path."""
+    import torch.distributed as dist
+    cuda = torch.cuda.is_available()
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    else:
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local)
+    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def full_state_dict(model, optimizer=None):
+    """Full (unsharded) CPU state dict of a sharded model (and optimizer) on rank 0; {} elsewhere."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if optimizer is not None:
+        return get_optimizer_state_dict(model, optimizer, options=opts)
+    return get_model_state_dict(model, options=opts)
+
+
+def load_full_state_dict(model, state_dict, optimizer=None):
+    """Inverse of full_state_dict: every rank passes the same full dict (read from disk)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    opts = StateDictOptions(full_state_dict=True)
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state_dict, options=opts)
+    else:
+        set_model_state_dict(model, state_dict, options=opts)
+
+
+def nonfinite_tensors(tree, prefix=""):
+    """Names of the floating-point tensors holding a NaN or inf in nested dicts/lists of a checkpoint."""
+    if isinstance(tree, dict):
+        return [n for k, v in tree.items() for n in nonfinite_tensors(v, f"{prefix}{k}/")]
+    if isinstance(tree, (list, tuple)):
+        return [n for i, v in enumerate(tree) for n in nonfinite_tensors(v, f"{prefix}{i}/")]
+    if torch.is_tensor(tree) and tree.is_floating_point() and not torch.isfinite(tree).all():
+        return [prefix.rstrip("/")]
+    return []
+
+
+def save_checkpoint(path, ckpt):
+    """Write to a temp file, then rename: a crash mid-save never replaces a good checkpoint. A
+    checkpoint with any NaN or inf tensor is not written at all (the good one stays)."""
+    bad = nonfinite_tensors(ckpt)
+    if bad:
+        raise UserError(f"not saving {path}: {len(bad)} tensors hold NaN or inf ({', '.join(bad[:3])}); "
+                        f"{kept_checkpoint(path)}")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def kept_checkpoint(path):
+    """What a stopped run leaves at path, said truthfully (for its error message)."""
+    if not os.path.isfile(path):
+        return "no checkpoint has been written yet"
+    try:
+        step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
+    except Exception:
+        return f"{path} was left as it was"
+    return f"the last good checkpoint, step {step}, stays in {path}"
+
+
+@contextlib.contextmanager
+def own_folder(folder, stale_patterns, what="--out"):
+    """Hold `folder` for one run: rank 0 creates it, takes an exclusive lock on folder/.lock and
+    removes what a crashed run left there (stale_patterns, e.g. 'ckpt.pt.tmp*'); every rank gets
+    the same one-line error when it cannot (a file in the way, read-only, another run holds it).
+
+    The lock is an flock held while the block runs: the OS drops it when the process ends in any
+    way (kill -9 included), so a crashed run never leaves the folder locked. Only rank 0 takes it:
+    the ranks of one run share the folder, and a second flock from another rank would block on
+    rank 0's. Needs the process group (init_distributed)."""
+    import torch.distributed as dist
+    lock, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            lock = _lock_folder(folder, what)
+            for stale in sorted(p for pattern in stale_patterns for p in glob.glob(os.path.join(glob.escape(folder), pattern))):
+                os.remove(stale)
+                print(f"removed {stale}, left by a run that crashed", file=sys.stderr)
+        except UserError as e:
+            error = str(e)
+    message = [error]
+    dist.broadcast_object_list(message, src=0)
+    if message[0] is not None:
+        raise UserError(message[0])
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.close()  # releases the flock
+
+
+def _lock_folder(folder, what):
+    check_output_folder(folder, what)
+    path = os.path.join(folder, ".lock")
+    lock = open(path, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "?"
+        lock.close()
+        raise UserError(f"{what} '{folder}' is in use by another run (pid {holder}, lock {path}): "
+                        f"wait for it to end, or choose another {what}") from None
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
+
+
+def all_mean(x):
+    """Average of a scalar tensor over ranks (the loss every rank logs)."""
+    x = x.detach().clone()
+    torch.distributed.all_reduce(x)
+    return x.item() / torch.distributed.get_world_size()
+
+
+def grad_norm(model, clip):
+    """Clip the gradients to norm `clip` and return their global norm before clipping (all ranks)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # a DTensor under FSDP
+
+
+def load_resume(path, args, script, stage=None):
+    """Our checkpoint for --resume (mmap: the ranks of one machine share the file's pages instead of
+    each holding a copy; the full-size checkpoint is ~40 GB). Without --resume: None, and a
+    checkpoint already at path is an error rather than something to overwrite. The checkpoint must
+    come from the same script (its 'script') and stage (its 'stage', e.g. 'with --dmd-weight'), and
+    be short of --max-steps."""
+    if not args.resume:
+        if os.path.isfile(path):
+            raise UserError(f"'{path}' exists: pass --resume to continue it, or choose another --out")
+        return None
+    if not os.path.isfile(path):
+        raise UserError(f"nothing to resume: '{path}' does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise UserError(f"checkpoint '{path}' is not readable ({type(e).__name__}: {str(e)[:100]})") from None
+    saved = ckpt.get("script") if isinstance(ckpt, dict) else None
+    if saved != script:
+        raise UserError(f"'{path}' was written by {saved or 'something else (it names no script)'}, not {script}: resume it "
+                        f"with {saved or 'the script that wrote it'}, or start a new --out from it with --init")
+    if ckpt.get("stage") != stage:
+        raise UserError(f"'{path}' was trained {ckpt.get('stage')}: resume it with the same flags (this run: {stage})")
+    if ckpt["step"] >= args.max_steps:
+        raise UserError(f"'{path}' is at step {ckpt['step']} already: pass a --max-steps above {ckpt['step']} to go on")
+    return ckpt
+
+
+def open_log(log_path, step, resume, wandb_name=None, config=None):
+    """Rank 0's training log: one JSON line per logged step in log_path. A resumed run keeps the
+    lines up to its checkpoint's step (those a crashed run wrote after it go). With a wandb run
+    name (--wandb), also starts wandb and returns it; else None."""
+    os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+    lines = []
+    if resume and os.path.isfile(log_path):
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            records = f.read().splitlines()
+        for n, line in enumerate(records, 1):
+            try:
+                keep = json.loads(line)["step"] <= step
+            except (ValueError, KeyError, TypeError):
+                if n < len(records):
+                    raise UserError(f"line {n} of {log_path} is not a log record: delete that line, then --resume") from None
+                # what a crash or a full disk leaves: a last line cut short. It is lost, the rest is kept
+                print(f"warning: dropped the torn last line of {log_path}: {line[:80]!r}", file=sys.stderr)
+                break
+            if keep:
+                lines.append(line + "\n")
+    with open(log_path, "w") as f:
+        f.writelines(lines)
+    if wandb_name is None:
+        return None
+    import wandb
+    wandb.init(project="reward-forcing", name=wandb_name, config=config, resume="allow")
+    return wandb
+
+
+def log_step(log_path, record, wandb=None):
+    """Append a step's record (it has a 'step') to the log, and to wandb when it runs."""
+    with open(log_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if wandb is not None:
+        wandb.log(record, step=record["step"])
+
+
+def stop_if_diverged(step, ckpt_path, values=None, hint="lower --lr and --resume", nets=None):
+    """Stop, without saving, when any logged value is NaN or inf (before the optimizer step), or
+    any weight of nets {name: model} (after the optimizer step and the EMA update: a finite loss
+    can still make infinite weights). Every rank takes part in the weight check and stops together."""
+    bad = [f"{k} = {v}" for k, v in (values or {}).items() if not math.isfinite(v)]
+    if nets:
+        from torch.distributed.tensor import DTensor
+        counts = torch.stack([sum((~torch.isfinite(p.to_local() if isinstance(p, DTensor) else p)).sum() for p in net.parameters())
+                              for net in nets.values()])
+        torch.distributed.all_reduce(counts)  # each rank holds a shard
+        bad += [f"{n} NaN/inf weights in the {name}" for name, n in zip(nets, counts.tolist()) if n]
+    if bad:
+        raise UserError(f"training diverged at step {step} ({', '.join(bad)}): stopped without saving; "
+                        f"{kept_checkpoint(ckpt_path)} ({hint})")
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, on the local shards (same sharding for both)."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach().to(e.dtype), 1 - decay)
+
+
+def step_generator(seed, step, rank, device):
+    """A generator for this step and rank: resuming at step N draws exactly the noise a run from
+    scratch drew at step N, with no RNG state to save."""
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + step * 8191 + rank)
