@@ -951,6 +951,7 @@ def make_tiny_wan(folder, seed=0):
     if os.path.isfile(os.path.join(folder, "model_index.json")):
         return folder
     import string
+
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
     torch.manual_seed(seed)

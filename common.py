@@ -20,6 +20,7 @@ import tempfile
 
 import torch
 
+
 class _DropMessages(logging.Filter):
     def __init__(self, *texts):
         super().__init__()

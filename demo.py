@@ -81,8 +81,8 @@ import torch
 
 import causal_wan as cw
 import common
-import speedkit
 import sample
+import speedkit
 
 FPS = 16  # Wan's frame rate: the page plays at it, the mp4 is written at it
 MAX_PROMPT_CHARS = 2000  # UMT5 reads 512 tokens; longer text is refused, not cut silently

@@ -169,6 +169,7 @@ def test_benchmark_fp8_row_on_the_cpu(tiny_wan, monkeypatch, capsys):
     import copy
     import gc
     import weakref
+
     import torchao.quantization.quant_api as quant_api
     from torchao.quantization import Float8Tensor
     n = next(n for n, lever in enumerate(bench.LEVERS) if lever.change.get("fp8"))

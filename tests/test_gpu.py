@@ -28,8 +28,8 @@ import pytest
 import torch
 
 import causal_wan as cw
-import speedkit
 import sample
+import speedkit
 
 ON_CPU = os.environ.get("RF_TEST_GPU_ON_CPU") == "1"
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() or ON_CPU), reason="needs a GPU")

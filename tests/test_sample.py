@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
+import bench
 import causal_wan as cw
 import common
-import speedkit
-import bench
 import sample
+import speedkit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -211,7 +211,9 @@ def test_stream_writes_each_block_while_generating(tmp_path):
     """--stream: every block is in the file (a fragmented mp4) as soon as it is appended, not at close
     (but its last frame: the muxer learns a frame's duration from the next one)."""
     import time
+
     import numpy as np
+
     import sample
     path = tmp_path / "s.mp4"
     rng = np.random.default_rng(0)

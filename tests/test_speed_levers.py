@@ -15,8 +15,8 @@ from PIL import Image
 
 import causal_wan as cw
 import common
-import speedkit
 import sample
+import speedkit
 
 
 def published_decoder_shapes():
