@@ -2,7 +2,7 @@
 # VBench evaluation of a checkpoint, as in the paper's Tables 1 and 3: generate the 4,720 standard
 # videos, score all 16 dimensions with VBench, print Total / Quality / Semantic.
 #
-#   bash eval_vbench.sh --checkpoint CKPT --out DIR [--extended-prompts FILE] [--gpus N]
+#   bash eval_vbench.sh --checkpoint CKPT --out DIR [--extended-prompts FILE] [--gpus N] [--flicker-seeds N]
 #   bash eval_vbench.sh --score-only RESULTS_DIR      # only the table, from VBench's *_eval_results.json
 #   bash eval_vbench.sh --dry-run --out DIR --prompt-list VBench_full_info.json [--gpus N]
 #
@@ -13,15 +13,20 @@
 #    names and counts: vbench_tools.py's docstring). The videos are split round-robin over --gpus N
 #    processes (CUDA_VISIBLE_DEVICES=0..N-1, one `sample.py --jobs` each, logs in DIR/logs/). A rerun
 #    keeps every valid video and makes the rest. Then every one of the 4,720 files is decoded and
-#    checked; anything missing, invalid or unexpected stops the script.
+#    checked; anything missing, invalid or unexpected stops the script. The 75 temporal_flickering
+#    prompts get more seeds (0..39, --flicker-seeds) in their own folder, DIR/videos_flicker/
+#    "{prompt}-{seed:02d}.mp4" (seeds 0-4 hard-linked from DIR/videos), checked the same way.
 # 2. Score: VBench 0.1.5 in its own venv ($VBENCH_VENV), created on first use from Python 3.10/3.11
 #    with the pins below (they conflict with ours: they are here, never in requirements.txt); creating
 #    it needs the network and nvcc (detectron2 is built from source). Scoring itself is offline
 #    (HF_HUB_OFFLINE=1) with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 (torch >= 2.6 refuses VBench's old
 #    checkpoints otherwise). Each dimension runs as its own `torchrun launch/evaluate.py` into
 #    DIR/vbench/<dimension>/; a dimension with a result file is skipped on a rerun.
-#    temporal_flickering is scored, as VBench prescribes, on the videos its static filter keeps
-#    (DIR/static_filter/filtered_videos). VBench's `vbench evaluate` exits 0 when a dimension fails;
+#    temporal_flickering is scored as VBench's maintainers prescribe (Vchitect/VBench#94, #110): its
+#    static filter (RAFT) runs over DIR/videos_flicker and keeps the first 5 static videos of each prompt
+#    (DIR/static_filter/filtered_videos), which are scored; fewer than 5 for a prompt is said in the table
+#    (vbench_tools.py flicker-check), none at all stops the script (VBench itself would crash on the empty
+#    folder with an IndexError). VBench's `vbench evaluate` exits 0 when a dimension fails;
 #    here a failed run or a missing result file stops the script with the dimension's name.
 # 3. Aggregate: VBench's Min/Max/weights -> table, DIR/vbench_scores.json, and a last JSON line
 #    {"total": ..., "quality": ..., "semantic": ...} in % (vbench_tools.py score).
@@ -34,7 +39,7 @@
 # - Generation: 4,720 videos x 81 frames = 382,320 frames. At the paper's 17.0 FPS on one H100
 #   (Table 1) that is about 22,500 s = 6.2 GPU-hours (about 47 minutes on 8 GPUs), plus model loading,
 #   text encoding and mp4 writing. For scale, the bidirectional Wan2.1 at 0.78 FPS would need about
-#   136 GPU-hours.
+#   136 GPU-hours. The temporal_flickering candidates add 75 x 35 = 2,625 videos (+56%), ~3.5 GPU-hours.
 # - Verification: every video is decoded once on the CPU, about 0.2 s per 81-frame 480x832 video
 #   (measured on one synthetic video), in parallel over the cores: a few minutes on 16 cores.
 # - VBench scoring of the 16 dimensions: not measured yet.
@@ -108,10 +113,10 @@ DIMENSIONS=(subject_consistency background_consistency temporal_flickering motio
 
 die() { echo "error: $*" >&2; exit 2; }  # a problem the user can fix: one line, exit 2 (as the Python scripts)
 
-CHECKPOINT="" OUT="" EXTENDED="" GPUS=1 SCORE_ONLY="" DRY_RUN=0 PROMPT_LIST="" EXTENDED_ARGS=()
+CHECKPOINT="" OUT="" EXTENDED="" GPUS=1 SCORE_ONLY="" DRY_RUN=0 PROMPT_LIST="" EXTENDED_ARGS=() FLICKER_SEEDS=""
 while (($#)); do
   case $1 in
-    --checkpoint|--out|--extended-prompts|--gpus|--score-only|--prompt-list)
+    --checkpoint|--out|--extended-prompts|--gpus|--score-only|--prompt-list|--flicker-seeds)
       [[ $# -ge 2 && -n $2 ]] || die "$1 needs a value (see --help)" ;;&
     --checkpoint) CHECKPOINT=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
@@ -120,6 +125,7 @@ while (($#)); do
     --score-only) SCORE_ONLY=$2; shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
     --prompt-list) PROMPT_LIST=$2; shift 2 ;;
+    --flicker-seeds) FLICKER_SEEDS=$2; shift 2 ;;
     -h|--help) awk 'NR > 1 { if ($0 == "#" && ++n == 2) exit; print }' "${BASH_SOURCE[0]}"; exit 0 ;;  # the first paragraph and the commands
     *) die "unknown argument $1 (see --help)" ;;
   esac
@@ -136,26 +142,45 @@ fi
 
 [[ -n $OUT ]] || die "--out DIR is required"
 [[ $GPUS =~ ^[1-9][0-9]*$ ]] || die "--gpus must be a positive integer, got '$GPUS'"
+[[ -z $FLICKER_SEEDS || ( $FLICKER_SEEDS =~ ^[1-9][0-9]*$ && $FLICKER_SEEDS -ge 5 ) ]] \
+  || die "--flicker-seeds must be an integer >= 5 (VBench scores 5 static videos per prompt), got '$FLICKER_SEEDS'"
 if ((DRY_RUN)); then
   [[ -z $CHECKPOINT ]] || die "--dry-run uses sample.py --tiny, not a checkpoint"
   [[ -n $PROMPT_LIST ]] || die "--dry-run needs --prompt-list VBench_full_info.json (e.g. unzip -p vbench-0.1.5-py3-none-any.whl vbench/VBench_full_info.json)"
   MODEL_ARGS=(--tiny) VIDEO_SPEC=(--frames 9 --height 64 --width 64 --fps 16) LIMIT=(--limit 3)
+  FLICKER_SEEDS=${FLICKER_SEEDS:-7}
 else
   [[ -n $CHECKPOINT ]] || die "--checkpoint CKPT is required"
   [[ -z $PROMPT_LIST ]] || die "--prompt-list is for --dry-run; a real run reads the list of the installed vbench"
   readable_file --checkpoint "$CHECKPOINT"  # before VBench's venv (over 1 GB) is built
   MODEL_ARGS=(--checkpoint "$CHECKPOINT") VIDEO_SPEC=(--frames 81 --height 480 --width 832 --fps 16) LIMIT=()
+  FLICKER_SEEDS=${FLICKER_SEEDS:-40}
 fi
 [[ -z $PROMPT_LIST ]] || readable_file --prompt-list "$PROMPT_LIST"
 [[ -z $EXTENDED ]] || { readable_file --extended-prompts "$EXTENDED"; EXTENDED_ARGS=(--extended-prompts "$EXTENDED"); }
-mkdir -p "$OUT/videos" "$OUT/jobs" "$OUT/logs" 2>/dev/null && [[ -w $OUT ]] && touch "$OUT/logs/.writable" 2>/dev/null \
+FLICKER=(--flicker-videos "$OUT/videos_flicker" --flicker-seeds "$FLICKER_SEEDS")
+mkdir -p "$OUT/videos" "$OUT/videos_flicker" "$OUT/jobs" "$OUT/logs" 2>/dev/null && [[ -w $OUT ]] && touch "$OUT/logs/.writable" 2>/dev/null \
   || die "--out '$OUT' cannot be written (a file in the way, no permission, or a read-only disk): choose another folder"
 rm -f "$OUT/logs/.writable"
 
 vbench_python() { "$VBENCH_VENV/bin/python" "$@"; }
 
+check_nvcc() {  # before the venv is built: detectron2 is compiled against its torch (2.6.0, CUDA 12.4)
+  # torch finds the toolkit as CUDA_HOME, else CUDA_PATH, else the folder above `nvcc` on PATH, else
+  # /usr/local/cuda (torch/utils/cpp_extension.py); it refuses a CUDA major version other than its own
+  local home=${CUDA_HOME:-${CUDA_PATH:-}} nvcc release
+  if [[ -z $home ]]; then
+    nvcc=$(command -v nvcc || true)
+    home=$([[ -n $nvcc ]] && dirname "$(dirname "$(readlink -f "$nvcc")")" || echo /usr/local/cuda)
+  fi
+  [[ -x $home/bin/nvcc ]] || die "building detectron2 (VBench's GRiT) needs nvcc of CUDA 12.x and there is none in $home: install a CUDA 12.x toolkit and set CUDA_HOME=/path/to/cuda-12.x"
+  release=$("$home/bin/nvcc" --version | sed -n 's/.*release \([0-9][0-9.]*\).*/\1/p' | head -n 1)
+  [[ $release == 12.* ]] || die "nvcc in $home is CUDA ${release:-of an unknown version}, and VBench's torch 2.6.0 is built for CUDA 12.4: torch refuses to build detectron2 against another major version; install a CUDA 12.x toolkit and set CUDA_HOME=/path/to/cuda-12.x (and TORCH_CUDA_ARCH_LIST, e.g. 9.0, where no GPU is visible)"
+}
+
 ensure_vbench_venv() {  # created once; the marker says the install finished
   [[ -f $VBENCH_VENV/.installed ]] && return
+  check_nvcc
   echo "creating VBench's venv in $VBENCH_VENV"
   "$VBENCH_PYTHON" -c 'import sys; assert sys.version_info[:2] in ((3, 10), (3, 11)), "VBench needs Python 3.10 or 3.11 (tokenizers 0.13 wheels)"'
   "$VBENCH_PYTHON" -m venv --clear "$VBENCH_VENV"
@@ -166,7 +191,7 @@ ensure_vbench_venv() {  # created once; the marker says the install finished
 
 generate() {  # missing or invalid videos -> one job file per GPU -> one sample.py per GPU
   python "$HERE/vbench_tools.py" jobs --prompt-list "$PROMPT_LIST" --videos "$OUT/videos" --jobs-dir "$OUT/jobs" \
-    --shards "$GPUS" "${EXTENDED_ARGS[@]}" "${VIDEO_SPEC[@]}" "${LIMIT[@]}"
+    --shards "$GPUS" "${EXTENDED_ARGS[@]}" "${VIDEO_SPEC[@]}" "${LIMIT[@]}" "${FLICKER[@]}"
   local pids=() logs=() gpu failed=0
   for ((gpu = 0; gpu < GPUS; gpu++)); do
     [[ -s $OUT/jobs/shard_$gpu.tsv ]] || continue
@@ -204,10 +229,14 @@ score_with_vbench() {  # one `evaluate` per dimension, so a failure names its di
     fi
     videos=$OUT/videos
     if [[ $dim == temporal_flickering ]]; then
-      # VBench scores flickering on static videos only: its static filter (RAFT) copies them aside.
+      # VBench scores flickering on static videos only: its static filter (RAFT) copies the first 5 static
+      # candidates of each prompt aside (file-name order: the zero-padded names make it seed order)
       rm -rf "$OUT/static_filter"
-      "$VBENCH_VENV/bin/vbench" static_filter --videos_path "$OUT/videos" --result_path "$OUT/static_filter" \
+      mkdir -p "$OUT/vbench"
+      "$VBENCH_VENV/bin/vbench" static_filter --videos_path "$OUT/videos_flicker" --result_path "$OUT/static_filter" \
         2>&1 | tee "$OUT/logs/vbench_static_filter.log" || die "VBench's static filter failed; see its log"
+      python "$HERE/vbench_tools.py" flicker-check --prompt-list "$PROMPT_LIST" --filter-results "$OUT/static_filter" \
+        --flicker-seeds "$FLICKER_SEEDS" --summary "$OUT/vbench/temporal_flickering_static.json" || exit 2
       videos=$OUT/static_filter/filtered_videos
     fi
     rm -rf "${OUT:?}/vbench/$dim"
@@ -229,7 +258,8 @@ else
 fi
 
 generate
-python "$HERE/vbench_tools.py" verify --prompt-list "$PROMPT_LIST" --videos "$OUT/videos" "${VIDEO_SPEC[@]}" "${LIMIT[@]}"
+python "$HERE/vbench_tools.py" verify --prompt-list "$PROMPT_LIST" --videos "$OUT/videos" "${VIDEO_SPEC[@]}" "${LIMIT[@]}" \
+  "${FLICKER[@]}"
 
 if ((DRY_RUN)); then
   echo "SKIPPED: VBench scoring (dry run). The table below aggregates stand-in result files holding the" \

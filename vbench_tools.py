@@ -78,11 +78,18 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 SEEDS = range(5)  # video i of every prompt is generated with seed i
+# temporal_flickering is scored on static videos only: VBench's maintainers prescribe sampling more than five
+# videos per flickering prompt ("e.g., 40", Vchitect/VBench#94; its prompts/README.md says 25), running its
+# static filter (which stops at 5 per prompt, in file-name order) and scoring the first 5 static ones
+FLICKER_SEEDS = 40
+FLICKER_DIMENSION = "temporal_flickering"
+STATIC_SUMMARY = "temporal_flickering_static.json"  # what flicker-check writes beside VBench's results
 
 
 class UserError(Exception):
@@ -104,6 +111,14 @@ def positive(kind):
         return value
     parse.__name__ = f"positive {kind.__name__}"
     return parse
+
+
+def flicker_seeds(text):
+    """argparse type of --flicker-seeds: at least the 5 videos VBench scores per prompt."""
+    value = int(text)
+    if value < len(SEEDS):
+        raise argparse.ArgumentTypeError(f"{text} is fewer than the {len(SEEDS)} videos VBench scores per prompt")
+    return value
 
 
 def read_text(path, what):
@@ -159,24 +174,36 @@ PAPER = {
 
 # ---- prompts and names ----
 
-def read_prompt_list(path):
-    """The 946 prompts of VBench_full_info.json, in order, duplicates included."""
+def read_entries(path):
+    """The 946 entries of VBench_full_info.json ({"prompt_en": ..., "dimension": [...]}), in order."""
     fix = "use VBench_full_info.json of the vbench package"
     entries = read_json(path, "--prompt-list", fix)
-    if not (isinstance(entries, list) and entries and all(isinstance(e, dict) and isinstance(e.get("prompt_en"), str) for e in entries)):
+    if not (isinstance(entries, list) and entries
+            and all(isinstance(e, dict) and isinstance(e.get("prompt_en"), str) for e in entries)):
         raise UserError(f"--prompt-list '{path}' is not a list of {{'prompt_en': ...}} entries: {fix}")
-    return [entry["prompt_en"] for entry in entries]
+    return entries
 
 
-def video_name(prompt, i):
-    name = f"{prompt}-{i}.mp4"
+def read_prompt_list(path):
+    """The 946 prompts of VBench_full_info.json, in order, duplicates included."""
+    return [entry["prompt_en"] for entry in read_entries(path)]
+
+
+def flicker_prompts(path):
+    """The prompts of the temporal_flickering dimension (75, each listed once and for no other dimension)."""
+    entries = read_entries(path)
+    return list(dict.fromkeys(e["prompt_en"] for e in entries if FLICKER_DIMENSION in e.get("dimension", [])))
+
+
+def video_name(prompt, i, width=1):
+    name = f"{prompt}-{i:0{width}d}.mp4"
     if "/" in name or "\0" in name or len(name.encode()) > 255:
         raise UserError(f"prompt cannot be a file name as it is: {prompt!r}")
     return name
 
 
-def plan(prompt_list, extended_prompts=None, limit=None):
-    """[(prompt to generate from, seed, file name)] for every video VBench will look for.
+def to_generate(prompt_list, extended_prompts=None, limit=None):
+    """{original prompt: the text to generate it from}, in the list's order.
 
     extended_prompts: a file line-aligned with the prompt list; the video is generated from its line
     but keeps the original prompt's name. For a prompt listed twice, its first line is used.
@@ -189,14 +216,32 @@ def plan(prompt_list, extended_prompts=None, limit=None):
         if len(source) != len(prompts) or not all(line.strip() for line in source):
             raise UserError(f"{extended_prompts}: expected {len(prompts)} non-empty lines, line-aligned with "
                              f"{prompt_list}; got {len(source)} lines")
-    to_generate = {}  # original prompt -> prompt to generate from (first occurrence wins)
+    texts = {}  # original prompt -> prompt to generate from (first occurrence wins)
     for prompt, line in zip(prompts, source):
-        to_generate.setdefault(prompt, line)
-    if limit is not None:
-        to_generate = dict(list(to_generate.items())[:limit])
-    videos = [(line, seed, video_name(prompt, seed)) for prompt, line in to_generate.items() for seed in SEEDS]
+        texts.setdefault(prompt, line)
+    return texts if limit is None else dict(list(texts.items())[:limit])
+
+
+def plan(prompt_list, extended_prompts=None, limit=None):
+    """[(prompt to generate from, seed, file name)] for every video VBench will look for."""
+    texts = to_generate(prompt_list, extended_prompts, limit)
+    videos = [(line, seed, video_name(prompt, seed)) for prompt, line in texts.items() for seed in SEEDS]
     assert len({name for _, _, name in videos}) == len(videos), "two videos share a file name"
     return videos
+
+
+def flicker_plan(prompt_list, seeds, extended_prompts=None, limit=None):
+    """The temporal_flickering candidates of the flicker folder: (prompt to generate from, seed, file name,
+    the main folder's file of the same video or None) for seeds 0..seeds-1 of every flickering prompt.
+    Seeds 0-4 are the main folder's videos (linked, not generated again); the others are generated. Names
+    are zero-padded (`{prompt}-07.mp4`) so that the static filter, which walks the folder in file-name order
+    and stops at 5 static videos per prompt, keeps the 5 lowest static seeds (VBench's name parsing strips
+    any `-<digits>` ending)."""
+    texts = to_generate(prompt_list, extended_prompts, limit)
+    flicker = set(flicker_prompts(prompt_list))
+    width = len(str(seeds - 1))
+    return [(line, seed, video_name(prompt, seed, width), video_name(prompt, seed) if seed in SEEDS else None)
+            for prompt, line in texts.items() if prompt in flicker for seed in range(seeds)]
 
 
 # ---- checking videos ----
@@ -224,14 +269,16 @@ def check_videos(paths, spec):
 
 
 def write_jobs(args):
-    """One tab-separated job file per GPU (prompt, seed, output path) for the videos not yet valid."""
+    """One tab-separated job file per GPU (prompt, seed, output path) for the videos not yet valid: the
+    main folder's, and with --flicker-videos the extra temporal_flickering seeds of the flicker folder."""
     spec = (args.frames, args.height, args.width, args.fps)
-    videos = plan(args.prompt_list, args.extended_prompts, args.limit)
-    out_dir = Path(args.videos).resolve()
-    make_folder(out_dir, "--videos")
-    existing = [out_dir / name for _, _, name in videos if (out_dir / name).exists()]
-    valid = {path for path, problem in check_videos(existing, spec).items() if problem is None}
-    todo = [(prompt, seed, out_dir / name) for prompt, seed, name in videos if out_dir / name not in valid]
+    todo = missing_videos(plan(args.prompt_list, args.extended_prompts, args.limit), args.videos, "--videos", spec,
+                          where=f", over {args.shards} shard(s)")
+    if args.flicker_videos:  # the extra seeds of the temporal_flickering prompts (0-4 are the main folder's)
+        extra = [(line, seed, name) for line, seed, name, main in
+                 flicker_plan(args.prompt_list, args.flicker_seeds, args.extended_prompts, args.limit) if main is None]
+        todo += missing_videos(extra, args.flicker_videos, "--flicker-videos", spec, kind="extra temporal_flickering "
+                               "videos", where=f" in {args.flicker_videos}")
     for prompt, seed, path in todo:
         if "\t" in prompt or "\n" in prompt:
             raise UserError(f"a prompt contains a tab or newline, which the job file cannot hold: {prompt!r}")
@@ -240,30 +287,106 @@ def write_jobs(args):
     for shard in range(args.shards):  # round robin: every video lands in exactly one shard
         lines = [f"{prompt}\t{seed}\t{path}\n" for prompt, seed, path in todo[shard :: args.shards]]
         (jobs_dir / f"shard_{shard}.tsv").write_text("".join(lines))
-    print(f"{len(videos)} videos expected: {len(valid)} valid already, {len(todo)} to generate "
-          f"({len(existing) - len(valid)} of them exist but are invalid and will be overwritten), over {args.shards} shard(s)")
+
+
+def missing_videos(videos, folder, what, spec, kind="videos", where=""):
+    """The (prompt, seed, path) of `videos` [(prompt, seed, name)] that are not valid files in `folder` yet;
+    says how many there are."""
+    out_dir = Path(folder).resolve()
+    make_folder(out_dir, what)
+    existing = [out_dir / name for _, _, name in videos if (out_dir / name).exists()]
+    valid = {path for path, problem in check_videos(existing, spec).items() if problem is None}
+    todo = [(prompt, seed, out_dir / name) for prompt, seed, name in videos if out_dir / name not in valid]
+    print(f"{len(videos)} {kind} expected: {len(valid)} valid already, {len(todo)} to generate "
+          f"({len(existing) - len(valid)} of them exist but are invalid and will be overwritten){where}")
+    return todo
 
 
 def verify(args):
-    """Every expected video exists exactly once, decodes with the right frames/size/fps; nothing else is there."""
+    """Every expected video exists exactly once, decodes with the right frames/size/fps; nothing else is there.
+    With --flicker-videos, the same for the flicker folder, after linking the main folder's seeds 0-4 into it."""
     spec = (args.frames, args.height, args.width, args.fps)
     names = [name for _, _, name in plan(args.prompt_list, limit=args.limit)]
-    videos_dir = Path(args.videos)
-    if not videos_dir.is_dir():
-        raise UserError(f"--videos '{videos_dir}' is not a folder: generate the videos first (eval_vbench.sh)")
-    present = set(os.listdir(videos_dir))
+    verify_folder(Path(args.videos), "--videos", names, names, spec)
+    print(f"verified: all {len(names)} videos present exactly once, {args.frames} frames "
+          f"{args.height}x{args.width} at {args.fps} fps")
+    if not args.flicker_videos:
+        return
+    flicker, folder = flicker_plan(args.prompt_list, args.flicker_seeds, limit=args.limit), Path(args.flicker_videos)
+    if not folder.is_dir():
+        raise UserError(f"--flicker-videos '{folder}' is not a folder: generate the videos first (eval_vbench.sh)")
+    for _, _, name, main in flicker:
+        if main is not None:  # the same video as the main folder's: a hard link (a copy across file systems)
+            link(Path(args.videos) / main, folder / name)
+    names = [name for _, _, name, _ in flicker]
+    verify_folder(folder, "--flicker-videos", names, [name for _, _, name, main in flicker if main is None], spec)
+    print(f"verified: all {len(names)} temporal_flickering candidates present exactly once in {folder} "
+          f"({args.flicker_seeds} seeds of each of the {len(names) // args.flicker_seeds} prompts)")
+
+
+def verify_folder(folder, what, names, to_decode, spec):
+    """`names` are all in `folder` and nothing else is; those of `to_decode` decode to `spec`."""
+    if not folder.is_dir():
+        raise UserError(f"{what} '{folder}' is not a folder: generate the videos first (eval_vbench.sh)")
+    present = set(os.listdir(folder))
     missing = [name for name in names if name not in present]
     extra = sorted(present - set(names))  # VBench takes the suffix from the first file it lists
-    problems = check_videos([videos_dir / name for name in names if name in present], spec)
+    problems = check_videos([folder / name for name in to_decode if name in present], spec)
     invalid = [f"{path.name}: {problem}" for path, problem in problems.items() if problem]
     for title, items in [("missing", missing), ("invalid", invalid), ("unexpected files", extra)]:
         if items:
-            print(f"{title} in {videos_dir} ({len(items)}):", *items, sep="\n  ", file=sys.stderr)
+            print(f"{title} in {folder} ({len(items)}):", *items, sep="\n  ", file=sys.stderr)
     if missing or invalid or extra:
         raise UserError(f"verification failed: {len(missing)} missing, {len(invalid)} invalid, "
                          f"{len(extra)} unexpected")
-    print(f"verified: all {len(names)} videos present exactly once, {args.frames} frames "
-          f"{args.height}x{args.width} at {args.fps} fps")
+
+
+def link(source, target):
+    """target is the file `source` (a hard link, or a copy where links cannot cross file systems)."""
+    if target.exists() and os.path.samefile(source, target):
+        return
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def flicker_check(args):
+    """After VBench's static filter: how many static videos it kept per temporal_flickering prompt (at most 5,
+    the first ones in file-name order), written to --summary for `score`. None at all is an error here:
+    VBench would stop with an IndexError on the empty folder."""
+    prompts = flicker_prompts(args.prompt_list)
+    if args.limit is not None:
+        limited = set(to_generate(args.prompt_list, limit=args.limit))
+        prompts = [p for p in prompts if p in limited]
+    path = Path(args.filter_results) / "filtered_static_video.json"
+    found = read_json(path, "VBench's static filter result", fix="rerun VBench's static filter")
+    if not isinstance(found, dict) or not all(isinstance(v, dict) and isinstance(v.get("static_count"), int)
+                                              for v in found.values()):
+        raise UserError(f"VBench's static filter result '{path}' is not {{prompt: {{'static_count': n, ...}}}}: "
+                        f"rerun VBench's static filter")
+    counts = {p: min(found.get(p, {}).get("static_count", 0), len(SEEDS)) for p in prompts}
+    kept, expected = sum(counts.values()), len(SEEDS) * len(prompts)
+    fewer = sorted(p for p, n in counts.items() if 0 < n < len(SEEDS))
+    none = sorted(p for p, n in counts.items() if n == 0)
+    if kept == 0:
+        raise UserError(f"VBench's static filter found no static video among the {args.flicker_seeds} seeds of any "
+                        f"of the {len(prompts)} temporal_flickering prompts, so that dimension cannot be scored "
+                        f"(VBench would stop with an IndexError): generate more seeds (--flicker-seeds)")
+    summary = dict(videos=kept, expected=expected, seeds=args.flicker_seeds, prompts=len(prompts),
+                   fewer_than_5=fewer, none=none, counts=counts)
+    Path(args.summary).write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"temporal_flickering: {describe_static(summary)}; wrote {args.summary}")
+
+
+def describe_static(summary):
+    text = (f"scored on {summary['videos']} of {summary['expected']} static videos (the first 5 static of "
+            f"{summary['seeds']} seeds per prompt)")
+    if summary["fewer_than_5"] or summary["none"]:
+        text += (f"; fewer than 5 static for {len(summary['fewer_than_5']) + len(summary['none'])} of "
+                 f"{summary['prompts']} prompts, none for {len(summary['none'])}")
+    return text
 
 
 # ---- scores ----
@@ -277,8 +400,8 @@ def load_results(results_dir):
     for file in files:
         results = read_json(file, "VBench result file", fix="delete it and rerun VBench on that dimension")
         if not (isinstance(results, dict) and all(isinstance(v, list) and len(v) == 2 for v in results.values())):
-            raise UserError(f"VBench result file '{file}' is not {{dimension: [score, per_video]}}: delete it and rerun "
-                            f"VBench on that dimension")
+            raise UserError(f"VBench result file '{file}' is not {{dimension: [score, per_video]}}: delete it and "
+                            f"rerun VBench on that dimension")
         for dim, (score, _) in results.items():
             if dim in found:
                 raise UserError(f"{dim} is in two result files: {found[dim][1]} and {file}; keep one")
@@ -320,15 +443,35 @@ def score(args):
     print(f"{'dimension':<24}{'group':<10}{'ours':>8}" + "".join(f"{ref + ' *':>18}" for ref in refs))
     rows = [(dim, group, dim) for dim, (group, *_) in DIMENSIONS.items()]
     rows += [("Quality score", "", "quality"), ("Semantic score", "", "semantic"), ("Total score", "", "total")]
+    static = static_summary(args.results_dir)
     for label, group, key in rows:
-        print(f"{label:<24}{group:<10}{ours[key]:>8.2f}" + "".join(f"{PAPER[ref][key]:>18.2f}" for ref in refs))
+        mark = " +" if key == FLICKER_DIMENSION and static else ""
+        print(f"{label + mark:<24}{group:<10}{ours[key]:>8.2f}" + "".join(f"{PAPER[ref][key]:>18.2f}" for ref in refs))
     print("* the paper's Table 3 (dimensions) and Table 1 (scores); dimensions are raw VBench scores in %, "
           "the three scores use VBench's Min/Max normalization and weights")
+    if static:
+        print(f"+ {FLICKER_DIMENSION}: {describe_static(static)}")
     if args.json:
+        flicker = {}
+        if static:
+            flicker = {"temporal_flickering_static": {k: static[k] for k in ("videos", "expected", "seeds")}}
         Path(args.json).write_text(json.dumps({"dimensions": {dim: ours[dim] for dim in DIMENSIONS},
-                                               **{k: ours[k] for k in scores}}, indent=2) + "\n")
+                                               **{k: ours[k] for k in scores}, **flicker}, indent=2) + "\n")
         print(f"wrote {args.json}")
     print(json.dumps({k: round(ours[k], 4) for k in ("total", "quality", "semantic")}))
+
+
+def static_summary(results_dir):
+    """flicker-check's summary in the results folder (how many static videos temporal_flickering was scored
+    on), or None where there is none (a run scored without it, the dry run)."""
+    path = Path(results_dir) / STATIC_SUMMARY
+    if not path.is_file():
+        return None
+    summary = read_json(path, "temporal_flickering's static-video summary", fix="rerun eval_vbench.sh")
+    keys = {"videos", "expected", "seeds", "prompts", "fewer_than_5", "none"}
+    if not (isinstance(summary, dict) and keys <= set(summary)):
+        raise UserError(f"'{path}' is not flicker-check's summary: rerun eval_vbench.sh")
+    return summary
 
 
 def dry_run_results(args):
@@ -350,7 +493,8 @@ def make_folder(folder, what):
 
 
 def parse_args(argv=None):
-    parser = ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:2]), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:2]),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("jobs", "verify"):
         p = sub.add_parser(name)
@@ -361,10 +505,19 @@ def parse_args(argv=None):
         p.add_argument("--height", type=positive(int), default=480)
         p.add_argument("--width", type=positive(int), default=832)
         p.add_argument("--fps", type=positive(float), default=16.0)
+        p.add_argument("--flicker-videos", help="the folder of the temporal_flickering candidates (their own folder)")
+        p.add_argument("--flicker-seeds", type=flicker_seeds, default=FLICKER_SEEDS,
+                       help=f"videos per temporal_flickering prompt before the static filter ({FLICKER_SEEDS})")
         if name == "jobs":
             p.add_argument("--extended-prompts", help="longer prompts to generate from, line-aligned with the list")
             p.add_argument("--jobs-dir", required=True)
             p.add_argument("--shards", type=positive(int), default=1, help="one job file per GPU")
+    p = sub.add_parser("flicker-check")
+    p.add_argument("--prompt-list", required=True, help="VBench_full_info.json of the installed vbench package")
+    p.add_argument("--filter-results", required=True, help="the --result_path of VBench's static filter")
+    p.add_argument("--summary", required=True, help=f"where to write the summary (`score` reads {STATIC_SUMMARY})")
+    p.add_argument("--flicker-seeds", type=flicker_seeds, default=FLICKER_SEEDS)
+    p.add_argument("--limit", type=positive(int), help="only the first LIMIT unique prompts (dry run)")
     p = sub.add_parser("score")
     p.add_argument("results_dir", help="folder searched recursively for VBench's *_eval_results.json")
     p.add_argument("--json", help="also write the table here")
@@ -375,7 +528,9 @@ def parse_args(argv=None):
 
 
 def main(args):
-    {"jobs": write_jobs, "verify": verify, "score": score, "dry-run-results": dry_run_results}[args.command](args)
+    commands = {"jobs": write_jobs, "verify": verify, "flicker-check": flicker_check, "score": score,
+                "dry-run-results": dry_run_results}
+    commands[args.command](args)
 
 
 if __name__ == "__main__":

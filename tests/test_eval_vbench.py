@@ -30,7 +30,8 @@ DIMS = ["subject_consistency", "background_consistency", "temporal_flickering", 
         "dynamic_degree", "aesthetic_quality", "imaging_quality", "object_class", "multiple_objects",
         "human_action", "color", "spatial_relationship", "scene", "appearance_style", "temporal_style",
         "overall_consistency"]
-SELF_FORCING = [95.32, 96.30, 99.05, 98.35, 72.22, 65.75, 69.02, 93.75, 83.92, 97.00, 89.28, 83.38, 57.34, 24.40, 20.48, 26.72]
+SELF_FORCING = [95.32, 96.30, 99.05, 98.35, 72.22, 65.75, 69.02, 93.75, 83.92, 97.00, 89.28, 83.38, 57.34, 24.40, 20.48,
+                26.72]
 OURS = [96.15, 95.83, 97.88, 97.99, 81.94, 70.51, 68.84, 93.20, 87.58, 97.00, 89.04, 83.78, 54.36, 24.06, 21.19, 26.14]
 
 
@@ -94,7 +95,8 @@ def test_normalization_constants_are_vbench_s():
     ours = {dim.replace("_", " "): spec for dim, spec in vbench_tools.DIMENSIONS.items()}
     assert ours.keys() == VBENCH_NORMALIZE.keys()
     for name, (group, lo, hi, weight) in ours.items():
-        assert (lo, hi, weight) == (VBENCH_NORMALIZE[name]["Min"], VBENCH_NORMALIZE[name]["Max"], VBENCH_DIM_WEIGHT[name]), name
+        reference = (VBENCH_NORMALIZE[name]["Min"], VBENCH_NORMALIZE[name]["Max"], VBENCH_DIM_WEIGHT[name])
+        assert (lo, hi, weight) == reference, name
         assert name in {"quality": VBENCH_QUALITY_LIST, "semantic": VBENCH_SEMANTIC_LIST}[group], name
     assert (vbench_tools.QUALITY_WEIGHT, vbench_tools.SEMANTIC_WEIGHT) == (4, 1)
 
@@ -102,7 +104,8 @@ def test_normalization_constants_are_vbench_s():
 # Table 3 -> Table 1: Quality / Semantic / Total (fractions) of the two Table 3 columns, computed once by
 # VBench's own scripts/cal_final_score.py functions (get_nomalized_score, get_quality_score,
 # get_semantic_score, get_final_score) with the constants above. The paper's Table 1 prints 85.07 / 81.28 /
-# 84.31 and 85.91 / 80.97 / 84.92; Table 3's rounding explains the Quality part only (vbench_tools.py docstring, "Reference rows").
+# 84.31 and 85.91 / 80.97 / 84.92; Table 3's rounding explains the Quality part only (vbench_tools.py docstring,
+# "Reference rows").
 @pytest.mark.parametrize("column, expected", [
     (SELF_FORCING, (0.850804620464428, 0.8135090923058953, 0.8433455148327214)),
     (OURS, (0.8590884928020757, 0.8121847160888882, 0.8497077374594382))])
@@ -162,7 +165,8 @@ def test_extended_prompts_keep_original_names(prompt_list, tmp_path):
     assert len(videos) == 4720
     generated = {name: prompt for prompt, _, name in videos}
     first = prompts.index("The bund Shanghai, oil painting")  # listed twice: the first line is used
-    assert generated["The bund Shanghai, oil painting-3.mp4"] == f"line {first}: a longer The bund Shanghai, oil painting"
+    want = f"line {first}: a longer The bund Shanghai, oil painting"
+    assert generated["The bund Shanghai, oil painting-3.mp4"] == want
     extended.write_text("".join(f"{p}\n" for p in prompts[:-1]))
     with pytest.raises(vbench_tools.UserError, match="expected 946 non-empty lines"):
         vbench_tools.plan(prompt_list, extended)
@@ -193,12 +197,23 @@ def test_dry_run_flow_with_stub_generator(prompt_list, tmp_path):
     expected = {name for _, _, name in vbench_tools.plan(prompt_list, limit=3)}
     assert len(expected) == 15
 
+    flicker = vbench_tools.flicker_plan(prompt_list, 7, limit=3)  # the dry run's 3 prompts are flickering ones
+    extra = {name for _, _, name, main in flicker if main is None}
+    assert len(flicker) == 21 and len(extra) == 6
+
     result = run(repo / "eval_vbench.sh", "--dry-run", "--out", out, "--prompt-list", prompt_list, "--gpus", "2")
     assert result.returncode == 0, result.stdout + result.stderr
     shards = [(out / "jobs" / f"shard_{i}.tsv").read_text().splitlines() for i in range(2)]
-    assert sorted(Path(line.split("\t")[2]).name for shard in shards for line in shard) == sorted(expected)
-    assert set(os.listdir(out / "videos")) == expected
+    jobs = sorted(line.split("\t")[2] for shard in shards for line in shard)
+    assert jobs == sorted([str((out / "videos" / n).resolve()) for n in expected]
+                          + [str((out / "videos_flicker" / n).resolve()) for n in extra])
+    assert set(os.listdir(out / "videos")) == expected  # the flickering candidates are not in the main folder
+    assert set(os.listdir(out / "videos_flicker")) == {name for _, _, name, _ in flicker}
+    for _, _, name, main in flicker:
+        if main is not None:  # seeds 0-4 are the main folder's files, not generated twice
+            assert os.path.samefile(out / "videos" / main, out / "videos_flicker" / name)
     assert "verified: all 15 videos" in result.stdout and "SKIPPED: VBench" in result.stdout
+    assert "verified: all 21 temporal_flickering candidates" in result.stdout
     assert json.loads(result.stdout.strip().splitlines()[-1])["total"] == pytest.approx(84.97, abs=0.01)
 
     # Break it: one video missing, one cut short, one stray file. Verification names all three ...
@@ -207,7 +222,8 @@ def test_dry_run_flow_with_stub_generator(prompt_list, tmp_path):
     (out / "videos" / broken).write_bytes((out / "videos" / broken).read_bytes()[:500])
     (out / "videos" / "notes.txt").write_text("not a video")
     check = subprocess.run([sys.executable, repo / "vbench_tools.py", "verify", "--prompt-list", prompt_list,
-                            "--videos", out / "videos", "--frames", "9", "--height", "64", "--width", "64", "--limit", "3"],
+                            "--videos", out / "videos", "--frames", "9", "--height", "64", "--width", "64",
+                            "--limit", "3"],
                            env=ENV, capture_output=True, text=True)
     assert check.returncode != 0
     assert gone in check.stderr and broken in check.stderr and "notes.txt" in check.stderr
@@ -216,12 +232,14 @@ def test_dry_run_flow_with_stub_generator(prompt_list, tmp_path):
     result = run(repo / "eval_vbench.sh", "--dry-run", "--out", out, "--prompt-list", prompt_list, "--gpus", "2")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "13 valid already, 2 to generate" in result.stdout
-    regenerated = [Path(line.split("\t")[2]).name for i in range(2) for line in (out / "jobs" / f"shard_{i}.tsv").read_text().splitlines()]
+    regenerated = [Path(line.split("\t")[2]).name for i in range(2)
+                   for line in (out / "jobs" / f"shard_{i}.tsv").read_text().splitlines()]
     assert sorted(regenerated) == sorted([gone, broken])
 
 
 def test_dry_run_with_real_sample_py(prompt_list, tmp_path):
-    help_text = subprocess.run([sys.executable, ROOT / "sample.py", "--help"], env=ENV, capture_output=True, text=True).stdout
+    help_text = subprocess.run([sys.executable, ROOT / "sample.py", "--help"], env=ENV, capture_output=True,
+                               text=True).stdout
     if "--jobs" not in help_text:
         pytest.skip("sample.py does not implement --jobs yet (contract at the top of eval_vbench.sh)")
     out = tmp_path / "out"  # one process: the CPU has few cores (sharding is tested with the stub above)
@@ -230,3 +248,82 @@ def test_dry_run_with_real_sample_py(prompt_list, tmp_path):
     assert set(os.listdir(out / "videos")) == {name for _, _, name in vbench_tools.plan(prompt_list, limit=3)}
     assert "verified: all 15 videos" in result.stdout and "SKIPPED: VBench" in result.stdout
     assert math.isfinite(json.loads(result.stdout.strip().splitlines()[-1])["total"])
+
+
+def test_flicker_candidates_have_their_own_folder_and_seed_order(prompt_list):
+    """The 75 temporal_flickering prompts get 40 candidates each (VBench's maintainers: sample more, static-
+    filter, score the first 5 static ones), named so that the static filter's file-name order is seed order;
+    seeds 0-4 are the main folder's videos. Fails on the code that scored seeds 0-4 only."""
+    prompts = vbench_tools.flicker_prompts(prompt_list)
+    assert len(prompts) == 75 and prompts == vbench_tools.read_prompt_list(prompt_list)[:75]
+    flicker = vbench_tools.flicker_plan(prompt_list, vbench_tools.FLICKER_SEEDS)
+    assert vbench_tools.FLICKER_SEEDS == 40 and len(flicker) == 75 * 40
+    main = {name for _, _, name in vbench_tools.plan(prompt_list)}
+    for prompt in prompts:
+        mine = [(seed, name, main_name) for text, seed, name, main_name in flicker if name.startswith(prompt + "-")
+                and name[len(prompt) + 1:-4].isdigit()]
+        assert [seed for seed, _, _ in mine] == list(range(40))
+        in_name_order = [name for _, name, _ in sorted(mine, key=lambda m: m[1])]
+        assert in_name_order == [f"{prompt}-{seed:02d}.mp4" for seed in range(40)]
+        assert [m for _, _, m in mine[:5]] == [f"{prompt}-{seed}.mp4" for seed in range(5)]
+        assert all(m in main for _, _, m in mine[:5])
+        assert all(m is None for _, _, m in mine[5:])
+
+
+def write_filter_result(folder, counts):
+    """VBench's static filter output: {prompt: {"static_count": n, "static_path": [...]}} for every prompt."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "filtered_static_video.json").write_text(json.dumps(
+        {p: {"static_count": n, "static_path": [f"{p}-{i:02d}.mp4" for i in range(n)]} for p, n in counts.items()}))
+    return folder
+
+
+def test_flicker_check_says_how_many_static_videos_were_scored(prompt_list, tmp_path):
+    """Fewer than 5 static videos for a prompt: scored on what there is, and the table says so; none at all:
+    a one-line error before VBench (which would crash with an IndexError on the empty folder)."""
+    prompts = vbench_tools.flicker_prompts(prompt_list)[:3]
+    tools = [sys.executable, ROOT / "vbench_tools.py"]
+    results = write_results(tmp_path / "results", OURS)
+    filtered = write_filter_result(tmp_path / "sf", dict(zip(prompts, [5, 3, 0])))
+    check = subprocess.run(tools + ["flicker-check", "--prompt-list", prompt_list, "--limit", "3",
+                                    "--flicker-seeds", "7", "--filter-results", filtered,
+                                    "--summary", results / vbench_tools.STATIC_SUMMARY],
+                           env=ENV, capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    table = run("eval_vbench.sh", "--score-only", results)
+    assert table.returncode == 0, table.stderr
+    note = ("scored on 8 of 15 static videos (the first 5 static of 7 seeds per prompt); fewer than 5 static for "
+            "2 of 3 prompts, none for 1")
+    assert f"+ temporal_flickering: {note}" in table.stdout and "temporal_flickering +" in table.stdout
+    saved = json.loads((results / "vbench_scores.json").read_text())
+    assert saved["temporal_flickering_static"] == {"videos": 8, "expected": 15, "seeds": 7}
+
+    none = subprocess.run(tools + ["flicker-check", "--prompt-list", prompt_list, "--limit", "3", "--filter-results",
+                                   write_filter_result(tmp_path / "none", dict.fromkeys(prompts, 0)),
+                                   "--summary", tmp_path / "summary.json"], env=ENV, capture_output=True, text=True)
+    assert none.returncode == 2 and len(none.stderr.strip().splitlines()) == 1, none.stderr
+    assert "no static video" in none.stderr and "IndexError" in none.stderr and not (tmp_path / "summary.json").exists()
+
+
+@pytest.mark.parametrize("release", ["13.0", None])
+def test_nvcc_of_another_cuda_is_refused_before_the_venv_is_built(tmp_path, release):
+    """VBench's torch 2.6.0 (CUDA 12.4) refuses to build detectron2 with another CUDA major version: an nvcc
+    13.0 found on PATH (or a CUDA_HOME without one) is one line naming CUDA_HOME, before VBench's venv (6.6 GB)
+    is created."""
+    fake = tmp_path / "cuda" / "bin"
+    fake.mkdir(parents=True)
+    if release:
+        (fake / "nvcc").write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}, V{release}.48'\n")
+        (fake / "nvcc").chmod(0o755)
+    ckpt = tmp_path / "ckpt.pt"
+    ckpt.write_bytes(b"x")
+    env = {k: v for k, v in ENV.items() if k not in ("CUDA_HOME", "CUDA_PATH")}
+    env.update(PATH=f"{fake}{os.pathsep}{env['PATH']}", VBENCH_VENV=str(tmp_path / "venv"))
+    if release is None:  # a CUDA_HOME without nvcc (this machine may have an nvcc of its own on PATH)
+        env["CUDA_HOME"] = str(fake.parent)
+    r = subprocess.run(["bash", ROOT / "eval_vbench.sh", "--checkpoint", ckpt, "--out", tmp_path / "out"], cwd=ROOT,
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "CUDA_HOME=/path/to/cuda-12.x" in r.stderr
+    assert f"CUDA {release}" in r.stderr if release else "there is none" in r.stderr
+    assert not (tmp_path / "venv").exists()
