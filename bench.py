@@ -3,10 +3,10 @@ Speed and memory (nanoGPT's bench.py): the causal generator against diffusers' b
 WanPipeline in the same run, on random weights (speed does not depend on them); and the memory of
 train_reward.py's reward decode.
 
-    python bench.py --tiny                                   # CPU, tiny config, ~1 min: every section
-    python bench.py                                          # one GPU, the full 1.3B config, 81 frames 480x832
-    python bench.py --levers 2,5 --baseline-steps 0          # some rows only (a short GPU lease)
-    python bench.py --reward-decode --count                  # the reward decode's peak at 480x832, counted (any machine)
+    python bench.py --tiny                            # CPU, tiny config, ~1 min: every section
+    python bench.py                                   # one GPU, the full 1.3B config, 81 frames 480x832
+    python bench.py --levers 2,5 --baseline-steps 0   # some rows only (a short GPU lease)
+    python bench.py --reward-decode --count           # the reward decode's peak at 480x832, counted (any machine)
     python bench.py --reward-decode --height 120 --width 208 --latent-frames 6 --no-checkpoint   # measured
 
 The sampling benchmark prints, each section as soon as it is measured (a run cut short keeps what
@@ -52,15 +52,19 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 import causal_wan as cw
 import common
+import convert
 import sample
 import speedkit
 import train_reward
 
 
 def parse_args(argv=None):
-    p = common.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true", help="the tiny Wan's config and files on the CPU (seconds), instead of the 1.3B config")
-    p.add_argument("--model", default=cw.DEFAULT_MODEL, help="--tiny: a tiny diffusers-format Wan folder (default: the cached one)")
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true",
+                   help="the tiny Wan's config and files on the CPU (seconds), instead of the 1.3B config")
+    p.add_argument("--model", default=cw.DEFAULT_MODEL,
+                   help="--tiny: a tiny diffusers-format Wan folder (default: the cached one)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="default bf16 on GPU, fp32 on CPU")
     p.add_argument("--height", type=int, help="multiple of 16 (default 480; 64 with --tiny)")
@@ -68,16 +72,23 @@ def parse_args(argv=None):
     p.add_argument("--frames", type=int, default=81, help="video frames, 12k-3: whole blocks of 3 latent frames (81)")
     p.add_argument("--max-frames", type=common.positive_int, default=21, help="attention window in latent frames")
     p.add_argument("--baseline-steps", type=int, default=50, help="steps of diffusers' WanPipeline (0: skip it)")
-    p.add_argument("--levers", help="which optimization rows to measure, e.g. 1,2,5 (default all; row 1 is the plain path)")
-    p.add_argument("--long-frames", type=int, help="frames of the long-video run, 12k-3 (957 = 1 min; 165 with --tiny; 0: skip it)")
-    p.add_argument("--reward-decode", action="store_true", help="measure train_reward.py's reward decode + backward instead")
-    p.add_argument("--count", action="store_true", help="--reward-decode: count the peak on fake tensors (seconds, no memory)")
-    p.add_argument("--latent-frames", type=common.positive_int, default=21, help="--reward-decode: latent frames of the video")
-    p.add_argument("--block-size", type=common.positive_int, default=3, help="--reward-decode: latent frames per generator block")
-    p.add_argument("--no-checkpoint", action="store_true", help="--reward-decode: decode_reward_frames(checkpointed=False), to compare")
+    p.add_argument("--levers",
+                   help="which optimization rows to measure, e.g. 1,2,5 (default all; row 1 is the plain path)")
+    p.add_argument("--long-frames", type=int,
+                   help="frames of the long-video run, 12k-3 (957 = 1 min; 165 with --tiny; 0: skip it)")
+    p.add_argument("--reward-decode", action="store_true",
+                   help="measure train_reward.py's reward decode + backward instead")
+    p.add_argument("--count", action="store_true",
+                   help="--reward-decode: count the peak on fake tensors (seconds, no memory)")
+    p.add_argument("--latent-frames", type=common.positive_int, default=21,
+                   help="--reward-decode: latent frames of the video")
+    p.add_argument("--block-size", type=common.positive_int, default=3,
+                   help="--reward-decode: latent frames per generator block")
+    p.add_argument("--no-checkpoint", action="store_true",
+                   help="--reward-decode: decode_reward_frames(checkpointed=False), to compare")
     args = p.parse_args(argv)
     if args.tiny and args.model == cw.DEFAULT_MODEL:
-        args.model = cw.tiny_model_dir()
+        args.model = convert.tiny_model_dir()
     args.height = args.height or (64 if args.tiny else 480)
     args.width = args.width or (64 if args.tiny else 832)
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
@@ -89,30 +100,24 @@ def parse_args(argv=None):
 def check_args(args):
     """Everything that can be checked before a model is built."""
     if args.reward_decode:
-        for name in ("height", "width"):
-            if getattr(args, name) <= 0 or getattr(args, name) % 16:
-                raise common.UserError(f"--{name} {getattr(args, name)} is not a positive multiple of 16 (VAE 8x and patch 2x)")
+        common.check_video_size(args, frames=False)
         return common.check_device(args.device)
-    if args.frames < 1 or (args.frames - 1) % 4:
-        raise common.UserError(f"--frames {args.frames} is not 4k+1: the VAE maps 1 + 4k frames to 1 + k latent frames "
-                               f"(try {4 * round((args.frames - 1) / 4) + 1})")
-    for name in ("height", "width"):
-        if getattr(args, name) <= 0 or getattr(args, name) % 16:
-            raise common.UserError(f"--{name} {getattr(args, name)} is not a positive multiple of 16 (VAE 8x and patch 2x)")
+    common.check_video_size(args)
     if args.levers is not None:
         try:
             args.levers = sorted({int(n) for n in args.levers.split(",")})
         except ValueError:
             args.levers = [0]
         if not args.levers or not all(1 <= n <= len(LEVERS) for n in args.levers):
-            raise common.UserError(f"--levers takes row numbers 1-{len(LEVERS)} separated by commas (see BENCHMARKS.md)")
+            raise common.UserError(f"--levers takes row numbers 1-{len(LEVERS)} separated by commas "
+                                   f"(see BENCHMARKS.md)")
     if args.baseline_steps < 0:
         raise common.UserError("--baseline-steps must be 0 (skip the baseline) or more")
     check_benchmark_lengths(args)
     if args.max_frames < 6:
         raise common.UserError(f"--max-frames {args.max_frames} must hold at least two blocks of 3 latent frames")
     common.check_device(args.device)
-    if not (args.tiny and args.model == cw.tiny_model_dir()):  # --tiny builds its own on first use
+    if not (args.tiny and args.model == convert.tiny_model_dir()):  # --tiny builds its own on first use
         cw.check_model(args.model)
 
 
@@ -132,18 +137,23 @@ def check_benchmark_lengths(args):
     """The benchmark's videos are whole blocks of 3 latent frames (12k-3 frames): a short last block
     is a new shape, which a compiled row would compile inside its timed run. The long video also
     outlasts the attention window, or its per-block times would show nothing."""
-    whole = lambda frames: 12 * max(1, round((frames + 3) / 12)) - 3
+    def whole(frames):  # the nearest 12k-3 frames, at least 9
+        return 12 * max(1, round((frames + 3) / 12)) - 3
+
     if ((args.frames - 1) // 4 + 1) % 3:
-        raise common.UserError(f"--frames {args.frames} is {(args.frames - 1) // 4 + 1} latent frames, not whole blocks of 3: "
-                           f"the benchmark needs 12k-3 frames (try {whole(args.frames)})")
+        raise common.UserError(f"--frames {args.frames} is {(args.frames - 1) // 4 + 1} latent frames, not whole "
+                               f"blocks of 3: the benchmark needs 12k-3 frames (try {whole(args.frames)})")
     long_latent = (args.long_frames - 1) // 4 + 1
-    if args.long_frames != 0 and (args.long_frames < 0 or (args.long_frames - 1) % 4 or long_latent % 3 or long_latent <= args.max_frames):
+    if args.long_frames != 0 and (args.long_frames < 0 or (args.long_frames - 1) % 4 or long_latent % 3
+                                  or long_latent <= args.max_frames):
         shortest = 12 * (args.max_frames // 3 + 1) - 3
-        raise common.UserError(f"--long-frames {args.long_frames} must be 12k-3 frames (whole blocks of 3 latent frames: a short last "
-                           f"block would compile inside the timed run) and longer than the --max-frames {args.max_frames} latent frame "
-                           f"window: try {max(whole(args.long_frames), shortest)}, or 0 to skip the long video")
+        raise common.UserError(f"--long-frames {args.long_frames} must be 12k-3 frames (whole blocks of 3 latent "
+                               f"frames: a short last block would compile inside the timed run) and longer than the "
+                               f"--max-frames {args.max_frames} latent frame window: try "
+                               f"{max(whole(args.long_frames), shortest)}, or 0 to skip the long video")
     if args.levers and not args.device.startswith("cuda") and all(LEVERS[n - 1].cpu_skip for n in args.levers):
-        raise common.UserError(f"--levers {','.join(map(str, args.levers))}: only rows that need a GPU, and the device is {args.device}")
+        raise common.UserError(f"--levers {','.join(map(str, args.levers))}: only rows that need a GPU, and the device "
+                               f"is {args.device}")
 
 
 PEAK_BF16_TFLOPS = {"H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0,
@@ -234,13 +244,14 @@ LEVERS = [
     Lever("+ decode overlapped with the next block (--overlap-decode)", {"overlap": True}),
     Lever("+ cuDNN autotuning of the VAE convolutions (--cudnn-benchmark)", {"cudnn": True}, cpu_skip="needs a GPU"),
     Lever("+ torch.compile of the blocks (--compile)", {"compile": "default"}, compiles=True),
-    Lever("+ CUDA graphs (--compile reduce-overhead)", {"compile": "reduce-overhead"}, cpu_skip="needs a GPU", compiles=True),
+    Lever("+ CUDA graphs (--compile reduce-overhead)", {"compile": "reduce-overhead"}, cpu_skip="needs a GPU",
+          compiles=True),
     Lever("+ torch.compile of the VAE decoder (--compile-vae)", {"compile_vae": True},
           cpu_skip="its compilation takes ~90 s on a CPU", compiles=True),
     Lever("+ bf16 VAE decode (--vae-dtype bf16; changes pixels)", {"vae_dtype": "bf16"}),
     Lever("+ tiny decoder (--decoder tae; changes pixels)", {"decoder": "tae"}),
-    Lever("+ float8 linear layers (--fp8)", {"fp8": True}, cpu_skip="needs a GPU of compute capability >= 8.9", alone=True,
-          check=lambda bench: speedkit.check_fp8(bench.device, bench.dtype)),
+    Lever("+ float8 linear layers (--fp8)", {"fp8": True}, cpu_skip="needs a GPU of compute capability >= 8.9",
+          alone=True, check=lambda bench: speedkit.check_fp8(bench.device, bench.dtype)),
     Lever("+ low memory (--offload)", {"offload": True}),
 ]
 
@@ -252,7 +263,8 @@ def lever_flags(setting):
              f"--compile {setting['compile']}" if setting.get("compile") else "",
              "--compile-vae" if setting.get("compile_vae") and not tae else "",
              "--overlap-decode" if setting.get("overlap") else "", "--cudnn-benchmark" if setting.get("cudnn") else "",
-             "--vae-dtype bf16" if setting.get("vae_dtype") == "bf16" and not tae else "", "--decoder tae" if tae else "",
+             "--vae-dtype bf16" if setting.get("vae_dtype") == "bf16" and not tae else "",
+             "--decoder tae" if tae else "",
              "--fp8" if setting.get("fp8") else "", "--offload" if setting.get("offload") else ""]
     return " ".join(f for f in flags if f) or "(none)"
 
@@ -278,7 +290,8 @@ class CompileCounter:
 
     @staticmethod
     def describe(counts):
-        return ", ".join(f"{counts.get(k, 0)} {k}" for k in ["block", "VAE"] + sorted(set(counts) - {"block", "VAE"})) + " variants"
+        return ", ".join(f"{counts.get(k, 0)} {k}"
+                         for k in ["block", "VAE"] + sorted(set(counts) - {"block", "VAE"})) + " variants"
 
     def close(self):
         self.handle.remove()
@@ -352,8 +365,8 @@ def build_benchmark(args):
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # --device cuda:1: streams, events and synchronize on that GPU
     torch.manual_seed(0)
-    if args.tiny and args.model == cw.tiny_model_dir():
-        cw.make_tiny_wan(args.model)
+    if args.tiny and args.model == convert.tiny_model_dir():
+        convert.make_tiny_wan(args.model)
     cfg = cw.read_wan_config(os.path.join(args.model, "transformer")) if args.tiny else cw.WanConfig.wan_1_3b()
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device: {card}, dtype {args.dtype}, config {'tiny' if args.tiny else 'Wan2.1-T2V-1.3B'} (random weights), "
@@ -372,9 +385,10 @@ def build_benchmark(args):
     del encoder  # as sample.py does: not needed while generating
     memory = lambda gib: f"{gib:.2f} GiB" if device.type == "cuda" else "n/a (CPU)"  # noqa: E731
     print(f"text encoding (UMT5, 512 tokens, once per prompt): {seconds:.3f} s, peak device memory {memory(peak)} "
-          f"(the encoder next to the generator and the fp32 VAE, as sample.py holds them)\n  with --offload: {offload_s:.3f} s "
-          f"(the weights' copy to the device included), peak device memory {memory(offload_peak)} (the encoder alone: "
-          f"on the device only inside speedkit.on_device, before the generator is there)")
+          f"(the encoder next to the generator and the fp32 VAE, as sample.py holds them)\n"
+          f"  with --offload: {offload_s:.3f} s (the weights' copy to the device included), peak device memory "
+          f"{memory(offload_peak)} (the encoder alone: on the device only inside speedkit.on_device, before the "
+          f"generator is there)")
     if args.tiny:
         reference = WanTransformer3DModel.from_pretrained(os.path.join(args.model, "transformer")).to(device)
     else:
@@ -385,16 +399,18 @@ def build_benchmark(args):
     reference = as_diffusers_loads(reference, dtype).eval().requires_grad_(False)
     vae = vae.eval().requires_grad_(False)
     vaes = {"fp32": vae, "bf16": copy.deepcopy(vae).to(torch.bfloat16)}
-    tae = speedkit.load_tiny_decoder(speedkit.tiny_decoder_path()) if args.tiny else speedkit.TinyDecoder().eval().requires_grad_(False)
+    tae = (speedkit.load_tiny_decoder(speedkit.tiny_decoder_path()) if args.tiny
+           else speedkit.TinyDecoder().eval().requires_grad_(False))
     tae = tae.to(device, dtype)
     gib = lambda m: sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()]) / 2**30  # noqa: E731
-    print(f"weights held: generator {gib(model):.2f} GiB, diffusers' reference {gib(reference):.2f} GiB (parity and baseline: "
-          f"not in sample.py), Wan VAE {gib(vae):.2f} GiB (+ its bf16 copy), tiny decoder {gib(tae):.3f} GiB; every peak below "
-          f"includes them (the --offload row keeps the decoders in CPU memory)")
+    print(f"weights held: generator {gib(model):.2f} GiB, diffusers' reference {gib(reference):.2f} GiB (parity and "
+          f"baseline: not in sample.py), Wan VAE {gib(vae):.2f} GiB (+ its bf16 copy), tiny decoder "
+          f"{gib(tae):.3f} GiB; every peak below includes them (the --offload row keeps the decoders in CPU memory)")
     if device.type == "cuda":
         torch.cuda.empty_cache()
     context = context.to(dtype)
-    return Bench(args, device, dtype, card, cfg, model, reference, vaes, tae, context, model.prompt_kv(context), CompileCounter())
+    return Bench(args, device, dtype, card, cfg, model, reference, vaes, tae, context, model.prompt_kv(context),
+                 CompileCounter())
 
 
 def as_diffusers_loads(model, dtype):
@@ -417,7 +433,8 @@ def text_encoder_in_cpu_memory(args, device, dtype):
     else:
         with torch.device(device):
             encoder = UMT5EncoderModel(UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
-                                                  num_heads=64, feed_forward_proj="gated-gelu", tie_word_embeddings=False))
+                                                  num_heads=64, feed_forward_proj="gated-gelu",
+                                                  tie_word_embeddings=False))
     encoder = encoder.to(dtype).to("cpu").eval().requires_grad_(False)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -475,8 +492,9 @@ def float8_copy(bench):
     for m in (bench.model, model) if bench.block_mode else ():
         speedkit.compile_blocks(m, bench.block_mode)
     if bench.cuda:
-        print(f"  (the float8 copy of the model: {(torch.cuda.memory_allocated(bench.device) - before) / 2**30:.2f} GiB on the "
-              f"device next to the {bench.args.dtype} model, in this row's peak; freed after it)")
+        print(f"  (the float8 copy of the model: "
+              f"{(torch.cuda.memory_allocated(bench.device) - before) / 2**30:.2f} GiB on the device next to the "
+              f"{bench.args.dtype} model, in this row's peak; freed after it)")
     return model, model.prompt_kv(bench.context)
 
 
@@ -503,25 +521,28 @@ def run_video(bench, frames, chunk, setting):
         marks.append(time.perf_counter())
         frames_out.append(f)
 
-    bench.sync(); t0 = time.perf_counter()
+    bench.sync()
+    t0 = time.perf_counter()
     decode, generator = decode_for(bench, setting), torch.Generator().manual_seed(1)
     if setting.get("static_cache") is False:  # row 1: training's concatenating KV cache, which sample.py never uses
         with torch.no_grad():
-            latents = cw.rollout(model, bench.noise(frames), prompt_kv, block_size=chunk, max_frames=bench.args.max_frames,
-                                 generator=generator, static_cache=False,
+            latents = cw.rollout(model, bench.noise(frames), prompt_kv, block_size=chunk,
+                                 max_frames=bench.args.max_frames, generator=generator, static_cache=False,
                                  on_block=lambda b, x0, cache: on_frames(common.to_uint8_frames(decode(x0, b == 0)[0])))
     else:  # sample.py's path
-        latents = sample.generate(model, decode, prompt_kv, bench.noise(frames), chunk, bench.args.max_frames, on_frames,
-                                  generator=generator, overlap=bool(setting.get("overlap")))
+        latents = sample.generate(model, decode, prompt_kv, bench.noise(frames), chunk, bench.args.max_frames,
+                                  on_frames, generator=generator, overlap=bool(setting.get("overlap")))
     bench.sync()
     return time.perf_counter() - t0, [m - t0 for m in marks], latents, frames_out
 
 
 def transformer_only(bench, frames, chunk):
     """Seconds of the rollout alone (no decoding), with the blocks as they are now."""
-    bench.sync(); t0 = time.perf_counter()
+    bench.sync()
+    t0 = time.perf_counter()
     with torch.no_grad():
-        cw.rollout(bench.model, bench.noise(frames), bench.prompt_kv, block_size=chunk, max_frames=bench.args.max_frames)
+        cw.rollout(bench.model, bench.noise(frames), bench.prompt_kv, block_size=chunk,
+                   max_frames=bench.args.max_frames)
     bench.sync()
     return time.perf_counter() - t0
 
@@ -532,18 +553,22 @@ def measure_kv_cache(bench):
     model, lat_f, args = bench.model, bench.latent_frames, bench.args
     transformer_only(bench, min(lat_f, 6), 3)  # warm-up
     with torch.no_grad():
-        bench.sync(); t0 = time.perf_counter()
-        recomputed = rollout_recompute(model, bench.noise(lat_f), bench.prompt_kv, 3, generator=torch.Generator().manual_seed(1))
-        bench.sync(); slow = time.perf_counter() - t0
+        bench.sync()
+        t0 = time.perf_counter()
+        recomputed = rollout_recompute(model, bench.noise(lat_f), bench.prompt_kv, 3,
+                                       generator=torch.Generator().manual_seed(1))
+        bench.sync()
+        slow = time.perf_counter() - t0
         cached = cw.rollout(model, bench.noise(lat_f), bench.prompt_kv, block_size=3, max_frames=args.max_frames,
                             generator=torch.Generator().manual_seed(1))
     fast = transformer_only(bench, lat_f, 3)
-    print(f"KV cache: speedup {slow / fast:.2f}x over recomputing the prefix ({slow:.3f} s vs {fast:.3f} s, transformer only, "
-          f"eager); max |diff| {(recomputed.float() - cached.float()).abs().max().item():.2e}")
+    print(f"KV cache: speedup {slow / fast:.2f}x over recomputing the prefix ({slow:.3f} s vs {fast:.3f} s, "
+          f"transformer only, eager); max |diff| {(recomputed.float() - cached.float()).abs().max().item():.2e}")
     with torch.no_grad():
         x = bench.noise(3)
         t = torch.full((1,), 500.0, device=bench.device)
-        d = (model(x, t, bench.prompt_kv).float() - bench.reference(x, t, bench.context, return_dict=False)[0].float()).abs().max().item()
+        d = (model(x, t, bench.prompt_kv).float()
+             - bench.reference(x, t, bench.context, return_dict=False)[0].float()).abs().max().item()
     print(f"parity with diffusers' WanTransformer3DModel ({args.dtype}, 3 frames): max |diff| {d:.2e}")
     return slow / fast
 
@@ -553,10 +578,11 @@ def measure_ladder(bench):
     its cheap settings on to the rows below, never a compilation, and an `alone` row (--fp8) never
     passes anything on. Returns the measured rows."""
     args = bench.args
-    print(f"\noptimizations, each on top of the rows above (FPS for {args.frames} frames incl. VAE decode; first = seconds to the first "
-          f"block's frames on the CPU; diff = max |difference| from the first measured row's latents / uint8 pixels, same noise "
-          f"(pixels: from the first measured row with the same decoder; a decoder's first row: from the other's, 'another decoder'); "
-          f"compiled = torch.compile variants, see CompileCounter):")
+    print(f"\noptimizations, each on top of the rows above (FPS for {args.frames} frames incl. VAE decode; "
+          f"first = seconds to the first block's frames on the CPU; diff = max |difference| from the first measured "
+          f"row's latents / uint8 pixels, same noise (pixels: from the first measured row with the same decoder; "
+          f"a decoder's first row: from the other's, 'another decoder'); compiled = torch.compile variants, "
+          f"see CompileCounter):")
     setting, rows, first = {}, [], {}
     for n, lever in enumerate(LEVERS, 1):
         label = f"{n}. {lever.label}"
@@ -574,8 +600,9 @@ def measure_ladder(bench):
             continue
         try:
             row = measure_row(bench, label, {**setting, **lever.change}, first)
-        except Exception as e:  # an optimization that does not run on this device/torch: say so, measure the rest without it
-            print(f"  {label}: FAILED ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); the rows below go on without it")
+        except Exception as e:  # it does not run on this device/torch: say so, measure the rest without it
+            print(f"  {label}: FAILED ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+                  f"the rows below go on without it")
             row = None
         if lever.alone:
             apply_setting(bench, setting)  # frees what only this row used (the float8 copy) before the next row
@@ -608,12 +635,16 @@ def measure_row(bench, label, setting, first):
         peak = torch.cuda.max_memory_allocated(bench.device) / 2**30 if bench.cuda else float("nan")
         ref_latents = first.setdefault(chunk, latents.float())
         first_frames = first.setdefault((chunk, "pixels"), frames)  # the first measured row's
-        ref_frames = first.setdefault((chunk, setting.get("decoder", "vae")), frames)  # the first measured row's with this decoder
-        another = ref_frames is frames and first_frames is not frames  # this decoder's first row: compared with the other
+        # the first measured row's with this decoder
+        ref_frames = first.setdefault((chunk, setting.get("decoder", "vae")), frames)
+        # this decoder's first row: compared with the other decoder's
+        another = ref_frames is frames and first_frames is not frames
         dl = (latents.float() - ref_latents).abs().max().item()
-        dp = max(int(abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(frames, first_frames if another else ref_frames))
+        dp = max(int(abs(a.astype(int) - b.astype(int)).max())
+                 for a, b in zip(frames, first_frames if another else ref_frames))
         row[chunk] = dict(fps=bench.args.frames / total, first=marks[0], total=total, peak=peak, latents=latents)
-        part = (f"{mode} {bench.args.frames / total:.2f} FPS, first {marks[0]:.3f} s" + (f", peak {peak:.1f} GiB" if bench.cuda else "")
+        part = (f"{mode} {bench.args.frames / total:.2f} FPS, first {marks[0]:.3f} s"
+                + (f", peak {peak:.1f} GiB" if bench.cuda else "")
                 + f", diff {dl:.1e} / {dp}" + (" (another decoder)" if another else ""))
         if setting.get("compile") or setting.get("compile_vae") or warm_compiles:
             part += f", warm-up {warm:.1f} s compiled {CompileCounter.describe(warm_compiles)}"
@@ -637,7 +668,8 @@ def report_fastest(bench, rows):
     the transformer alone and its TFLOP/s against the card's bf16 peak, the VAE and the tiny decoder
     alone. Returns it."""
     args, cfg = bench.args, bench.cfg
-    vae_rows = [r for r in rows if r["setting"].get("decoder", "vae") == "vae" and r["setting"].get("vae_dtype", "fp32") == "fp32"]
+    vae_rows = [r for r in rows if r["setting"].get("decoder", "vae") == "vae"
+                and r["setting"].get("vae_dtype", "fp32") == "fp32"]
     best = max(vae_rows or rows, key=lambda r: r[3]["fps"])
     s = best["setting"]
     apply_setting(bench, s)
@@ -652,12 +684,14 @@ def report_fastest(bench, rows):
         flops = rollout_flops(cfg, lat_f, (h // 2) * (w // 2), chunk, args.max_frames)
         mem = (f"peak GPU memory {r['peak']:.2f} GiB" if bench.cuda
                else f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
-        print(f"{'chunk-wise' if chunk == 3 else 'frame-wise'}: {r['fps']:.2f} FPS ({r['total']:.3f} s for {args.frames} frames, "
-              f"transformer alone {dit:.3f} s), first block {r['first']:.3f} s, {mem} (all resident weights included)")
-        print(f"  transformer: {flops / 1e12:.4g} TFLOP analytic ({lat_f} latent frames x {(h // 2) * (w // 2)} tokens, D={cfg.dim}, "
-              f"FFN={cfg.ffn_dim}, {cfg.num_layers} layers, 4 steps + cache pass, text 512) -> {flops / dit / 1e12:.4g} TFLOP/s"
-              + (f" = {100 * flops / dit / 1e12 / peak_tflops:.1f}% of the {peak_tflops:.0f} TFLOP/s bf16 peak" if peak_tflops
-                 else " (no bf16 peak known for this device)"))
+        print(f"{'chunk-wise' if chunk == 3 else 'frame-wise'}: {r['fps']:.2f} FPS ({r['total']:.3f} s for "
+              f"{args.frames} frames, transformer alone {dit:.3f} s), first block {r['first']:.3f} s, {mem} "
+              f"(all resident weights included)")
+        print(f"  transformer: {flops / 1e12:.4g} TFLOP analytic ({lat_f} latent frames x {(h // 2) * (w // 2)} "
+              f"tokens, D={cfg.dim}, FFN={cfg.ffn_dim}, {cfg.num_layers} layers, 4 steps + cache pass, text 512) -> "
+              f"{flops / dit / 1e12:.4g} TFLOP/s"
+              + (f" = {100 * flops / dit / 1e12 / peak_tflops:.1f}% of the {peak_tflops:.0f} TFLOP/s bf16 peak"
+                 if peak_tflops else " (no bf16 peak known for this device)"))
         if chunk == 3:
             report_decoders(bench, s, r["latents"], flops, peak_tflops)
     warn_compiles(bench, before, "the fastest row's section")
@@ -674,14 +708,16 @@ def report_decoders(bench, setting, latents, flops, peak_tflops):
     tae_flops = tae_decode_flops(bench.tae, lat_f, h, w, 3)
     vae_s = decode_seconds(bench, decode_for(bench, setting, "vae"), latents)
     tae_s = decode_seconds(bench, decode_for(bench, setting, "tae"), latents)
-    at_peak = lambda decoder_flops: (f": {args.frames / ((flops + decoder_flops) / 1e12 / peak_tflops):.1f} FPS if all of it ran "  # noqa: E731
-                                     f"at the bf16 peak" if peak_tflops else "")
-    print(f"  VAE decode alone ({setting.get('vae_dtype', 'fp32')}): {vae_s:.3f} s, {vae_flops / 1e12:.4g} TFLOP counted by "
-          f"torch.utils.flop_counter -> {vae_flops / vae_s / 1e12:.4g} TFLOP/s; transformer + VAE = {(flops + vae_flops) / 1e12:.4g} "
-          f"TFLOP" + at_peak(vae_flops))
-    print(f"  tiny decoder alone ({args.dtype}, --decoder tae): {tae_s:.3f} s, {tae_flops / 1e12:.4g} TFLOP counted the same way -> "
-          f"{tae_flops / tae_s / 1e12:.4g} TFLOP/s; the VAE takes {vae_flops / tae_flops:.1f}x its FLOPs and {vae_s / tae_s:.1f}x its "
-          f"time; transformer + tiny decoder = {(flops + tae_flops) / 1e12:.4g} TFLOP" + at_peak(tae_flops))
+    at_peak = lambda decoder_flops: (  # noqa: E731
+        f": {args.frames / ((flops + decoder_flops) / 1e12 / peak_tflops):.1f} FPS if all of it ran at the bf16 peak"
+        if peak_tflops else "")
+    print(f"  VAE decode alone ({setting.get('vae_dtype', 'fp32')}): {vae_s:.3f} s, {vae_flops / 1e12:.4g} TFLOP "
+          f"counted by torch.utils.flop_counter -> {vae_flops / vae_s / 1e12:.4g} TFLOP/s; transformer + VAE = "
+          f"{(flops + vae_flops) / 1e12:.4g} TFLOP" + at_peak(vae_flops))
+    print(f"  tiny decoder alone ({args.dtype}, --decoder tae): {tae_s:.3f} s, {tae_flops / 1e12:.4g} TFLOP counted "
+          f"the same way -> {tae_flops / tae_s / 1e12:.4g} TFLOP/s; the VAE takes {vae_flops / tae_flops:.1f}x its "
+          f"FLOPs and {vae_s / tae_s:.1f}x its time; transformer + tiny decoder = "
+          f"{(flops + tae_flops) / 1e12:.4g} TFLOP" + at_peak(tae_flops))
 
 
 def decode_seconds(bench, decode, latents):
@@ -689,7 +725,8 @@ def decode_seconds(bench, decode, latents):
     frames on the CPU, as sample.py does, after one warm-up block (a decoder's first call)."""
     with torch.no_grad():
         decode(latents[:, :, :3], first=True)
-        bench.sync(); t0 = time.perf_counter()
+        bench.sync()
+        t0 = time.perf_counter()
         for start in range(0, latents.shape[2], 3):
             common.to_uint8_frames(decode(latents[:, :, start:start + 3], first=start == 0)[0])
         bench.sync()
@@ -720,11 +757,14 @@ def measure_baseline(bench, best):
     torch.backends.cudnn.benchmark = False
     speedkit.compile_vae(vae, False).to(bench.device)  # eager, on the device (the --offload row keeps it in CPU memory)
     pipe(num_inference_steps=2, **kw)  # warm-up
-    bench.sync(); t0 = time.perf_counter()
+    bench.sync()
+    t0 = time.perf_counter()
     pipe(num_inference_steps=args.baseline_steps, **kw)
-    bench.sync(); base = time.perf_counter() - t0
+    bench.sync()
+    base = time.perf_counter() - t0
     print(f"baseline WanPipeline ({args.baseline_steps} steps, CFG 5): {base:.2f} s = {args.frames / base:.3f} FPS, "
-          f"first frame after {base:.2f} s; causal chunk-wise (fastest setting) is {best[3]['fps'] * base / args.frames:.1f}x its FPS")
+          f"first frame after {base:.2f} s; causal chunk-wise (fastest setting) is "
+          f"{best[3]['fps'] * base / args.frames:.1f}x its FPS")
 
 
 def measure_long_video(bench, best):
@@ -745,9 +785,9 @@ def measure_long_video(bench, best):
     steps = [b - a for a, b in zip([0.0] + marks[:-1], marks)]
     k = min(7, len(steps) // 3)  # >= 2 blocks each: check_args asks for more than the window (>= 8 blocks)
     head, tail = sum(steps[1:k + 1]) / k, sum(steps[-k:]) / k
-    print(f"long video: {args.long_frames} frames ({len(steps)} blocks) in {total:.2f} s = {args.long_frames / total:.2f} FPS; "
-          f"per block: blocks 2-{k + 1} {head * 1e3:.1f} ms, last {k} {tail * 1e3:.1f} ms (ratio {tail / head:.2f}); "
-          f"KV cache {max(kv_bytes) / 2**20:.4g} MiB")
+    print(f"long video: {args.long_frames} frames ({len(steps)} blocks) in {total:.2f} s = "
+          f"{args.long_frames / total:.2f} FPS; per block: blocks 2-{k + 1} {head * 1e3:.1f} ms, last {k} "
+          f"{tail * 1e3:.1f} ms (ratio {tail / head:.2f}); KV cache {max(kv_bytes) / 2**20:.4g} MiB")
     warn_compiles(bench, before, "the long video")
 
 
@@ -780,7 +820,8 @@ class PeakMemory(TorchDispatchMode):
 
 def reward_decode(vae, video, weights, block_size, checkpointed):
     """The decode + backward measured: the last frame of the video, a linear stand-in for the reward."""
-    pixels = train_reward.decode_reward_frames(vae, video, [4 * (video.shape[2] - 1)], block_size, checkpointed)  # [1, 3, H, W]
+    pixels = train_reward.decode_reward_frames(vae, video, [4 * (video.shape[2] - 1)], block_size,
+                                               checkpointed)  # [1, 3, H, W]
     (pixels[0] * weights).sum().backward()
 
 
@@ -809,7 +850,8 @@ def reward_decode_main(args):
     mode = "no checkpoint" if args.no_checkpoint else "checkpointed"
     if args.count:
         t0 = time.time()
-        peak, alive = reward_decode_peak(args.height, args.width, args.latent_frames, args.block_size, not args.no_checkpoint)
+        peak, alive = reward_decode_peak(args.height, args.width, args.latent_frames, args.block_size,
+                                         not args.no_checkpoint)
         print(f"counted | {args.height}x{args.width}, {args.latent_frames} latent frames, gradient to the last block "
               f"| {mode} | peak +{peak:.2f} GiB, alive after the backward {alive:.3f} GiB | {time.time() - t0:.0f} s")
         return
@@ -846,7 +888,8 @@ def reward_decode_main(args):
         peak = peak_rss_gib() - base
     seconds = time.time() - t0
     norms = video.grad[0].square().sum((0, 2, 3)).sqrt()[s:].tolist()
-    print(f"{device} {torch.cuda.get_device_name() if device.type == 'cuda' else os.cpu_count()} | {args.height}x{args.width}, "
+    print(f"{device} {torch.cuda.get_device_name() if device.type == 'cuda' else os.cpu_count()} | "
+          f"{args.height}x{args.width}, "
           f"{F} latent frames, gradient to {F - s} | {mode} | peak +{peak:.2f} GiB | {seconds:.1f} s "
           f"(a no-grad decode of the {s} frames before the block alone: {prefix_seconds:.1f} s) | "
           f"gradient norm per latent frame {[round(n, 3) for n in norms]}")

@@ -1,12 +1,13 @@
 """
-Causal Wan2.1: the text-to-video transformer of Wan2.1 written out in plain PyTorch, with
-per-frame timesteps, block-causal attention and a KV cache, plus the autoregressive rollout that
-sampling and every training stage share.
+Causal Wan2.1: the text-to-video transformer of Wan2.1 written out in ~200 lines of plain PyTorch,
+with per-frame timesteps, block-causal attention and a KV cache; the autoregressive rollout that
+sampling and every training stage share; and the loading of its weights, text encoder and VAE.
 
 Parameter names are exactly those of diffusers' `WanTransformer3DModel`, so the official weights
-(`Wan-AI/Wan2.1-T2V-1.3B-Diffusers`, folder `transformer/`) load with strict=True, and
-checkpoints in the original Wan layout (Wan's own release, CausVid, Self Forcing) load through
-a key map. Three attention modes, one module:
+(`Wan-AI/Wan2.1-T2V-1.3B-Diffusers`, folder `transformer/`) load with strict=True and a
+full-attention forward matches diffusers to < 1e-5 in fp32 (tests/test_causal_wan.py::
+test_parity_with_diffusers). Checkpoints (ours, and the original Wan layout of Wan's own release,
+CausVid and Self Forcing) load through convert.py. Three attention modes, one module:
 
     model(x, t, prompt_kv)                         full (bidirectional: teacher, critic)
     model(x, t, prompt_kv, block_size=3)           block-causal (teacher-forced training)
@@ -17,38 +18,29 @@ Flow matching: x_t = (1 - s) x0 + s noise, s = t / 1000, the network predicts v 
 
 How the causal model works
 --------------------------
-- The network is diffusers' WanTransformer3DModel written out in ~200 lines of plain PyTorch with
-  the same parameter names; a full-attention forward matches diffusers to < 1e-5 in fp32
-  (tests/test_causal_wan.py::test_parity_with_diffusers).
-- Per-frame timesteps: `t` is [B] or [B, F]; modulation is computed per frame and broadcast over
-  the frame's tokens (never repeated per token).
-- RoPE's time index is the absolute latent-frame index, so a block keeps its position whether it is
-  computed alone against the KV cache or inside the whole sequence.
-- Attention modes: full (teacher, critic); block-causal (block_size=3 chunk-wise, 1 frame-wise)
-  computed block by block over key prefixes with unmasked SDPA, so no dense mask exists even at
-  32,760 tokens and flash attention applies; and the cache mode, where a block attends to the cached
-  keys plus its own with no mask at all.
+- Per-frame timesteps: the modulation is computed per frame and broadcast over its tokens.
+- RoPE's time index is the absolute latent-frame index, so a block keeps its position whether it
+  is computed alone against the KV cache or inside the whole sequence.
+- Block-causal attention (block_size=3 chunk-wise, 1 frame-wise) runs block by block over key
+  prefixes with unmasked SDPA: no dense mask exists even at 32,760 tokens, and flash attention
+  applies. In the cache mode a block attends to the cached keys plus its own, with no mask at all.
 - `rollout` (through VideoStream, the generation loop sample.py and demo.py share): per block,
-  4 steps at timesteps [1000, 750, 500, 250] warped with shift 5 (= [1000, 937.5, 833.3, 625]),
-  x0 prediction, re-noising between steps, then one clean t=0 pass that writes the block's
-  keys/values into the cache. `exit_steps` gives Self Forcing's training mode: block b stops at step
-  exit_steps[b], and the gradient flows through that step only. block_size >= F is the 4-step
-  bidirectional generator.
-- The KV cache (KVCache) holds each layer's keys (after RoPE) and values. At inference it is one
-  preallocated buffer per layer: a block writes its keys in place after the cached ones and attends
-  to that prefix view, so no call copies the cache; the window eviction of long videos moves the
-  recent frames down once per block. Training rollouts concatenate into new tensors instead,
-  because autograd and activation checkpointing's recompute need the tensors a step read to stay as
-  they were while later blocks extend the cache. `rollout` picks the storage from whether gradients
-  are on; both give the same video (tested).
-- Weights: from_pretrained(hub id or folder); generator_state_dict(checkpoint) for our checkpoints
-  and Self Forcing's {'generator', 'generator_ema'} (original Wan names, with `model.`/FSDP
-  prefixes; the key map is diffusers' conversion script's, and it round-trips).
+  4 denoising steps (DENOISING_TIMESTEPS; predict x0, re-noise it to the next step), then one clean
+  t=0 pass that writes the block's keys/values into the KVCache. `exit_steps` gives Self Forcing's
+  training mode: block b stops at step exit_steps[b], and the gradient flows through that step
+  only, and (cache_grad "straight-through", Self Forcing's) from later blocks through the cache into
+  it. block_size >= F is the 4-step bidirectional generator.
+- The KVCache is written in place at inference and concatenated in training (autograd needs what a
+  step read to stay as it was); `rollout` picks by whether gradients are on. Same video (tested).
+
+Reading order: WanConfig; the network (RoPE, attention, the block-causal mask, the blocks,
+KVCache, CausalWan); the parameters that stay fp32 (FP32_PARAMS, cast_model, shard_model); the
+few-step schedule, predict_x0, VideoStream, rollout; loading (from_pretrained, the UMT5 text
+encoder and the trainers' text helpers, the VAE).
 """
 import math
 import os
 import re
-import sys
 from dataclasses import dataclass
 from functools import partial
 
@@ -58,14 +50,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from common import UserError, read_json
-from convert import is_original_layout, original_to_diffusers
 
 DEFAULT_MODEL = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 
 
 # -----------------------------------------------------------------------------
 # config
-
 
 @dataclass
 class WanConfig:
@@ -98,8 +88,10 @@ class WanConfig:
         """WanConfig from a diffusers `transformer/config.json` dict (text-to-video models only)."""
         if cfg.get("image_dim") is not None or cfg.get("added_kv_proj_dim") is not None:
             raise UserError("this transformer is an image-to-video Wan (image_dim is set); use a T2V model")
-        if cfg.get("qk_norm", "rms_norm_across_heads") != "rms_norm_across_heads" or not cfg.get("cross_attn_norm", True):
-            raise UserError(f"unsupported Wan variant (qk_norm={cfg.get('qk_norm')}, cross_attn_norm={cfg.get('cross_attn_norm')})")
+        if (cfg.get("qk_norm", "rms_norm_across_heads") != "rms_norm_across_heads"
+                or not cfg.get("cross_attn_norm", True)):
+            raise UserError(f"unsupported Wan variant (qk_norm={cfg.get('qk_norm')}, "
+                            f"cross_attn_norm={cfg.get('cross_attn_norm')})")
         heads = cfg["num_attention_heads"]
         return WanConfig(
             dim=heads * cfg["attention_head_dim"], ffn_dim=cfg["ffn_dim"], num_heads=heads,
@@ -108,17 +100,15 @@ class WanConfig:
 
     def to_diffusers(self):
         """The kwargs of diffusers' WanTransformer3DModel for this config."""
-        return dict(
-            patch_size=tuple(self.patch_size), num_attention_heads=self.num_heads,
-            attention_head_dim=self.dim // self.num_heads, in_channels=self.in_channels,
-            out_channels=self.out_channels, text_dim=self.text_dim, freq_dim=self.freq_dim,
-            ffn_dim=self.ffn_dim, num_layers=self.num_layers, cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads", eps=self.eps)
+        return dict(patch_size=tuple(self.patch_size), num_attention_heads=self.num_heads,
+                    attention_head_dim=self.dim // self.num_heads, in_channels=self.in_channels,
+                    out_channels=self.out_channels, text_dim=self.text_dim, freq_dim=self.freq_dim,
+                    ffn_dim=self.ffn_dim, num_layers=self.num_layers, cross_attn_norm=True,
+                    qk_norm="rms_norm_across_heads", eps=self.eps)
 
 
 # -----------------------------------------------------------------------------
 # the network (module and parameter names follow diffusers' WanTransformer3DModel)
-
 
 def timestep_sinusoid(t, dim):
     """diffusers' Timesteps(flip_sin_to_cos=True, downscale_freq_shift=0): [N] -> [N, dim] fp32."""
@@ -254,15 +244,13 @@ class Block(nn.Module):
         self.ffn = FeedForward(cfg.dim, cfg.ffn_dim)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
 
-    def cross_kv(self, text):
-        return self.attn2.keys_values(text)
-
     def forward(self, x, mod, rope, text_kv, past_kv=None, block_tokens=None):
         """x [B, L, D]; mod [B, Fm, 6, D] fp32 with Fm = 1 (one t) or the number of frames (one t
-        per frame). Modulation, residual adds and norms in fp32, as in diffusers and Wan."""
+        per frame), broadcast over each frame's tokens (never repeated per token). Modulation,
+        residual adds and norms in fp32, as in diffusers and Wan."""
         B, L, D = x.shape
         shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + mod).unsqueeze(2).unbind(3)
-        frames = lambda y: y.view(B, mod.shape[1], -1, D)  # [B, Fm, L/Fm, D]: tokens grouped by frame
+        frames = lambda y: y.view(B, mod.shape[1], -1, D)  # noqa: E731  [B, Fm, L/Fm, D]: tokens grouped by frame
         h = (frames(self.norm1(x.float())) * (1 + scale) + shift).flatten(1, 2).type_as(x)
         a, new_kv = self.attn1(h, rope=rope, past_kv=past_kv, block_tokens=block_tokens)
         x = (frames(x.float()) + frames(a) * gate).flatten(1, 2).type_as(x)
@@ -321,11 +309,11 @@ class KVCache:
     attention sink) plus the most recent ones, so that a block of n frames attends to at most
     `max_frames` frames, itself included: the cost per block stays flat however long the video.
 
-    Two storages, equal results. static=True (inference): one buffer per layer, allocated once
-    for the whole window; a block writes its keys/values in place after the cached ones and
-    attends to that prefix, so no call copies the cache. static=False (training): every call
-    concatenates into new tensors, because autograd and activation checkpointing's recompute need
-    the tensors a step read to stay unchanged while later blocks extend the cache.
+    Two storages, equal results. static=True (inference): one buffer per layer, allocated once for the whole
+    window; a block writes its keys/values in place after the cached ones and attends to that prefix, so no call
+    copies the cache, and evicting moves the recent frames down once per block. static=False (training): every call
+    concatenates into new tensors, because autograd and activation checkpointing's recompute need the tensors a
+    step read to stay unchanged while later blocks extend the cache.
     """
 
     def __init__(self, num_layers, max_frames=21, sink_frames=3, static=False, total_frames=None):
@@ -377,7 +365,8 @@ class KVCache:
                     buf_k[:, :, s:self.tokens - e + s] = buf_k[:, :, e:self.tokens].clone()
                     buf_v[:, :, s:self.tokens - e + s] = buf_v[:, :, e:self.tokens].clone()
             else:
-                self.kv = [(torch.cat([k[:, :, :s], k[:, :, e:]], 2), torch.cat([v[:, :, :s], v[:, :, e:]], 2)) for k, v in self.kv]
+                self.kv = [(torch.cat([k[:, :, :s], k[:, :, e:]], 2), torch.cat([v[:, :, :s], v[:, :, e:]], 2))
+                           for k, v in self.kv]
             self.frames -= drop
             self.tokens -= e - s
 
@@ -412,14 +401,16 @@ class CausalWan(nn.Module):
         """Text embeddings [B, S, text_dim] -> per-layer cross-attention keys/values. Compute once
         per prompt and reuse for every block and step."""
         c = self.condition_embedder.text_embedder(context)
-        return [blk.cross_kv(c) for blk in self.blocks]
+        return [blk.attn2.keys_values(c) for blk in self.blocks]
 
-    def forward(self, x, t, prompt_kv, block_size=None, kv_cache=None, update_cache=False):
+    def forward(self, x, t, prompt_kv, block_size=None, kv_cache=None, update_cache=False, kv_out=None):
         """x [B, C, F, H, W], t [B] or [B, F] -> velocity [B, C, F, H, W].
 
         block_size: block-causal attention over blocks of that many latent frames.
         kv_cache: x is the next block; it attends to the cache and itself, and is placed at RoPE
         position kv_cache.pos. update_cache=True appends its keys/values (the clean pass).
+        kv_out: a list that receives this call's keys/values per layer [B, H, L, D], with their graph
+        (the exit step's, for VideoStream's straight-through cache gradient).
         """
         B, C, nF, H, W = x.shape
         pt, ph, pw = self.cfg.patch_size
@@ -431,17 +422,18 @@ class CausalWan(nn.Module):
         # the compute dtype of the blocks (bf16 or fp32): that of the text keys their cross-attention
         # projections made (under FSDP a weight only has its compute dtype inside its unit's forward)
         dtype = prompt_kv[0][0].dtype
-        # contiguous: the blocks then get the same strides from here as from each other (one compiled variant, not two)
+        # contiguous: the blocks get the same strides from here as from each other (one compiled variant, not two)
         x = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2).contiguous()  # [B, f*h*w, D]
         t = t.reshape(B, -1)  # [B, 1] or [B, F]
         emb = self.condition_embedder
         # the timestep path in fp32 (FP32_PARAMS), as Wan computes it under fp32 autocast
         temb = emb.time_embedder(timestep_sinusoid(t.flatten(), self.cfg.freq_dim))  # [B*Fm, D]
-        mod = emb.time_proj(F.silu(temb).to(emb.time_proj.weight.dtype)).float().view(B, -1, 6, self.cfg.dim)  # [B, Fm, 6, D]
+        mod = emb.time_proj(F.silu(temb).to(emb.time_proj.weight.dtype))
+        mod = mod.float().view(B, -1, 6, self.cfg.dim)  # [B, Fm, 6, D]
         temb = temb.float().view(B, -1, 1, self.cfg.dim)
 
         block_tokens = None if block_size is None else block_size * h * w
-        new_kvs = []
+        new_kvs = [] if kv_out is None else kv_out
         for i, blk in enumerate(self.blocks):
             past = kv_cache.past(i, f) if kv_cache is not None else None
             args = (x, mod, rope, prompt_kv[i], past, block_tokens)
@@ -449,26 +441,29 @@ class CausalWan(nn.Module):
                 x, kv = checkpoint(blk, *args, use_reentrant=False)
             else:
                 x, kv = blk(*args)
-            if update_cache and not kv_cache.static:  # in place, nothing holds on to a block's outputs
+            if kv_out is not None or update_cache and not kv_cache.static:  # in place, nothing holds on to them
                 new_kvs.append(kv)
         if update_cache:  # in place, the keys/values are already in the cache
             kv_cache.append([(k.detach(), v.detach()) for k, v in new_kvs] or None, f)
 
         shift, scale = (self.scale_shift_table.unsqueeze(0) + temb).unsqueeze(2).unbind(3)  # [B, Fm, 1, D]
-        x = (self.norm_out(x.float()).view(B, temb.shape[1], -1, self.cfg.dim) * (1 + scale) + shift).flatten(1, 2)
-        x = self.proj_out(x.to(self.proj_out.weight.dtype))  # [B, f*h*w, C*pt*ph*pw]: fp32 in a bf16 model, as Wan's head
+        x = self.norm_out(x.float()).view(B, temb.shape[1], -1, self.cfg.dim)  # [B, Fm, f*h*w/Fm, D]
+        x = (x * (1 + scale) + shift).flatten(1, 2)
+        x = self.proj_out(x.to(self.proj_out.weight.dtype))  # [B, f*h*w, C*pt*ph*pw]; fp32 in bf16, as Wan's head
         x = x.reshape(B, f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(B, -1, f * pt, h * ph, w * pw)
 
 
-# Parameters that stay fp32 when the model runs in bf16: the timestep path (time embedder, time
-# projection), the modulation (scale-shift) tables, the affine cross-attention norm and the output
-# head. Wan's own code (wan/modules/model.py) computes the time embedding, time projection,
-# modulation and head under fp32 autocast, and diffusers keeps time_embedder, scale_shift_table and
-# the norms in fp32 (WanTransformer3DModel._keep_in_fp32_modules); this is the union of the two.
-# They are 1.2% of Wan2.1-1.3B's weights and a negligible share of its FLOPs, and the weights were
-# trained with them in fp32. Everything else (attention, FFN, patch and text embedding) runs in bf16.
-FP32_PARAMS = ("condition_embedder.time_embedder.", "condition_embedder.time_proj.", "scale_shift_table", ".norm2.", "proj_out.")
+# -----------------------------------------------------------------------------
+# the fp32 policy: the parameters that stay fp32 when the model runs in bf16 are the timestep path (time
+# embedder, time projection), the modulation (scale-shift) tables, the affine cross-attention norm and the output
+# head. Wan's own code (wan/modules/model.py) computes the time embedding, time projection, modulation and head
+# under fp32 autocast, and diffusers keeps time_embedder, scale_shift_table and the norms in fp32
+# (WanTransformer3DModel._keep_in_fp32_modules); this is the union of the two. They are 1.2% of Wan2.1-1.3B's
+# weights and a negligible share of its FLOPs, and the weights were trained with them in fp32. Everything else
+# (attention, FFN, patch and text embedding) runs in bf16.
+FP32_PARAMS = ("condition_embedder.time_embedder.", "condition_embedder.time_proj.", "scale_shift_table", ".norm2.",
+               "proj_out.")
 
 
 def keeps_fp32(name):
@@ -488,21 +483,21 @@ def cast_model(model, dtype, device=None):
 
 
 def shard_model(model, bf16):
-    """FSDP2: shard every transformer block and the rest of the model across ranks. With bf16,
-    compute runs in bf16 while the sharded master weights, gradients and optimizer stay fp32, except
-    for the FP32_PARAMS, which the forward also sees in fp32 (as Wan computes them).
+    """FSDP2: shard every transformer block and the rest of the model across ranks. With bf16, compute runs in
+    bf16 while the sharded master weights, gradients and optimizer stay fp32, except for the FP32_PARAMS, which the
+    forward also sees in fp32 (as Wan computes them).
 
-    FSDP casts per unit (one fully_shard call), so the bf16 layers are units of their own: the
-    patch and text embeddings and each block's attention and FFN layers. Each block's own unit then
-    holds only its modulation table and affine norm, and the root's only the timestep path and the
-    output head: those units cast nothing."""
+    FSDP casts per unit (one fully_shard call), so the bf16 layers are units of their own: the patch and text
+    embeddings and each block's attention and FFN layers. Each block's own unit then holds only its modulation
+    table and affine norm, and the root's only the timestep path and the output head: those units cast nothing."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     # cast_forward_inputs=False: FSDP would otherwise round every float input to bf16, including
     # the timesteps (937.5 -> 936), the fp32 modulation and the RoPE tables; each module casts its
     # inputs where it needs to (forward() the latents, MLP its input, the head its input).
-    compute = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None,
-                                   cast_forward_inputs=False)
-    keep = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32 if bf16 else None, cast_forward_inputs=False)
+    compute = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                                   reduce_dtype=torch.float32 if bf16 else None, cast_forward_inputs=False)
+    keep = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32 if bf16 else None,
+                                cast_forward_inputs=False)
     # FSDP2 warns when a module returns a view (our blocks return k/v as transposed views), because an
     # in-place op on it would skip a hook. Nothing here modifies a module output in place.
     import warnings
@@ -510,19 +505,21 @@ def shard_model(model, bf16):
     for blk in model.blocks:
         for layer in (blk.attn1, blk.attn2, blk.ffn):
             fully_shard(layer, mp_policy=compute)
-        register_fsdp_forward_method(blk.attn2, "keys_values")  # called outside forward (prompt_kv): gather its weights too
+        # keys_values is called outside forward (prompt_kv): gather its weights for it too
+        register_fsdp_forward_method(blk.attn2, "keys_values")
         fully_shard(blk, mp_policy=keep)
     fully_shard(model.patch_embedding, mp_policy=compute)
     fully_shard(model.condition_embedder.text_embedder, mp_policy=compute)
     bf16_units = {id(p) for m in [model.patch_embedding, model.condition_embedder.text_embedder]
-                  + [layer for blk in model.blocks for layer in (blk.attn1, blk.attn2, blk.ffn)] for p in m.parameters()}
+                  + [layer for blk in model.blocks for layer in (blk.attn1, blk.attn2, blk.ffn)]
+                  for p in m.parameters()}
     stray = [n for n, p in model.named_parameters() if id(p) not in bf16_units and not keeps_fp32(n)]
     if stray:  # a new parameter outside the bf16 units would silently train in fp32: say where it belongs
         raise ValueError(f"shard_model: {stray[:3]} are neither in a bf16 unit nor in FP32_PARAMS")
-    # FSDP keeps the root's weights (embeddings, head) gathered after a forward, as plain tensors,
-    # until the backward that follows. A network that never trains (teacher, EMA) has no backward:
-    # its root must reshard after each forward, or after the EMA's sample rollout the next
-    # ema_update would mix those plain tensors with the model's sharded DTensors
+    # FSDP keeps the root's weights (embeddings, head) gathered after a forward, as plain tensors, until the
+    # backward that follows. A network that never trains (teacher, EMA) has no backward: its root must reshard
+    # after each forward, or after the EMA's sample rollout the next ema_update would mix those plain tensors
+    # with the model's sharded DTensors
     frozen = not any(p.requires_grad for p in model.parameters())
     fully_shard(model, mp_policy=keep, reshard_after_forward=True if frozen else None)
     register_fsdp_forward_method(model, "prompt_kv")
@@ -531,7 +528,6 @@ def shard_model(model, bf16):
 
 # -----------------------------------------------------------------------------
 # the few-step schedule and the autoregressive rollout
-
 
 def shift_timesteps(timesteps, shift=5.0):
     """Warp timesteps in [0, 1000] with the flow-matching shift s' = shift s / (1 + (shift-1) s)."""
@@ -550,40 +546,52 @@ def predict_x0(model, x, t, prompt_kv, **kw):
     return (x.float() - s * v.float()).to(x.dtype)
 
 
+CACHE_GRAD = ("straight-through", "detach")  # how a block's gradient reaches the blocks it attended to
+
+
+class StraightThrough(torch.autograd.Function):
+    """Forward: the clean pass's keys/values (exactly); backward: their gradient goes to the exit step's."""
+
+    @staticmethod
+    def forward(ctx, exit_kv, clean_kv):
+        return clean_kv.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
 class VideoStream:
-    """A latent video generated block by block with the KV cache: the one generation loop that
-    training (`rollout`), sample.py and the live demo share.
+    """A latent video generated block by block with the KV cache: the one generation loop that training (`rollout`),
+    sample.py and the live demo share.
 
         stream = VideoStream(model, prompt_kv, block_size=3)       # total_frames=None: endless
         x0 = stream.next_block(noise, generator)                  # noise [B, C, n, H, W] -> clean block
         stream.set_prompt(model.prompt_kv(new_context))           # switch the prompt (re-cache)
         stream.prefill(latents)                                   # a fresh stream continues these frames
 
-    Each block: denoise with the few-step schedule at RoPE position `pos` (predict x0, re-noise it
-    to the next timestep with noise from `generator`), then run the clean x0 once more at t=0 to
-    write its keys/values into the cache (skipped after the last block of a video of known length:
-    nothing reads it). The stream also holds the clean latents of exactly the frames the cache
-    holds (attention sink + recent window), with their positions and the blocks they were cached in.
+    Each block: denoise with the few-step schedule at RoPE position `pos` (predict x0, re-noise it to the next
+    timestep with noise from `generator`), then run the clean x0 once more at t=0 to write its keys/values into the
+    cache (skipped after the last block of a video of known length: nothing reads it). The stream also holds the
+    clean latents of exactly the frames the cache holds (attention sink + recent window), with their positions and
+    the blocks they were cached in. Re-cache (LongLive's: `set_prompt`) and `prefill` rebuild the cache from those
+    latents by replaying the cache passes block by block (the sink block first, then the recent frames in their
+    blocks), each frame at its own RoPE position. So a switch with re-cache after b blocks equals continuing the
+    first b blocks' latents under the new prompt, exactly, with or without eviction.
 
-    Re-cache (LongLive's): `set_prompt(kv, recache=True)` rebuilds the cache under the new prompt
-    from those held latents, each frame at its own RoPE position, replayed block by block as the
-    cache passes ran (the sink block first, then the recent frames in their blocks). `prefill`
-    places given latents by the same replay: the frames a long video of that length would hold
-    (the sink and the most recent ones). So a switch with re-cache after b blocks equals continuing
-    the first b blocks' latents under the new prompt, exactly, with or without eviction.
-
-    Within the window (no frame evicted yet) a continuation is exact: prefill of the first k blocks
-    of a video, then the same noise, gives exactly that video's remaining blocks (later evictions
-    included). Past the window it is not: like LongLive's re-cache, the replay re-derives the
-    recent frames' keys from the held frames only (sink + recent window), while the original
-    computed them when the evicted frames were still in the cache. So continuation == original
-    only within the window; past it, a continuation (and a re-cache under the same prompt) is a
-    close relative of the original, not the original.
+    Within the window (no frame evicted yet) a continuation is exact: prefill of a video's first k blocks, then the
+    same noise, gives exactly its remaining blocks (later evictions included). Past it, a continuation (and a
+    re-cache under the same prompt) is a close relative of the original, not the original: like LongLive's re-cache,
+    the replay re-derives the recent frames' keys from the held frames only (sink + recent window), while the
+    original computed them when the evicted frames were still in the cache.
     """
 
     def __init__(self, model, prompt_kv, block_size=3, max_frames=21, timesteps=DENOISING_TIMESTEPS,
-                 total_frames=None, static=None):
+                 total_frames=None, static=None, cache_grad="straight-through"):
+        if cache_grad not in CACHE_GRAD:
+            raise ValueError(f"cache_grad must be one of {CACHE_GRAD}, not {cache_grad!r}")
         self.model, self.prompt_kv, self.block_size, self.timesteps = model, prompt_kv, block_size, timesteps
+        self.cache_grad = cache_grad  # how a block's gradient reaches the blocks it attended to (training)
         self.total_frames = total_frames  # latent frames of the video, or None (endless)
         if static is None:  # in place, except for a single block (it reads no cache)
             static = total_frames is None or total_frames > block_size
@@ -599,32 +607,52 @@ class VideoStream:
         """noise [B, C, n, H, W] -> the clean block x0 at positions pos..pos+n-1.
 
         exit_step (training): stop after that denoising step; with grad=True the gradient flows
-        through that step only. steps: a list that receives the noisy input x_t of every step."""
+        through that step only (and, with cache_grad "straight-through", from later blocks through the
+        cache into this step's keys/values). steps: a list that receives the noisy input x_t of every step."""
         B, n = noise.shape[0], noise.shape[2]
         last = len(self.timesteps) - 1 if exit_step is None else int(exit_step)
+        exit_kv = [] if grad and self.cache_grad == "straight-through" else None  # the exit step's, with graph
         x = noise
         for i in range(last + 1):
             if steps is not None:
                 steps.append(x)
             t = torch.full((B,), self.timesteps[i], device=x.device, dtype=torch.float32)
             with torch.set_grad_enabled(grad and i == last):
-                x0 = predict_x0(self.model, x, t, self.prompt_kv, kv_cache=self.kv_cache)
+                x0 = predict_x0(self.model, x, t, self.prompt_kv, kv_cache=self.kv_cache,
+                                kv_out=exit_kv if i == last else None)
             if i < last:
                 s = self.timesteps[i + 1] / 1000
                 eps = torch.randn(x0.shape, generator=generator, device=generator.device if generator else x0.device)
                 eps = eps.to(x0.device, x0.dtype)  # a CPU generator gives the same noise on every device
                 x = (1 - s) * x0 + s * eps
         if self.total_frames is None or self.pos + n < self.total_frames:
-            self._cache_block(x0.detach(), self.pos)
+            self._cache_block(x0.detach(), self.pos, exit_kv)
         self.pos += n
         return x0
 
     @torch.no_grad()
-    def _cache_block(self, x0, block_pos):
+    def _cache_block(self, x0, block_pos, exit_kv=None):
         """The clean pass: x0 [B, C, n, H, W] at t=0 writes its keys/values at position kv_cache.pos;
-        then hold its latents, dropping those of the frames the cache just evicted."""
+        then hold its latents, dropping those of the frames the cache just evicted.
+
+        exit_kv: the exit step's keys/values per layer, with their graph (training, cache_grad
+        "straight-through"). The cache then holds the clean pass's values, and later blocks' gradient
+        reaches the exit step's keys/values: what Self Forcing's training pipeline computes (its exit
+        step writes its keys/values into the cache buffer in place with grad on, and the clean pass
+        overwrites the values under no_grad, which keeps the autograd graph attached). It looks
+        accidental there, but it produced the published models; "detach" drops that term."""
         first = self.kv_cache.pos
-        self.model(x0, torch.zeros(x0.shape[0], device=x0.device), self.prompt_kv, kv_cache=self.kv_cache, update_cache=True)
+        t0 = torch.zeros(x0.shape[0], device=x0.device)
+        if exit_kv is None:
+            self.model(x0, t0, self.prompt_kv, kv_cache=self.kv_cache, update_cache=True)
+        else:
+            if self.kv_cache.static:
+                raise ValueError("the straight-through cache gradient needs the concatenating KV cache (static=False)")
+            clean = []
+            self.model(x0, t0, self.prompt_kv, kv_cache=self.kv_cache, kv_out=clean)
+            with torch.enable_grad():
+                self.kv_cache.append([(StraightThrough.apply(ek, ck), StraightThrough.apply(ev, cv))
+                                      for (ek, ev), (ck, cv) in zip(exit_kv, clean)], x0.shape[2])
         n = x0.shape[2]
         self.held = x0 if self.held is None else torch.cat([self.held, x0], 2)
         self.held_pos += range(first, first + n)
@@ -679,28 +707,32 @@ class VideoStream:
 
 
 def rollout(model, noise, prompt_kv, block_size=3, timesteps=DENOISING_TIMESTEPS, exit_steps=None,
-            max_frames=21, generator=None, on_block=None, trajectory=None, grad_blocks=None, static_cache=None):
-    """Generate a video block by block with the KV cache: noise [B, C, F, H, W] -> clean latents.
-    Each block is `VideoStream.next_block` (denoise with the few-step schedule, then the clean pass
-    that writes the cache). A last block shorter than block_size is allowed. block_size >= F is the
-    bidirectional few-step generator: one block, full attention.
+            max_frames=21, generator=None, on_block=None, trajectory=None, grad_blocks=None, static_cache=None,
+            cache_grad="straight-through"):
+    """Generate a video block by block with the KV cache: noise [B, C, F, H, W] -> clean latents, each block by
+    `VideoStream.next_block`. A last block shorter than block_size is allowed; block_size >= F is the bidirectional
+    few-step generator (one block, full attention).
 
-    Training (Self Forcing): exit_steps[b] stops block b after that denoising step and returns
-    its x0; when grad is enabled it flows only through that step. Earlier steps and the cache
-    pass run without grad. Inference: exit_steps=None runs every step. grad_blocks (None: all)
-    limits the gradient to those blocks: the cache is detached, so a loss on the last frame reaches
-    only the last block, and the other blocks need neither the graph nor its memory.
-    on_block(b, x0, kv_cache) is called after each block (streaming decode, benchmarks).
-    trajectory: a list that receives, per block, the noisy input x_t of every step taken.
-    static_cache: the KV cache's storage (None: in place without grad if there are several blocks,
-    else concatenated).
+    Training (Self Forcing): exit_steps[b] stops block b after that denoising step and returns its x0; when grad is
+    enabled it flows only through that step (earlier steps and the cache pass run without grad). Inference:
+    exit_steps=None runs every step. cache_grad: how a block's gradient reaches the earlier blocks it attended to.
+    "straight-through" (Self Forcing's training code, the default): later blocks read the clean pass's keys/values
+    and their gradient goes to each earlier block's exit-step keys/values, so a loss on the last frame reaches every
+    block; "detach": the cache carries no gradient, so a loss reaches only the blocks that made its frames.
+    grad_blocks (None: all) gives a graph to those blocks only; the others need neither the graph nor its memory,
+    and a block outside it passes no gradient on. So grad_blocks is exact for the blocks a loss reaches: with
+    "detach" the blocks of the scored frames, with "straight-through" every block up to the last scored one.
+    on_block(b, x0, kv_cache) is called after each block (streaming decode, benchmarks). trajectory: a list that
+    receives, per block, the noisy input x_t of every step taken. static_cache: the KV cache's storage (None: in
+    place without grad if there are several blocks, else concatenated).
     """
     nF = noise.shape[2]
     grad = torch.is_grad_enabled()
     # inference writes the cache in place; training concatenates (see KVCache)
     # (a single block reads no cache: then nothing is preallocated)
     static = (not grad and nF > block_size) if static_cache is None else static_cache
-    stream = VideoStream(model, prompt_kv, block_size, max_frames, timesteps, total_frames=nF, static=static)
+    stream = VideoStream(model, prompt_kv, block_size, max_frames, timesteps, total_frames=nF, static=static,
+                         cache_grad=cache_grad)
     blocks = []
     for b, start in enumerate(range(0, nF, block_size)):
         steps = [] if trajectory is not None else None
@@ -716,8 +748,7 @@ def rollout(model, noise, prompt_kv, block_size=3, timesteps=DENOISING_TIMESTEPS
 
 
 # -----------------------------------------------------------------------------
-# weights: diffusers format, our checkpoints (other layouts: convert.py)
-
+# weights: diffusers format (a hub id or a local folder); checkpoints of any layout: convert.py
 
 HUB_ID = re.compile(r"[\w-][\w.-]*/[\w.-]+")
 
@@ -785,66 +816,14 @@ def from_pretrained(model=DEFAULT_MODEL, dtype=torch.float32, device="cpu"):
     return cast_model(net, dtype, device)
 
 
-def load_checkpoint(path, mmap=False):
-    """torch.load of a checkpoint, turning a missing or corrupt file into a one-line error.
-    mmap=True reads tensors only when touched (e.g. to look at its 'args' alone)."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint '{path}' does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:
-        raise UserError(f"checkpoint '{path}' is not a readable torch checkpoint ({type(e).__name__}: {str(e)[:100]})") from None
-
-
-def generator_state_dict(ckpt, use_ema=True):
-    """The generator weights (diffusers names) inside a checkpoint dict: ours ({'model', 'ema',
-    ...}), Self Forcing's ({'generator', 'generator_ema'}), or a bare state dict in either layout."""
-    if not isinstance(ckpt, dict):
-        raise UserError(f"checkpoint holds a {type(ckpt).__name__}, not a dict of weights")
-    for key in (["ema", "generator_ema"] if use_ema else []) + ["model", "generator"]:
-        if isinstance(ckpt.get(key), dict):
-            sd = ckpt[key]
-            if use_ema and key in ("model", "generator"):  # e.g. Self Forcing's ode_init.pt
-                print(f"note: the checkpoint has no EMA weights; using its '{key}' weights", file=sys.stderr)
-            break
-    else:
-        sd = ckpt
-    if not sd or not all(torch.is_tensor(v) for v in sd.values()):
-        raise UserError("checkpoint holds no generator weights (expected 'ema'/'model' or 'generator_ema'/'generator')")
-    return original_to_diffusers(sd) if is_original_layout(sd) else dict(sd)
-
-
-def generator_kind(ckpt):
-    """'bidirectional' for distill_dmd.py's 4-step bidirectional model (its args say so), else 'causal'."""
-    args = ckpt.get("args") if isinstance(ckpt, dict) else None
-    return args.get("generator", "causal") if isinstance(args, dict) else "causal"
-
-
-def load_generator_weights(model, path, use_ema=True, kind="causal"):
-    """Load the generator weights of the checkpoint at `path` into model (strict), or say in one
-    line why they do not fit. kind: the generator the caller runs; distill_dmd.py records
-    'bidirectional' for its 4-step bidirectional model, every other checkpoint is causal."""
-    ckpt = load_checkpoint(path)
-    saved = generator_kind(ckpt)
-    if saved != kind:
-        raise UserError(f"checkpoint '{path}' holds a {saved} generator, but a {kind} one is needed here"
-                        + (" (the bidirectional 4-step model is train_ode.py's --teacher)" if saved == "bidirectional" else ""))
-    state_dict = generator_state_dict(ckpt, use_ema)
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as e:
-        raise UserError(f"checkpoint '{path}' does not fit the model ({' '.join(str(e).split())[:200]})") from None
-    return model
-
-
 # -----------------------------------------------------------------------------
-# text encoder (UMT5) and VAE from the same diffusers-format folder
+# text encoder (UMT5), the trainers' text helpers and the VAE, from the same diffusers-format folder
 
 # Wan 2.1's own negative prompt (its shared_config): the unconditional branch of classifier-free
 # guidance in Wan, CausVid and Self Forcing
-WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
-                       "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
-                       "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
+WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，"
+                       "低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，"
+                       "毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
 
 
 def load_text_encoder(model=DEFAULT_MODEL, dtype=torch.float32, device="cpu"):
@@ -915,7 +894,8 @@ def padded(contexts, keys, device, length=512):
 
 def load_vae(model=DEFAULT_MODEL, dtype=torch.float32, device="cpu"):
     from diffusers import AutoencoderKLWan
-    return AutoencoderKLWan.from_pretrained(resolve_folder(model, "vae"), torch_dtype=dtype).to(device).eval().requires_grad_(False)
+    vae = AutoencoderKLWan.from_pretrained(resolve_folder(model, "vae"), torch_dtype=dtype)
+    return vae.to(device).eval().requires_grad_(False)
 
 
 def vae_decode(vae, z, first=True):
@@ -936,46 +916,6 @@ def vae_decode(vae, z, first=True):
         vae._conv_idx = [0]
         # contiguous: a slice of a several-frame block has other strides than a one-frame block, and
         # torch.compile (--compile-vae) would compile every variant of the decoder twice for that
-        frames.append(vae.decoder(x[:, :, i:i + 1].contiguous(), feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=first and i == 0))
+        frames.append(vae.decoder(x[:, :, i:i + 1].contiguous(), feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
+                                  first_chunk=first and i == 0))
     return torch.cat(frames, 2).clamp(-1, 1)
-
-
-# -----------------------------------------------------------------------------
-# a tiny random Wan in the real on-disk format, for tests and CPU demos (--tiny)
-
-
-def make_tiny_wan(folder, seed=0):
-    """Write a random-init tiny Wan as a diffusers-format folder (model_index.json, transformer/,
-    vae/, text_encoder/, tokenizer/, scheduler/) with the real libraries' save_pretrained, so
-    that --tiny runs exactly the loading code a user with real weights runs. Returns folder."""
-    if os.path.isfile(os.path.join(folder, "model_index.json")):
-        return folder
-    import string
-
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
-    from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
-    torch.manual_seed(seed)
-    cfg = WanConfig.tiny()
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
-    vocab += [(c, -2.0) for c in string.ascii_lowercase + string.digits + string.punctuation]
-    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)  # character-level Unigram vocab
-    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=cfg.text_dim, d_kv=8, d_ff=64,
-                                               num_layers=2, num_heads=4, relative_attention_num_buckets=8))
-    vae = AutoencoderKLWan(base_dim=8, dim_mult=[1, 1, 1, 1], num_res_blocks=1, z_dim=16)
-    transformer = WanTransformer3DModel(**cfg.to_diffusers())
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler)
-    tmp = folder.rstrip("/") + f".tmp{os.getpid()}"
-    pipe.save_pretrained(tmp)
-    os.makedirs(os.path.dirname(os.path.abspath(folder)), exist_ok=True)
-    try:
-        os.rename(tmp, folder)  # atomic: a half-written tiny model never looks complete
-    except OSError:  # another process won the race
-        import shutil
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
-
-
-def tiny_model_dir():
-    """Where --tiny keeps its tiny Wan (built once, then reused)."""
-    return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "reward_forcing", "tiny_wan")

@@ -34,16 +34,10 @@ class _DropMessages(logging.Filter):
 # imported: torch's deprecation note on torchao registering two Enums, and diffusers failing to
 # import torchao classes it needs only to load torchao-serialized checkpoints (never done here).
 # Dropped by their exact text, so every other warning still shows.
-logging.getLogger("torch.utils._pytree").addFilter(_DropMessages("is an Enum subclass and is now natively supported"))
-logging.getLogger("diffusers.quantizers.torchao.torchao_quantizer").addFilter(_DropMessages("Unable to import `torchao` Tensor objects"))
-
-
-# torchao 0.18 (--fp8) on torch 2.14 and diffusers 0.42 print three lines whenever diffusers is
-# imported: torch's deprecation note on torchao registering two Enums, and diffusers failing to
-# import torchao classes it needs only to load torchao-serialized checkpoints (never done here).
-# Dropped by their exact text, so every other warning still shows.
-logging.getLogger("torch.utils._pytree").addFilter(_DropMessages("is an Enum subclass and is now natively supported"))
-logging.getLogger("diffusers.quantizers.torchao.torchao_quantizer").addFilter(_DropMessages("Unable to import `torchao` Tensor objects"))
+logging.getLogger("torch.utils._pytree").addFilter(
+    _DropMessages("is an Enum subclass and is now natively supported"))
+logging.getLogger("diffusers.quantizers.torchao.torchao_quantizer").addFilter(
+    _DropMessages("Unable to import `torchao` Tensor objects"))
 
 
 class UserError(Exception):
@@ -182,9 +176,21 @@ def check_device(name):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), "
+                        f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"--device {name}: only cpu and cuda are supported")
+
+
+def check_video_size(args, frames=True):
+    """--frames is 4k+1 (the Wan VAE maps 1 + 4k frames to 1 + k latent frames) and --height / --width are
+    positive multiples of 16 (the VAE's 8x and the patch's 2x); frames=False: the size only."""
+    if frames and (args.frames < 1 or (args.frames - 1) % 4):
+        raise UserError(f"--frames {args.frames} is not 4k+1: the VAE maps 1 + 4k frames to 1 + k latent frames "
+                        f"(try {4 * round((args.frames - 1) / 4) + 1})")
+    for name in ("height", "width"):
+        if getattr(args, name) <= 0 or getattr(args, name) % 16:
+            raise UserError(f"--{name} {getattr(args, name)} is not a positive multiple of 16 (VAE 8x and patch 2x)")
 
 
 def read_prompts(path, flag="--prompts"):
@@ -248,7 +254,8 @@ def mp4_problem(path, expected_frames):
         with imageio.get_reader(path, format="FFMPEG") as reader:
             frames = sum(1 for _ in reader)
     except Exception as e:
-        return f"the written file does not decode ({type(e).__name__}: {str(e).strip().splitlines()[0][:150] if str(e).strip() else ''})"
+        first_line = str(e).strip().splitlines()[0][:150] if str(e).strip() else ''
+        return f"the written file does not decode ({type(e).__name__}: {first_line})"
     if frames != expected_frames:
         return f"the written file decodes to {frames} frames, not {expected_frames}"
     return None
@@ -347,7 +354,8 @@ def own_folder(folder, stale_patterns, what="--out"):
     if dist.get_rank() == 0:
         try:
             lock = _lock_folder(folder, what)
-            for stale in sorted(p for pattern in stale_patterns for p in glob.glob(os.path.join(glob.escape(folder), pattern))):
+            for stale in sorted(p for pattern in stale_patterns
+                                for p in glob.glob(os.path.join(glob.escape(folder), pattern))):
                 os.remove(stale)
                 print(f"removed {stale}, left by a run that crashed", file=sys.stderr)
         except UserError as e:
@@ -412,8 +420,9 @@ def load_resume(path, args, script, stage=None):
         raise UserError(f"checkpoint '{path}' is not readable ({type(e).__name__}: {str(e)[:100]})") from None
     saved = ckpt.get("script") if isinstance(ckpt, dict) else None
     if saved != script:
-        raise UserError(f"'{path}' was written by {saved or 'something else (it names no script)'}, not {script}: resume it "
-                        f"with {saved or 'the script that wrote it'}, or start a new --out from it with --init")
+        raise UserError(f"'{path}' was written by {saved or 'something else (it names no script)'}, not {script}: "
+                        f"resume it with {saved or 'the script that wrote it'}, "
+                        f"or start a new --out from it with --init")
     if ckpt.get("stage") != stage:
         raise UserError(f"'{path}' was trained {ckpt.get('stage')}: resume it with the same flags (this run: {stage})")
     if ckpt["step"] >= args.max_steps:
@@ -435,7 +444,8 @@ def open_log(log_path, step, resume, wandb_name=None, config=None):
                 keep = json.loads(line)["step"] <= step
             except (ValueError, KeyError, TypeError):
                 if n < len(records):
-                    raise UserError(f"line {n} of {log_path} is not a log record: delete that line, then --resume") from None
+                    raise UserError(f"line {n} of {log_path} is not a log record: delete that line, "
+                                    f"then --resume") from None
                 # what a crash or a full disk leaves: a last line cut short. It is lost, the rest is kept
                 print(f"warning: dropped the torn last line of {log_path}: {line[:80]!r}", file=sys.stderr)
                 break
@@ -465,7 +475,8 @@ def stop_if_diverged(step, ckpt_path, values=None, hint="lower --lr and --resume
     bad = [f"{k} = {v}" for k, v in (values or {}).items() if not math.isfinite(v)]
     if nets:
         from torch.distributed.tensor import DTensor
-        counts = torch.stack([sum((~torch.isfinite(p.to_local() if isinstance(p, DTensor) else p)).sum() for p in net.parameters())
+        counts = torch.stack([sum((~torch.isfinite(p.to_local() if isinstance(p, DTensor) else p)).sum()
+                                  for p in net.parameters())
                               for net in nets.values()])
         torch.distributed.all_reduce(counts)  # each rank holds a shard
         bad += [f"{n} NaN/inf weights in the {name}" for name, n in zip(nets, counts.tolist()) if n]

@@ -1,12 +1,12 @@
 """
 Live demo: a web page that shows the video while it is generated, block by block.
 
-    python demo.py                                           # the 1.3B Wan on a GPU; open http://127.0.0.1:7860
-    python demo.py --checkpoint runs/reward/ckpt.pt          # a generator trained here (EMA weights)
-    python demo.py --compile --overlap-decode                # sample.py's speed flags
-    python demo.py --decoder tae --decoder-path taew2_1.pth --fp8 --offload   # and its speed kit (sample.py's docstring)
-    python demo.py --host 0.0.0.0 --port 8000                # reachable from other machines: anyone who can reach it uses the GPU
-    python demo.py --tiny                                    # CPU, random tiny Wan: the video is noise, the pipeline is real
+    python demo.py                                     # the 1.3B Wan on a GPU; open http://127.0.0.1:7860
+    python demo.py --checkpoint runs/reward/ckpt.pt    # a generator trained here (EMA weights)
+    python demo.py --compile --overlap-decode          # sample.py's speed flags
+    python demo.py --decoder tae --decoder-path taew2_1.pth --fp8 --offload  # and its speed kit (sample.load_models)
+    python demo.py --host 0.0.0.0 --port 8000          # open to other machines: anyone who can reach it uses the GPU
+    python demo.py --tiny                              # CPU, random tiny Wan: the video is noise, the pipeline is real
 
 The page
 --------
@@ -34,29 +34,13 @@ Models and the device
 ---------------------
 The models load once at start-up (the text encoder stays resident to encode each new prompt, at
 Start and Switch: ~11 GB for UMT5-XXL in bf16; with --offload it stays in CPU memory and is on the
-device only while it encodes, so a Switch briefly holds it there beside the generator). One generation runs at a time on the device, in a
-worker thread (the server stays responsive): a viewer who presses Start while another generates
-is told it is busy; a viewer who closes the page stops its generation and frees the device.
+device only while it encodes, so a Switch briefly holds it there beside the generator). One
+generation runs at a time on the device, in a worker thread (the server stays responsive): a
+viewer who presses Start while another generates is told it is busy; a viewer who closes the page
+stops its generation and frees the device.
 
-Protocol
---------
 The page (demo.html, plain JavaScript, nothing fetched from the internet) talks to the server over
-one WebSocket per viewer, /ws:
-
-  viewer -> server, JSON text:
-    {"type": "start", "prompt": str, "seed": int}     start a video (prompt <= 2000 characters)
-    {"type": "switch", "prompt": str}                 change the prompt from the next block boundary on
-    {"type": "stop"}                                  end the video
-  server -> viewer:
-    binary: one JPEG per frame, in order
-    {"type": "hello", "fps", "width", "height", "chunk", "max_seconds", "max_prompt_chars", "model", "busy", "switch"}   on connecting
-    {"type": "started", "prompt", "seed", "frames_max"}      the device is this viewer's
-    {"type": "switched", "frame", "prompt"}                  right before the JPEG of the frame the switch took effect at
-    {"type": "stats", "block", "block_frames", "frames", "fps", "first_frame_s"}   after each block's JPEGs
-    {"type": "stopped", "reason": "stop"|"done"|"error", "frames", "download": url or null, "error": str or null}   the device is free
-    {"type": "busy", "message"}, {"type": "error", "message"}   a refused or malformed message; the server keeps serving
-The download url is /video/<token>, a server-chosen random name; nothing a viewer sends is used
-as a file path. The finished videos live in a temporary folder (the newest 10), removed on exit.
+one WebSocket per viewer, /ws: its messages are listed at the Viewer class.
 """
 import argparse
 import asyncio
@@ -92,37 +76,33 @@ HTML = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.html")
 
 
 def parse_args(argv=None):
-    p = common.ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:2]), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (other than loopback: anyone who can reach it uses the GPU)")
+    p = common.ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:2]),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (other than loopback: anyone who can reach it uses the GPU)")
     p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--max-seconds", type=float, default=60.0, help="a video ends after this many seconds (16 fps) unless stopped")
-    p.add_argument("--chunk", type=int, default=3, choices=[1, 3], help="latent frames per block: 3 chunk-wise, 1 frame-wise")
+    p.add_argument("--max-seconds", type=float, default=60.0,
+                   help="a video ends after this many seconds (16 fps) unless stopped")
+    p.add_argument("--chunk", type=int, default=3, choices=[1, 3],
+                   help="latent frames per block: 3 chunk-wise, 1 frame-wise")
     sample.add_model_flags(p)  # the generator, decoder and speed flags of sample.py
-    p.add_argument("--no-pace", action="store_true", help="generate as fast as possible instead of at most two blocks ahead of playback")
+    p.add_argument("--no-pace", action="store_true",
+                   help="generate as fast as possible instead of at most two blocks ahead of playback")
     return sample.model_defaults(p.parse_args(argv))
 
 
 def check_args(args):
     """Everything that can be checked before the models load (a minute for the real ones)."""
-    for name in ("height", "width"):
-        if getattr(args, name) <= 0 or getattr(args, name) % 16:
-            raise common.UserError(f"--{name} {getattr(args, name)} is not a positive multiple of 16 (VAE 8x and patch 2x)")
+    common.check_video_size(args, frames=False)
     if args.max_frames < 2 * args.chunk:
         raise common.UserError(f"--max-frames {args.max_frames} must hold at least two blocks of --chunk {args.chunk}")
     if not args.max_seconds > 0 or not math.isfinite(args.max_seconds):
         raise common.UserError(f"--max-seconds {args.max_seconds} must be a positive number of seconds")
     if not 1 <= args.port <= 65535:
         raise common.UserError(f"--port {args.port} is not a TCP port (1-65535)")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise common.UserError(f"--device '{args.device}' is not a torch device (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise common.UserError(f"--device {args.device}: CUDA is not available on this machine (use --device cpu, e.g. with --tiny)")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise common.UserError(f"--device {args.device}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    if args.checkpoint and not os.path.isfile(args.checkpoint):
-        raise common.UserError(f"checkpoint '{args.checkpoint}' does not exist")
+    common.check_device(args.device)  # the checks sample.py makes too
+    if args.checkpoint:
+        common.check_file(args.checkpoint, "--checkpoint")
     sample.check_speed_kit(args)  # --decoder, --decoder-path, --fp8 (the tiny decoder's file: loaded first)
     try:  # the port must be free now, not after the models have loaded
         family, _, _, _, address = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)[0]
@@ -130,8 +110,9 @@ def check_args(args):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
             s.bind(address)
     except OSError as e:
-        raise common.UserError(f"cannot listen on --host {args.host} --port {args.port} ({e.strerror or e}): choose another --port"
-                           + (" or --host" if isinstance(e, socket.gaierror) else "")) from None
+        raise common.UserError(f"cannot listen on --host {args.host} --port {args.port} ({e.strerror or e}): "
+                               f"choose another --port"
+                               + (" or --host" if isinstance(e, socket.gaierror) else "")) from None
 
 
 def is_loopback(host):
@@ -192,7 +173,8 @@ def load_models(args):
         speedkit.compile_blocks(model, args.compile)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     print(f"models loaded in {time.perf_counter() - t0:.1f} s on {device} ({args.dtype})"
-          + ("; the first video pays the compilation" if args.compile or args.compile_vae else ""), file=sys.stderr, flush=True)
+          + ("; the first video pays the compilation" if args.compile or args.compile_vae else ""),
+          file=sys.stderr, flush=True)
     return Models(model, tokenizer, encoder, decode, device, dtype)
 
 
@@ -277,7 +259,8 @@ class Session:
         stream = sample.FrameStream(m.model, m.decode, m.model.prompt_kv(m.encode(self.prompt)),
                                     encode=m.encode, height=a.height, width=a.width, seed=self.seed,
                                     frames=video_frames(a.max_seconds), chunk=a.chunk, max_frames=a.max_frames,
-                                    overlap=a.overlap_decode, log=lambda line: print(f"demo: {line}", file=sys.stderr, flush=True))
+                                    overlap=a.overlap_decode,
+                                    log=lambda line: print(f"demo: {line}", file=sys.stderr, flush=True))
         with self.lock:
             self.stream = stream
             for prompt in self.pending_switches:  # asked before the first block: it starts with the last one
@@ -332,7 +315,8 @@ def parse_message(message):
     try:
         m = json.loads(text)
     except json.JSONDecodeError:
-        raise ValueError("not JSON: send {\"type\": \"start\", \"prompt\": ..., \"seed\": ...}, {\"type\": \"switch\", ...} or {\"type\": \"stop\"}") from None
+        raise ValueError("not JSON: send {\"type\": \"start\", \"prompt\": ..., \"seed\": ...}, "
+                         "{\"type\": \"switch\", ...} or {\"type\": \"stop\"}") from None
     if not isinstance(m, dict) or m.get("type") not in ("start", "switch", "stop"):
         raise ValueError("expected a JSON object with \"type\": \"start\", \"switch\" or \"stop\"")
     if m["type"] in ("start", "switch"):
@@ -394,7 +378,30 @@ class Demo:
 
 
 class Viewer:
-    """One page's WebSocket: its control messages in, its frames and stats out, at most one Session."""
+    """One page's WebSocket: its control messages in, its frames and stats out, at most one Session.
+
+    The protocol, over one WebSocket per viewer, /ws:
+
+      viewer -> server, JSON text:
+        {"type": "start", "prompt": str, "seed": int}   start a video (prompt <= 2000 characters)
+        {"type": "switch", "prompt": str}               change the prompt from the next block boundary on
+        {"type": "stop"}                                end the video
+      server -> viewer:
+        binary: one JPEG per frame, in order
+        {"type": "hello", "fps", "width", "height", "chunk", "max_seconds", "max_prompt_chars", "model", "busy",
+         "switch"}                                                     on connecting
+        {"type": "started", "prompt", "seed", "frames_max"}            the device is this viewer's
+        {"type": "switched", "frame", "prompt"}                        right before the JPEG of the frame the
+                                                                       switch took effect at
+        {"type": "stats", "block", "block_frames", "frames", "fps", "first_frame_s"}   after each block's JPEGs
+        {"type": "stopped", "reason": "stop"|"done"|"error", "frames", "download": url or null,
+         "error": str or null}                                         the device is free
+        {"type": "busy", "message"}, {"type": "error", "message"}      a refused or malformed message; the
+                                                                       server keeps serving
+
+    The download url is /video/<token>, a server-chosen random name; nothing a viewer sends is used
+    as a file path. The finished videos live in a temporary folder (the newest 10), removed on exit.
+    """
 
     def __init__(self, ws, demo):
         self.ws, self.demo, self.session = ws, demo, None
@@ -525,7 +532,8 @@ def create_app(demo):
 def main(args):
     check_args(args)
     if not is_loopback(args.host):
-        print(f"warning: listening on {args.host}: anyone who can reach port {args.port} can use this GPU", file=sys.stderr)
+        print(f"warning: listening on {args.host}: anyone who can reach port {args.port} can use this GPU",
+              file=sys.stderr)
     models = load_models(args)
     import uvicorn
     video_dir, demo = tempfile.mkdtemp(prefix="reward_forcing_demo_"), None
@@ -547,5 +555,5 @@ if __name__ == "__main__":
     try:
         main(parse_args())
     except common.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        common.print_error(e)
         sys.exit(2)

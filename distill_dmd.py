@@ -7,7 +7,8 @@ fast teacher of stage 2 (train_ode.py); its losses are the DMD term of train_rew
     python distill_dmd.py --tiny --out runs/dmd_tiny
     python distill_dmd.py --tiny --out runs/dmd_tiny --resume --max-steps 20
 
-    # one GPU (80 GB): the global batch of 64 by gradient accumulation (slow: see Hardware below)
+    # one GPU (80 GB): the global batch of 64 by gradient accumulation (slow; memory and time estimates:
+    # BENCHMARKS.md, 'distill_dmd.py: GPU memory, compute, host memory and disk (estimates)')
     python distill_dmd.py --generator bidirectional --out runs/dmd_bidirectional
     python distill_dmd.py --generator causal --init runs/ode/ckpt.pt --out runs/dmd_causal
 
@@ -19,27 +20,29 @@ fast teacher of stage 2 (train_ode.py); its losses are the DMD term of train_rew
     # continue a run exactly (weights, EMA, both optimizers, step; the noise follows from the step)
     torchrun --nproc_per_node 8 distill_dmd.py --generator causal --out runs/dmd_causal --resume
 
-The three networks
-------------------
-- teacher (real score): a bidirectional Wan (--teacher, default --model), frozen, loaded in bf16,
-  with classifier-free guidance: real_x0 = uncond + guidance * (cond - uncond);
-- critic (fake score): a bidirectional Wan initialized from --model, conditional only, trained with
-  the flow-matching loss on the generator's (detached) samples;
+The three networks (--model, --teacher: a diffusers-format Wan, hub id or local folder; default
+Wan-AI/Wan2.1-T2V-1.3B-Diffusers):
+- teacher (real score): a bidirectional Wan (--teacher, default --model), frozen, loaded in bf16, with
+  classifier-free guidance: real_x0 = uncond + guidance * (cond - uncond). Self Forcing's released config
+  (configs/self_forcing_dmd.yaml) takes Wan2.1-T2V-14B as the real score with a 1.3B critic and generator;
+  the default here stays the 1.3B, as the paper describes its DMD model ("based on Wan2.1-T2V-1.3B ... first
+  distilled into a 4-step model") and finds no substantial difference with the 14B (section 5.3), and because
+  the 14B multiplies the teacher's memory by 10 (28.6 vs 2.8 GB in bf16): pass --teacher
+  Wan-AI/Wan2.1-T2V-14B-Diffusers for Self Forcing's setting;
+- critic (fake score): a bidirectional Wan initialized from --model, conditional only, trained with the
+  flow-matching loss on the generator's (detached) samples;
 - generator: 4 steps (timesteps 1000, 750, 500, 250 shifted by 5), initialized from --model or from a
-  checkpoint (--init: any checkpoint cw.generator_state_dict reads: train_ode.py's, or Self Forcing's
-  ode_init.pt), with an EMA copy that is what sample.py renders.
-
---model and --teacher take a diffusers-format Wan, a hub id or a local folder (default
-Wan-AI/Wan2.1-T2V-1.3B-Diffusers). Two kinds of generator, one flag:
-
-- --generator causal (default) trains the block-causal model by self-rollout (Self Forcing): the
-  generator makes the whole 21-latent-frame video in blocks of 3 frames with its own KV cache; all
-  blocks stop after the same randomly drawn denoising step (identical on every rank) and the
-  gradient flows through that step only.
-- --generator bidirectional distills the 4-step bidirectional model (the whole video is one block
-  with full attention). Its checkpoint is the fast teacher of the ODE stage:
-  `train_ode.py generate --teacher runs/dmd_bidirectional/ckpt.pt` (DMD -> ODE -> reward);
-  `sample.py --checkpoint` renders it as one block with full attention.
+  checkpoint (--init: any checkpoint convert.generator_state_dict reads: train_ode.py's, or Self Forcing's
+  ode_init.pt), with an EMA copy that is what sample.py renders. Two kinds, one flag:
+  --generator causal (default) trains the block-causal model by self-rollout (Self Forcing): it makes
+  the whole 21-latent-frame video in blocks of 3 frames with its own KV cache; all blocks stop after
+  the same randomly drawn denoising step (identical on every rank) and the gradient flows through that
+  step only, and (--cache-grad straight-through, the default) from later blocks through the KV cache into
+  each block's exit step, as Self Forcing's training code computes it (tests/test_self_forcing.py; --cache-grad
+  detach drops that term). --generator bidirectional distills the 4-step bidirectional model (the whole video is one
+  block with full attention), the fast teacher of the ODE stage: `train_ode.py generate --teacher
+  runs/dmd_bidirectional/ckpt.pt` (DMD -> ODE -> reward); `sample.py --checkpoint` renders it as one
+  block with full attention.
 
 The losses
 ----------
@@ -57,94 +60,9 @@ train_reward.py --dmd-weight):
 
 Optimizers: AdamW, betas (0.0, 0.999), weight decay 0.01, eps 1e-8; generator lr 2e-6, critic lr
 4e-7; gradient clipping at 10 for both. Training is data free: prompts only (--prompts FILE, one a
-line; prompts/dmd_example.txt is a 16-prompt example). Every prompt is encoded once at start
-(UMT5-XXL, then freed); the unconditional branch uses Wan's own negative prompt, as Self Forcing
-does (--negative-prompt "" gives WanPipeline's default, the encoding of the empty string).
-
-Flags
------
---max-steps (generator updates, 120 = Self Forcing's 600 iterations), --global-batch (videos per
-update over all GPUs, 64) and --micro-batch (per GPU per forward, 1): gradient accumulation is
-global / (GPUs x micro), an error if not whole; --lr, --critic-lr, --guidance, --critic-steps,
---ema-decay, --ema-start, --grad-clip, --height/--width/--frames (480x832, 81), --block-size (3;
-1 = frame-wise), --save-every, --log-every, --sample-every (0 = never), --seed, --wandb (opt-in).
-
-Output in --out
----------------
-- ckpt.pt: a plain dict, torch.load(weights_only=True): 'model', 'ema', 'optimizer' (the generator),
-  'critic', 'critic_optimizer', 'step', 'args', and 'script' + 'stage' (--resume continues only a run
-  of this script with the same --generator); written atomically, and only when every tensor in it
-  is finite. `sample.py --checkpoint OUT/ckpt.pt` renders its EMA.
-- log.jsonl: one JSON line per logged step: loss, critic_loss, grad_norm, critic_grad_norm,
-  dmd_grad, exit_step, step_time, gpu_mem_gb.
-- sample_<step>.mp4: the EMA generator, 4 steps, the first prompt, the same noise every time.
-- .lock: one run at a time owns OUT.
-A NaN or inf loss or gradient stops the run with `error: training diverged at step N (...)` before
-the optimizer step and without saving, so the last good checkpoint stays.
-
-Batch layout: why one GPU and 8 GPUs train the same model
----------------------------------------------------------
-The global batch is split into global/micro slots; slot j of every update draws its noise,
-timesteps and prompts from its own random stream (step_generator(seed, update, j)) and its prompts
-from lines j, j + slots, ... of the prompt file. Rank r runs slots [r*accum, (r+1)*accum), so the
-update does not depend on how the slots are spread over GPUs (tested: 2 processes = 1 process with
-2 accumulation steps).
-
-Choices, and where they differ from what one might expect
----------------------------------------------------------
-- --guidance 4.0 is Self Forcing's guidance_scale: 3.0: its code computes cond + 3 (cond - uncond),
-  which is uncond + 4 (cond - uncond) in the usual (diffusers, Wan) convention used here.
-- One noise level per video for the DMD and critic losses (Self Forcing's uniform_timestep); the
-  critic is trained on the velocity (flow matching), equivalent to x0 prediction weighted by 1/s^2.
-- One exit step per update, shared by all blocks, samples and ranks (Self Forcing's
-  same_step_across_blocks: true); a fresh draw for every critic and generator update.
-- EMA decay 0.99, averaging from generator update 41 on (--ema-start 40 = Self Forcing's
-  ema_start_step of 200 iterations); through update 40 it is a copy of the live weights.
-
-Hardware (estimates, not measurements; no GPU was available when this was written)
-----------------------------------------------------------------------------------
-Parameter counts: 1.419 B (Wan 1.3B), 14.29 B (Wan 14B). FSDP shards every network over all GPUs.
-
-    state (GB = 1e9 bytes)                            1.3B teacher   14B teacher
-    generator fp32 + AdamW (2 moments) + EMA fp32        22.7 GB        22.7 GB
-    critic fp32 + AdamW                                  17.0 GB        17.0 GB
-    gradients (one network at a time, fp32)               5.7 GB         5.7 GB
-    teacher bf16                                          2.8 GB        28.6 GB
-    total, divided by the number of GPUs                 48.2 GB        74.0 GB
-
-Activations per GPU (micro-batch 1, 21 latent frames x 60 x 104 = 32,760 tokens, bf16, per-block
-activation checkpointing). The KV cache holds K and V of 30 layers, 288 MB per latent frame. In the
-causal generator's update every block's gradient step keeps the version of the cache it attended to
-alive until the backward (checkpoint inputs): 3 + 6 + ... + 18 = 63 frames, ~18 GB, plus ~3 GB of
-block inputs. The teacher's cond + uncond forward adds ~4 GB transient (~8 GB for the 14B) and a
-critic update ~6 GB. Peak activations: ~25 GB for the causal generator (~29 GB with the 14B
-teacher), ~7 GB for the bidirectional one (one block, no cache), plus ~4 GB of CUDA context and
-allocator slack. Startup briefly holds the UMT5-XXL text encoder (11.4 GB bf16), freed before the
-networks load. Per GPU (states / GPUs + peak activations + slack; in parentheses the GPU memory it fits):
-
-    GPUs   causal, 1.3B teacher    causal, 14B teacher     bidirectional, 1.3B teacher
-    1      ~77 GB (80 GB, tight)   ~107 GB (141 GB H200)   ~59 GB (80 GB)
-    2      ~53 GB (80 GB)          ~70 GB (80 GB)          ~35 GB (40 / 48 GB)
-    4      ~41 GB (48 GB)          ~52 GB (80 GB)          ~23 GB (24 GB tight / 32)
-    8      ~35 GB (40 / 48 GB)     ~42 GB (48 / 80 GB)     ~17 GB (24 GB)
-
-On fewer or smaller GPUs: keep --micro-batch 1 and the global batch (accumulation grows on its own),
-use more GPUs of a smaller kind (the states shrink with their number), and if a single 80 GB GPU
-runs out of memory, train on shorter videos: --frames 45 (12 latent frames, 4 blocks) keeps 18
-instead of 63 cached frames alive (~5 GB instead of ~18 GB) and halves the rest. The same commands
-serve A100s; bf16 is used on any CUDA GPU.
-
-Compute (rough): per video, a generator update costs ~2.1 PFLOP (rollout with 2.5 denoising calls
-per block on average, its backward through the exit step, the teacher's two full forwards and the
-critic's one) and a critic update ~1.8 PFLOP, so one step (5 + 1 updates x 64 videos) is ~0.7 EFLOP
-and the 120-step default ~85 EFLOP: about 60 H100-hours at 40% of bf16 peak, i.e. ~7-15 h on
-8 H100s (Self Forcing reports under 2 h on 64 H100s and estimates under 16 h on 8) and roughly
-2.5x that on A100s.
-
-Host memory and disk: each rank loads its networks on the CPU before sharding (for the 14B teacher
-up to 57 GB per rank while its files are read, if they are stored in fp32; 28.6 GB once in bf16).
-The checkpoint is ~40 GB (generator, EMA, critic, both optimizers); rank 0 gathers it in CPU memory
-to save it, and --resume maps it with mmap so the ranks of a machine share its pages.
+line; prompts/dmd_example.txt is a 16-prompt example), each encoded once at start (UMT5-XXL, then
+freed). Beside the code: the batch layout (Run), the defaults and their reasons (Config), the output
+files (save, write_sample, train's log record).
 """
 import argparse
 import copy
@@ -161,10 +79,13 @@ from tqdm import tqdm
 
 import causal_wan as cw
 import common
+import convert
 from causal_wan import WAN_NEGATIVE_PROMPT
 from common import UserError
 
 EXAMPLE_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts", "dmd_example.txt")
+# A NaN or inf loss or gradient stops the run with `error: training diverged at step N (...)` before the optimizer
+# step and without saving, so the last good checkpoint stays; this hint ends that message.
 DIVERGED_HINT = "lower --lr / --critic-lr and --resume"
 SCRIPT = "distill_dmd.py"  # recorded in the checkpoint: --resume continues only this script's runs
 STALE = ["ckpt.pt.tmp*", "sample_*.mp4.part.mp4"]  # what a crashed run can leave in --out
@@ -172,31 +93,40 @@ STALE = ["ckpt.pt.tmp*", "sample_*.mp4.part.mp4"]  # what a crashed run can leav
 
 @dataclass
 class Config:
+    """The defaults of the flags (parse_args: a flag left unset takes them); --seed (0) and --wandb (opt-in) are
+    flags only."""
     generator: str = "causal"  # or "bidirectional"
     prompts: str = EXAMPLE_PROMPTS
+    # the teacher's unconditional branch: Wan's own negative prompt, as Self Forcing does (--negative-prompt ""
+    # gives WanPipeline's default, the encoding of the empty string)
     negative_prompt: str = WAN_NEGATIVE_PROMPT
     height: int = 480
     width: int = 832
     frames: int = 81  # pixel frames -> 21 latent frames
     block_size: int = 3  # latent frames per block of the causal generator (1: frame-wise)
-    # Self Forcing's guidance_scale 3.0, which it applies as cond + 3 (cond - uncond); written the
-    # usual way (diffusers, Wan: uncond + g (cond - uncond)) that is g = 4
+    # the generator's gradient through its KV cache, as Self Forcing's training code computes it (later blocks
+    # read the clean keys/values, their gradient reaches each earlier block's exit step; cw.rollout), or none
+    cache_grad: str = "straight-through"
+    # Self Forcing's guidance_scale 3.0, which its code applies as cond + 3 (cond - uncond); written the
+    # usual way used here (diffusers, Wan: uncond + g (cond - uncond)) that is g = 4
     guidance: float = 4.0
     critic_steps: int = 5  # critic updates per generator update (Self Forcing's dfake_gen_update_ratio)
     lr: float = 2e-6  # generator
     critic_lr: float = 4e-7
     ema_decay: float = 0.99
-    # Self Forcing's ema_start_step (200 iterations = 40 generator updates): the EMA is the live weights
-    # until then, so the base model it starts from does not linger in it (after 120 updates averaged
-    # from the start, 0.99^120 = 30% of it would remain)
+    # Self Forcing's ema_start_step (200 iterations = 40 generator updates): through update 40 the EMA is a
+    # copy of the live weights and it averages from update 41 on, so the base model it starts from does not
+    # linger in it (after 120 updates averaged from the start, 0.99^120 = 30% of it would remain)
     ema_start: int = 40
-    grad_clip: float = 10.0
-    global_batch: int = 64  # Self Forcing: 64 GPUs x 1 video
+    grad_clip: float = 10.0  # both networks
+    # videos per update over all GPUs (Self Forcing: 64 GPUs x 1 video), and per GPU per forward: gradient
+    # accumulation is global / (GPUs x micro), an error if that is not whole
+    global_batch: int = 64
     micro_batch: int = 1
-    max_steps: int = 120  # = Self Forcing's 600 iterations (a generator update every 5th)
+    max_steps: int = 120  # generator updates: = Self Forcing's 600 iterations (a generator update every 5th)
     save_every: int = 20
     log_every: int = 1
-    sample_every: int = 20
+    sample_every: int = 20  # 0: never
 
     @staticmethod
     def tiny():
@@ -211,8 +141,9 @@ class Config:
 
 
 def sample_timesteps(batch, generator, device, shift=5.0, min_t=20.0, max_t=980.0):
-    """One noise level per video for the DMD and critic losses, as Self Forcing samples it: t ~ U[0, 1000)
-    warped with the shift of the 4-step schedule (towards high noise), then kept in [20, 980] -> [B]."""
+    """One noise level per video for the DMD and critic losses, as Self Forcing samples it (its
+    uniform_timestep): t ~ U[0, 1000) warped with the shift of the 4-step schedule (towards high noise), then
+    kept in [20, 980] -> [B]."""
     s = torch.rand(batch, generator=generator, device=device, dtype=torch.float64)
     return (shift * s / (1 + (shift - 1) * s) * 1000).clamp(min_t, max_t).float()
 
@@ -252,8 +183,9 @@ def dmd_loss(x0, teacher, critic, context, uncond_context, guidance, generator):
 
 def critic_loss(x0, critic, context, generator):
     """The fake score's denoising loss on the generator's videos (detached): flow matching, i.e. the
-    critic's velocity against eps - x0 at x_t = (1 - s) x0 + s eps, with t drawn as in dmd_loss.
-    x0 [B, C, F, H, W], context [B, 512, text_dim]. Returns (loss, logs)."""
+    critic's velocity against eps - x0 at x_t = (1 - s) x0 + s eps, with t drawn as in dmd_loss (training on
+    the velocity is equivalent to x0 prediction weighted by 1/s^2). x0 [B, C, F, H, W], context
+    [B, 512, text_dim]. Returns (loss, logs)."""
     x0 = x0.detach().float()
     t = sample_timesteps(x0.shape[0], generator, x0.device)
     x_t, eps = add_noise(x0, t, generator)
@@ -261,14 +193,15 @@ def critic_loss(x0, critic, context, generator):
     return F.mse_loss(v.float(), eps - x0), dict(critic_t=t.mean())
 
 
-def generate(model, noise, context, exit_step, block_size, generator):
+def generate(model, noise, context, exit_step, block_size, generator, cache_grad="straight-through"):
     """The generator's videos for the losses: the self-rollout (Self Forcing; DMD2's backward
     simulation) in which every block stops after denoising step `exit_step` (0..3) and returns that
     step's x0. With grad enabled the gradient flows through that step only; the earlier steps and
-    the KV-cache passes run without it. block_size >= frames is the bidirectional generator."""
+    the KV-cache passes run without it, and cache_grad says whether a block's gradient also reaches
+    the earlier blocks through the cache (cw.rollout). block_size >= frames is the bidirectional generator."""
     num_blocks = math.ceil(noise.shape[2] / block_size)
     return cw.rollout(model, noise, model.prompt_kv(context), block_size=block_size,
-                      exit_steps=[exit_step] * num_blocks, generator=generator)
+                      exit_steps=[exit_step] * num_blocks, generator=generator, cache_grad=cache_grad)
 
 
 # -----------------------------------------------------------------------------
@@ -277,8 +210,8 @@ def generate(model, noise, context, exit_step, block_size, generator):
 
 @torch.no_grad()
 def write_sample(args, ema, vae, context, latent_shape, block_size, step, rank, device):
-    """A video from the EMA generator with all 4 steps, the same noise every time (every rank takes
-    part: the weights are sharded), decoded and written by rank 0."""
+    """OUT/sample_<step>.mp4: a video from the EMA generator with all 4 steps, of the first prompt, from the
+    same noise every time (every rank takes part: the weights are sharded), decoded and written by rank 0."""
     g = torch.Generator(device).manual_seed(args.seed)
     noise = torch.randn([1] + latent_shape, generator=g, device=device)
     video = cw.rollout(ema, noise, ema.prompt_kv(context), block_size=block_size, generator=g)
@@ -289,7 +222,7 @@ def write_sample(args, ema, vae, context, latent_shape, block_size, step, rank, 
 def main(args):
     rank, world, device = common.init_distributed()
     try:
-        with common.own_folder(args.out, STALE):  # one run per --out
+        with common.own_folder(args.out, STALE):  # one run per --out: it owns OUT/.lock
             train(args, rank, world, device)
             dist.barrier()  # no rank tears the group down while rank 0 still writes the checkpoint
     finally:
@@ -298,11 +231,14 @@ def main(args):
 
 @dataclass
 class Run:
-    """What the training loop works with, built once by setup(). The global batch is `slots` groups of
-    micro_batch videos; this rank runs `my_slots` (slots [rank*accum, (rank+1)*accum)). Slot j of update
-    u draws its noise, prompts and timesteps from its own generator step_generator(seed, u, j), and its
-    prompts from its own share of the prompt file (lines j, j + slots, ...): one GPU with accumulation
-    and N GPUs compute the same step."""
+    """What the training loop works with, built once by setup().
+
+    The batch layout, why one GPU and 8 GPUs train the same model: the global batch is `slots` =
+    global/micro groups of micro_batch videos; this rank runs `my_slots` (slots [rank*accum, (rank+1)*accum)).
+    Slot j of update u draws its noise, prompts and timesteps from its own generator step_generator(seed, u, j),
+    and its prompts from its own share of the prompt file (lines j, j + slots, ...). So the update does not
+    depend on how the slots are spread over GPUs: one GPU with accumulation and N GPUs compute the same step
+    (tested: 2 processes = 1 process with 2 accumulation steps)."""
     rank: int
     device: torch.device
     accum: int  # micro-batches per rank per update
@@ -330,9 +266,11 @@ def setup(args, rank, world, device):
     """Check the flags and files (before any model loads), read the prompts and encode them, load the
     three networks, shard them, and restore them with the optimizers from OUT/ckpt.pt on --resume."""
     if args.global_batch % (world * args.micro_batch):
-        raise UserError(f"--global-batch {args.global_batch} is not divisible by world size {world} x --micro-batch {args.micro_batch}")
+        raise UserError(f"--global-batch {args.global_batch} is not divisible by world size {world} "
+                        f"x --micro-batch {args.micro_batch}")
     if (args.frames - 1) % 4 or args.height % 16 or args.width % 16:
-        raise UserError(f"--frames must be 4k+1 and --height/--width multiples of 16 (got {args.frames}, {args.height}x{args.width})")
+        raise UserError(f"--frames must be 4k+1 and --height/--width multiples of 16 "
+                        f"(got {args.frames}, {args.height}x{args.width})")
     slots = args.global_batch // args.micro_batch
     accum = slots // world
     my_slots = range(rank * accum, (rank + 1) * accum)
@@ -354,22 +292,25 @@ def setup(args, rank, world, device):
     needed = {i for share in shares.values() for i in share} | {0}  # + prompt 0 for the sample videos
     bf16 = device.type == "cuda"  # bf16 compute with fp32 master weights on GPU; fp32 on CPU
     contexts, uncond = cw.text_contexts(args.model, {i: prompts[i] for i in needed}, device,
-                                        torch.bfloat16 if bf16 else torch.float32, args.negative_prompt, progress=rank == 0)
+                                        torch.bfloat16 if bf16 else torch.float32, args.negative_prompt,
+                                        progress=rank == 0)
 
     teacher = cw.from_pretrained(args.teacher, torch.bfloat16 if bf16 else torch.float32).requires_grad_(False)
     generator = cw.from_pretrained(args.model, torch.float32)  # the base model (1.3B): generator and critic
     critic = copy.deepcopy(generator)
     if args.init:
-        cw.load_generator_weights(generator, args.init, kind=args.generator)
+        convert.load_generator_weights(generator, args.init, kind=args.generator)
     if (teacher.cfg.in_channels, teacher.cfg.text_dim) != (critic.cfg.in_channels, critic.cfg.text_dim):
-        raise UserError(f"--teacher '{args.teacher}' does not share latent channels and text encoder with --model '{args.model}'")
+        raise UserError(f"--teacher '{args.teacher}' does not share latent channels and text encoder "
+                        f"with --model '{args.model}'")
     ema = copy.deepcopy(generator).requires_grad_(False)
     generator.gradient_checkpointing = critic.gradient_checkpointing = bf16  # per block, on GPU
     for net in (teacher, critic, generator, ema):  # one code path for 1 and N GPUs, 1.3B and 14B teachers
         cw.shard_model(net, bf16)
     # betas (0.0, 0.999): no momentum, as DMD2 and Self Forcing; both targets move every step
     opt = torch.optim.AdamW(generator.parameters(), lr=args.lr, betas=(0.0, 0.999), weight_decay=0.01, eps=1e-8)
-    critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, betas=(0.0, 0.999), weight_decay=0.01, eps=1e-8)
+    critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, betas=(0.0, 0.999), weight_decay=0.01,
+                                   eps=1e-8)
     step = 0
     if ckpt is not None:
         common.load_full_state_dict(generator, ckpt["model"])
@@ -383,14 +324,15 @@ def setup(args, rank, world, device):
     latent_shape = [generator.cfg.in_channels, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8]
     block_size = args.block_size if args.generator == "causal" else latent_shape[1]
     vae = cw.load_vae(args.model, device=device) if rank == 0 and args.sample_every else None
-    return Run(rank=rank, device=device, accum=accum, my_slots=my_slots, shares=shares, contexts=contexts, uncond=uncond,
-               teacher=teacher, critic=critic, generator=generator, ema=ema, opt=opt, critic_opt=critic_opt, step=step,
-               latent_shape=latent_shape, block_size=block_size, vae=vae, ckpt_path=ckpt_path, log_path=log_path,
-               stage=stage, wandb=wandb)
+    return Run(rank=rank, device=device, accum=accum, my_slots=my_slots, shares=shares, contexts=contexts,
+               uncond=uncond, teacher=teacher, critic=critic, generator=generator, ema=ema, opt=opt,
+               critic_opt=critic_opt, step=step, latent_shape=latent_shape, block_size=block_size, vae=vae,
+               ckpt_path=ckpt_path, log_path=log_path, stage=stage, wandb=wandb)
 
 
 def draw(args, run, update, slot):
-    """This slot's noise [B, C, F, H, W] and prompt embeddings, and the generator for the rest of its draws."""
+    """This slot's noise [B, C, F, H, W] and prompt embeddings, and the generator for the rest of its draws
+    (the batch layout: Run)."""
     g = common.step_generator(args.seed, update, slot, run.device)
     share = run.shares[slot]
     ids = [share[k] for k in torch.randint(len(share), (args.micro_batch,), generator=g, device=run.device).tolist()]
@@ -399,8 +341,9 @@ def draw(args, run, update, slot):
 
 
 def exit_step(args, update):
-    """Where every block of this update's rollouts stops: the same on every rank (and slot), so
-    all ranks run the same number of sharded forwards."""
+    """Where every block of this update's rollouts stops: one exit step per update, shared by all blocks,
+    samples and ranks (Self Forcing's same_step_across_blocks: true), so all ranks run the same number of
+    sharded forwards; a fresh draw for every critic and generator update."""
     g = common.step_generator(args.seed, update, -1, "cpu")  # slot -1: a stream no slot uses
     return int(torch.randint(len(cw.DENOISING_TIMESTEPS), (1,), generator=g))
 
@@ -413,7 +356,7 @@ def critic_update(args, run, update, step):
     for slot in run.my_slots:
         noise, context, g = draw(args, run, update, slot)
         with torch.no_grad():
-            x0 = generate(run.generator, noise, context, k, run.block_size, g)
+            x0 = generate(run.generator, noise, context, k, run.block_size, g, args.cache_grad)
         loss, _ = critic_loss(x0, run.critic, context, g)
         (loss / run.accum).backward()
         loss_sum += loss.detach() / run.accum
@@ -431,7 +374,7 @@ def generator_update(args, run, update, step):
     loss_sum, dmd_grad = torch.zeros((), device=run.device), torch.zeros((), device=run.device)
     for slot in run.my_slots:
         noise, context, g = draw(args, run, update, slot)
-        x0 = generate(run.generator, noise, context, k, run.block_size, g)
+        x0 = generate(run.generator, noise, context, k, run.block_size, g, args.cache_grad)
         loss, logs = dmd_loss(x0, run.teacher, run.critic, context, run.uncond, args.guidance, g)
         (loss / run.accum).backward()
         loss_sum += loss.detach().float() / run.accum
@@ -442,13 +385,16 @@ def generator_update(args, run, update, step):
     run.opt.zero_grad(set_to_none=True)
     # --ema-start N: through update N the EMA is a copy of the live weights, then it averages
     common.ema_update(run.ema, run.generator, args.ema_decay if step > args.ema_start else 0.0)
-    common.stop_if_diverged(step, run.ckpt_path, hint=DIVERGED_HINT, nets=dict(generator=run.generator, EMA=run.ema, critic=run.critic))
+    common.stop_if_diverged(step, run.ckpt_path, hint=DIVERGED_HINT,
+                            nets=dict(generator=run.generator, EMA=run.ema, critic=run.critic))
     return loss, norm, common.all_mean(dmd_grad), k
 
 
 def save(args, run, step):
-    """OUT/ckpt.pt: both networks with their optimizers, and the EMA (gathered by every rank, written
-    by rank 0, atomically and only if every tensor is finite)."""
+    """OUT/ckpt.pt, a plain dict (torch.load(weights_only=True)): 'model', 'ema', 'optimizer' (the
+    generator's), 'critic', 'critic_optimizer', 'step', 'args', and 'script' + 'stage' (--resume continues only
+    a run of this script with the same --generator). Gathered by every rank, written by rank 0, atomically and
+    only if every tensor is finite. `sample.py --checkpoint OUT/ckpt.pt` renders its EMA."""
     ckpt = dict(model=common.full_state_dict(run.generator), ema=common.full_state_dict(run.ema),
                 optimizer=common.full_state_dict(run.generator, run.opt), critic=common.full_state_dict(run.critic),
                 critic_optimizer=common.full_state_dict(run.critic, run.critic_opt), step=step, args=vars(args),
@@ -470,19 +416,24 @@ def train(args, rank, world, device):
         loss, grad_norm, dmd_grad, k = generator_update(args, run, updates + args.critic_steps, step + 1)
         step += 1
 
+        # one line of OUT/log.jsonl per logged step: loss, critic_loss, grad_norm, critic_grad_norm, dmd_grad,
+        # exit_step, step_time, gpu_mem_gb
         critic_losses, critic_norms = [c[0] for c in critic_logs], [c[1] for c in critic_logs]
-        record = dict(step=step, loss=loss, grad_norm=grad_norm, critic_loss=sum(critic_losses) / max(len(critic_losses), 1),
+        record = dict(step=step, loss=loss, grad_norm=grad_norm,
+                      critic_loss=sum(critic_losses) / max(len(critic_losses), 1),
                       critic_grad_norm=sum(critic_norms) / max(len(critic_norms), 1), dmd_grad=dmd_grad, exit_step=k,
                       step_time=time.time() - t0)
         if device.type == "cuda":
             record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         bar.update()
-        bar.set_postfix(loss=f"{record['loss']:.2e}", critic=f"{record['critic_loss']:.4f}", gnorm=f"{record['grad_norm']:.3f}",
-                        s=f"{record['step_time']:.2f}", **({"mem": f"{record['gpu_mem_gb']:.1f}G"} if "gpu_mem_gb" in record else {}))
+        bar.set_postfix(loss=f"{record['loss']:.2e}", critic=f"{record['critic_loss']:.4f}",
+                        gnorm=f"{record['grad_norm']:.3f}", s=f"{record['step_time']:.2f}",
+                        **({"mem": f"{record['gpu_mem_gb']:.1f}G"} if "gpu_mem_gb" in record else {}))
         if rank == 0 and (step % args.log_every == 0 or step == args.max_steps):
             common.log_step(run.log_path, record, run.wandb)
         if args.sample_every and step % args.sample_every == 0:
-            write_sample(args, run.ema, run.vae, cw.padded(run.contexts, [0], device), run.latent_shape, run.block_size, step, rank, device)
+            write_sample(args, run.ema, run.vae, cw.padded(run.contexts, [0], device), run.latent_shape, run.block_size,
+                         step, rank, device)
         if step % args.save_every == 0 or step == args.max_steps:
             save(args, run, step)
     bar.close()
@@ -492,18 +443,24 @@ def train(args, rank, world, device):
 
 
 def parse_args(argv=None):
-    p = common.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny random Wan, small sizes (CPU demo, tests)")
-    p.add_argument("--model", help=f"base diffusers-format Wan (folder or hub id): generator and critic init, text encoder, "
-                                   f"VAE (default {cw.DEFAULT_MODEL}; with --tiny the cached tiny Wan)")
+    p.add_argument("--model", help=f"base diffusers-format Wan (folder or hub id): generator and critic init, "
+                                   f"text encoder, VAE (default {cw.DEFAULT_MODEL}; with --tiny the cached tiny Wan)")
     p.add_argument("--teacher", help="diffusers-format Wan of the real score, loaded in bf16 and frozen "
                                      "(default: --model; Wan-AI/Wan2.1-T2V-14B-Diffusers for the paper's ablation)")
-    p.add_argument("--init", help="start the generator from this checkpoint's weights (e.g. train_ode.py's, or Self Forcing's ode_init.pt)")
-    p.add_argument("--generator", choices=["causal", "bidirectional"], help="causal: self-rollout in blocks (default); "
-                                                                            "bidirectional: the 4-step full-attention model")
+    p.add_argument("--init", help="start the generator from this checkpoint's weights "
+                                  "(e.g. train_ode.py's, or Self Forcing's ode_init.pt)")
+    p.add_argument("--generator", choices=["causal", "bidirectional"],
+                   help="causal: self-rollout in blocks (default); bidirectional: the 4-step full-attention model")
+    p.add_argument("--cache-grad", choices=cw.CACHE_GRAD,
+                   help="straight-through: a block's gradient also reaches the blocks it attended to through the KV "
+                        "cache, as in Self Forcing's training code (default); detach: it does not")
     p.add_argument("--prompts", help="text file, one prompt per line (default prompts/dmd_example.txt)")
     p.add_argument("--negative-prompt", help="unconditional branch of the teacher's CFG (default: Wan's own)")
-    p.add_argument("--guidance", type=common.nonnegative_float, help="teacher CFG, uncond + g (cond - uncond) (4.0 = Self Forcing's 3.0)")
+    p.add_argument("--guidance", type=common.nonnegative_float,
+                   help="teacher CFG, uncond + g (cond - uncond) (4.0 = Self Forcing's 3.0)")
     p.add_argument("--height", type=common.positive_int)
     p.add_argument("--width", type=common.positive_int)
     p.add_argument("--frames", type=common.positive_int, help="pixel frames, 4k+1 (81)")
@@ -517,21 +474,23 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=common.learning_rate, help="generator learning rate (2e-6)")
     p.add_argument("--critic-lr", type=common.learning_rate, help="critic learning rate (4e-7)")
     p.add_argument("--ema-decay", type=common.decay, help="EMA of the generator (0.99)")
-    p.add_argument("--ema-start", type=common.nonnegative_int, help="generator updates before the EMA starts averaging: until then it is a "
-                                                 "copy of the live weights (40, Self Forcing's ema_start_step of 200 iterations)")
+    p.add_argument("--ema-start", type=common.nonnegative_int,
+                   help="generator updates before the EMA starts averaging: until then it is a copy of the live "
+                        "weights (40, Self Forcing's ema_start_step of 200 iterations)")
     p.add_argument("--grad-clip", type=common.positive_float, help="gradient norm clipping, both networks (10)")
     p.add_argument("--save-every", type=common.positive_int)
     p.add_argument("--log-every", type=common.positive_int)
-    p.add_argument("--sample-every", type=common.nonnegative_int, help="write OUT/sample_<step>.mp4 from the EMA generator (0: never)")
+    p.add_argument("--sample-every", type=common.nonnegative_int,
+                   help="write OUT/sample_<step>.mp4 from the EMA generator (0: never)")
     p.add_argument("--seed", type=common.seed, default=0)
-    p.add_argument("--wandb", action="store_true")
+    p.add_argument("--wandb", action="store_true")  # opt-in: nothing goes to wandb without it
     args = p.parse_args(argv)
     preset = Config.tiny() if args.tiny else Config()
     for name, value in asdict(preset).items():
         if getattr(args, name) is None:  # flags left unset take the preset
             setattr(args, name, value)
     if args.model is None:
-        args.model = cw.make_tiny_wan(cw.tiny_model_dir()) if args.tiny else cw.DEFAULT_MODEL
+        args.model = convert.make_tiny_wan(convert.tiny_model_dir()) if args.tiny else cw.DEFAULT_MODEL
     args.teacher = args.teacher or args.model
     return args
 

@@ -2,35 +2,24 @@
 Text -> video with the causal (autoregressive) Wan: block by block with a KV cache, each block
 decoded as soon as it is denoised; the prompt can change mid-video, a clip or an image can be continued.
 
-    python sample.py --prompt "a corgi running in a park at sunset"                  # out.mp4: 81 frames 480x832, 16 fps
+    python sample.py --prompt "a corgi running in a park at sunset"             # out.mp4: 81 frames 480x832, 16 fps
     python sample.py --checkpoint runs/reward/ckpt.pt --prompt "..." --out corgi.mp4  # a trained generator (EMA)
-    python sample.py --checkpoint self_forcing_dmd.pt --prompt "..."                  # Self Forcing's released checkpoint
-    python sample.py --prompts-file prompts.txt --num-videos 2 --out videos/          # one video per prompt and seed
-    python sample.py --prompt "..." --frames 321 --stream                             # 20 s, playable while written
-    python sample.py --prompt "..." --chunk 1                                         # frame-wise: lower first-frame latency
-    python sample.py --tiny --prompt "a red fox" --frames 21 --out /tmp/fox.mp4       # CPU, seconds, random weights
-    python sample.py --prompts-file prompts.txt --out videos/ --compile --overlap-decode  # speed options (BENCHMARKS.md)
-    python sample.py --prompt "..." --decoder tae --decoder-path taew2_1.pth          # the tiny decoder (Speed kit in this docstring)
-    python sample.py --prompt "..." --fp8 --compile                                   # float8 transformer (GPU, cc >= 8.9)
-    python sample.py --prompt "..." --offload                                         # less GPU memory
-    python sample.py --benchmark [--tiny]                                             # speed (see BENCHMARKS.md)
+    python sample.py --checkpoint self_forcing_dmd.pt --prompt "..."             # Self Forcing's released checkpoint
+    python sample.py --prompts-file prompts.txt --num-videos 2 --out videos/     # one video per prompt and seed
+    python sample.py --prompt "..." --frames 321 --stream                        # 20 s, playable while written
+    python sample.py --prompt "..." --chunk 1                                    # frame-wise: lower first-frame latency
+    python sample.py --tiny --prompt "a red fox" --frames 21 --out /tmp/fox.mp4  # CPU, seconds, random weights
+    python sample.py --prompts-file prompts.txt --out videos/ --compile --overlap-decode  # speed flags (BENCHMARKS.md)
+    python sample.py --prompt "..." --decoder tae --decoder-path taew2_1.pth     # the tiny decoder (load_decoder)
+    python sample.py --prompt "..." --fp8 --compile                              # float8 transformer (GPU, cc >= 8.9)
+    python sample.py --prompt "..." --offload                                    # less GPU memory
+    python bench.py [--tiny]                                                     # measures the speed (BENCHMARKS.md)
     python sample.py --prompt "a corgi runs on a beach" --switch 41 "the corgi jumps into the sea" --frames 161
-    python sample.py --prompt "..." --frames 961 --switch 241 "..." --switch 481 "..." --switch 721 "..."  # 1 min, 4 prompts
+    # 1 min, 4 prompts:
+    python sample.py --prompt "..." --frames 961 --switch 241 "..." --switch 481 "..." --switch 721 "..."
     python sample.py --prompt "the corgi swims back" --extend corgi.mp4 --frames 241  # the clip, then new frames
-    python sample.py --prompt "a corgi runs on a beach" --image first.png              # image-to-video
+    python sample.py --prompt "a corgi runs on a beach" --image first.png        # image-to-video
     python sample.py --checkpoint runs/dmd/ckpt.pt --prompt "..."  # distill_dmd.py's bidirectional 4-step model
-
-Weights
--------
---model is a hub id (default Wan-AI/Wan2.1-T2V-1.3B-Diffusers) or a local diffusers-format folder
-(model_index.json, transformer/, vae/, text_encoder/, tokenizer/). Offline, get it once with
-`hf download Wan-AI/Wan2.1-T2V-1.3B-Diffusers --local-dir wan` and pass --model wan. Without weights
-and without the hub, sample.py says exactly that in one line. --checkpoint takes a checkpoint of
-this repo (its EMA generator; --no-ema for the raw one) or Self Forcing's / CausVid's .pt in the
-original Wan key layout (mapped on load). --tiny builds a random-init tiny Wan (transformer, VAE,
-UMT5, tokenizer) in the real diffusers format under ~/.cache/reward_forcing/tiny_wan and runs the
-same loading code a user with real weights runs, at 64x64. Its output is noise; it tests the
-pipeline, not the model.
 
 Frames, blocks and long videos
 ------------------------------
@@ -44,80 +33,11 @@ as soon as it is done (the Wan VAE is causal; block-wise decoding gives the same
 decode), and written to the mp4. --stream writes a fragmented mp4 that players open before the
 video is finished.
 
-Switching prompts
------------------
---switch FRAME PROMPT (repeatable): from the first block boundary at or after video frame FRAME
-(blocks start at frames 0, 9, 21, 33, ... chunk-wise; 0, 1, 5, 9, ... frame-wise) the video
-follows PROMPT; the log says at which frame. The KV cache of the frames the window holds (sink +
-recent frames) is recomputed under the new prompt from their clean latents, each at its own RoPE
-position (re-cache, as LongLive does), so the new prompt takes hold without a cut. --no-recache
-swaps only the cross-attention prompt (for comparison: the cached frames keep the old prompt).
-
-Continuing a clip, image-to-video
----------------------------------
---extend CLIP continues a video: the clip (its longest 4k+1 prefix) is encoded by the Wan VAE
-(causal: first frame alone, then groups of 4) and its latents are placed in the KV cache as clean
-context, as a long video would hold them (the sink and the most recent frames). The output is the
-clip as the VAE reconstructs it, then the new frames, decoded in one pass of the causal decoder (no
-seam); --frames counts both. --image IMG starts the video from an image (the first latent frame),
-as Self Forcing's image-to-video does with a text-to-video generator: its quality with T2V-trained
-weights is untested. Clips and images of another size are resized and center-cropped to
---height x --width. A bidirectional checkpoint (distill_dmd.py --generator bidirectional) renders
-the whole video as one block with full attention (no --chunk, --switch, --extend, --image).
-
-What is exact
--------------
-Exact (tests/test_interactive.py, on the tiny model): without a switch the video is training's
-rollout, bit for bit; frames before a switch are the single-prompt video's; a switch with re-cache
-after b blocks is bit for bit the continuation of those b blocks' latents under the new prompt;
-continuing the first blocks of a video's latents gives exactly its remaining blocks while those
-first blocks fit the window (at most --max-frames minus --chunk latent frames: 69 video frames
-with the defaults), and its decode equals one decode of the whole video. Past the window a continuation is not the
-original: like LongLive's re-cache, it re-derives the recent frames' keys from the frames the
-window holds, while the original computed them with the evicted frames still in view. (--extend
-goes through the VAE encoder, so a clip's latents are the encoder's, not the generator's.) The
-noise of each block depends only on --seed and where the block starts: a video of N frames is the
-first N frames of a longer one with the same seed and switches (up to a shorter last block).
-
-Speed flags
------------
-What each one measured is in BENCHMARKS.md; none is on by default until a GPU run shows it pays.
---overlap-decode decodes block b in a worker thread (on a GPU, its own CUDA stream) while block b+1
-is denoised, same frames. --compile runs the transformer blocks through torch.compile (--compile
-reduce-overhead adds CUDA graphs; the first video pays the compilation, so it is for many prompts or
-long videos). --compile-vae compiles the VAE decoder too (its norms, activations and cache padding
-fuse around cuDNN's convolutions; same pixels within one level of 255 on the CPU). --cudnn-benchmark
-lets cuDNN autotune the VAE's convolutions. --vae-dtype bf16 decodes in bf16 instead of fp32
-(diffusers runs the Wan VAE in fp32; bf16 changes pixels, by up to 13/255 on the tiny random VAE:
-not checked on the real one).
-
-Speed kit
----------
-Speed kit (what was measured: BENCHMARKS.md; none of it is on by default):
---decoder tae --decoder-path taew2_1.pth decodes with the decoder of TAEW2.1, the tiny autoencoder
-for Wan 2.1 latents published at github.com/madebyollin/taehv (download taew2_1.pth there), instead
-of the Wan VAE: 24.9x fewer FLOPs per latent frame, block by block with its own causal memory (equal
-to one decode of the whole video: tested), in --dtype (bf16 on a GPU, fp32 on the CPU). Its image
-quality is the published model's, not measured here (the tests use random weights), so the exact
-fp32 Wan VAE stays the default. --extend and --image still load the Wan VAE to encode the clip or
-image, and free it before generating; the clip's frames in the output are then the tiny decoder's
-reconstruction. --vae-dtype bf16 and --compile-vae set how the Wan VAE decodes and are refused with
-it (--cudnn-benchmark applies to both). --tiny without --decoder-path builds a random one in
-taew2_1.pth's layout.
---fp8 runs the 10 linear layers of every transformer block in float8 through torchao (weights in
-float8 with a scale per output row, activations quantized per token at each call); the norms,
-modulation, RoPE, embedders and output head stay bf16. It needs a CUDA GPU of compute capability
->= 8.9 (Ada, Hopper or newer) and --dtype bf16; elsewhere it is a one-line error. Eager float8 can
-be slower than bf16 (pytorch/ao#685), so use it with --compile. Not measured yet (no GPU so far):
-its speed, and its difference from bf16 with the real weights.
---offload loads the text encoder (UMT5-XXL, 5.7B parameters, ~11 GB in bf16) and the decoder into
-CPU memory (the machine's RAM must hold them) and puts their weights on the device only while they run: all the prompts (switches
-included) are encoded before the generator moves to the device, so the two are never there
-together, and each block's decode brings the decoder over and drops it after. The video is the same
-(tested on the CPU); the GPU memory it saves and the time its transfers take are not measured yet.
-`--benchmark` has a row for each of the three (rows 9-11, each on top of the rows above it; --fp8's
-on a float8 copy of the model, which the rows after it do not use) and times the text encoder with
-and without --offload, with the peak GPU memory of each: the numbers a GPU run will give.
+Where the rest is explained: the weights (--model, --checkpoint, --tiny) at load_generator;
+--switch at check_interactive and FrameStream._take_switches; --extend and --image at
+read_start_frames; a bidirectional --checkpoint at generator_of; what is exact, bit for bit, at
+FrameStream; the speed flags at add_model_flags, and the speed kit (--decoder tae, --fp8,
+--offload) at load_decoder and load_models.
 """
 import argparse
 import collections
@@ -136,26 +56,34 @@ from tqdm import tqdm
 
 import causal_wan as cw
 import common
+import convert
 import speedkit
 
 
 def parse_args(argv=None):
-    p = common.ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:2]), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:2]),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", help="text of the video")
     p.add_argument("--prompts-file", help="one prompt a line, one video each")
     p.add_argument("--jobs", help="tab-separated lines 'prompt<TAB>seed<TAB>out.mp4' (used by eval_vbench.sh)")
     add_model_flags(p)
     p.add_argument("--seed", type=common.seed, default=0)
-    p.add_argument("--num-videos", type=common.positive_int, default=1, help="videos per prompt (seeds seed, seed+1, ...)")
+    p.add_argument("--num-videos", type=common.positive_int, default=1,
+                   help="videos per prompt (seeds seed, seed+1, ...)")
     p.add_argument("--frames", type=int, default=81, help="video frames, 4k+1 (81 = 5 s at 16 fps)")
-    p.add_argument("--chunk", type=int, choices=[1, 3], help="latent frames per block: 3 chunk-wise (default), 1 frame-wise")
+    p.add_argument("--chunk", type=int, choices=[1, 3],
+                   help="latent frames per block: 3 chunk-wise (default), 1 frame-wise")
     p.add_argument("--out", default="out.mp4", help="an .mp4 path for one video, else a folder")
     p.add_argument("--fps", type=common.positive_int, default=16)
-    p.add_argument("--stream", action="store_true", help="write each block into the mp4 as soon as it is decoded (fragmented mp4, playable while written)")
+    p.add_argument("--stream", action="store_true",
+                   help="write each block into the mp4 as soon as it is decoded "
+                        "(fragmented mp4, playable while written)")
     p.add_argument("--switch", nargs=2, action="append", default=[], metavar=("FRAME", "PROMPT"),
                    help="from the first block boundary at or after video frame FRAME on, generate PROMPT (repeatable)")
-    p.add_argument("--no-recache", action="store_true", help="--switch changes only the cross-attention, without re-caching (for comparison)")
-    p.add_argument("--extend", metavar="CLIP", help="continue this video: the output is the clip, then new frames (--frames counts both)")
+    p.add_argument("--no-recache", action="store_true",
+                   help="--switch changes only the cross-attention, without re-caching (for comparison)")
+    p.add_argument("--extend", metavar="CLIP",
+                   help="continue this video: the output is the clip, then new frames (--frames counts both)")
     p.add_argument("--image", help="image-to-video: the image is the first frame (untested with text-to-video weights)")
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--benchmark" in argv:  # the benchmark has a script of its own
@@ -168,32 +96,53 @@ def parse_args(argv=None):
 
 
 def add_model_flags(p):
-    """The flags of the generator, its decoder and their speed options, shared with demo.py."""
+    """The flags of the generator, its decoder and their speed options, shared with demo.py.
+
+    The speed flags: what each one measured is in BENCHMARKS.md; none is on by default until a GPU
+    run shows it pays. --overlap-decode decodes block b in a worker thread (on a GPU, its own CUDA
+    stream) while block b+1 is denoised, same frames. --compile runs the transformer blocks through
+    torch.compile (--compile reduce-overhead adds CUDA graphs; the first video pays the compilation,
+    so it is for many prompts or long videos). --compile-vae compiles the VAE decoder too (its norms,
+    activations and cache padding fuse around cuDNN's convolutions; same pixels within one level of
+    255 on the CPU). --cudnn-benchmark lets cuDNN autotune the VAE's convolutions. --vae-dtype bf16
+    decodes in bf16 instead of fp32 (diffusers runs the Wan VAE in fp32; bf16 changes pixels, by up
+    to 13/255 on the tiny random VAE: not checked on the real one). The speed kit (--decoder tae,
+    --fp8, --offload) is explained at load_models and load_decoder."""
     p.add_argument("--model", default=cw.DEFAULT_MODEL, help="diffusers-format Wan: hub id or local folder")
     p.add_argument("--checkpoint", help="a generator trained by this repo (or Self Forcing's .pt)")
     p.add_argument("--no-ema", action="store_true", help="use the checkpoint's raw weights instead of its EMA")
     p.add_argument("--height", type=int, help="multiple of 16 (default 480; 64 with --tiny)")
     p.add_argument("--width", type=int, help="multiple of 16 (default 832; 64 with --tiny)")
-    p.add_argument("--max-frames", type=common.positive_int, default=21, help="attention window in latent frames (long videos)")
+    p.add_argument("--max-frames", type=common.positive_int, default=21,
+                   help="attention window in latent frames (long videos)")
     p.add_argument("--tiny", action="store_true", help="random tiny Wan built on the fly (CPU demo; output is noise)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="default bf16 on GPU, fp32 on CPU")
-    p.add_argument("--compile", nargs="?", const="default", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
-                   help="torch.compile the transformer blocks (reduce-overhead: also CUDA graphs); the first video pays the compilation")
-    p.add_argument("--compile-vae", action="store_true", help="torch.compile the VAE decoder too (minutes of compilation on the first video)")
-    p.add_argument("--overlap-decode", action="store_true", help="decode block b while block b+1 is denoised (a worker thread, on a GPU its own stream)")
-    p.add_argument("--vae-dtype", default="fp32", choices=["fp32", "bf16"], help="VAE decode precision (fp32 as diffusers runs the Wan VAE)")
+    p.add_argument("--compile", nargs="?", const="default",
+                   choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                   help="torch.compile the transformer blocks (reduce-overhead: also CUDA graphs); "
+                        "the first video pays the compilation")
+    p.add_argument("--compile-vae", action="store_true",
+                   help="torch.compile the VAE decoder too (minutes of compilation on the first video)")
+    p.add_argument("--overlap-decode", action="store_true",
+                   help="decode block b while block b+1 is denoised (a worker thread, on a GPU its own stream)")
+    p.add_argument("--vae-dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="VAE decode precision (fp32 as diffusers runs the Wan VAE)")
     p.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN autotune the decoder's convolutions (GPU)")
-    p.add_argument("--decoder", default="vae", choices=["vae", "tae"], help="vae: the Wan VAE (exact, the default); tae: the tiny decoder of --decoder-path")
-    p.add_argument("--decoder-path", metavar="FILE", help="--decoder tae: taew2_1.pth from github.com/madebyollin/taehv (--tiny: a random one)")
-    p.add_argument("--fp8", action="store_true", help="the transformer blocks' linear layers in float8 (torchao; a GPU of compute capability >= 8.9)")
-    p.add_argument("--offload", action="store_true", help="low memory: the text encoder and the decoder in CPU memory, on the device only while they run")
+    p.add_argument("--decoder", default="vae", choices=["vae", "tae"],
+                   help="vae: the Wan VAE (exact, the default); tae: the tiny decoder of --decoder-path")
+    p.add_argument("--decoder-path", metavar="FILE",
+                   help="--decoder tae: taew2_1.pth from github.com/madebyollin/taehv (--tiny: a random one)")
+    p.add_argument("--fp8", action="store_true",
+                   help="the transformer blocks' linear layers in float8 (torchao; a GPU of compute capability >= 8.9)")
+    p.add_argument("--offload", action="store_true",
+                   help="low memory: the text encoder and the decoder in CPU memory, on the device only while they run")
 
 
 def model_defaults(args):
     """The defaults that depend on --tiny and --device."""
     if args.tiny:
-        args.model = cw.tiny_model_dir() if args.model == cw.DEFAULT_MODEL else args.model
+        args.model = convert.tiny_model_dir() if args.model == cw.DEFAULT_MODEL else args.model
     if args.height is None:
         args.height = 64 if args.tiny else 480
     if args.width is None:
@@ -202,21 +151,15 @@ def model_defaults(args):
     return args
 
 
-
-
 def check_args(args):
-    if args.frames < 1 or (args.frames - 1) % 4:
-        raise common.UserError(f"--frames {args.frames} is not 4k+1: the VAE maps 1 + 4k frames to 1 + k latent frames (try {4 * round((args.frames - 1) / 4) + 1})")
-    for name in ("height", "width"):
-        if getattr(args, name) <= 0 or getattr(args, name) % 16:
-            raise common.UserError(f"--{name} {getattr(args, name)} is not a positive multiple of 16 (VAE 8x and patch 2x)")
+    common.check_video_size(args)
     if args.num_videos < 1:
         raise common.UserError("--num-videos must be at least 1")
     if args.max_frames < 2 * args.chunk:
         raise common.UserError(f"--max-frames {args.max_frames} must hold at least two blocks of --chunk {args.chunk}")
     common.check_device(args.device)
     check_speed_kit(args)
-    if not (args.tiny and args.model == cw.tiny_model_dir()):  # --tiny builds its own on first use
+    if not (args.tiny and args.model == convert.tiny_model_dir()):  # --tiny builds its own on first use
         cw.check_model(args.model)
     if args.checkpoint:
         common.check_file(args.checkpoint, "--checkpoint")
@@ -225,17 +168,22 @@ def check_args(args):
 def check_speed_kit(args):
     """--decoder, --decoder-path and --fp8 against each other and this machine, before any model
     loads (sample.py and demo.py; the device is checked). The tiny decoder's file is checked by
-    loading it, the first model to load (it is small)."""
+    loading it, the first model to load (it is small). --vae-dtype bf16 and --compile-vae set how
+    the Wan VAE decodes and are refused with --decoder tae (--cudnn-benchmark applies to both).
+    --fp8 needs a CUDA GPU of compute capability >= 8.9 (Ada, Hopper or newer) and --dtype bf16;
+    elsewhere it is a one-line error."""
     if args.decoder == "vae" and args.decoder_path is not None:
         raise common.UserError(f"--decoder-path '{args.decoder_path}' is the tiny decoder's file: add --decoder tae "
-                           f"(the default decoder, the Wan VAE, comes from --model)")
+                               f"(the default decoder, the Wan VAE, comes from --model)")
     if args.decoder == "tae":
         if args.decoder_path is None and not args.tiny:
-            raise common.UserError(f"--decoder tae needs the tiny decoder's file: {speedkit.TAE_DOWNLOAD}, and pass --decoder-path taew2_1.pth")
-        vae_only = [flag for flag, on in (("--vae-dtype bf16", args.vae_dtype == "bf16"), ("--compile-vae", args.compile_vae)) if on]
+            raise common.UserError(f"--decoder tae needs the tiny decoder's file: {speedkit.TAE_DOWNLOAD}, "
+                                   f"and pass --decoder-path taew2_1.pth")
+        vae_only = [flag for flag, on in (("--vae-dtype bf16", args.vae_dtype == "bf16"),
+                                          ("--compile-vae", args.compile_vae)) if on]
         if vae_only:
-            raise common.UserError(f"{vae_only[0]} sets how the Wan VAE decodes, and --decoder tae decodes with the tiny decoder "
-                               f"(in --dtype, {args.dtype}): drop {vae_only[0]}")
+            raise common.UserError(f"{vae_only[0]} sets how the Wan VAE decodes, and --decoder tae decodes with the "
+                                   f"tiny decoder (in --dtype, {args.dtype}): drop {vae_only[0]}")
     if args.fp8:
         speedkit.check_fp8(args.device, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
 
@@ -257,7 +205,8 @@ def read_jobs(args):
             jobs.append((parts[0], int(parts[1]), parts[2]))
         return check_outputs(jobs)
     if args.prompts_file:
-        prompts = [line.strip() for line in common.read_text(args.prompts_file, "--prompts-file").splitlines() if line.strip()]
+        prompts = [line.strip() for line in common.read_text(args.prompts_file, "--prompts-file").splitlines()
+                   if line.strip()]
         if not prompts:
             raise common.UserError(f"--prompts-file '{args.prompts_file}' has no prompts")
     else:
@@ -268,13 +217,14 @@ def read_jobs(args):
     one_file = args.out.lower().endswith(".mp4")
     extension = os.path.splitext(args.out.rstrip("/"))[1]
     if not one_file and extension and not os.path.isdir(args.out):  # would silently become a folder
-        raise common.UserError(f"--out '{args.out}' ends in '{extension}': videos are mp4, so give a name ending in .mp4, "
-                           f"or a folder (one without an extension, or one that exists)")
+        raise common.UserError(f"--out '{args.out}' ends in '{extension}': videos are mp4, so give a name ending in "
+                               f".mp4, or a folder (one without an extension, or one that exists)")
     if len(pairs) == 1 and one_file:
         return check_outputs([(pairs[0][0], pairs[0][1], args.out)])
     if one_file:
         raise common.UserError(f"{len(pairs)} videos cannot all be written to '{args.out}': give a folder as --out")
-    return check_outputs([(p, s, os.path.join(args.out, f"{i:04d}_{slug(p)}-{s}.mp4")) for i, (p, s) in enumerate(pairs)])
+    return check_outputs([(p, s, os.path.join(args.out, f"{i:04d}_{slug(p)}-{s}.mp4"))
+                          for i, (p, s) in enumerate(pairs)])
 
 
 def check_outputs(jobs):
@@ -284,7 +234,8 @@ def check_outputs(jobs):
         common.check_output_folder(folder, "output folder")
     for _, _, path in jobs:
         if os.path.isdir(path):
-            raise common.UserError(f"'{path}' is a folder: the video cannot be written there (remove it or choose another --out)")
+            raise common.UserError(f"'{path}' is a folder: the video cannot be written there "
+                                   f"(remove it or choose another --out)")
     return jobs
 
 
@@ -293,13 +244,25 @@ def slug(text, n=60):
 
 
 def load_generator(args, device, dtype, kind="causal"):
+    """The generator of --model and --checkpoint on `device`, in `dtype`, frozen.
+
+    --model is a hub id (default Wan-AI/Wan2.1-T2V-1.3B-Diffusers) or a local diffusers-format folder
+    (model_index.json, transformer/, vae/, text_encoder/, tokenizer/). Offline, get it once with
+    `hf download Wan-AI/Wan2.1-T2V-1.3B-Diffusers --local-dir wan` and pass --model wan. Without weights
+    and without the hub, sample.py says exactly that in one line. --checkpoint takes a checkpoint of
+    this repo (its EMA generator; --no-ema for the raw one) or Self Forcing's / CausVid's .pt in the
+    original Wan key layout (mapped on load). --tiny builds a random-init tiny Wan (transformer, VAE,
+    UMT5, tokenizer) in the real diffusers format under ~/.cache/reward_forcing/tiny_wan and runs the
+    same loading code a user with real weights runs, at 64x64. Its output is noise; it tests the
+    pipeline, not the model."""
     if args.tiny:
-        if args.model == cw.tiny_model_dir():
-            cw.make_tiny_wan(args.model)  # built once, then reused
-        print("--tiny: random-init tiny Wan, the video is noise (it tests the pipeline, not the model)", file=sys.stderr)
+        if args.model == convert.tiny_model_dir():
+            convert.make_tiny_wan(args.model)  # built once, then reused
+        print("--tiny: random-init tiny Wan, the video is noise (it tests the pipeline, not the model)",
+              file=sys.stderr)
     model = cw.from_pretrained(args.model, dtype=torch.float32)
     if args.checkpoint:
-        cw.load_generator_weights(model, args.checkpoint, use_ema=not args.no_ema, kind=kind)
+        convert.load_generator_weights(model, args.checkpoint, use_ema=not args.no_ema, kind=kind)
     return cw.cast_model(model, dtype, device).eval().requires_grad_(False)  # bf16 with Wan's fp32 parameters kept
 
 
@@ -307,9 +270,25 @@ def load_models(args, device, dtype, kind, prompts, start_frames):
     """(the generator on `device`, {prompt: text context [1, 512, text_dim]} for every prompt in
     `prompts`, decode(z, first) for FrameStream, the latents of start_frames or None). The text
     encoder runs once, here, for all the prompts (switches included), and is freed before the
-    decoder loads. --offload: every model loads into CPU memory; the text encoder's weights go to
-    the device only while it encodes, before the generator moves there (the two are never on the
-    device together), and the decoder's only while it decodes a block (load_decoder)."""
+    decoder loads.
+
+    The speed kit: --decoder tae (load_decoder), --fp8, --offload. None of it is on by default; what
+    was measured is in BENCHMARKS.md. bench.py has a row for each of the three (rows 9-11, each on
+    top of the rows above it; --fp8's on a float8 copy of the model, which the rows after it do not
+    use) and times the text encoder with and without --offload, with the peak GPU memory of each:
+    the numbers a GPU run will give.
+    --fp8 runs the 10 linear layers of every transformer block in float8 through torchao (weights in
+    float8 with a scale per output row, activations quantized per token at each call); the norms,
+    modulation, RoPE, embedders and output head stay bf16 (what it needs: check_speed_kit). Eager
+    float8 can be slower than bf16 (pytorch/ao#685), so use it with --compile. Not measured yet (no
+    GPU so far): its speed, and its difference from bf16 with the real weights.
+    --offload: every model loads into CPU memory (the machine's RAM must hold the text encoder,
+    UMT5-XXL, 5.7B parameters, ~11 GB in bf16, and the decoder); the text encoder's weights go to the
+    device only while it encodes all the prompts (switches included), before the generator moves
+    there (the two are never on the device together), and the decoder's only while it decodes a
+    block: each block's decode brings it over and drops it after (load_decoder). The video is the
+    same (tested on the CPU); the GPU memory it saves and the time its transfers take are not
+    measured yet."""
     home = torch.device("cpu") if args.offload else device  # where weights live while their model is not running
     tae = None
     if args.decoder == "tae":  # first: it is small, and a wrong file is said before the big models load
@@ -334,11 +313,22 @@ def load_decoder(args, device, tae=None, start_frames=None):
     --vae-dtype. --decoder tae: `tae`, the tiny decoder (loaded first, in --dtype); the Wan VAE
     then loads only when there are start_frames (--extend, --image) to encode, and is freed after.
     --offload: the decoder's weights stay in CPU memory and are on the device only while it
-    decodes a block (its causal state stays on the device)."""
+    decodes a block (its causal state stays on the device).
+
+    --decoder tae --decoder-path taew2_1.pth decodes with the decoder of TAEW2.1, the tiny
+    autoencoder for Wan 2.1 latents published at github.com/madebyollin/taehv (download taew2_1.pth
+    there), instead of the Wan VAE: 24.9x fewer FLOPs per latent frame, block by block with its own
+    causal memory (equal to one decode of the whole video: tested), in --dtype (bf16 on a GPU, fp32
+    on the CPU). Its image quality is the published model's, not measured here (the tests use random
+    weights), so the exact fp32 Wan VAE stays the default. With --extend or --image the Wan VAE
+    encodes the clip or image and is freed before generating; the clip's frames in the output are
+    then the tiny decoder's reconstruction. --tiny without --decoder-path builds a random one in
+    taew2_1.pth's layout."""
     home = torch.device("cpu") if args.offload else device
     vae = prefix = None
     if args.decoder == "vae" or start_frames is not None:
-        vae = cw.load_vae(args.model, dtype=torch.bfloat16 if args.vae_dtype == "bf16" else torch.float32, device=home)
+        vae = cw.load_vae(args.model, dtype=torch.bfloat16 if args.vae_dtype == "bf16" else torch.float32,
+                          device=home)
     if start_frames is not None:
         with speedkit.on_device(vae, device):  # a no-op unless --offload
             prefix = vae_encode(vae, start_frames, device)
@@ -355,13 +345,19 @@ def load_decoder(args, device, tae=None, start_frames=None):
 
 def generator_of(args):
     """'causal', or 'bidirectional' for distill_dmd.py --generator bidirectional: read from the
-    checkpoint's args without loading its weights (mmap)."""
-    return cw.generator_kind(cw.load_checkpoint(args.checkpoint, mmap=True)) if args.checkpoint else "causal"
+    checkpoint's args without loading its weights (mmap). A bidirectional checkpoint renders the
+    whole video as one block with full attention (no --chunk, --switch, --extend, --image)."""
+    return convert.generator_kind(convert.load_checkpoint(args.checkpoint, mmap=True)) if args.checkpoint else "causal"
 
 
 def check_interactive(args, kind):
     """Before any model loads: (latent frames per block, the switches [(frame, prompt)], the
-    frames the video starts from (uint8 [T, H, W, 3]) or None)."""
+    frames the video starts from (uint8 [T, H, W, 3]) or None).
+
+    --switch FRAME PROMPT (repeatable): from the first block boundary at or after video frame FRAME
+    (blocks start at frames 0, 9, 21, 33, ... chunk-wise; 0, 1, 5, 9, ... frame-wise) the video
+    follows PROMPT; the log says at which frame. How the switch is made (re-cache, --no-recache):
+    FrameStream._take_switches."""
     latent_frames = (args.frames - 1) // 4 + 1
     if args.no_recache and not args.switch:
         raise common.UserError("--no-recache changes how --switch switches prompts: give a --switch FRAME PROMPT too")
@@ -369,8 +365,9 @@ def check_interactive(args, kind):
         given = [f for f, on in [("--chunk", args.chunk_given), ("--switch", args.switch), ("--extend", args.extend),
                                  ("--image", args.image)] if on]
         if given:
-            raise common.UserError(f"checkpoint '{args.checkpoint}' is a bidirectional generator: it renders the whole video as "
-                               f"one block, so {given[0]} does not apply (drop it, or use a causal checkpoint)")
+            raise common.UserError(f"checkpoint '{args.checkpoint}' is a bidirectional generator: it renders the whole "
+                                   f"video as one block, so {given[0]} does not apply (drop it, or use a causal "
+                                   f"checkpoint)")
         print(f"note: '{args.checkpoint}' is a bidirectional 4-step generator: the whole video ({latent_frames} latent "
               f"frames) is rendered as one block with full attention", file=sys.stderr)
         return latent_frames, [], None
@@ -380,22 +377,27 @@ def check_interactive(args, kind):
     switches, at = [], {}  # at: {the frame a switch takes effect: the frame it named}
     for frame, prompt in args.switch:
         if not re.fullmatch(r"-?\d+", frame):
-            raise common.UserError(f"--switch '{frame}': FRAME must be a video frame number, e.g. --switch 41 \"the fox jumps\"")
+            raise common.UserError(f"--switch '{frame}': FRAME must be a video frame number, "
+                                   f"e.g. --switch 41 \"the fox jumps\"")
         frame = int(frame)
         if not first <= frame < args.frames:
-            why = "" if frame >= first else f" (frames 0-{first - 1} come from --extend/--image)" if start else " (frame 0 is --prompt's)"
-            raise common.UserError(f"--switch {frame} is outside the frames a switch can name, {first}-{args.frames - 1}{why}")
+            why = ("" if frame >= first else f" (frames 0-{first - 1} come from --extend/--image)" if start
+                   else " (frame 0 is --prompt's)")
+            raise common.UserError(f"--switch {frame} is outside the frames a switch can name, "
+                                   f"{first}-{args.frames - 1}{why}")
         if not prompt.strip():
             raise common.UserError(f"--switch {frame}: empty prompt")
         boundary = start  # the switch takes effect at the first block boundary at or after the frame
         while pixel_frame(boundary) < frame:
             boundary += args.chunk
         if boundary >= latent_frames:
-            raise common.UserError(f"--switch {frame}: the first block boundary at or after it is frame {pixel_frame(boundary)}, "
-                               f"after the video's last frame {args.frames - 1}; switch earlier or make the video longer")
+            raise common.UserError(f"--switch {frame}: the first block boundary at or after it is frame "
+                                   f"{pixel_frame(boundary)}, after the video's last frame {args.frames - 1}; switch "
+                                   f"earlier or make the video longer")
         if pixel_frame(boundary) in at:
-            raise common.UserError(f"--switch {at[pixel_frame(boundary)]} and --switch {frame} both take effect at frame "
-                               f"{pixel_frame(boundary)} (switches happen at block boundaries): give one of them")
+            raise common.UserError(f"--switch {at[pixel_frame(boundary)]} and --switch {frame} both take effect at "
+                                   f"frame {pixel_frame(boundary)} (switches happen at block boundaries): give one of "
+                                   f"them")
         at[pixel_frame(boundary)] = frame
         switches.append((frame, prompt))
     return args.chunk, switches, start_frames
@@ -403,9 +405,19 @@ def check_interactive(args, kind):
 
 def read_start_frames(args):
     """--image (one frame) or --extend (a clip, cut to its longest 4k+1 prefix) as uint8 frames
-    [T, H, W, 3] of --height x --width, resized and center-cropped when needed; None without them."""
+    [T, H, W, 3] of --height x --width, resized and center-cropped when needed; None without them.
+
+    --extend CLIP continues a video: the clip (its longest 4k+1 prefix) is encoded by the Wan VAE
+    (causal: first frame alone, then groups of 4; vae_encode) and its latents are placed in the KV
+    cache as clean context, as a long video would hold them (the sink and the most recent frames).
+    The output is the clip as the VAE reconstructs it, then the new frames, decoded in one pass of
+    the causal decoder (no seam); --frames counts both. --image IMG starts the video from an image
+    (the first latent frame), as Self Forcing's image-to-video does with a text-to-video generator:
+    its quality with T2V-trained weights is untested. Clips and images of another size are resized
+    and center-cropped to --height x --width (fit_frames)."""
     if args.image and args.extend:
-        raise common.UserError("--extend and --image together: a video continues a clip or starts from an image, give one")
+        raise common.UserError("--extend and --image together: a video continues a clip or starts from an image, "
+                               "give one")
     path = args.image or args.extend
     if path is None:
         return None
@@ -418,7 +430,8 @@ def read_start_frames(args):
             with Image.open(path) as image:
                 frames = np.array(image.convert("RGB"))[None]  # [1, H, W, 3]
         except Exception as e:  # not an image, truncated
-            raise common.UserError(f"{name} is not a readable image ({type(e).__name__}): give a PNG or JPEG") from None
+            raise common.UserError(f"{name} is not a readable image ({type(e).__name__}): "
+                                   f"give a PNG or JPEG") from None
     else:
         import imageio
         frames = []
@@ -431,14 +444,16 @@ def read_start_frames(args):
         except Exception as e:  # not a video, unknown format
             raise common.UserError(f"{name} is not a readable video ({type(e).__name__}): give an mp4") from None
         if len(frames) < 5:
-            raise common.UserError(f"{name} has {len(frames)} frame(s): continue a video of 5 frames or more, or use --image")
+            raise common.UserError(f"{name} has {len(frames)} frame(s): continue a video of 5 frames or more, "
+                                   f"or use --image")
         usable = 4 * ((len(frames) - 1) // 4) + 1
         if usable != len(frames) and len(frames) < args.frames:
             print(f"note: {name} has {len(frames)} frames, not 4k+1: using its first {usable}", file=sys.stderr)
         frames = np.stack(frames[:usable])
     if len(frames) >= args.frames:
-        raise common.UserError(f"{name} gives {len(frames)}{'+' if args.extend else ''} frames and --frames {args.frames} counts the "
-                           f"whole video, so nothing is left to generate: make --frames larger than the clip")
+        raise common.UserError(f"{name} gives {len(frames)}{'+' if args.extend else ''} frames and --frames "
+                               f"{args.frames} counts the whole video, so nothing is left to generate: make --frames "
+                               f"larger than the clip")
     return fit_frames(frames, args.height, args.width, name)
 
 
@@ -453,8 +468,10 @@ def fit_frames(frames, height, width, name):
     top, left = (size[0] - height) // 2, (size[1] - width) // 2
     out = []
     for chunk in torch.from_numpy(frames).split(16):  # a few frames at a time: a long clip stays small
-        x = torch.nn.functional.interpolate(chunk.permute(0, 3, 1, 2).float(), size=size, mode="bilinear", antialias=True)
-        out.append(x[:, :, top:top + height, left:left + width].round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1))
+        x = torch.nn.functional.interpolate(chunk.permute(0, 3, 1, 2).float(), size=size, mode="bilinear",
+                                            antialias=True)  # [n, 3, size[0], size[1]]
+        out.append(x[:, :, top:top + height, left:left + width].round().clamp(0, 255).to(torch.uint8)
+                   .permute(0, 2, 3, 1))  # [n, height, width, 3]
     return torch.cat(out).numpy()
 
 
@@ -528,18 +545,32 @@ class FrameStream:
 
     model: the causal transformer (its device and dtype are the stream's). decode(z, first):
     latents [1, 16, n, h, w] -> pixels [1, 3, T, H, W] in [-1, 1], first=True resetting its causal
-    state (`partial(cw.vae_decode, vae)` or `partial(speedkit.tae_decode, tae)`). encode(prompt) -> text
-    context [1, S, text_dim] for switches; it runs in the iterating thread. frames: the video's length (4k+1 video frames,
-    prefix included), None to run until stop(). prefix: clean latents [1, 16, L, h, w] the video
-    starts with (an --extend clip, an --image): their decoded frames come first, then new frames
-    from position L. noise(start, n) -> (noise [1, 16, n, h, w], generator): each block's noise
-    (default `block_noise` with `seed`). keep_latents: collect every block's latents in `latents`.
+    state (`partial(cw.vae_decode, vae)` or `partial(speedkit.tae_decode, tae)`). encode(prompt) ->
+    text context [1, S, text_dim] for switches; it runs in the iterating thread. frames: the video's
+    length (4k+1 video frames, prefix included), None to run until stop(). prefix: clean latents
+    [1, 16, L, h, w] the video starts with (an --extend clip, an --image): their decoded frames come
+    first, then new frames from position L. noise(start, n) -> (noise [1, 16, n, h, w], generator):
+    each block's noise (default `block_noise` with `seed`). keep_latents: collect every block's
+    latents in `latents`.
 
     Thread safety: switch() and stop() may be called from any thread at any time; they only queue
     a request under a lock, applied by the iterating thread before its next block. `frames_done`,
     `switches_done` [(frame, prompt, recache)] and `latents` are written by the iterating thread only.
     With overlap, each block is decoded in a worker thread while the next one is generated (see
     decode_blocks).
+
+    What is exact (tests/test_interactive.py, on the tiny model): without a switch the video is
+    training's rollout, bit for bit; frames before a switch are the single-prompt video's; a switch
+    with re-cache after b blocks is bit for bit the continuation of those b blocks' latents under the
+    new prompt; continuing the first blocks of a video's latents gives exactly its remaining blocks
+    while those first blocks fit the window (at most --max-frames minus --chunk latent frames: 69
+    video frames with the defaults), and its decode equals one decode of the whole video. Past the
+    window a continuation is not the original: like LongLive's re-cache, it re-derives the recent
+    frames' keys from the frames the window holds, while the original computed them with the
+    evicted frames still in view. (--extend goes through the VAE encoder, so a clip's latents are
+    the encoder's, not the generator's.) The noise of each block depends only on --seed and where
+    the block starts: a video of N frames is the first N frames of a longer one with the same seed
+    and switches (up to a shorter last block).
     """
 
     def __init__(self, model, decode, prompt_kv, *, height, width, seed=0, frames=None, chunk=3, max_frames=21,
@@ -582,7 +613,8 @@ class FrameStream:
     @torch.no_grad()
     def _latent_blocks(self):
         """(latents, first) of each block to decode: the prefix's, then the generated ones."""
-        stream = cw.VideoStream(self.model, self.prompt_kv, self.chunk, self.max_frames, total_frames=self.latent_frames)
+        stream = cw.VideoStream(self.model, self.prompt_kv, self.chunk, self.max_frames,
+                                total_frames=self.latent_frames)
         if self.prefix is not None:
             stream.prefill(self.prefix)  # the decoder's causal cache is primed by decoding the prefix
             for start in range(0, self.prefix.shape[2], self.chunk):
@@ -603,7 +635,11 @@ class FrameStream:
 
     def _take_switches(self, stream):
         """Apply the switch due at this block boundary; of several due at once, the last one asked
-        (the others would not generate a single frame)."""
+        (the others would not generate a single frame). With re-cache (as LongLive does) the KV cache
+        of the frames the window holds (sink + recent frames) is recomputed under the new prompt from
+        their clean latents, each at its own RoPE position, so the new prompt takes hold without a
+        cut; recache=False (--no-recache) swaps only the cross-attention prompt (for comparison: the
+        cached frames keep the old prompt)."""
         frame = pixel_frame(stream.pos)
         with self._lock:
             due = [r for r in self._requests if r[0] is None or r[0] <= frame]
@@ -655,7 +691,8 @@ def decode_aside(decode, z, first, ready):
 
 
 @torch.no_grad()
-def generate(model, decode, prompt_kv, noise, chunk, max_frames, on_frames, generator=None, progress=None, overlap=False):
+def generate(model, decode, prompt_kv, noise, chunk, max_frames, on_frames, generator=None, progress=None,
+             overlap=False):
     """The latent video of `noise` [1, C, F, h, w] (re-noised from one `generator`, as cw.rollout),
     each block decoded by decode(z, first) as soon as it is done (`partial(cw.vae_decode, vae)` or
     `partial(speedkit.tae_decode, tae)`, as FrameStream takes it): a FrameStream with that noise. on_frames

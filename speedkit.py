@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from causal_wan import tiny_model_dir
 from common import UserError, save_checkpoint
+from convert import tiny_model_dir
 
 # -----------------------------------------------------------------------------
 # tiny streaming decoder for Wan latents: the decoder of TAEW2.1 (madebyollin/taehv)
@@ -131,7 +131,8 @@ def load_tiny_decoder(path, device="cpu", dtype=torch.float32):
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"tiny decoder '{path}' is not a readable checkpoint ({type(e).__name__}): {TAE_DOWNLOAD}") from None
+        raise UserError(f"tiny decoder '{path}' is not a readable checkpoint ({type(e).__name__}): "
+                        f"{TAE_DOWNLOAD}") from None
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise UserError(f"tiny decoder '{path}' holds no state dict of tensors: {TAE_DOWNLOAD}")
     sd = {k: v for k, v in sd.items() if not k.startswith("encoder.")}
@@ -139,7 +140,8 @@ def load_tiny_decoder(path, device="cpu", dtype=torch.float32):
         widths = tuple(sd[f"decoder.{i}.weight"].shape[0] for i in (1, 8, 14, 20))
         latent_channels = sd["decoder.1.weight"].shape[1]
         if latent_channels != 16:
-            raise UserError(f"tiny decoder '{path}' is for {latent_channels} latent channels, not Wan 2.1's 16: {TAE_DOWNLOAD}")
+            raise UserError(f"tiny decoder '{path}' is for {latent_channels} latent channels, not Wan 2.1's 16: "
+                            f"{TAE_DOWNLOAD}")
         tae = TinyDecoder(widths, latent_channels)
         tae.load_state_dict(sd, strict=True)
     except (KeyError, IndexError, RuntimeError) as e:
@@ -166,10 +168,12 @@ def check_fp8(device, dtype):
     loading any model."""
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
-        raise UserError(f"--fp8 needs a CUDA GPU with compute capability >= 8.9 (Ada, Hopper or newer), not device '{device}'")
+        raise UserError(f"--fp8 needs a CUDA GPU with compute capability >= 8.9 (Ada, Hopper or newer), "
+                        f"not device '{device}'")
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < (8, 9):
-        raise UserError(f"--fp8 needs compute capability >= 8.9; {torch.cuda.get_device_name(device)} has {major}.{minor}")
+        raise UserError(f"--fp8 needs compute capability >= 8.9; "
+                        f"{torch.cuda.get_device_name(device)} has {major}.{minor}")
     if dtype != torch.bfloat16:
         raise UserError("--fp8 keeps the rest of the transformer in bf16: use --dtype bf16")
     try:
@@ -182,13 +186,14 @@ def quantize_fp8(model):
     """Convert the fp8_layer linear layers of a bf16 model in place with torchao: weights stored in
     float8 (e4m3) with one scale per output row, activations quantized to float8 per row (per token)
     at every call, matmuls in float8 with bf16 outputs. Call check_fp8 first, on the model already
-    on its GPU and before torch.compile (sample.compile_blocks). Returns model."""
+    on its GPU and before torch.compile (compile_blocks). Returns model."""
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8Tensor, PerRow, quantize_
     quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=fp8_layer)
     # torchao silently keeps a layer whose sizes are not multiples of 16: say so instead
     kept = [name for name, m in model.named_modules() if fp8_layer(m, name) and not isinstance(m.weight, Float8Tensor)]
     if kept:
-        raise UserError(f"--fp8: {len(kept)} linear layers could not be converted (sizes must be multiples of 16), e.g. {kept[0]}")
+        raise UserError(f"--fp8: {len(kept)} linear layers could not be converted "
+                        f"(sizes must be multiples of 16), e.g. {kept[0]}")
     return model
 
 
@@ -293,6 +298,7 @@ def compile_blocks(model, mode="default", backend="inductor"):
     hook = getattr(model, "cuda_graph_step_hook", None)
     if hook is not None:
         hook.remove()
-    model.cuda_graph_step_hook = (model.register_forward_pre_hook(lambda module, args: torch.compiler.cudagraph_mark_step_begin())
-                                  if mode == "reduce-overhead" else None)
+    model.cuda_graph_step_hook = (
+        model.register_forward_pre_hook(lambda module, args: torch.compiler.cudagraph_mark_step_begin())
+        if mode == "reduce-overhead" else None)
     return model

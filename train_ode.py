@@ -1,11 +1,13 @@
-"""
+r"""
 Stage 2 of Reward Forcing: ODE initialization of the causal student (paper, section 3.2). `generate`
 samples ~1.4K noise -> video trajectories from a bidirectional teacher into a store, `verify` checks
 the store, `train` regresses the block-causal student onto them; train_reward.py starts from its checkpoint.
 
-    # CPU demo with a tiny random Wan (built once in ~/.cache/reward_forcing/tiny_wan): 64x64 pixels, 4 trajectories, 20 steps, seconds
+    # CPU demo with a tiny random Wan (built once in ~/.cache/reward_forcing/tiny_wan): 64x64 pixels,
+    # 4 trajectories, 20 steps, seconds
     python distill_dmd.py --tiny --generator bidirectional --out runs/dmd_tiny
-    python train_ode.py generate --tiny --teacher runs/dmd_tiny/ckpt.pt --prompts prompts/dmd_example.txt --store ode_tiny
+    python train_ode.py generate --tiny --teacher runs/dmd_tiny/ckpt.pt --prompts prompts/dmd_example.txt \
+        --store ode_tiny
     python train_ode.py verify --store ode_tiny
     python train_ode.py train --tiny --store ode_tiny --out runs/ode_tiny
 
@@ -14,111 +16,46 @@ the store, `train` regresses the block-causal student onto them; train_reward.py
     python train_ode.py verify --store ode_store     # count, shapes, missing shards (exit code 2 if incomplete)
     python train_ode.py train --store ode_store --out runs/ode --global-batch 8
     # or the public code's teacher (no stage 1): base Wan, Euler, shift 8, 48 steps, CFG 6
-    python train_ode.py generate --teacher Wan-AI/Wan2.1-T2V-1.3B-Diffusers --recipe self-forcing --prompts PROMPTS --store ode_store
+    python train_ode.py generate --teacher Wan-AI/Wan2.1-T2V-1.3B-Diffusers --recipe self-forcing \
+        --prompts PROMPTS --store ode_store
 
     # 8 GPUs (both phases split across ranks; generation skips finished shards when rerun)
-    torchrun --nproc_per_node 8 train_ode.py generate --teacher runs/dmd_bidirectional/ckpt.pt --prompts PROMPTS --store ode_store
+    torchrun --nproc_per_node 8 train_ode.py generate --teacher runs/dmd_bidirectional/ckpt.pt \
+        --prompts PROMPTS --store ode_store
     torchrun --nproc_per_node 8 train_ode.py train --store ode_store --out runs/ode
     python sample.py --checkpoint runs/ode/ckpt.pt --prompt "a red fox running in snow"   # render it
 
 The loss
 --------
 Each trajectory keeps five latents: the noisy inputs at the student's four timesteps and the clean
-end point x0. The student is regressed onto x0 under the block-causal mask,
+end point x0. Each block of --block-size (3) latent frames takes its input from one of the four noisy
+states, drawn at random per block, with that state's true t; the student is regressed onto x0 under the
+block-causal mask, over all frames,
 
     L_ode = E || G(x_{t_f} per frame, t_f per frame) - x0 ||^2.
 
 This stage teaches motion, not texture: on its own it gives the paper's "ODE only" row (VBench
 total 68.77 / quality 73.27 / semantic 50.81). Its checkpoint is what train_reward.py starts from,
-and what `sample.py --checkpoint` renders. Peers published no training recipe for this stage
-(Self Forcing issue #64): the training defaults below are ours.
+and what `sample.py --checkpoint` renders.
 
-Teachers (--teacher)
---------------------
-- a checkpoint file of distill_dmd.py: its 4-step bidirectional generator (`rollout` with one
-  block). The inputs of its four steps are exactly at the student's timesteps (1000, 937.5, 833.3,
-  625), and re-noised with fresh noise as the student's own rollout does at inference, so they are
-  exactly the inputs the student meets. The flip side: x0 also depends on that later noise, so L_ode
-  has a floor at the early steps (there the student learns the mean x0 given its input). --model
-  (the base Wan folder) gives the network config and the text encoder.
-- a diffusers-format Wan (folder or hub id): diffusers' own WanPipeline, `--teacher-steps` steps,
-  classifier-free guidance `--guidance` and `--negative-prompt` (Wan's own by default; these apply
-  to this teacher only), with its own scheduler (`--recipe pipeline`: UniPC, flow shift 3, 50 steps,
-  CFG 5) or with `--recipe self-forcing`: the recipe of Self Forcing's scripts/generate_ode_pairs.py,
-  Euler on the velocity over its grid of 48 steps with shift 8, CFG 6 (CausVid's: the same with
-  `--teacher-steps 50`). A deterministic ODE solve: the kept latents are the solver's latents
-  nearest to the student's timesteps; their true timesteps go into the store (the solver grid does
-  not hit 937.5 or 625 exactly) and training uses them. The latents are stored in the VAE-normalized
-  space the transformer works in (output_type="latent").
+Which teacher (--teacher; how each one samples: DMDTeacher, DiffusersTeacher): the paper (section 3.4)
+samples its 1.4K trajectories from the 4-step bidirectional DMD model (`--teacher runs/dmd_bidirectional/ckpt.pt`):
+4 model calls per trajectory, its states exactly at the student's timesteps, but it needs distill_dmd.py first
+and its x0 depends on the re-noising. Section 3.2 describes "an ODE solver with the pretrained teacher ...
+similar to CausVid", and that is what the public code does: base Wan, `--teacher Wan-AI/Wan2.1-T2V-1.3B-Diffusers
+--recipe self-forcing`. No stage 1, and x0 a function of the noise alone (no floor on L_ode), for 96 model calls
+per trajectory (48 steps x CFG) and states a little off the student's timesteps (the true levels are stored).
+Pick the paper's to follow it, and when a distilled bidirectional model exists (then sampling costs 1/24); the
+public code's to reproduce Self Forcing's ODE initialization, or to skip stage 1.
 
-Which teacher: the paper (section 3.4) samples its 1.4K trajectories from the 4-step bidirectional
-DMD model, the first one above (`--teacher runs/dmd_bidirectional/ckpt.pt`): 4 model calls per
-trajectory, its states exactly at the student's timesteps, but it needs distill_dmd.py first and
-its x0 depends on the re-noising. Section 3.2 describes "an ODE solver with the pretrained
-teacher ... similar to CausVid", and that is what the public code does: base Wan,
-`--teacher Wan-AI/Wan2.1-T2V-1.3B-Diffusers --recipe self-forcing`. No stage 1, and x0 a function
-of the noise alone (no floor on L_ode), for 96 model calls per trajectory (48 steps x CFG) and
-states a little off the student's timesteps (935.8, 827.6, 615.4 for 937.5, 833.3, 625; the true
-levels are stored). Pick the paper's to follow it, and when a distilled bidirectional model exists
-(then sampling costs 1/24); the public code's to reproduce Self Forcing's ODE initialization, or to
-skip stage 1.
-
-The store
----------
-DIR/index.json holds the settings, the latent shape, the five timesteps and every trajectory's
-prompt; DIR/shard_00000.safetensors, ... hold `latents` [n, 5, C, F, H, W] in bf16 (noisiest first,
-x0 last) with the prompts and seeds as metadata. Shard i holds trajectories [i*S, (i+1)*S)
-(S = --shard-size, 16). Trajectory k is drawn from seed + k alone, and a shard is written to a temp
-file and renamed, so the store is:
-
-- resumable: rerunning the same `generate` command (any number of GPUs) skips finished shards and
-  regenerates the missing ones identically; changed flags are refused with the list of settings
-  that differ;
-- split across ranks: rank r generates shards r, r + world, ...;
-- verifiable: `verify` checks every shard's shape, dtype, prompts and seeds against the index.
-
-Prompts come from --prompts (one per line, cycled with new seeds if --num is larger).
-
-Disk size at full size (832x480, 81 frames -> latents 16 x 21 x 60 x 104): one trajectory is
-21 x 16 x 60 x 104 values x 5 kept states x 2 bytes = 20,966,400 bytes = 21.0 MB (20.0 MiB), so
-1K trajectories = 21.0 GB (19.5 GiB) and the paper's 1.4K = 29.4 GB (27.3 GiB), in 88 shards of
-~335 MB.
-
-Training
---------
-Each training sample is one stored trajectory. Each block of --block-size (3) latent frames takes
-its input from one of the four noisy states, drawn at random per block (as in CausVid's and Self
-Forcing's ODE regression: a block shares one timestep at inference, too), with that state's true t.
-The student predicts x0 for all frames in one block-causal forward and L_ode compares it with the
-teacher's x0 over all frames. The text embeddings of all prompts are computed once at startup and
-kept on each GPU.
-
-Defaults (the paper gives none for this stage): AdamW lr 2e-6 (CausVid's ODE regression), betas
-(0.9, 0.999) (plain regression, as CausVid; the DMD and reward stages use beta1 = 0), weight decay
-0.01, global batch 64, 1000 steps (~46 passes over 1.4K trajectories), grad clip 10, EMA 0.99
-averaging after --ema-start 100 updates, bf16 compute with fp32 master weights, FSDP2 and activation
-checkpointing on GPU. The student starts from the base Wan weights (--model); --init CKPT starts it
-from another generator (e.g. the distill_dmd checkpoint) instead. These values are not tuned at
-full size: watch `loss` in runs/ode/log.jsonl and the sample_<step>.mp4 videos, and stop once
-motion is coherent. One GPU: add e.g. --global-batch 8 (the global batch is reached by gradient
-accumulation).
-
-Shared behaviour with the other training scripts: --max-steps, --out, --resume (exact: the
-trajectory order and timestep draws depend only on the seed and the global sample number, so a
-resumed run, or a different number of GPUs, sees the same samples), --save-every (atomic ckpt.pt =
-{'model', 'ema', 'optimizer', 'step', 'args', 'script', 'stage'}), --log-every, --sample-every,
---wandb, tqdm on rank 0, and a one-line stop without saving if the loss becomes NaN/inf.
-
-Time (estimates, not measurements)
-----------------------------------
-Calibrated on the paper's 103 s for one 50-step CFG Wan2.1-1.3B video on an H100 (~1 s per
-full-video transformer call):
-
-    phase                                            per unit, one H100       1.4K trajectories / 1000 steps on 8 H100
-    generate, distill_dmd teacher (4 calls, no CFG)  ~4-5 s per trajectory    ~15 min
-    generate, Wan 50 steps + CFG (100 calls)         ~103 s per trajectory    ~5 h
-    train (block-causal forward + backward +         ~3 s per sample          ~6-7 h for 1000 steps of 64
-      recompute, 32,760 tokens)
+Training defaults: peers published no training recipe for this stage (Self Forcing issue #64), so they are ours
+(reasons beside Config): AdamW lr 2e-6, betas (0.9, 0.999), weight decay 0.01, global batch 64, 1000 steps, grad
+clip 10, EMA 0.99 averaging after --ema-start 100 updates, bf16 compute with fp32 master weights, FSDP2 and
+activation checkpointing on GPU. The student starts from the base Wan weights (--model); --init CKPT starts it from
+another generator (e.g. the distill_dmd checkpoint) instead. One GPU: add e.g. --global-batch 8 (the global batch
+is reached by gradient accumulation). Beside the code: the store's format (the trajectory store), the sample
+order and exact --resume (sample_position), the checkpoint (save). Time estimates: BENCHMARKS.md,
+'train_ode.py: time (estimates)'.
 """
 import argparse
 import copy
@@ -139,6 +76,7 @@ from tqdm import tqdm
 
 import causal_wan as cw
 import common
+import convert
 from causal_wan import WAN_NEGATIVE_PROMPT
 from common import UserError
 
@@ -150,6 +88,9 @@ INDEX_KEYS = ("source", "num", "shard_size", "num_shards", "latent_shape", "time
 
 @dataclass
 class Config:
+    """The defaults of the flags (parse_args: a flag left unset takes them). The paper gives none for training
+    in this stage: these are ours and not tuned at full size: watch `loss` in runs/ode/log.jsonl and the
+    sample_<step>.mp4 videos, and stop once motion is coherent."""
     # generate
     num: int = 1400  # trajectories (paper: 1.4K)
     shard_size: int = 16  # trajectories per shard file (~335 MB at full size)
@@ -160,10 +101,10 @@ class Config:
     guidance: float = 5.0  # its CFG scale (WanPipeline's default)
     # train
     block_size: int = 3  # latent frames per causal block (chunk-wise; 1 = frame-wise)
-    max_steps: int = 1000
-    global_batch: int = 64
+    max_steps: int = 1000  # ~46 passes over 1.4K trajectories
+    global_batch: int = 64  # reached by gradient accumulation on fewer GPUs (one GPU: e.g. --global-batch 8)
     micro_batch: int = 1
-    lr: float = 2e-6  # CausVid's ODE regression
+    lr: float = 2e-6  # CausVid's ODE regression (AdamW, betas and weight decay: setup)
     ema_decay: float = 0.99
     # the student starts from the bidirectional base Wan, not from a trained causal generator: the EMA
     # is the live weights for the first 100 updates (one EMA horizon, 1 / (1 - 0.99)), then averages
@@ -185,6 +126,20 @@ class Config:
 
 # -----------------------------------------------------------------------------
 # the trajectory store
+#
+# DIR/index.json holds the settings, the latent shape, the five timesteps and every trajectory's prompt;
+# DIR/shard_00000.safetensors, ... hold `latents` [n, 5, C, F, H, W] in bf16 (noisiest first, x0 last) with the
+# prompts and seeds as metadata. Shard i holds trajectories [i*S, (i+1)*S) (S = --shard-size, 16). Trajectory k
+# is drawn from seed + k alone, and a shard is written to a temp file and renamed, so the store is:
+# - resumable: rerunning the same `generate` command (any number of GPUs) skips finished shards and regenerates
+#   the missing ones identically; changed flags are refused with the list of settings that differ;
+# - split across ranks: rank r generates shards r, r + world, ...;
+# - verifiable: `verify` checks every shard's shape, dtype, prompts and seeds against the index.
+# Prompts come from --prompts (one per line, cycled with new seeds if --num is larger).
+#
+# Disk size at full size (832x480, 81 frames -> latents 16 x 21 x 60 x 104): one trajectory is
+# 21 x 16 x 60 x 104 values x 5 kept states x 2 bytes = 20,966,400 bytes = 21.0 MB (20.0 MiB), so
+# 1K trajectories = 21.0 GB (19.5 GiB) and the paper's 1.4K = 29.4 GB (27.3 GiB), in 88 shards of ~335 MB.
 
 
 def latent_shape(args, channels=16):
@@ -211,7 +166,8 @@ def read_index(store):
     fix = "delete the store and run `train_ode.py generate` again"
     index = common.read_json(path, "store index", fix)
     if not isinstance(index, dict) or any(k not in index for k in INDEX_KEYS):
-        raise UserError(f"store index '{path}' lacks {[k for k in INDEX_KEYS if k not in index] if isinstance(index, dict) else 'everything'}: {fix}")
+        lacks = [k for k in INDEX_KEYS if k not in index] if isinstance(index, dict) else 'everything'
+        raise UserError(f"store index '{path}' lacks {lacks}: {fix}")
     return index
 
 
@@ -241,7 +197,8 @@ def verify_store(store):
                 meta = f.metadata()
                 got = f.get_slice("latents").get_shape()
                 dtype = f.get_slice("latents").get_dtype()
-            ok = (got == [len(ids)] + shape and dtype == "BF16" and json.loads(meta["seeds"]) == [index["seed"] + k for k in ids]
+            ok = (got == [len(ids)] + shape and dtype == "BF16"
+                  and json.loads(meta["seeds"]) == [index["seed"] + k for k in ids]
                   and json.loads(meta["prompts"]) == [index["prompts"][k] for k in ids])
         except Exception:
             ok = False
@@ -255,8 +212,9 @@ def verify_store(store):
 
 def print_report(store, r):
     bytes_per = 2 * math.prod(r["trajectory_shape"])
-    print(f"store {store}: {r['present']} of {r['num']} trajectories in {r['shards'] - len(r['missing']) - len(r['bad'])} of "
-          f"{r['shards']} shards; per trajectory latents {r['trajectory_shape']} {r['dtype']} ({bytes_per / 1e6:.1f} MB), "
+    print(f"store {store}: {r['present']} of {r['num']} trajectories in "
+          f"{r['shards'] - len(r['missing']) - len(r['bad'])} of {r['shards']} shards; "
+          f"per trajectory latents {r['trajectory_shape']} {r['dtype']} ({bytes_per / 1e6:.1f} MB), "
           f"timesteps {[round(t, 1) for t in r['timesteps']]}, teacher {r['source']}")
     if r["missing"] or r["bad"]:
         print(f"missing shards: {r['missing']}; unreadable or inconsistent shards: {r['bad']} "
@@ -269,8 +227,9 @@ class TrajectoryStore:
     def __init__(self, store):
         report = verify_store(store)
         if report["missing"] or report["bad"]:
-            raise UserError(f"store '{store}' is incomplete ({len(report['missing'])} missing, {len(report['bad'])} bad "
-                            f"shards): run `train_ode.py generate` again with the same flags to finish it")
+            raise UserError(f"store '{store}' is incomplete ({len(report['missing'])} missing, "
+                            f"{len(report['bad'])} bad shards): run `train_ode.py generate` again with the same flags "
+                            f"to finish it")
         self.dir, self.index = store, read_index(store)
         self.num, self.prompts = self.index["num"], self.index["prompts"]
         self.timesteps = torch.tensor(self.index["timesteps"], dtype=torch.float32)  # [K+1], noisiest first, 0 last
@@ -289,22 +248,28 @@ class TrajectoryStore:
 
 
 class DMDTeacher:
-    """distill_dmd.py's 4-step bidirectional generator: the whole video is one block of `rollout`,
-    whose step inputs are the noisy latents at DENOISING_TIMESTEPS."""
+    """A checkpoint file of distill_dmd.py as --teacher: its 4-step bidirectional generator, the whole video
+    one block of `rollout`. The inputs of its four steps (the noisy latents at DENOISING_TIMESTEPS) are exactly
+    at the student's timesteps (1000, 937.5, 833.3, 625), and re-noised with fresh noise (drawn from the
+    trajectory's `generator`) as the student's own rollout does at inference, so they are exactly the inputs
+    the student meets. The flip side: x0 also depends on that later noise, so L_ode has a floor at the early
+    steps (there the student learns the mean x0 given its input). --model (the base Wan folder) gives the
+    network config and the text encoder."""
     timesteps = cw.DENOISING_TIMESTEPS + [0.0]
 
     def __init__(self, args, device):
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.model = cw.CausalWan(cw.read_wan_config(cw.resolve_folder(args.model, "transformer")))
-        cw.load_generator_weights(self.model, args.teacher, kind="bidirectional")  # distill_dmd.py --generator bidirectional
+        # a checkpoint of distill_dmd.py --generator bidirectional
+        convert.load_generator_weights(self.model, args.teacher, kind="bidirectional")
         self.model = cw.cast_model(self.model, dtype, device).eval().requires_grad_(False)  # bf16 as Wan keeps it
         self.tokenizer, self.encoder = cw.load_text_encoder(args.model, dtype, device)
 
     def __call__(self, prompt, noise, generator):
         prompt_kv = self.model.prompt_kv(cw.encode_prompts(self.tokenizer, self.encoder, [prompt]))
         steps = []
-        x0 = cw.rollout(self.model, noise.to(self.model.patch_embedding.weight.dtype), prompt_kv, block_size=noise.shape[2],
-                        generator=generator, trajectory=steps)
+        x0 = cw.rollout(self.model, noise.to(self.model.patch_embedding.weight.dtype), prompt_kv,
+                        block_size=noise.shape[2], generator=generator, trajectory=steps)
         return steps[0] + [x0]  # 4 step inputs + x0, each [1, C, F, H, W]
 
 
@@ -324,10 +289,18 @@ def self_forcing_scheduler(shift=8.0):
 
 
 class DiffusersTeacher:
-    """A diffusers-format Wan run by diffusers' WanPipeline (its CFG; its own scheduler, or with
-    --recipe self-forcing Self Forcing's Euler solver). The latents the pipeline's transformer sees
-    are VAE-normalized, the same space our transformer works in, so they are stored as they are
-    (output_type='latent' skips the denormalization before the VAE)."""
+    """A diffusers-format Wan (folder or hub id) as --teacher, run by diffusers' own WanPipeline:
+    `--teacher-steps` steps, classifier-free guidance `--guidance` and `--negative-prompt` (Wan's own by
+    default; these apply to this teacher only), with its own scheduler (`--recipe pipeline`: UniPC, flow shift 3,
+    50 steps, CFG 5) or with `--recipe self-forcing`: the recipe of Self Forcing's scripts/generate_ode_pairs.py,
+    Euler on the velocity over its grid of 48 steps with shift 8, CFG 6 (CausVid's: the same with
+    `--teacher-steps 50`).
+
+    A deterministic ODE solve: the kept latents are the solver's latents nearest to the student's timesteps;
+    their true timesteps go into the store and training uses them (the solver grid does not hit 937.5 or 625
+    exactly: with --recipe self-forcing the states are at 935.8, 827.6, 615.4 for 937.5, 833.3, 625). The
+    latents the pipeline's transformer sees are VAE-normalized, the same space our transformer works in, so they
+    are stored as they are (output_type='latent' skips the denormalization before the VAE)."""
 
     def __init__(self, args, device):
         from diffusers import WanPipeline
@@ -360,17 +333,14 @@ class DiffusersTeacher:
         def record(pipe, i, t, tensors):
             latents[i + 1] = tensors["latents"].clone()
             return {}
-        self.pipe(prompt=prompt, negative_prompt=self.args.negative_prompt, height=self.args.height, width=self.args.width,
-                  num_frames=self.args.frames, num_inference_steps=self.args.teacher_steps, guidance_scale=self.args.guidance,
-                  latents=noise, output_type="latent", callback_on_step_end=record)
+        self.pipe(prompt=prompt, negative_prompt=self.args.negative_prompt, height=self.args.height,
+                  width=self.args.width, num_frames=self.args.frames, num_inference_steps=self.args.teacher_steps,
+                  guidance_scale=self.args.guidance, latents=noise, output_type="latent", callback_on_step_end=record)
         return [latents[k] for k in self.keep]
 
 
-@torch.no_grad()
-def generate(args, rank, world, device):
-    lines = common.read_prompts(args.prompts)
-    prompts = [lines[k % len(lines)] for k in range(args.num)]  # cycled (with new seeds) if --num > lines
-    shape = latent_shape(args)
+def load_teacher(args, device):
+    """The teacher --teacher names (checked before it loads), and whether it is a distill_dmd.py checkpoint."""
     cw.check_model(args.model)
     dmd = os.path.isfile(args.teacher)  # a checkpoint file; otherwise a diffusers-format Wan
     if dmd and args.recipe != "pipeline":
@@ -378,12 +348,12 @@ def generate(args, rank, world, device):
                         f"distill_dmd.py checkpoint, which samples with its own 4 steps (drop --recipe)")
     if not dmd:
         cw.check_model(args.teacher, "--teacher")
-    teacher = DMDTeacher(args, device) if dmd else DiffusersTeacher(args, device)
-    index = dict(source="dmd_checkpoint" if dmd else "diffusers", teacher=args.teacher, num=args.num,
-                 shard_size=args.shard_size, num_shards=-(-args.num // args.shard_size), latent_shape=shape,
-                 dtype="bfloat16", timesteps=teacher.timesteps, seed=args.seed, prompts=prompts,
-                 **({} if dmd else dict(recipe=args.recipe, teacher_steps=args.teacher_steps, guidance=args.guidance,
-                                         negative_prompt=args.negative_prompt)))
+    return (DMDTeacher(args, device) if dmd else DiffusersTeacher(args, device)), dmd
+
+
+def open_store(args, index, rank):
+    """Rank 0 writes DIR/index.json for a new store; every rank then checks that an existing store was made
+    with the same settings, so a rerun finishes it identically."""
     path = os.path.join(args.store, "index.json")
     if rank == 0:
         os.makedirs(args.store, exist_ok=True)
@@ -396,24 +366,55 @@ def generate(args, rank, world, device):
         raise UserError(f"store '{args.store}' was made with other settings ({', '.join(diff)} differ): "
                         f"use the same flags to finish it, or another --store")
 
-    # a shard that fails verification (a corrupt file) is made again, like a missing one
+
+def shards_to_make(args, index, rank, world):
+    """This rank's shards (r, r + world, ...) that are missing, or that fail verification (a corrupt file is
+    made again, like a missing one)."""
     bad = set(verify_store(args.store)["bad"])
-    todo = [i for i in range(rank, index["num_shards"], world) if not os.path.isfile(shard_path(args.store, i)) or i in bad]
+    todo = [i for i in range(rank, index["num_shards"], world)
+            if not os.path.isfile(shard_path(args.store, i)) or i in bad]
     for i in sorted(bad & set(todo)):
-        print(f"shard {shard_path(args.store, i)} is unreadable or does not match index.json: generating it again", file=sys.stderr)
-    bar = tqdm(total=sum(len(shard_range(index, i)) for i in todo), desc=f"trajectories (rank 0 of {world})", disable=rank != 0)
+        print(f"shard {shard_path(args.store, i)} is unreadable or does not match index.json: generating it again",
+              file=sys.stderr)
+    return todo
+
+
+def write_shard(args, teacher, index, prompts, shape, i, device, bar):
+    """Shard i: the teacher's kept latents of its trajectories [n, 5, C, F, H, W] bf16, with their prompts and
+    seeds as metadata, written atomically."""
+    trajectories = []
+    for k in shard_range(index, i):
+        g = torch.Generator(device).manual_seed(args.seed + k)  # noise and re-noising of trajectory k
+        noise = torch.randn([1] + shape, generator=g, device=device)
+        kept = teacher(prompts[k], noise, g)
+        trajectories.append(torch.stack([x[0] for x in kept]).to(torch.bfloat16).cpu())  # [5, C, F, H, W]
+        bar.update()
+    ids = shard_range(index, i)
+    meta = dict(prompts=json.dumps([prompts[k] for k in ids], ensure_ascii=False),
+                seeds=json.dumps([args.seed + k for k in ids]))  # safetensors metadata is str -> str
+    write_atomic(shard_path(args.store, i),
+                 lambda tmp: save_file({"latents": torch.stack(trajectories)}, tmp, metadata=meta))
+
+
+@torch.no_grad()
+def generate(args, rank, world, device):
+    """Sample the trajectories into --store (the trajectory store, above): rank r makes its missing shards, then
+    every rank verifies the whole store; exit 0 only for a complete one."""
+    lines = common.read_prompts(args.prompts)
+    prompts = [lines[k % len(lines)] for k in range(args.num)]  # cycled (with new seeds) if --num > lines
+    shape = latent_shape(args)
+    teacher, dmd = load_teacher(args, device)
+    index = dict(source="dmd_checkpoint" if dmd else "diffusers", teacher=args.teacher, num=args.num,
+                 shard_size=args.shard_size, num_shards=-(-args.num // args.shard_size), latent_shape=shape,
+                 dtype="bfloat16", timesteps=teacher.timesteps, seed=args.seed, prompts=prompts,
+                 **({} if dmd else dict(recipe=args.recipe, teacher_steps=args.teacher_steps, guidance=args.guidance,
+                                         negative_prompt=args.negative_prompt)))
+    open_store(args, index, rank)
+    todo = shards_to_make(args, index, rank, world)
+    bar = tqdm(total=sum(len(shard_range(index, i)) for i in todo), desc=f"trajectories (rank 0 of {world})",
+               disable=rank != 0)
     for i in todo:
-        trajectories = []
-        for k in shard_range(index, i):
-            g = torch.Generator(device).manual_seed(args.seed + k)  # noise and re-noising of trajectory k
-            noise = torch.randn([1] + shape, generator=g, device=device)
-            kept = teacher(prompts[k], noise, g)
-            trajectories.append(torch.stack([x[0] for x in kept]).to(torch.bfloat16).cpu())  # [5, C, F, H, W]
-            bar.update()
-        ids = shard_range(index, i)
-        meta = dict(prompts=json.dumps([prompts[k] for k in ids], ensure_ascii=False),
-                    seeds=json.dumps([args.seed + k for k in ids]))  # safetensors metadata is str -> str
-        write_atomic(shard_path(args.store, i), lambda tmp: save_file({"latents": torch.stack(trajectories)}, tmp, metadata=meta))
+        write_shard(args, teacher, index, prompts, shape, i, device, bar)
     bar.close()
     dist.barrier()
     report = verify_store(args.store)
@@ -457,7 +458,7 @@ def epoch_order(seed, num, epoch):
 
 
 def sample_position(seed, num, position):
-    """What global sample number `position` trains on: a trajectory (the store reshuffled every
+    """What global sample number `position` trains on: one stored trajectory (the store reshuffled every
     epoch) and a generator for its timesteps. Both depend on the seed and the position only, so a
     resumed run continues exactly and any world size / accumulation sees the same samples."""
     epoch, k = divmod(position, num)
@@ -475,7 +476,30 @@ def write_sample(args, ema, vae, context, shape, step, rank, device):
         common.save_video(os.path.join(args.out, f"sample_{step}.mp4"), cw.vae_decode(vae, video.float())[0])
 
 
-def train(args, rank, world, device):
+@dataclass
+class Run:
+    """What the training loop works with, built once by setup()."""
+    rank: int
+    world: int
+    device: torch.device
+    accum: int  # micro-batches per rank per optimizer step
+    store: TrajectoryStore
+    contexts: dict  # prompt -> its embedding [n, text_dim] (CPU, padding cut off)
+    timesteps: torch.Tensor  # [K+1] true t of each kept state (noisiest first, 0 last), on the device
+    num_noisy: int  # K: the states a block's input is drawn from
+    model: torch.nn.Module  # the student
+    ema: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    step: int  # optimizer steps done (from the checkpoint with --resume)
+    vae: torch.nn.Module  # for the sample videos (rank 0, --sample-every), else None
+    ckpt_path: str
+    log_path: str
+    wandb: object  # the wandb run on rank 0 with --wandb, else None
+
+
+def setup(args, rank, world, device):
+    """Check the flags and files (before any model loads), open the store and encode all its prompts once, load
+    the student and its EMA, shard them, and restore them with the optimizer from OUT/ckpt.pt on --resume."""
     if args.global_batch % (world * args.micro_batch):
         raise UserError(f"--global-batch {args.global_batch} is not divisible by world size {world} "
                         f"x --micro-batch {args.micro_batch}")
@@ -488,19 +512,20 @@ def train(args, rank, world, device):
     wandb = None
     if rank == 0:
         wandb = common.open_log(log_path, ckpt["step"] if ckpt else 0, args.resume, config=vars(args),
-                            wandb_name=f"ode-{os.path.basename(os.path.abspath(args.out))}" if args.wandb else None)
+                                wandb_name=f"ode-{os.path.basename(os.path.abspath(args.out))}" if args.wandb else None)
     store = TrajectoryStore(args.store)
     bf16 = device.type == "cuda"  # bf16 compute with fp32 master weights on GPU; fp32 on CPU
-    contexts, _ = cw.text_contexts(args.model, {p: p for p in store.prompts}, device, torch.bfloat16 if bf16 else torch.float32,
-                                   progress=rank == 0)
+    contexts, _ = cw.text_contexts(args.model, {p: p for p in store.prompts}, device,
+                                   torch.bfloat16 if bf16 else torch.float32, progress=rank == 0)
     timesteps = store.timesteps.to(device)
     num_noisy = len(timesteps) - 1
 
     model = cw.from_pretrained(args.model, torch.float32, device)  # the student starts from Wan (or --init)
     if store.index["latent_shape"][0] != model.cfg.in_channels:
-        raise UserError(f"store latents have {store.index['latent_shape'][0]} channels, the model takes {model.cfg.in_channels}")
+        raise UserError(f"store latents have {store.index['latent_shape'][0]} channels, "
+                        f"the model takes {model.cfg.in_channels}")
     if args.init:
-        cw.load_generator_weights(model, args.init)
+        convert.load_generator_weights(model, args.init)
     model.gradient_checkpointing = bf16
     ema = copy.deepcopy(model).requires_grad_(False)
     cw.shard_model(model, bf16)
@@ -516,53 +541,80 @@ def train(args, rank, world, device):
         step = ckpt["step"]
         del ckpt
     vae = cw.load_vae(args.model, device=device) if rank == 0 and args.sample_every else None
+    return Run(rank=rank, world=world, device=device, accum=accum, store=store, contexts=contexts,
+               timesteps=timesteps, num_noisy=num_noisy, model=model, ema=ema, optimizer=optimizer, step=step,
+               vae=vae, ckpt_path=ckpt_path, log_path=log_path, wandb=wandb)
 
+
+def train_step(args, run, step):
+    """Optimizer step number step + 1 on --global-batch trajectories (this rank's `accum` micro-batches, each
+    sample from sample_position), then the EMA. A NaN/inf loss or gradient norm stops the run in one line,
+    without saving. Returns the loss averaged over all ranks and the gradient norm (0-dim tensors)."""
+    store, device = run.store, run.device
+    step_loss = torch.zeros((), device=device)
+    for m in range(run.accum):
+        first = ((step * run.accum + m) * run.world + run.rank) * args.micro_batch
+        picks = [sample_position(args.seed, store.num, first + b) for b in range(args.micro_batch)]
+        trajectory = torch.stack([store[k] for k, _ in picks]).to(device, torch.float32)  # [B, 5, C, F, H, W]
+        index = torch.stack([timestep_index(trajectory.shape[3], args.block_size, run.num_noisy, g)
+                             for _, g in picks]).to(device)  # [B, F]
+        context = cw.padded(run.contexts, [store.prompts[k] for k, _ in picks], device)
+        x0 = student_x0(run.model, trajectory, index, run.timesteps, run.model.prompt_kv(context), args.block_size)
+        loss = ode_loss(x0, trajectory[:, -1])
+        (loss / run.accum).backward()
+        step_loss += loss.detach() / run.accum
+    dist.all_reduce(step_loss)  # gloo has no AVG
+    step_loss /= run.world
+    if not torch.isfinite(step_loss):
+        raise UserError(f"loss is {step_loss.item()} at step {step + 1}: stopped without saving; "
+                        f"{common.kept_checkpoint(run.ckpt_path)}")
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip).full_tensor()
+    if not torch.isfinite(grad_norm):  # clipping would turn the weights into NaN
+        raise UserError(f"gradient norm is {grad_norm.item()} at step {step + 1}: stopped without saving; "
+                        f"{common.kept_checkpoint(run.ckpt_path)}")
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    # --ema-start N: through update N the EMA is a copy of the live weights, then it averages
+    common.ema_update(run.ema, run.model, args.ema_decay if step + 1 > args.ema_start else 0.0)
+    common.stop_if_diverged(step + 1, run.ckpt_path, nets=dict(student=run.model, EMA=run.ema))
+    return step_loss, grad_norm
+
+
+def save(args, run, step):
+    """OUT/ckpt.pt (every --save-every steps and at the end): a plain dict {'model', 'ema', 'optimizer', 'step',
+    'args', 'script', 'stage'}, gathered by every rank, written by rank 0 atomically."""
+    ckpt = dict(model=common.full_state_dict(run.model), ema=common.full_state_dict(run.ema),
+                optimizer=common.full_state_dict(run.model, run.optimizer), step=step, args=vars(args), script=SCRIPT,
+                stage=None)
+    if run.rank == 0:
+        common.save_checkpoint(run.ckpt_path, ckpt)
+
+
+def train(args, rank, world, device):
+    run = setup(args, rank, world, device)
+    step = run.step
     bar = tqdm(initial=step, total=args.max_steps, desc="ode", disable=rank != 0)
     while step < args.max_steps:
         t0 = time.time()
-        step_loss = torch.zeros((), device=device)
-        for m in range(accum):
-            first = ((step * accum + m) * world + rank) * args.micro_batch
-            picks = [sample_position(args.seed, store.num, first + b) for b in range(args.micro_batch)]
-            trajectory = torch.stack([store[k] for k, _ in picks]).to(device, torch.float32)  # [B, 5, C, F, H, W]
-            index = torch.stack([timestep_index(trajectory.shape[3], args.block_size, num_noisy, g) for _, g in picks]).to(device)
-            context = cw.padded(contexts, [store.prompts[k] for k, _ in picks], device)
-            x0 = student_x0(model, trajectory, index, timesteps, model.prompt_kv(context), args.block_size)
-            loss = ode_loss(x0, trajectory[:, -1])
-            (loss / accum).backward()
-            step_loss += loss.detach() / accum
-        dist.all_reduce(step_loss)  # gloo has no AVG
-        step_loss /= world
-        if not torch.isfinite(step_loss):
-            raise UserError(f"loss is {step_loss.item()} at step {step + 1}: stopped without saving; "
-                            f"{common.kept_checkpoint(ckpt_path)}")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).full_tensor()
-        if not torch.isfinite(grad_norm):  # clipping would turn the weights into NaN
-            raise UserError(f"gradient norm is {grad_norm.item()} at step {step + 1}: stopped without saving; "
-                            f"{common.kept_checkpoint(ckpt_path)}")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        # --ema-start N: through update N the EMA is a copy of the live weights, then it averages
-        common.ema_update(ema, model, args.ema_decay if step + 1 > args.ema_start else 0.0)
-        common.stop_if_diverged(step + 1, ckpt_path, nets=dict(student=model, EMA=ema))
+        step_loss, grad_norm = train_step(args, run, step)
         step += 1
 
-        record = dict(step=step, loss=step_loss.item(), grad_norm=grad_norm.item(), lr=args.lr, step_time=time.time() - t0)
+        # one line of OUT/log.jsonl per logged step (rank 0; and to wandb with --wandb)
+        record = dict(step=step, loss=step_loss.item(), grad_norm=grad_norm.item(), lr=args.lr,
+                      step_time=time.time() - t0)
         if device.type == "cuda":
             record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         bar.update()
-        bar.set_postfix(loss=f"{record['loss']:.4f}", gnorm=f"{record['grad_norm']:.3f}", s=f"{record['step_time']:.2f}",
+        bar.set_postfix(loss=f"{record['loss']:.4f}", gnorm=f"{record['grad_norm']:.3f}",
+                        s=f"{record['step_time']:.2f}",
                         **({"mem_gb": f"{record['gpu_mem_gb']:.1f}"} if "gpu_mem_gb" in record else {}))
         if rank == 0 and (step % args.log_every == 0 or step == args.max_steps):
-            common.log_step(log_path, record, wandb)
+            common.log_step(run.log_path, record, run.wandb)
         if args.sample_every and step % args.sample_every == 0:
-            write_sample(args, ema, vae, cw.padded(contexts, store.prompts[:1], device), store.index["latent_shape"], step, rank, device)
+            write_sample(args, run.ema, run.vae, cw.padded(run.contexts, run.store.prompts[:1], device),
+                         run.store.index["latent_shape"], step, rank, device)
         if step % args.save_every == 0 or step == args.max_steps:
-            ckpt = dict(model=common.full_state_dict(model), ema=common.full_state_dict(ema),
-                        optimizer=common.full_state_dict(model, optimizer), step=step, args=vars(args), script=SCRIPT, stage=None)
-            if rank == 0:
-                common.save_checkpoint(ckpt_path, ckpt)
-            del ckpt
+            save(args, run, step)
     bar.close()
 
 
@@ -592,10 +644,13 @@ def parse_args(argv=None):
     gen.add_argument("--width", type=common.positive_int)
     gen.add_argument("--frames", type=common.positive_int, help="pixel frames, 4k+1 (81)")
     gen.add_argument("--recipe", choices=["pipeline", "self-forcing"], default="pipeline",
-                     help="solver of a diffusers teacher: pipeline = WanPipeline's own (UniPC, flow shift 3, 50 steps, "
-                          "CFG 5); self-forcing = Self Forcing's generate_ode_pairs.py (Euler, shift 8, 48 steps, CFG 6)")
-    gen.add_argument("--teacher-steps", type=common.positive_int, help="solver steps of a diffusers teacher (50; 48 with --recipe self-forcing)")
-    gen.add_argument("--guidance", type=common.nonnegative_float, help="CFG scale of a diffusers teacher (5.0; 6.0 with --recipe self-forcing)")
+                     help="solver of a diffusers teacher: pipeline = WanPipeline's own (UniPC, flow shift 3, "
+                          "50 steps, CFG 5); self-forcing = Self Forcing's generate_ode_pairs.py (Euler, shift 8, "
+                          "48 steps, CFG 6)")
+    gen.add_argument("--teacher-steps", type=common.positive_int,
+                     help="solver steps of a diffusers teacher (50; 48 with --recipe self-forcing)")
+    gen.add_argument("--guidance", type=common.nonnegative_float,
+                     help="CFG scale of a diffusers teacher (5.0; 6.0 with --recipe self-forcing)")
     gen.add_argument("--negative-prompt", default=WAN_NEGATIVE_PROMPT, help="of a diffusers teacher (default: Wan's)")
     tr.add_argument("--out", required=True, help="folder for ckpt.pt, log.jsonl, sample_<step>.mp4")
     tr.add_argument("--init", help="start the student from this checkpoint's generator instead of --model's weights")
@@ -606,12 +661,13 @@ def parse_args(argv=None):
     tr.add_argument("--micro-batch", type=common.positive_int, help="trajectories per rank per forward (1)")
     tr.add_argument("--lr", type=common.learning_rate)
     tr.add_argument("--ema-decay", type=common.decay)
-    tr.add_argument("--ema-start", type=common.nonnegative_int, help="updates before the EMA starts averaging: until then it is a copy of "
-                                                "the live weights (100)")
+    tr.add_argument("--ema-start", type=common.nonnegative_int,
+                    help="updates before the EMA starts averaging: until then it is a copy of the live weights (100)")
     tr.add_argument("--grad-clip", type=common.positive_float)
     tr.add_argument("--save-every", type=common.positive_int)
     tr.add_argument("--log-every", type=common.positive_int)
-    tr.add_argument("--sample-every", type=common.nonnegative_int, help="write OUT/sample_<step>.mp4 from the EMA student (0: never)")
+    tr.add_argument("--sample-every", type=common.nonnegative_int,
+                    help="write OUT/sample_<step>.mp4 from the EMA student (0: never)")
     tr.add_argument("--wandb", action="store_true")
     args = parser.parse_args(argv)
     if args.command == "generate" and args.recipe == "self-forcing":  # its steps and CFG, unless given
@@ -623,7 +679,7 @@ def parse_args(argv=None):
             if value is None and name in preset:  # a flag left unset takes the preset's value
                 setattr(args, name, preset[name])
         if args.model is None:
-            args.model = cw.make_tiny_wan(cw.tiny_model_dir()) if args.tiny else cw.DEFAULT_MODEL
+            args.model = convert.make_tiny_wan(convert.tiny_model_dir()) if args.tiny else cw.DEFAULT_MODEL
     return args
 
 
@@ -635,7 +691,10 @@ def main(args):
             raise UserError(f"store '{args.store}' is incomplete: rerun `train_ode.py generate` with the same flags")
         return
     rank, world, device = common.init_distributed()
-    folder, what, stale = (args.store, "--store", STALE_STORE) if args.command == "generate" else (args.out, "--out", STALE_OUT)
+    if args.command == "generate":
+        folder, what, stale = args.store, "--store", STALE_STORE
+    else:
+        folder, what, stale = args.out, "--out", STALE_OUT
     try:
         with common.own_folder(folder, stale, what):  # one run per --out (one generate per --store)
             (generate if args.command == "generate" else train)(args, rank, world, device)

@@ -25,177 +25,39 @@ The paper's ablations, as flags
 (... = torchrun --nproc_per_node 8 train_reward.py --init runs/ode/ckpt.pt --prompts PROMPTS;
 score each with `eval_vbench.sh --checkpoint OUT/ckpt.pt`)
 
-    ... --out runs/reward                           Table 1 "Ours (chunk-wise)": 84.92 total / 85.91 quality / 80.97 semantic
-    ... --reward-frames random                      section 5.2: score one random frame of the whole video instead of
-                                                    the last (the paper: dynamic degree, Table 3, more than 10 points lower)
-    ... --dmd-weight 1                              section 5.1, Table 2 "Reward + Distill": 82.55 / 83.20 / 79.96:
-                                                    reward and DMD jointly, each normalized (see joint_gradient), with
-                                                    distill_dmd.py's DMD loss and critic; the real score is --teacher,
-                                                    by default --model (the base Wan 1.3B, as in distill_dmd.py)
+    ... --out runs/reward                   Table 1 "Ours (chunk-wise)": 84.92 total / 85.91 quality / 80.97 semantic
+    ... --reward-frames random              section 5.2: score one random frame of the whole video instead of
+                                            the last (the paper: dynamic degree, Table 3, more than 10 points lower)
+    ... --dmd-weight 1                      section 5.1, Table 2 "Reward + Distill": 82.55 / 83.20 / 79.96:
+                                            reward and DMD jointly, each normalized (see joint_gradient), with
+                                            distill_dmd.py's DMD loss and critic; the real score is --teacher,
+                                            by default --model (the base Wan 1.3B, as in distill_dmd.py)
     ... --dmd-weight 1 --teacher Wan-AI/Wan2.1-T2V-14B-Diffusers
-                                                    section 5.3: the same with the 14B teacher (no substantial difference)
-    ... --reward pickscore                          not in the paper: another differentiable image reward in place of
-                                                    ImageReward (section 6 names other rewards as future work)
-    train_ode.py alone, then eval_vbench.sh         Table 1 "ODE Only (chunk-wise)": 68.77 / 73.27 / 50.81
+                                            section 5.3: the same with the 14B teacher (no substantial difference)
+    ... --reward pickscore                  not in the paper: another differentiable image reward in place of
+                                            ImageReward (section 6 names other rewards as future work)
+    ... --cache-grad detach                 not in the paper: the KV cache carries no gradient, so the last
+                                            frame's reward trains the last block only (see below)
+    train_ode.py alone, then eval_vbench.sh Table 1 "ODE Only (chunk-wise)": 68.77 / 73.27 / 50.81
 
 One training step
 -----------------
-For each video of the global batch (noise, prompt and scored frame drawn from that video's own
-random stream step_generator(seed, update, slot); the batch layout of distill_dmd.py, so one GPU
-with accumulation and N GPUs compute the same step):
-
-1. Self-rollout, as at inference. causal_wan.rollout generates the whole latent video (21 latent
-   frames, blocks of 3) with the generator's own KV cache. Every block stops after one denoising
-   step drawn at random per update, the same for all blocks, videos and ranks (Self Forcing's
-   same_step_across_blocks); the gradient flows through that step only, the earlier steps and the
-   cache passes run without it. Because the cache is detached, a loss on the last frame reaches
-   only the last block, so the other blocks run without a graph (rollout(..., grad_blocks=...):
-   ~15 GB less at 81 frames, same gradient, tested).
-2. Decode the scored frame through the real Wan VAE with gradient (decode_reward_frames, below).
-3. Score the frame with the reward against the prompt; the reward model and the VAE are frozen, in
-   fp32, so the reward judges the pixels sample.py writes. Loss reward_loss = -mean(reward).
-4. AdamW step on the generator, EMA update.
-
-The exact decode
-----------------
-The Wan VAE is causal (a per-frame feature cache): the latent frames before the scored frame's
-block are decoded without gradient only to fill that cache, then the block's latent frames with
-gradient; the scored pixel frame is the reward's input. The scored pixels equal one decode of the
-whole video, and so does the gradient on every latent frame of the block that made them (tested,
-1e-5). Through the VAE's causal cache the last pixel frame depends on all three frames of the last
-block, and the two earlier ones get the larger share of the gradient (Wan2.1's VAE architecture
-with random weights, 64x104: norms 9.4, 4.7 and 1.4 for the scored frame's own); the earlier blocks
-have no graph in training (they reach the last one only through the detached KV cache).
-
-Why the whole prefix: each of the decoder's ~30 causal convs reads the two frames before its input,
-so the last frame depends on every latent frame. Measured with Wan 2.1's VAE architecture (random
-weights, 32x32 pixels, 21 latent frames), max |difference| of the last frame when the decode starts
-at latent frame c instead of 0:
-
-    start c    1      2      5     10     15     19     20 (no context)
-    max diff   0.019  0.035  0.10  0.50   1.09   1.54   1.05
-
-No shorter context is identical, so exactness was chosen (the cost is a no-grad decode of the
-earlier frames, about one sample.py decode per video).
-
-The backward through 3 latent frames (12 pixel frames) of the decoder at 480x832 is large, so on
-GPU each latent frame's decode, and inside it each decoder module that reads the cache, is
-checkpointed (as the generator's blocks are on GPU): the backward recomputes one latent frame, then
-one residual block, at a time (two extra decoder forwards over the block).
-
-Its memory: `python tests/measure_reward_decode.py --count` runs the decode + backward on fake
-tensors (shapes, no data) and adds up the bytes of the tensors alive at each moment, in seconds on
-any machine; without --count it measures (growth of the peak resident memory on a CPU,
-torch.cuda.max_memory_allocated on a GPU). Wan2.1's VAE architecture, random weights, fp32, the last
-frame of the video, the gradient to its block of 3, 2026-11-28:
-
-    pixels     checkpointed (as on GPU)           without checkpoints (as on CPU)
-               counted     measured (CPU)         counted     measured (CPU)
-    64x104     0.35 GiB    0.36 GiB, 106 s        1.39 GiB    1.38 GiB, 201 s
-    120x208    1.30 GiB                           5.15 GiB    4.99 GiB, 396 s
-    240x416    5.18 GiB                           20.4 GiB
-    480x832    20.7 GiB                           81.4 GiB
-
-At 480x832 the reward decode + backward needs 20.7 GiB (counted; this CPU has 24 GiB, so not
-measured) on top of the generator's training memory, under a third of an 80 GB GPU. The count was
-checked against measurements of the earlier checkpointed decode: counted 0.56 / 2.09 / 8.36 GiB,
-measured 0.59 / 2.10 / 8.37 GiB at 64x104 / 120x208 / 240x416; it does not see a conv library's
-scratch space or allocator fragmentation. Three changes took 480x832 from 33.4 to 20.7 GiB, each
-guarded by tests/test_train_reward.py: the checkpoint's recompute stops early and left its cache
-in the VAE, alive through the rest of the backward (decode_frame now always clears it); a
-checkpointed module kept the whole cache list for its recompute, not just its own slots; and a
-causal conv's cache gradient was a view into the gradient of its concatenation with the input, 3x
-its size, until the previous frame's backward used it (CompactGradient). The peak does not depend
-on the number of earlier frames (they fill a cache of fixed size), the time does: a no-grad decode
-of the 3 earlier frames alone took 29 s (64x104), 113 s (120x208) and 360 s (240x416) on 2 shared
-CPU cores; the checkpointed backward costs two more decoder forwards over the block.
-
-Flags (beyond their --help)
----------------------------
-- --init: train_ode.py's OUT/ckpt.pt (its EMA) or Self Forcing's ode_init.pt ({'generator',
-  'generator_ema'}, original Wan layout); required except with --tiny.
-- --model (default Wan-AI/Wan2.1-T2V-1.3B-Diffusers, hub id or folder): config, text encoder, VAE,
-  and the critic with --dmd-weight. --prompts defaults to prompts/dmd_example.txt (for real runs pass
-  your own list: Self Forcing trains on extended VidProM prompts).
-- --lr 2e-6, --ema-decay 0.99, --grad-clip 10, --global-batch 8: appendix B.2, with AdamW betas
-  (0.0, 0.999), eps 1e-8, weight decay 0.01. accumulation = global / (GPUs x micro), an error if not
-  whole. --max-steps 500 is not given in the paper: watch sample_reward in the log and the samples.
-- --guidance, --critic-steps, --critic-lr, --negative-prompt (4.0, 5, 4e-7, Wan's): with
-  --dmd-weight, as in distill_dmd.py.
-- --height, --width, --frames, --block-size: 480, 832, 81, 3 (--block-size 1: frame-wise).
-
-Output in --out
----------------
-- ckpt.pt: plain dict, torch.load(weights_only=True), written atomically and only when every tensor
-  is finite: 'model', 'ema', 'optimizer', 'step', 'args', 'script', 'stage'; with --dmd-weight also
-  'critic', 'critic_optimizer', 'loss_scales'. `sample.py --checkpoint OUT/ckpt.pt` renders its EMA.
-- log.jsonl: one JSON line per logged step: loss, reward, grad_norm, exit_step, step_time,
-  gpu_mem_gb, sample_reward when a sample was written; with --dmd-weight also dmd_loss,
-  critic_loss, critic_grad_norm, reward_grad_norm, dmd_grad_norm, dmd_factor.
-- sample_<step>.mp4: the EMA generator, all 4 steps, the first prompt, the same noise every time;
-  sample_reward is its last frame's reward, also printed.
-The tqdm bar on rank 0 shows reward, loss, grad norm, step time and GPU memory. --resume continues
-exactly (weights, EMA, optimizers, normalizers, step; the noise follows from the step number). A
-NaN/inf loss, reward or gradient stops the run with `error: training diverged at step N (...)`
-before the optimizer step and without saving.
-
-Reward + DMD, and the normalization
------------------------------------
-With --dmd-weight W, each generator update also computes distill_dmd.py's dmd_loss on the same
-rollout (teacher with CFG as real score, critic as fake score), and before it --critic-steps critic
-updates with distill_dmd.py's critic_loss on fresh detached rollouts, exactly as in distill_dmd.py
-(its functions are imported, not copied). The paper says only that the losses are "normalized so
-that they are on the same scale" (appendix B.2); joint_gradient says how, and why the gradient's
-size rather than the loss value. The running means are EMAs (LOSS_SCALE_DECAY 0.9) of the global
-batch's mean gradient norms, updated after every step and saved in the checkpoint; at the first
-step each video's own norms are used. The log has both raw norms and the factor
-dmd_factor = s_reward / s_dmd.
-
-Rewards
--------
-reward_fn(frames, prompts) -> scores, frames [B, 3, H, W] in [-1, 1] (RGB, any H, W), prompts a
-list of B strings, scores [B] float32, differentiable w.r.t. the frames only (the reward model is
-frozen). Two are available, picked with --reward:
-
-    --reward imagereward   ImageReward-v1.0 (THUDM/ImageReward, the `image-reward` package)
-    --reward pickscore     PickScore_v1 (yuvalkirstain/PickScore_v1, a CLIP-H through transformers)
-
-Weights come from the Hugging Face hub cache, or from a folder with --reward-path DIR
-(ImageReward: ImageReward.pt + med_config.json; PickScore: a save_pretrained CLIPModel folder).
---reward-tokenizer DIR gives the text side: ImageReward's BERT tokenizer (default
-bert-base-uncased from the hub) or PickScore's processor (default
-laion/CLIP-ViT-H-14-laion2B-s32B-b79K), so a machine with everything on disk needs no hub at all.
-image-reward 1.5 is unmaintained and breaks on transformers 5: this file carries a small, commented
-compatibility patch (patch_image_reward_for_transformers5) instead of pinning transformers 4.
-
---tiny builds a tiny random Wan and a tiny random ImageReward once, under ~/.cache/reward_forcing/.
-The random tiny VAE hardly depends on the latent frame it decodes, so the tiny demo's reward hardly
-moves; tests/test_train_reward.py gives its VAE a variance-preserving init to show the reward rising.
-
-Hardware (estimates, not measurements: no GPU run was done for this stage)
---------------------------------------------------------------------------
-Per GPU, micro-batch 1, 21 latent frames at 480x832, bf16 compute with fp32 master weights, FSDP
-over all GPUs, activation checkpointing per transformer block, reward only:
-
-    generator fp32 + AdamW + EMA + fp32 gradients (1.419 B params)    28.4 GB / GPUs
-    ImageReward fp32 (~0.45 B) + VAE fp32 (0.13 B), replicated        ~2.3 GB (PickScore ~4 GB instead of 1.8)
-    rollout activations (the last block's graph: its cache of
-      18 frames + block inputs)                                       ~7 GB
-    VAE decode of one latent frame with gradient, fp32                ~29 GB (measured on the CPU with saved-tensor
-                                                                      hooks at 120x208 with Wan 2.1's VAE architecture, x16)
-    CUDA context, allocator slack                                     ~4 GB
-    1 GPU / 8 GPUs                                                    ~71 GB (80 GB, tight) / ~46 GB
-
-Startup briefly holds the UMT5-XXL text encoder (11.4 GB bf16), freed before training. With
---dmd-weight, add the critic (fp32 + AdamW 17 GB / GPUs), the teacher (bf16, 2.8 GB or 28.6 GB for
-14B, / GPUs) and the activations of every block (~20 GB more; see distill_dmd.py's Hardware): fine
-on 8 x 80 GB, not on one GPU. Compute per video: ~23.5 transformer calls of a 3-frame block
-(~25 TFLOP each) forward plus the last block's backward, ~0.7 PFLOP, plus the VAE decode of 81
-frames and the reward model; ~6 PFLOP per step of 8 videos, i.e. a few seconds per step on 8 H100s
-and the 500-step default in well under an hour (estimate).
+For each video of the global batch (its noise, prompt and scored frame from its own random stream; see Run):
+1. Self-rollout, as at inference (rollout): the whole latent video in causal blocks with the generator's own
+   KV cache, every block stopping after one denoising step drawn per update (exit_step). The paper's rollout
+   "is the same as SelfForcing", whose training code lets the gradient through the KV cache (straight-through:
+   later blocks read the clean keys/values, their gradient reaches each earlier block's exit step; it looks
+   accidental there, but it made the published models): --cache-grad straight-through, the default, computes
+   exactly that (tests/test_self_forcing.py, against Self Forcing's own pipeline).
+2. Decode the scored frame through the real Wan VAE with the exact gradient (decode_reward_frames).
+3. Score it against its prompt with the frozen fp32 reward (load_reward): reward_loss = -mean(reward).
+4. AdamW step on the generator, EMA update (generator_update; with --dmd-weight, joint_gradient's DMD
+   term and critic_update first).
+Outputs in --out (ckpt.pt, log.jsonl, sample_<step>.mp4): see save, train and write_sample.
 
 Not tested here: anything on a GPU (bf16 autocast through FSDP, activation checkpointing, the memory
-and speed figures above), the real ImageReward/PickScore/Wan weights, and the paper's VBench numbers.
+and speed figures), the real ImageReward/PickScore/Wan weights, and the paper's VBench numbers.
+Memory and time estimates: BENCHMARKS.md, "train_reward.py: hardware" and "train_reward.py: reward decode memory".
 """
 import argparse
 import copy
@@ -218,6 +80,7 @@ from tqdm import tqdm
 
 import causal_wan as cw
 import common
+import convert
 import distill_dmd as dmd
 from common import UserError
 
@@ -226,15 +89,20 @@ SCRIPT = "train_reward.py"  # recorded in the checkpoint: --resume continues onl
 
 @dataclass
 class Config:
-    prompts: str = dmd.EXAMPLE_PROMPTS  # for real runs, pass your own list (Self Forcing trains on extended VidProM prompts)
+    # for real runs, pass your own list (Self Forcing trains on extended VidProM prompts)
+    prompts: str = dmd.EXAMPLE_PROMPTS
     height: int = 480
     width: int = 832
     frames: int = 81  # pixel frames -> 21 latent frames
     block_size: int = 3  # latent frames per causal block (chunk-wise; 1: frame-wise)
     reward: str = "imagereward"
     reward_frames: str = "last"  # the paper's choice; "random" is the section 5.2 ablation
+    # how the last frame's gradient reaches the earlier blocks it attended to: through the KV cache as Self
+    # Forcing's training code computes it ("straight-through", what the paper's self-rollout ran), or not at
+    # all ("detach": the cache carries no gradient, so the loss reaches only the scored frame's block)
+    cache_grad: str = "straight-through"
     # appendix B.2: batch 8, AdamW (0, 0.999), eps 1e-8, weight decay 0.01, lr 2e-6, EMA 0.99
-    global_batch: int = 8
+    global_batch: int = 8  # accumulation = global_batch / (GPUs x micro_batch), an error if not whole
     micro_batch: int = 1
     lr: float = 2e-6
     ema_decay: float = 0.99
@@ -246,7 +114,8 @@ class Config:
     save_every: int = 50
     log_every: int = 1
     sample_every: int = 50
-    # --dmd-weight ablation (section 5.1): distill_dmd.py's settings for the DMD term and its critic
+    # --dmd-weight ablation (section 5.1): distill_dmd.py's settings for the DMD term and its critic (guidance,
+    # critic steps and lr, and Wan's negative prompt), used only with --dmd-weight
     dmd_weight: float = 0.0
     guidance: float = 4.0
     critic_steps: int = 5
@@ -260,12 +129,13 @@ class Config:
                       save_every=10, log_every=1, sample_every=10, critic_steps=1, critic_lr=1e-3)
 
 # -----------------------------------------------------------------------------
-# rewards
+# rewards: reward_fn(frames, prompts) -> scores [B], from load_reward (--reward imagereward or pickscore)
 
 
 def patch_image_reward_for_transformers5():
-    """image-reward 1.5 (2023) imports only beside OpenAI's `clip` and builds only with transformers
-    4.x: fill in those six missing things, each only where it is missing. Call before using the package."""
+    """image-reward 1.5 (2023) is unmaintained: it imports only beside OpenAI's `clip` and builds only with
+    transformers 4.x. Instead of pinning transformers 4, fill in those six missing things, each only where it is
+    missing. Call before using the package."""
     import transformers.modeling_utils as modeling_utils
     import transformers.pytorch_utils as pytorch_utils
     from transformers import BertTokenizer
@@ -355,13 +225,15 @@ def build_image_reward(med_config, tokenizer, vit_width=1024, vit_depth=24, devi
                                       depth=vit_depth, num_heads=vit_width // 64), vit_width
 
     saved = blip.BertTokenizer, blip_pretrain.create_vit
-    blip.BertTokenizer, blip_pretrain.create_vit = types.SimpleNamespace(from_pretrained=load_bert_tokenizer), create_vit
+    blip.BertTokenizer, blip_pretrain.create_vit = (types.SimpleNamespace(from_pretrained=load_bert_tokenizer),
+                                                    create_vit)
     try:
         model = RM.ImageReward(med_config=med_config, device=device)
     finally:
         blip.BertTokenizer, blip_pretrain.create_vit = saved
     vocab_size = model.blip.text_encoder.config.vocab_size
-    if len(model.blip.tokenizer) != vocab_size:  # transformers 5 quietly builds a 5-token tokenizer from an empty folder
+    # transformers 5 quietly builds a 5-token tokenizer from an empty folder
+    if len(model.blip.tokenizer) != vocab_size:
         raise UserError(f"BERT tokenizer {tokenizer!r} has {len(model.blip.tokenizer)} tokens with BLIP's [DEC] [ENC], "
                          f"ImageReward's text encoder {vocab_size} (not found, or not bert-base-uncased): {fix}")
     return model
@@ -388,7 +260,8 @@ def load_image_reward(path=None, tokenizer=None, device="cpu", dtype=torch.float
     vit_depth = 1 + max(int(k.split(".")[3]) for k in state_dict if k.startswith("blip.visual_encoder.blocks."))
     model = build_image_reward(med_config, tokenizer or "bert-base-uncased", vit_width, vit_depth, device)
     missing = model.load_state_dict(state_dict, strict=False).missing_keys  # strict=False as ImageReward.load
-    used = ("blip.visual_encoder.", "blip.text_encoder.", "mlp.")  # what score_gard() runs; position_ids is a fixed buffer
+    # what score_gard() runs; position_ids is a fixed buffer
+    used = ("blip.visual_encoder.", "blip.text_encoder.", "mlp.")
     missing = [k for k in missing if k.startswith(used) and not k.endswith("position_ids")]
     if missing:
         raise UserError(f"{ckpt} is not an ImageReward checkpoint (missing {missing[:3]}...): {fix}")
@@ -457,8 +330,19 @@ def check_reward_path(name, path):
 
 
 def load_reward(name, path=None, tokenizer=None, device="cpu", dtype=torch.float32):
-    """--reward NAME --reward-path DIR --reward-tokenizer DIR -> reward_fn(frames, prompts) -> [B].
-    dtype is the reward model's (bf16 is fine on GPU); preprocessing and the scores stay fp32."""
+    """--reward NAME --reward-path DIR --reward-tokenizer DIR -> reward_fn(frames, prompts) -> scores:
+    frames [B, 3, H, W] in [-1, 1] (RGB, any H, W), prompts a list of B strings, scores [B] float32,
+    differentiable w.r.t. the frames only (the reward model is frozen). dtype is the reward model's
+    (bf16 is fine on GPU); preprocessing and the scores stay fp32.
+
+        --reward imagereward   ImageReward-v1.0 (THUDM/ImageReward, the `image-reward` package)
+        --reward pickscore     PickScore_v1 (yuvalkirstain/PickScore_v1, a CLIP-H through transformers)
+
+    Weights come from the Hugging Face hub cache, or from a folder with --reward-path DIR (ImageReward:
+    ImageReward.pt + med_config.json; PickScore: a save_pretrained CLIPModel folder). --reward-tokenizer
+    DIR gives the text side: ImageReward's BERT tokenizer (default bert-base-uncased from the hub) or
+    PickScore's processor (default laion/CLIP-ViT-H-14-laion2B-s32B-b79K), so a machine with everything
+    on disk needs no hub at all."""
     loaders = {"imagereward": load_image_reward, "pickscore": load_pickscore}
     if name not in loaders:
         raise UserError(f"unknown reward {name!r}: use --reward imagereward or --reward pickscore")
@@ -467,6 +351,9 @@ def load_reward(name, path=None, tokenizer=None, device="cpu", dtype=torch.float
 
 # Tiny random reward models for tests and --tiny CPU demos: the real classes with small configs,
 # written to disk in the real on-disk format, to be read back by load_reward like real weights.
+# --tiny builds a tiny random Wan and a tiny random ImageReward once, under ~/.cache/reward_forcing/.
+# The random tiny VAE hardly depends on the latent frame it decodes, so the tiny demo's reward hardly
+# moves; tests/test_train_reward.py gives its VAE a variance-preserving init to show the reward rising.
 
 TINY_WORDS = "a an the of on in with and photo video cat dog car red blue green sky sea tree man woman running".split()
 
@@ -523,7 +410,7 @@ def make_tiny_pickscore(folder):
 def tiny_reward_dir(name):
     """The tiny reward of --tiny: built once in ~/.cache/reward_forcing/tiny_<name>, atomically (ranks
     or runs started together never see a half-written folder). Returns the folder."""
-    folder = os.path.join(os.path.dirname(cw.tiny_model_dir()), f"tiny_{name}")
+    folder = os.path.join(os.path.dirname(convert.tiny_model_dir()), f"tiny_{name}")
     if not os.path.isdir(folder):
         tmp = f"{folder}.tmp{os.getpid()}"
         {"imagereward": make_tiny_image_reward, "pickscore": make_tiny_pickscore}[name](tmp)
@@ -664,14 +551,30 @@ def decode_reward_frames(vae, video, pixel_frames, block_size, checkpointed=Fals
     blocks before it have no graph in reward training (they reach later blocks only through the
     detached KV cache). So frames 0..s-1 are decoded without gradient, only to fill the cache, then
     s..j with gradient: the pixels equal one decode of the whole video, and so does the gradient
-    w.r.t. latent frames s..j (tested against autograd through the full decode). With
+    w.r.t. latent frames s..j (tested against autograd through the full decode, 1e-5). With
     --dmd-weight the earlier blocks do have a graph (for DMD), but the reward still reaches only
     the scored frame's block: the reward trains the block that made the frame, as without DMD.
+    Through the cache the last pixel frame depends on all three frames of the last block, and the two
+    earlier ones get the larger share of the gradient (Wan2.1's VAE architecture with random weights,
+    64x104: norms 9.4, 4.7 and 1.4 for the scored frame's own).
 
-    checkpointed (training on GPU, as the generator's activation checkpointing): each latent frame's
-    decode is checkpointed, and inside it each decoder module that reads the cache (checkpoint_decoder,
-    applied to the VAE in place): the backward recomputes one latent frame, then one residual block
-    at a time, for two extra decoder forwards of s..j (measured numbers in the module docstring)."""
+    Why the whole prefix: no shorter context is identical. Max |difference| of the last frame when the
+    decode starts at latent frame c instead of 0 (Wan 2.1's VAE architecture, random weights, 32x32
+    pixels, 21 latent frames):
+
+        start c    1      2      5     10     15     19     20 (no context)
+        max diff   0.019  0.035  0.10  0.50   1.09   1.54   1.05
+
+    So exactness was chosen; the cost is a no-grad decode of the earlier frames, about one sample.py
+    decode per video.
+
+    checkpointed (training on GPU, as the generator's activation checkpointing): the backward through 3
+    latent frames (12 pixel frames) of the decoder at 480x832 is large, so each latent frame's decode is
+    checkpointed, and inside it each decoder module that reads the cache (checkpoint_decoder, applied
+    to the VAE in place): the backward recomputes one latent frame, then one residual block at a time,
+    for two extra decoder forwards of s..j. Its memory: `python bench.py --reward-decode --count`
+    (counted on fake tensors; without --count, measured); numbers in BENCHMARKS.md,
+    "train_reward.py: reward decode memory"."""
     if checkpointed:
         checkpoint_decoder(vae)
     frames = []
@@ -695,7 +598,15 @@ def decode_reward_frames(vae, video, pixel_frames, block_size, checkpointed=Fals
     return torch.cat(frames)  # [B, 3, H, W]
 
 
-# the normalizers of --dmd-weight follow each term's gradient size over about the last 10 steps
+# Reward + DMD (--dmd-weight W, section 5.1): each generator update also computes distill_dmd.py's dmd_loss
+# on the same rollout (teacher with CFG as real score, critic as fake score), and before it --critic-steps
+# critic updates with distill_dmd.py's critic_loss on fresh detached rollouts, exactly as in distill_dmd.py
+# (its functions are imported, not copied). The paper says only that the losses are "normalized so that they
+# are on the same scale" (appendix B.2); joint_gradient says how, and why the gradient's size rather than the
+# loss value. The running means s_k are EMAs of the global batch's mean gradient norms, updated after every
+# step (generator_update) and saved in the checkpoint; at the first step each video's own norms are used. The
+# log has both raw norms and the factor dmd_factor = s_reward / s_dmd.
+# The normalizers follow each term's gradient size over about the last 10 steps:
 LOSS_SCALE_DECAY = 0.9
 
 
@@ -717,7 +628,8 @@ def joint_gradient(video, loss_reward, loss_dmd, scales, dmd_weight):
     grad_reward = torch.autograd.grad(loss_reward, video)[0]  # autograd stops at the video: cheap
     grad_dmd = torch.autograd.grad(loss_dmd, video)[0]
     norms = dict(reward=grad_reward.norm(), dmd=grad_dmd.norm())
-    s_reward, s_dmd = (norms[k] if scales[k] is None else torch.tensor(scales[k], device=video.device) for k in ("reward", "dmd"))
+    s_reward, s_dmd = (norms[k] if scales[k] is None else torch.tensor(scales[k], device=video.device)
+                       for k in ("reward", "dmd"))
     factor = s_reward / s_dmd.clamp_min(1e-30)
     return grad_reward + dmd_weight * factor * grad_dmd, norms, factor
 
@@ -728,18 +640,19 @@ def joint_gradient(video, loss_reward, loss_dmd, scales, dmd_weight):
 
 def load_generator(args, init):
     """The generator: --model's architecture (and, with --tiny and no --init, its random weights) with
-    the weights of `init`: train_ode.py's checkpoint (its EMA) or Self Forcing's ode_init.pt."""
+    the weights of `init`: train_ode.py's OUT/ckpt.pt (its EMA) or Self Forcing's ode_init.pt
+    ({'generator', 'generator_ema'}, original Wan layout)."""
     model = cw.from_pretrained(args.model, torch.float32)
     if init:
-        cw.load_generator_weights(model, init)
+        convert.load_generator_weights(model, init)
     return model
 
 
 @torch.no_grad()
 def write_sample(args, ema, vae, reward_fn, context, prompt, latent_shape, step, rank, device):
-    """A video from the EMA generator with all 4 steps, from the same noise every time (every rank
-    takes part: the weights are sharded). Rank 0 writes OUT/sample_<step>.mp4 and returns the reward
-    of its last frame; the other ranks return None."""
+    """A video of the first prompt from the EMA generator with all 4 steps, from the same noise every time
+    (every rank takes part: the weights are sharded). Rank 0 writes OUT/sample_<step>.mp4 and returns the
+    reward of its last frame (sample_reward in log.jsonl, also printed); the other ranks return None."""
     g = torch.Generator(device).manual_seed(args.seed)
     noise = torch.randn([1] + latent_shape, generator=g, device=device)
     video = cw.rollout(ema, noise, ema.prompt_kv(context), block_size=args.block_size, generator=g)
@@ -760,7 +673,7 @@ class Run:
     rank: int
     device: torch.device
     joint: bool  # --dmd-weight > 0: section 5.1's reward + DMD
-    accum: int  # micro-batches per rank per update
+    accum: int  # micro-batches per rank per update: global / (GPUs x micro), an error if not whole (check_args)
     my_slots: range
     prompts: list  # the prompt file's lines, repeated until every slot has one
     shares: dict  # slot -> the prompt lines it draws from
@@ -787,9 +700,11 @@ class Run:
 def check_args(args, world):
     """Everything about the flags and files that can be wrong, before any model loads."""
     if args.global_batch % (world * args.micro_batch):
-        raise UserError(f"--global-batch {args.global_batch} is not divisible by world size {world} x --micro-batch {args.micro_batch}")
+        raise UserError(f"--global-batch {args.global_batch} is not divisible by world size {world} "
+                        f"x --micro-batch {args.micro_batch}")
     if (args.frames - 1) % 4 or args.height % 16 or args.width % 16:
-        raise UserError(f"--frames must be 4k+1 and --height/--width multiples of 16 (got {args.frames}, {args.height}x{args.width})")
+        raise UserError(f"--frames must be 4k+1 and --height/--width multiples of 16 "
+                        f"(got {args.frames}, {args.height}x{args.width})")
     cw.check_model(args.model)
     if args.dmd_weight > 0:
         cw.check_model(args.teacher, "--teacher")
@@ -823,7 +738,8 @@ def setup(args, rank, world, device):
     needed = {i for share in shares.values() for i in share} | {0}  # + prompt 0 for the sample videos
     bf16 = device.type == "cuda"  # bf16 compute with fp32 master weights on GPU; fp32 on CPU
     contexts, uncond = cw.text_contexts(args.model, {i: prompts[i] for i in needed}, device,
-                                        torch.bfloat16 if bf16 else torch.float32, args.negative_prompt, progress=rank == 0)
+                                        torch.bfloat16 if bf16 else torch.float32, args.negative_prompt,
+                                        progress=rank == 0)
 
     nets = load_networks(args, ckpt, joint, bf16)
     del ckpt
@@ -850,7 +766,8 @@ def load_networks(args, ckpt, joint, bf16):
         teacher = cw.from_pretrained(args.teacher, torch.bfloat16 if bf16 else torch.float32).requires_grad_(False)
         critic = cw.from_pretrained(args.model, torch.float32)
         if (teacher.cfg.in_channels, teacher.cfg.text_dim) != (critic.cfg.in_channels, critic.cfg.text_dim):
-            raise UserError(f"the teacher '{args.teacher}' does not share latent channels and text encoder with --model '{args.model}'")
+            raise UserError(f"the teacher '{args.teacher}' does not share latent channels and text encoder "
+                            f"with --model '{args.model}'")
         critic.gradient_checkpointing = bf16
         nets += [teacher, critic]
     for net in nets:  # one code path for 1 and N GPUs
@@ -859,7 +776,8 @@ def load_networks(args, ckpt, joint, bf16):
     # gradient comes from changes with the weights every step
     opt = torch.optim.AdamW(generator.parameters(), lr=args.lr, betas=(0.0, 0.999), weight_decay=0.01, eps=1e-8)
     if joint:
-        critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, betas=(0.0, 0.999), weight_decay=0.01, eps=1e-8)
+        critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, betas=(0.0, 0.999), weight_decay=0.01,
+                                       eps=1e-8)
     step, loss_scales = 0, {"reward": None, "dmd": None}
     if ckpt is not None:
         common.load_full_state_dict(generator, ckpt["model"])
@@ -875,27 +793,40 @@ def load_networks(args, ckpt, joint, bf16):
 
 
 def exit_step(args, update):
-    """The denoising step where every block of this update's rollouts stops: the same on every
-    rank (and slot), so all ranks run the same number of sharded forwards."""
+    """The denoising step where every block of this update's rollouts stops, drawn at random per update:
+    the same for all blocks, videos and ranks (Self Forcing's same_step_across_blocks), so all ranks run
+    the same number of sharded forwards."""
     g = common.step_generator(args.seed, update, -1, "cpu")  # slot -1: a stream no slot uses
     return int(torch.randint(len(cw.DENOISING_TIMESTEPS), (1,), generator=g))
 
 
+def graph_blocks(scored, cache_grad):
+    """The blocks a loss on the frames of the `scored` blocks reaches, which are all that need a graph: with
+    cache_grad "straight-through" every block up to the last scored one (the cache passes a block's gradient
+    on to the blocks it attended to), with "detach" the scored ones only."""
+    return range(max(scored) + 1) if cache_grad == "straight-through" else set(scored)
+
+
 def rollout(args, run, update, slot, grad):
-    """This slot's videos [B, C, F, h, w] by self-rollout, with their prompts, text embeddings, scored
-    frames and the generator for the rest of the slot's draws (the rollout's re-noising, DMD's timesteps).
-    Only the blocks the loss reaches get a graph: the scored frames' (all of them with --dmd-weight)."""
+    """This slot's videos [B, C, F, h, w] by self-rollout, as at inference, with their prompts, text embeddings,
+    scored frames and the generator for the rest of the slot's draws (the rollout's re-noising, DMD's timesteps).
+    The gradient flows through each block's exit step only; the earlier steps and the cache passes run without it.
+    Only the blocks the loss reaches get a graph (grad_blocks; same gradient, tested): with --cache-grad
+    straight-through every block up to the last scored one (the cache passes each block's gradient on to the
+    blocks it attended to; for the last frame: all of them), with --cache-grad detach only the scored frames'
+    blocks (for the last frame: the last block, ~15 GB less at 81 frames); with --dmd-weight all of them."""
     g = common.step_generator(args.seed, update, slot, run.device)
     share = run.shares[slot]
     ids = [share[k] for k in torch.randint(len(share), (args.micro_batch,), generator=g, device=run.device).tolist()]
     noise = torch.randn([args.micro_batch] + run.latent_shape, generator=g, device=run.device)
     pixel_frames = reward_frame_indices(args.reward_frames, run.latent_shape[1], args.micro_batch, g)
     context = cw.padded(run.contexts, ids, run.device)
-    reached = range(run.num_blocks) if run.joint else {latent_frame_of(p) // args.block_size for p in pixel_frames}
+    scored = {latent_frame_of(p) // args.block_size for p in pixel_frames}
+    reached = range(run.num_blocks) if run.joint else graph_blocks(scored, args.cache_grad)
     with torch.set_grad_enabled(grad):
         video = cw.rollout(run.generator, noise, run.generator.prompt_kv(context), block_size=args.block_size,
                            exit_steps=[exit_step(args, update)] * run.num_blocks, generator=g,
-                           grad_blocks=reached)  # [B, C, F, h, w]
+                           grad_blocks=reached, cache_grad=args.cache_grad)  # [B, C, F, h, w]
     return video, [run.prompts[i] for i in ids], context, pixel_frames, g
 
 
@@ -943,7 +874,8 @@ def generator_update(args, run, update, step):
     run.opt.zero_grad(set_to_none=True)
     # --ema-start N: through update N the EMA is a copy of the live weights, then it averages
     common.ema_update(run.ema, run.generator, args.ema_decay if step > args.ema_start else 0.0)
-    common.stop_if_diverged(step, run.ckpt_path, nets=dict(generator=run.generator, EMA=run.ema, **(dict(critic=run.critic) if run.joint else {})))
+    common.stop_if_diverged(step, run.ckpt_path, nets=dict(generator=run.generator, EMA=run.ema,
+                                                            **(dict(critic=run.critic) if run.joint else {})))
     if run.joint:  # the running means take this step's gradient norms (mean over the global batch)
         for k, used in run.loss_scales.items():
             norm = logs[f"{k}_grad_norm"]
@@ -952,19 +884,29 @@ def generator_update(args, run, update, step):
 
 
 def save(args, run, step):
-    """OUT/ckpt.pt: the generator, its EMA and optimizer (+ the critic, its optimizer and the running means
-    with --dmd-weight), gathered by every rank, written by rank 0 atomically and only if every tensor is finite."""
+    """OUT/ckpt.pt, gathered by every rank, written by rank 0 atomically and only if every tensor is finite: a plain
+    dict (torch.load(weights_only=True)) of 'model', 'ema', 'optimizer' (the generator's), 'step', 'args',
+    'script', 'stage'; with --dmd-weight also 'critic', 'critic_optimizer', 'loss_scales' (the running means).
+    `sample.py --checkpoint OUT/ckpt.pt` renders its EMA. --resume continues exactly (weights, EMA, optimizers,
+    normalizers, step; the noise follows from the step number)."""
     ckpt = dict(model=common.full_state_dict(run.generator), ema=common.full_state_dict(run.ema),
                 optimizer=common.full_state_dict(run.generator, run.opt), step=step, args=vars(args),
                 script=SCRIPT, stage="with --dmd-weight" if run.joint else "without --dmd-weight")
     if run.joint:
-        ckpt.update(critic=common.full_state_dict(run.critic), critic_optimizer=common.full_state_dict(run.critic, run.critic_opt),
+        ckpt.update(critic=common.full_state_dict(run.critic),
+                    critic_optimizer=common.full_state_dict(run.critic, run.critic_opt),
                     loss_scales=dict(run.loss_scales))
     if run.rank == 0:
         common.save_checkpoint(run.ckpt_path, ckpt)
 
 
 def train(args, rank, world, device):
+    """The loop: setup, then per step the critic updates (--dmd-weight), the generator update, the sample, the
+    log and the checkpoint. OUT/log.jsonl gets one JSON line per logged step: loss, reward, grad_norm, exit_step,
+    step_time, gpu_mem_gb, sample_reward when a sample was written; with --dmd-weight also dmd_loss, critic_loss,
+    critic_grad_norm, reward_grad_norm, dmd_grad_norm, dmd_factor. The tqdm bar on rank 0 shows reward, loss,
+    grad norm, step time and GPU memory. A NaN/inf loss, reward or gradient stops the run with
+    `error: training diverged at step N (...)` before the optimizer step and without saving."""
     run = setup(args, rank, world, device)
     step = run.step
     critic_steps = args.critic_steps if run.joint else 0
@@ -982,16 +924,19 @@ def train(args, rank, world, device):
         step += 1
 
         if args.sample_every and step % args.sample_every == 0:
-            record["sample_reward"] = write_sample(args, run.ema, run.vae, run.reward_fn, cw.padded(run.contexts, [0], device),
-                                                   run.prompts[0], run.latent_shape, step, rank, device)
+            record["sample_reward"] = write_sample(args, run.ema, run.vae, run.reward_fn,
+                                                   cw.padded(run.contexts, [0], device), run.prompts[0],
+                                                   run.latent_shape, step, rank, device)
         record["step_time"] = time.time() - t0
         if device.type == "cuda":
             record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         bar.update()
-        bar.set_postfix(reward=f"{record['reward']:.3f}", loss=f"{record['loss']:.3f}", gnorm=f"{record['grad_norm']:.3f}",
-                        s=f"{record['step_time']:.2f}", **({"mem": f"{record['gpu_mem_gb']:.1f}G"} if "gpu_mem_gb" in record else {}))
+        bar.set_postfix(reward=f"{record['reward']:.3f}", loss=f"{record['loss']:.3f}",
+                        gnorm=f"{record['grad_norm']:.3f}", s=f"{record['step_time']:.2f}",
+                        **({"mem": f"{record['gpu_mem_gb']:.1f}G"} if "gpu_mem_gb" in record else {}))
         if rank == 0 and record.get("sample_reward") is not None:
-            bar.write(f"step {step}: {args.out}/sample_{step}.mp4, reward of its last frame {record['sample_reward']:.4f}")
+            bar.write(f"step {step}: {args.out}/sample_{step}.mp4, "
+                      f"reward of its last frame {record['sample_reward']:.4f}")
         if rank == 0 and (step % args.log_every == 0 or step == args.max_steps):
             common.log_step(run.log_path, record, run.wandb)
         if step % args.save_every == 0 or step == args.max_steps:
@@ -1003,10 +948,11 @@ def train(args, rank, world, device):
 
 
 def parse_args(argv=None):
-    p = common.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny random Wan and reward, small sizes (CPU demo, tests)")
-    p.add_argument("--model", help=f"base diffusers-format Wan (folder or hub id): config, text encoder, VAE, critic init "
-                                   f"(default {cw.DEFAULT_MODEL}; with --tiny the cached tiny Wan)")
+    p.add_argument("--model", help=f"base diffusers-format Wan (folder or hub id): config, text encoder, VAE, "
+                                   f"critic init (default {cw.DEFAULT_MODEL}; with --tiny the cached tiny Wan)")
     p.add_argument("--init", help="the generator to start from: train_ode.py's OUT/ckpt.pt (its EMA) or Self Forcing's "
                                   "ode_init.pt (required, except with --tiny: the tiny Wan's random weights)")
     p.add_argument("--prompts", help="text file, one prompt per line (default prompts/dmd_example.txt)")
@@ -1014,19 +960,28 @@ def parse_args(argv=None):
     p.add_argument("--width", type=common.positive_int)
     p.add_argument("--frames", type=common.positive_int, help="pixel frames, 4k+1 (81)")
     p.add_argument("--block-size", type=common.positive_int, help="latent frames per causal block (3; 1: frame-wise)")
-    p.add_argument("--reward", choices=["imagereward", "pickscore"], help="the differentiable image reward (imagereward)")
-    p.add_argument("--reward-path", help="folder with the reward's weights (default: the hub cache; with --tiny a tiny random one)")
+    p.add_argument("--reward", choices=["imagereward", "pickscore"],
+                   help="the differentiable image reward (imagereward)")
+    p.add_argument("--reward-path",
+                   help="folder with the reward's weights (default: the hub cache; with --tiny a tiny random one)")
     p.add_argument("--reward-tokenizer", help="folder with ImageReward's BERT tokenizer or PickScore's CLIP processor")
     p.add_argument("--reward-frames", choices=["last", "random"],
                    help="last: the final frame (the paper); random: one random frame of the whole video (section 5.2)")
-    p.add_argument("--dmd-weight", type=common.nonnegative_float, help="0: reward only (the paper's method); W > 0: + W x the normalized DMD "
-                                                    "loss of distill_dmd.py (section 5.1, Table 2)")
-    p.add_argument("--teacher", help="with --dmd-weight: the real score's diffusers-format Wan (default: --model, the base "
-                                     "Wan as in the paper; Wan-AI/Wan2.1-T2V-14B-Diffusers for section 5.3)")
-    p.add_argument("--guidance", type=common.nonnegative_float, help="with --dmd-weight: teacher CFG, uncond + g (cond - uncond) (4.0)")
-    p.add_argument("--critic-steps", type=common.positive_int, help="with --dmd-weight: critic updates per generator update (5)")
+    p.add_argument("--cache-grad", choices=cw.CACHE_GRAD,
+                   help="straight-through: the last frame's gradient reaches the earlier blocks through the KV cache, "
+                        "as in Self Forcing's training code (default); detach: it reaches the last block only")
+    p.add_argument("--dmd-weight", type=common.nonnegative_float,
+                   help="0: reward only (the paper's method); W > 0: + W x the normalized DMD "
+                        "loss of distill_dmd.py (section 5.1, Table 2)")
+    p.add_argument("--teacher", help="with --dmd-weight: the real score's diffusers-format Wan (default: --model, "
+                                     "the base Wan as in the paper; Wan-AI/Wan2.1-T2V-14B-Diffusers for section 5.3)")
+    p.add_argument("--guidance", type=common.nonnegative_float,
+                   help="with --dmd-weight: teacher CFG, uncond + g (cond - uncond) (4.0)")
+    p.add_argument("--critic-steps", type=common.positive_int,
+                   help="with --dmd-weight: critic updates per generator update (5)")
     p.add_argument("--critic-lr", type=common.learning_rate, help="with --dmd-weight: critic learning rate (4e-7)")
-    p.add_argument("--negative-prompt", help="with --dmd-weight: unconditional branch of the teacher's CFG (default: Wan's own)")
+    p.add_argument("--negative-prompt",
+                   help="with --dmd-weight: unconditional branch of the teacher's CFG (default: Wan's own)")
     p.add_argument("--out", required=True, help="folder for ckpt.pt, log.jsonl, sample_<step>.mp4")
     p.add_argument("--resume", action="store_true", help="continue exactly from OUT/ckpt.pt")
     p.add_argument("--max-steps", type=common.positive_int, help="generator updates (500)")
@@ -1034,13 +989,15 @@ def parse_args(argv=None):
     p.add_argument("--micro-batch", type=common.positive_int, help="videos per rank per forward (1)")
     p.add_argument("--lr", type=common.learning_rate, help="generator learning rate (2e-6)")
     p.add_argument("--ema-decay", type=common.decay, help="EMA of the generator (0.99)")
-    p.add_argument("--ema-start", type=common.nonnegative_int, help="generator updates before the EMA starts averaging: until then it is a "
-                                                 "copy of the live weights (0: the init is already trained)")
+    p.add_argument("--ema-start", type=common.nonnegative_int,
+                   help="generator updates before the EMA starts averaging: until then it is a "
+                        "copy of the live weights (0: the init is already trained)")
     p.add_argument("--grad-clip", type=common.positive_float, help="gradient norm clipping (10)")
     p.add_argument("--save-every", type=common.positive_int)
     p.add_argument("--log-every", type=common.positive_int)
-    p.add_argument("--sample-every", type=common.nonnegative_int, help="write OUT/sample_<step>.mp4 from the EMA generator and log its "
-                                                    "last frame's reward (0: never)")
+    p.add_argument("--sample-every", type=common.nonnegative_int,
+                   help="write OUT/sample_<step>.mp4 from the EMA generator and log its "
+                        "last frame's reward (0: never)")
     p.add_argument("--seed", type=common.seed, default=0)
     p.add_argument("--wandb", action="store_true")
     args = p.parse_args(argv)
@@ -1049,7 +1006,7 @@ def parse_args(argv=None):
         if getattr(args, name) is None:  # flags left unset take the preset
             setattr(args, name, value)
     if args.model is None:
-        args.model = cw.make_tiny_wan(cw.tiny_model_dir()) if args.tiny else cw.DEFAULT_MODEL
+        args.model = convert.make_tiny_wan(convert.tiny_model_dir()) if args.tiny else cw.DEFAULT_MODEL
     args.teacher = args.teacher or args.model  # the real score of --dmd-weight, as in distill_dmd.py
     if args.tiny and args.reward_path is None:
         args.reward_path = args.reward_tokenizer = tiny_reward_dir(args.reward)

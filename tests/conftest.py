@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tiny_wan(tmp_path_factory):
     """A random-init tiny Wan saved in the real diffusers format (built once per test session)."""
-    from causal_wan import make_tiny_wan
+    from convert import make_tiny_wan
     return make_tiny_wan(str(tmp_path_factory.mktemp("models") / "tiny_wan"))
 
 
@@ -31,11 +31,13 @@ class EmaUpdates(list):
         it, EMA = decay * EMA + (1 - decay) * live, which differs from the live weights."""
         for update, (before, live, after) in enumerate(self, 1):
             if update <= start:
-                assert all(torch.equal(a, w) for a, w in zip(after, live)), f"update {update}: the EMA is not the live weights"
+                assert all(torch.equal(a, w)
+                           for a, w in zip(after, live)), f"update {update}: the EMA is not the live weights"
             else:
                 assert all(torch.allclose(a, decay * b + (1 - decay) * w, rtol=1e-5, atol=1e-7)
                            for b, w, a in zip(before, live, after)), f"update {update}: not the average"
-                assert not all(torch.equal(a, w) for a, w in zip(after, live)), f"update {update}: the EMA does not average"
+                assert not all(torch.equal(a, w)
+                               for a, w in zip(after, live)), f"update {update}: the EMA does not average"
 
     def check_start_and_resume(self, train, folder, start, decay):
         """train(out, *flags) runs a trainer with --ema-start `start` --ema-decay `decay`: 4 updates in

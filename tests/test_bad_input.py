@@ -12,9 +12,9 @@ loader); read_text decoding with errors='replace' (the non-UTF-8 cases pass the 
 check_outputs skipped (a folder in the way, a file in the way, an unwritable folder: found only
 after the model loads); sample.check_speed_kit not called (--fp8 on the CPU and --decoder tae without
 its file reach the model loaders); the tiny decoder loaded after the generator (a junk or wrong
---decoder-path is found only after the generator loads); the --checkpoint check of eval_vbench.sh moved after ensure_vbench_venv
-(no one-line error: the venv build starts). On the code before issue 13, 93 of these 95 tests fail
-(44 load a model first, the others end in a traceback or argparse's multi-line usage).
+--decoder-path is found only after the generator loads); the --checkpoint check of eval_vbench.sh moved after
+ensure_vbench_venv (no one-line error: the venv build starts). On the code before issue 13, 93 of these 95 tests
+fail (44 load a model first, the others end in a traceback or argparse's multi-line usage).
 """
 import json
 import os
@@ -28,6 +28,7 @@ import torch
 
 import causal_wan as cw
 import common
+import convert
 import distill_dmd
 import sample
 import train_ode
@@ -67,8 +68,9 @@ def no_model_loads(monkeypatch):
 
     def loaded(*args, **kwargs):
         raise AssertionError("a model loaded before the bad input was found")
-    for module, name in [(cw, "from_pretrained"), (cw, "load_text_encoder"), (cw, "load_vae"), (cw, "load_generator_weights"),
-                         (train_reward, "load_reward"), (WanPipeline, "from_pretrained")]:
+    for module, name in [(cw, "from_pretrained"), (cw, "load_text_encoder"), (cw, "load_vae"),
+                         (convert, "load_generator_weights"), (train_reward, "load_reward"),
+                         (WanPipeline, "from_pretrained")]:
         monkeypatch.setattr(module, name, loaded)
 
 
@@ -139,11 +141,14 @@ def expand(argv, files):
     return out
 
 
-SAMPLE = ["--model", "MODEL", "--prompt", "a fox", "--frames", "5", "--height", "64", "--width", "64", "--device", "cpu"]
+SAMPLE = ["--model", "MODEL", "--prompt", "a fox", "--frames", "5", "--height", "64", "--width", "64",
+          "--device", "cpu"]
 DMD = ["--model", "MODEL", "--out", "TMP/run", "--height", "64", "--width", "64", "--frames", "21"]
-ODE_GEN = ["generate", "--model", "MODEL", "--teacher", "TMP/init.pt", "--prompts", "TMP/prompts.txt", "--store", "TMP/st"]
+ODE_GEN = ["generate", "--model", "MODEL", "--teacher", "TMP/init.pt", "--prompts", "TMP/prompts.txt",
+           "--store", "TMP/st"]
 ODE_TRAIN = ["train", "--model", "MODEL", "--store", "TMP/store", "--out", "TMP/run"]
-REWARD = ["--model", "MODEL", "--init", "TMP/init.pt", "--out", "TMP/run", "--height", "64", "--width", "64", "--frames", "21"]
+REWARD = ["--model", "MODEL", "--init", "TMP/init.pt", "--out", "TMP/run", "--height", "64", "--width", "64",
+          "--frames", "21"]
 
 CASES = [  # (script, argv, what the one line must say)
     # sample.py
@@ -159,22 +164,34 @@ CASES = [  # (script, argv, what the one line must say)
     ("sample", SAMPLE + ["--out", "TMP/folder.mp4"], r"'.*folder\.mp4' is a folder: the video cannot be written there"),
     ("sample", SAMPLE + ["--out", "TMP/a_file/fox.mp4"], r"output folder '.*a_file' is a file, not a folder"),
     ("sample", SAMPLE + ["--out", "UNWRITABLE/fox.mp4"], r"output folder '.*' cannot be written"),
-    ("sample", SAMPLE[:2] + ["--prompts-file", "TMP/not_utf8.txt", "--out", "TMP/v"], r"--prompts-file '.*' is not UTF-8 text \(byte 10\)"),
-    ("sample", SAMPLE[:2] + ["--prompts-file", "TMP", "--out", "TMP/v"], r"--prompts-file '.*' is a folder, not a file"),
+    ("sample", SAMPLE[:2] + ["--prompts-file", "TMP/not_utf8.txt", "--out", "TMP/v"],
+     r"--prompts-file '.*' is not UTF-8 text \(byte 10\)"),
+    ("sample", SAMPLE[:2] + ["--prompts-file", "TMP", "--out", "TMP/v"],
+     r"--prompts-file '.*' is a folder, not a file"),
     ("sample", SAMPLE[:2] + ["--jobs", "TMP/not_utf8.txt"], r"--jobs '.*' is not UTF-8 text"),
     ("sample", SAMPLE[:2] + ["--jobs", "TMP/jobs_seed.tsv"], r"jobs_seed\.tsv:1: seed 1099511627776 is not in"),
-    ("sample", SAMPLE[:2] + ["--jobs", "TMP/jobs_avi.tsv"], r"jobs_avi\.tsv:1: expected 'prompt<TAB>seed<TAB>out\.mp4'"),
-    ("sample", SAMPLE + ["--model", "TMP/broken_json"], r"transformer config '.*config\.json' is not valid JSON \(line 1"),
+    ("sample", SAMPLE[:2] + ["--jobs", "TMP/jobs_avi.tsv"],
+     r"jobs_avi\.tsv:1: expected 'prompt<TAB>seed<TAB>out\.mp4'"),
+    ("sample", SAMPLE + ["--model", "TMP/broken_json"],
+     r"transformer config '.*config\.json' is not valid JSON \(line 1"),
     ("sample", SAMPLE + ["--model", "TMP/missing_keys"], r"config\.json' is not a Wan transformer's \(KeyError"),
     ("sample", SAMPLE + ["--checkpoint", "TMP"], r"--checkpoint '.*' is a folder, not a file"),
     ("sample", SAMPLE + ["--checkpoint", "TMP/none.pt"], r"--checkpoint '.*none\.pt' does not exist"),
-    ("sample", SAMPLE + ["--decoder", "tae"], r"--decoder tae needs the tiny decoder's file: download taew2_1\.pth from https://github\.com/madebyollin/taehv .* --decoder-path taew2_1\.pth"),
-    ("sample", SAMPLE + ["--decoder-path", "TMP/junk.pth"], r"--decoder-path '.*junk\.pth' is the tiny decoder's file: add --decoder tae"),
-    ("sample", SAMPLE + ["--decoder", "tae", "--decoder-path", "TMP/none.pth"], r"tiny decoder '.*none\.pth' does not exist: download taew2_1\.pth"),
-    ("sample", SAMPLE + ["--decoder", "tae", "--decoder-path", "TMP/junk.pth"], r"tiny decoder '.*junk\.pth' is not a readable checkpoint"),
-    ("sample", SAMPLE + ["--decoder", "tae", "--decoder-path", "TMP/wrong.pth"], r"tiny decoder '.*wrong\.pth' does not have TAEW2\.1's decoder layout"),
-    ("sample", SAMPLE + ["--decoder", "tae", "--decoder-path", "TMP/junk.pth", "--vae-dtype", "bf16"], r"--vae-dtype bf16 sets how the Wan VAE decodes, .* drop --vae-dtype bf16"),
-    ("sample", SAMPLE + ["--decoder", "tae", "--decoder-path", "TMP/junk.pth", "--compile-vae"], r"--compile-vae sets how the Wan VAE decodes"),
+    ("sample", SAMPLE + ["--decoder", "tae"],
+     r"--decoder tae needs the tiny decoder's file: download taew2_1\.pth from https://github\.com/madebyollin/taehv "
+     r".* --decoder-path taew2_1\.pth"),
+    ("sample", SAMPLE + ["--decoder-path", "TMP/junk.pth"],
+     r"--decoder-path '.*junk\.pth' is the tiny decoder's file: add --decoder tae"),
+    ("sample", SAMPLE + ["--decoder", "tae", "--decoder-path", "TMP/none.pth"],
+     r"tiny decoder '.*none\.pth' does not exist: download taew2_1\.pth"),
+    ("sample", SAMPLE + ["--decoder", "tae", "--decoder-path", "TMP/junk.pth"],
+     r"tiny decoder '.*junk\.pth' is not a readable checkpoint"),
+    ("sample", SAMPLE + ["--decoder", "tae", "--decoder-path", "TMP/wrong.pth"],
+     r"tiny decoder '.*wrong\.pth' does not have TAEW2\.1's decoder layout"),
+    ("sample", SAMPLE + ["--decoder", "tae", "--decoder-path", "TMP/junk.pth", "--vae-dtype", "bf16"],
+     r"--vae-dtype bf16 sets how the Wan VAE decodes, .* drop --vae-dtype bf16"),
+    ("sample", SAMPLE + ["--decoder", "tae", "--decoder-path", "TMP/junk.pth", "--compile-vae"],
+     r"--compile-vae sets how the Wan VAE decodes"),
     ("sample", SAMPLE + ["--fp8"], r"--fp8 needs a CUDA GPU with compute capability >= 8\.9 .*not device 'cpu'"),
     # distill_dmd.py
     ("distill_dmd", DMD + ["--lr", "inf"], r"argument --lr: inf is not a learning rate in \(0, 1\)"),
@@ -223,7 +240,8 @@ CASES = [  # (script, argv, what the one line must say)
     ("train_reward", REWARD + ["--critic-lr", "0"], r"argument --critic-lr"),
     ("train_reward", REWARD + ["--critic-steps", "0"], r"argument --critic-steps"),
     ("train_reward", REWARD + ["--init", "TMP/none.pt"], r"--init checkpoint '.*none\.pt' does not exist"),
-    ("train_reward", REWARD + ["--reward-path", "TMP"], r"ImageReward weights not found at .* \(no ImageReward\.pt \+ med_config\.json\)"),
+    ("train_reward", REWARD + ["--reward-path", "TMP"],
+     r"ImageReward weights not found at .* \(no ImageReward\.pt \+ med_config\.json\)"),
     ("train_reward", REWARD + ["--reward-path", "TMP/reward"], r"med_config\.json' is not valid JSON"),
     ("train_reward", REWARD + ["--out", "TMP/a_file"], r"--out '.*a_file' is a file"),
     ("train_reward", REWARD + ["--prompts", "TMP/not_utf8.txt"], r"--prompts '.*' is not UTF-8 text"),
@@ -235,14 +253,16 @@ CASES = [  # (script, argv, what the one line must say)
      r"--prompt-list '.*' is not valid JSON"),
     ("vbench_tools", ["jobs", "--prompt-list", "TMP/list_entries.json", "--videos", "TMP/v", "--jobs-dir", "TMP/j"],
      r"is not a list of \{'prompt_en': \.\.\.\} entries"),
-    ("vbench_tools", ["jobs", "--prompt-list", "TMP/list.json", "--videos", "TMP/v", "--jobs-dir", "TMP/j", "--shards", "0"],
-     r"argument --shards: 0 is not a positive number"),
+    ("vbench_tools", ["jobs", "--prompt-list", "TMP/list.json", "--videos", "TMP/v", "--jobs-dir", "TMP/j",
+                      "--shards", "0"], r"argument --shards: 0 is not a positive number"),
     ("vbench_tools", ["jobs", "--prompt-list", "TMP/list.json", "--videos", "TMP/v", "--jobs-dir", "TMP/a_file"],
      r"--jobs-dir '.*a_file' cannot be created"),
     ("vbench_tools", ["jobs", "--prompt-list", "TMP/list.json", "--videos", "TMP/v", "--jobs-dir", "TMP/j",
                       "--extended-prompts", "TMP/not_utf8.txt"], r"--extended-prompts '.*' is not UTF-8 text"),
-    ("vbench_tools", ["verify", "--prompt-list", "TMP/list.json", "--videos", "TMP/none"], r"--videos '.*none' is not a folder"),
-    ("vbench_tools", ["verify", "--prompt-list", "TMP/list.json", "--videos", "TMP/v", "--limit", "-1"], r"argument --limit"),
+    ("vbench_tools", ["verify", "--prompt-list", "TMP/list.json", "--videos", "TMP/none"],
+     r"--videos '.*none' is not a folder"),
+    ("vbench_tools", ["verify", "--prompt-list", "TMP/list.json", "--videos", "TMP/v", "--limit", "-1"],
+     r"argument --limit"),
 ]
 
 
@@ -275,7 +295,8 @@ def test_a_real_process_exits_2_with_one_line(files):
     """The same across a real process boundary: stderr is exactly one line, the exit code 2."""
     r = subprocess.run([sys.executable, "sample.py"] + expand(SAMPLE + ["--fps", "0"], files), cwd=ROOT, env=ENV,
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and r.stderr.splitlines() == ["error: argument --fps: 0 is not a positive integer (see --help)"]
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        "error: argument --fps: 0 is not a positive integer (see --help)"]
 
 
 def eval_vbench(tmp_path, *argv):
@@ -293,7 +314,8 @@ def eval_vbench(tmp_path, *argv):
     (["--checkpoint", "TMP", "--out", "TMP/eval"], r"--checkpoint '.*' does not exist or is not a file"),
     (["--out", "TMP/eval", "--checkpoint"], r"--checkpoint needs a value"),
     (["--checkpoint", "TMP/ckpt.pt", "--out", "TMP/a_file"], r"--out '.*a_file' cannot be written"),
-    (["--checkpoint", "TMP/ckpt.pt", "--out", "TMP/eval", "--extended-prompts", "TMP/none.txt"], r"--extended-prompts '.*' does not exist"),
+    (["--checkpoint", "TMP/ckpt.pt", "--out", "TMP/eval", "--extended-prompts", "TMP/none.txt"],
+     r"--extended-prompts '.*' does not exist"),
     (["--checkpoint", "TMP/ckpt.pt", "--out", "TMP/eval", "--gpus", "0"], r"--gpus must be a positive integer"),
     (["--dry-run", "--out", "TMP/eval", "--prompt-list", "TMP/none.json"], r"--prompt-list '.*' does not exist"),
     (["--checkpoint", "TMP/ckpt.pt", "--out", "TMP/eval", "--bogus"], r"unknown argument --bogus"),
@@ -309,7 +331,8 @@ def test_eval_vbench_checks_inputs_before_building_vbench(tmp_path, argv, messag
 def test_resume_at_or_past_max_steps_is_an_error(tmp_path):
     """--resume of a checkpoint that already reached --max-steps used to exit 0 having done nothing."""
     common.save_checkpoint(str(tmp_path / "ckpt.pt"), {"step": 5, "script": "train_ode.py", "stage": None})
-    args = train_ode.parse_args(["train", "--model", "x/y", "--store", "s", "--out", str(tmp_path), "--resume", "--max-steps", "5"])
+    args = train_ode.parse_args(["train", "--model", "x/y", "--store", "s", "--out", str(tmp_path), "--resume",
+                                 "--max-steps", "5"])
     with pytest.raises(common.UserError, match=r"is at step 5 already: pass a --max-steps above 5"):
         common.load_resume(str(tmp_path / "ckpt.pt"), args, "train_ode.py")
     args.max_steps = 6

@@ -27,10 +27,12 @@ def test_sample_benchmark_points_to_bench(tmp_path):
     """`sample.py --benchmark ...` (the old command) says in one line which command replaced it."""
     r = subprocess.run([sys.executable, "sample.py", "--benchmark", "--tiny", "--levers", "1,3"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: the benchmark is bench.py now: python bench.py --tiny --levers 1,3"]
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: the benchmark is bench.py now: python bench.py --tiny --levers 1,3"]
 
 
-RESULT_LINE = re.compile(r"CPU \| torch \S+ \| fp32 \| \d+ frames 64x64 \| (.+) \| frame-wise .+ \| fps=([\d.]+) first_block_s=([\d.]+)")
+RESULT_LINE = re.compile(r"CPU \| torch \S+ \| fp32 \| \d+ frames 64x64 \| (.+) \| frame-wise .+ \| "
+                         r"fps=([\d.]+) first_block_s=([\d.]+)")
 
 
 def test_benchmark_tiny_reports_speed(tiny_wan):
@@ -57,34 +59,42 @@ def test_benchmark_tiny_reports_speed(tiny_wan):
               for n, lever in enumerate(bench.LEVERS, 1)}
     assert all(ladder.values()), ladder  # every optimization has its row (measured, skipped on the CPU, or failed)
     assert all("FAILED" not in line for line in ladder.values()), ladder
-    diffs = {label: [(float(a), int(b)) for a, b in re.findall(r"diff ([\d.e+-]+) / (\d+)", line)] for label, line in ladder.items()}
+    diffs = {label: [(float(a), int(b)) for a, b in re.findall(r"diff ([\d.e+-]+) / (\d+)", line)]
+             for label, line in ladder.items()}
     assert diffs[bench.LEVERS[1].label] == [(0.0, 0), (0.0, 0)]  # in-place cache: the same latents and pixels
     assert diffs[bench.LEVERS[2].label] == [(0.0, 0), (0.0, 0)]  # overlapped decode: the same pixels
     assert all(dl < 1e-5 and dp <= 1 for dl, dp in diffs[bench.LEVERS[4].label])  # torch.compile: fp32 rounding only
     assert "skipped (needs a GPU)" in ladder[bench.LEVERS[5].label]
     assert "skipped (its compilation takes" in ladder[bench.LEVERS[6].label]
     tae, offload = bench.LEVERS[8].label, bench.LEVERS[10].label
-    assert [dl for dl, _ in diffs[tae]] == [dl for dl, _ in diffs[bench.LEVERS[4].label]]  # the decoder leaves the latents alone
-    assert all(dp > 10 for _, dp in diffs[tae]) and ladder[tae].count("(another decoder)") == 2  # its pixels vs the VAE's
-    assert diffs[offload] == [(dl, 0) for dl, _ in diffs[tae]] and "another decoder" not in ladder[offload]  # the same video
+    # the decoder leaves the latents alone
+    assert [dl for dl, _ in diffs[tae]] == [dl for dl, _ in diffs[bench.LEVERS[4].label]]
+    # its pixels vs the VAE's
+    assert all(dp > 10 for _, dp in diffs[tae]) and ladder[tae].count("(another decoder)") == 2
+    # the same video
+    assert diffs[offload] == [(dl, 0) for dl, _ in diffs[tae]] and "another decoder" not in ladder[offload]
     assert "skipped (needs a GPU of compute capability >= 8.9)" in ladder[bench.LEVERS[9].label]
     decoders = next(line for line in lines if line.startswith("  tiny decoder alone (fp32, --decoder tae): "))
     assert re.search(r"the VAE takes [\d.]+x its FLOPs and [\d.]+x its time", decoders), decoders
     # --compile: each block shape compiles the block in 4 pieces (split around the attention over the
     # cache), chunk-wise in the warm-up, frame-wise once more (a new shape); nothing in the timed runs
-    warm = [(int(b), int(v)) for b, v in re.findall(r"warm-up [\d.]+ s compiled (\d+) block, (\d+) VAE variants", ladder[bench.LEVERS[4].label])]
+    warm = [(int(b), int(v)) for b, v in re.findall(r"warm-up [\d.]+ s compiled (\d+) block, (\d+) VAE variants",
+                                                    ladder[bench.LEVERS[4].label])]
     timed = re.findall(r"timed run compiled (\d+) block, (\d+) VAE variants", ladder[bench.LEVERS[4].label])
     assert len(warm) == 2 and all(1 <= b <= 4 and v == 0 for b, v in warm), warm
     assert timed == [("0", "0"), ("0", "0")], timed
-    assert re.findall(r"compiled (\d+) block, (\d+) VAE", ladder[bench.LEVERS[7].label]) == [("0", "0")] * 4  # row 5's code, reused
+    assert re.findall(r"compiled (\d+) block, (\d+) VAE",
+                      ladder[bench.LEVERS[7].label]) == [("0", "0")] * 4  # row 5's code, reused
     assert "compiled" not in ladder[bench.LEVERS[2].label]  # an eager row compiles nothing
-    assert not any("WARNING" in line for line in lines)  # nothing compiled in the fastest row's section or the long video
+    # nothing compiled in the fastest row's section or the long video
+    assert not any("WARNING" in line for line in lines)
     results = [RESULT_LINE.fullmatch(line) for line in lines if line.startswith("CPU | ")]
     whats = [m.group(1).split(":")[0] for m in results]
     assert whats[:7] == ["row 1", "row 2", "row 3", "row 5", "row 8", "row 9", "row 11"], whats
     assert re.fullmatch(r"fastest, [1235]", whats[7]), whats  # the fp32 VAE's rows only
-    assert [m.group(1).split(": ")[1] for m in results[5:7]] == ["--compile default --overlap-decode --decoder tae",
-                                                                  "--compile default --overlap-decode --decoder tae --offload"]
+    assert [m.group(1).split(": ")[1] for m in results[5:7]] == [
+        "--compile default --overlap-decode --decoder tae",
+        "--compile default --overlap-decode --decoder tae --offload"]
     assert all(m and float(m.group(2)) > 0 and float(m.group(3)) > 0 for m in results)
 
 
@@ -94,9 +104,9 @@ def test_benchmark_cut_after_the_ladder_keeps_what_it_measured(tiny_wan):
     no line buffering (every line arrived at once, when the process ended)."""
     import time
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
-    p = subprocess.Popen([sys.executable, "bench.py", "--tiny", "--model", tiny_wan, "--frames", "9", "--levers", "1,3,8",
-                          "--long-frames", "0", "--baseline-steps", "0"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.DEVNULL, text=True)
+    p = subprocess.Popen([sys.executable, "bench.py", "--tiny", "--model", tiny_wan, "--frames", "9",
+                          "--levers", "1,3,8", "--long-frames", "0", "--baseline-steps", "0"], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     lines, arrived = [], []
     try:
         for line in p.stdout:
@@ -115,7 +125,8 @@ def test_benchmark_cut_after_the_ladder_keeps_what_it_measured(tiny_wan):
     assert all(any(line.startswith(s) for line in lines) for s in starts), lines
     rows = [line.split(".")[0].strip() for line in lines if re.match(r"  \d+\. ", line)]
     assert rows == ["1", "3", "4", "6", "7", "8", "10"], lines
-    assert [RESULT_LINE.fullmatch(line).group(1)[:5] for line in lines if line.startswith("CPU | ")] == ["row 1", "row 3", "row 8"]
+    assert [RESULT_LINE.fullmatch(line).group(1)[:5] for line in lines
+            if line.startswith("CPU | ")] == ["row 1", "row 3", "row 8"]
 
 
 @pytest.mark.parametrize("chunk,max_frames", [(3, 21), (1, 21), (3, 9)])
@@ -126,7 +137,8 @@ def test_flop_count_matches_torch_counter(chunk, max_frames):
     cfg = cw.WanConfig(num_layers=2)  # Wan2.1-1.3B's dims, 2 of its 30 layers
     with torch.device("meta"):
         model = cw.CausalWan(cfg).eval().requires_grad_(False)
-        context, noise = torch.randn(1, 512, cfg.text_dim), torch.randn(1, 16, 13, 60, 104)  # 480x832: attention is half the work
+        # 480x832: attention is half the work
+        context, noise = torch.randn(1, 512, cfg.text_dim), torch.randn(1, 16, 13, 60, 104)
     prompt_kv = model.prompt_kv(context)  # once per prompt: not part of the count
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         cw.rollout(model, noise, prompt_kv, block_size=chunk, max_frames=max_frames)
@@ -153,9 +165,11 @@ def test_tiny_decoder_flop_count_matches_conv_arithmetic():
             total += conv(ch, ch_next, 3, pixels, frames)
         return total + conv(widths[3], 3, 3, pixels, frames)
 
-    assert bench.tae_decode_flops(speedkit.TinyDecoder(), 7, 60, 104, 3) == 7 * per_latent_frame((256, 128, 64, 64), 60, 104)
+    assert (bench.tae_decode_flops(speedkit.TinyDecoder(), 7, 60, 104, 3)
+            == 7 * per_latent_frame((256, 128, 64, 64), 60, 104))
     assert per_latent_frame((256, 128, 64, 64), 60, 104) == 544_151_961_600
-    assert bench.tae_decode_flops(speedkit.TinyDecoder((32, 16, 8, 8)), 4, 8, 8, 1) == 4 * per_latent_frame((32, 16, 8, 8), 8, 8)
+    assert (bench.tae_decode_flops(speedkit.TinyDecoder((32, 16, 8, 8)), 4, 8, 8, 1)
+            == 4 * per_latent_frame((32, 16, 8, 8), 8, 8))
 
 
 def test_benchmark_fp8_row_on_the_cpu(tiny_wan, monkeypatch, capsys):
@@ -180,7 +194,8 @@ def test_benchmark_fp8_row_on_the_cpu(tiny_wan, monkeypatch, capsys):
     bench.check_args(args)
     state = bench.build_benchmark(args)
     assert bench.measure_ladder(state) == []
-    assert f"  {n + 1}. + float8 linear layers (--fp8): skipped (--fp8 needs a CUDA GPU with compute capability >= 8.9" in capsys.readouterr().out
+    assert (f"  {n + 1}. + float8 linear layers (--fp8): skipped (--fp8 needs a CUDA GPU with compute capability >= 8.9"
+            in capsys.readouterr().out)
 
     levers[n] = levers[n]._replace(check=None)
     monkeypatch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
@@ -208,21 +223,25 @@ def test_benchmark_subset_of_levers(tiny_wan):
     """--levers: the rows left out pass on their cheap settings, not their compilation (row 8 after
     an unmeasured row 5 is eager); bad lengths and rows are one-line errors before any model loads.
     Planted: unmeasured rows passing on everything (row 8 then compiles the blocks)."""
-    r = run("--tiny", "--model", tiny_wan, "--frames", "9", "--long-frames", "0", "--levers", "3,8", "--baseline-steps", "0")
+    r = run("--tiny", "--model", tiny_wan, "--frames", "9", "--long-frames", "0", "--levers", "3,8",
+            "--baseline-steps", "0")
     assert r.returncode == 0, r.stderr
     rows = [line for line in r.stdout.splitlines() if re.match(r"  \d+\. ", line)]
-    assert [row.split(".")[0].strip() for row in rows] == ["3", "4", "6", "7", "8", "10"], rows  # 4, 6, 7, 10: not on a CPU
+    # 4, 6, 7, 10: not on a CPU
+    assert [row.split(".")[0].strip() for row in rows] == ["3", "4", "6", "7", "8", "10"], rows
     assert "diff 0.0e+00 / 0" in rows[0] and "diff 0.0e+00 / 0" not in rows[-2]  # the bf16 VAE row differs from row 3
     flags = [line for line in r.stdout.splitlines() if line.startswith(("CPU |", "  bench.py flags"))]
     assert "compiled" not in rows[-2] and not any("--compile" in line for line in flags), (rows[-2], flags)
     assert "baseline WanPipeline: skipped" in r.stdout and "long video: skipped" in r.stdout
     bad = run("--tiny", "--model", tiny_wan, "--levers", "0,12")
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --levers takes row numbers 1-11")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(
+        "error: --levers takes row numbers 1-11")
     for flags, message in [(["--levers", "4,6,10"], "--levers 4,6,10: only rows that need a GPU"),
                            (["--frames", "17"], "--frames 17 is 5 latent frames, not whole blocks of 3"),
                            (["--long-frames", "161"], "--long-frames 161 must be 12k-3 frames"),
                            (["--long-frames", "61"], "longer than the --max-frames 21 latent frame window: try 93")]:
-        with pytest.raises(common.UserError, match=re.escape(message)) as e:  # before any model loads: the model does not exist
+        # before any model loads: the model does not exist
+        with pytest.raises(common.UserError, match=re.escape(message)) as e:
             bench.main(bench.parse_args(["--tiny", "--model", "/no/such/model", *flags]))
         assert "\n" not in str(e.value)
 
@@ -235,6 +254,7 @@ def test_benchmark_casts_diffusers_as_diffusers_loads(tiny_wan):
     folder = os.path.join(tiny_wan, "transformer")
     loaded = WanTransformer3DModel.from_pretrained(folder, dtype=torch.bfloat16)
     cast = bench.as_diffusers_loads(WanTransformer3DModel.from_pretrained(folder), torch.bfloat16)
-    dtypes = lambda m: {n: t.dtype for n, t in list(m.named_parameters()) + list(m.named_buffers())}
+    def dtypes(m):
+        return {n: t.dtype for n, t in list(m.named_parameters()) + list(m.named_buffers())}
     assert dtypes(cast) == dtypes(loaded)
     assert {torch.float32, torch.bfloat16} <= set(dtypes(cast).values())

@@ -122,9 +122,10 @@ def test_rollout_equals_recomputing_the_prefix(model):
 
 
 def test_rollout_gradient_only_through_exit_step(model):
-    """Self Forcing's self-rollout: the gradient of a loss on the video equals that of a reference,
-    written out here with the KV cache, in which each block's steps before its exit step and its
-    cache pass run under no_grad and the exit step starts from a detached input.
+    """Self Forcing's self-rollout with cache_grad="detach": the gradient of a loss on the video equals
+    that of a reference, written out here with the KV cache, in which each block's steps before its exit
+    step and its cache pass run under no_grad and the exit step starts from a detached input (the default,
+    "straight-through", is compared with Self Forcing's own pipeline in tests/test_self_forcing.py).
 
     Planted in rollout: grad enabled for every denoising step of a block (not only i == last) ->
     a parameter's gradient differs by 69% of its norm (blocks.1.attn1.to_k.bias; here the
@@ -133,7 +134,8 @@ def test_rollout_gradient_only_through_exit_step(model):
     kv = [(k.detach(), v.detach()) for k, v in model.prompt_kv(ctx)]
     exit_steps = [1, 3]
     weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))  # loss = sum(weights * video)
-    out = cw.rollout(model, x, kv, block_size=3, exit_steps=exit_steps, generator=torch.Generator().manual_seed(2))
+    out = cw.rollout(model, x, kv, block_size=3, exit_steps=exit_steps, generator=torch.Generator().manual_seed(2),
+                     cache_grad="detach")
     assert out.shape == x.shape and out.requires_grad
     (weights * out).sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -186,9 +188,9 @@ def test_original_layout_round_trip(model):
     ckpt = {"generator": {"model." + k: v for k, v in orig.items()},
             "generator_ema": {"model." + k: v + 1 for k, v in orig.items()}}
     loaded = cw.CausalWan(model.cfg)
-    loaded.load_state_dict(cw.generator_state_dict(ckpt), strict=True)
+    loaded.load_state_dict(convert.generator_state_dict(ckpt), strict=True)
     assert torch.equal(loaded.proj_out.weight, model.proj_out.weight + 1)  # EMA weights by default
-    loaded.load_state_dict(cw.generator_state_dict(ckpt, use_ema=False), strict=True)
+    loaded.load_state_dict(convert.generator_state_dict(ckpt, use_ema=False), strict=True)
     assert torch.equal(loaded.proj_out.weight, model.proj_out.weight)
 
 
@@ -200,7 +202,8 @@ def test_long_video_window_is_bounded(model):
         out = cw.rollout(model, x, kv, block_size=3, max_frames=9,
                          on_block=lambda b, x0, c: held.append((c.pos, c.frames, c.num_bytes())))
     assert out.shape == x.shape and torch.isfinite(out).all()
-    assert [p for p, _, _ in held] == list(range(3, 28, 3)) + [27]  # RoPE positions grow (no write after the last block)
+    # RoPE positions grow (no write after the last block)
+    assert [p for p, _, _ in held] == list(range(3, 28, 3)) + [27]
     assert max(f for _, f, _ in held) == 6  # sink (3) + recent (3): the next block makes 9
     assert len({nb for _, _, nb in held[2:]}) == 1  # memory flat once the window is full
 
@@ -216,7 +219,8 @@ def test_in_place_cache_equals_concatenated(model, frames, block_size, max_frame
         for static in (False, True):
             caches = []
             outs.append(cw.rollout(model, x, kv, block_size=block_size, max_frames=max_frames, static_cache=static,
-                                   generator=torch.Generator().manual_seed(1), on_block=lambda b, x0, c: caches.append(c)))
+                                   generator=torch.Generator().manual_seed(1),
+                                   on_block=lambda b, x0, c: caches.append(c)))
             assert caches[0].static is static
             sizes.append(caches[-1].frames)
     assert sizes[0] == sizes[1]
@@ -297,9 +301,11 @@ def test_one_block_rollout_is_the_bidirectional_sampler(model):
 
 # written out here, independently of cw.FP32_PARAMS: diffusers' WanTransformer3DModel._keep_in_fp32_modules
 # (time_embedder, scale_shift_table, norm2) and what Wan computes under fp32 autocast (time projection, head)
-FP32_NAMES = ("scale_shift_table", "condition_embedder.time_embedder.linear_1.weight", "condition_embedder.time_embedder.linear_1.bias",
+FP32_NAMES = ("scale_shift_table",
+              "condition_embedder.time_embedder.linear_1.weight", "condition_embedder.time_embedder.linear_1.bias",
               "condition_embedder.time_embedder.linear_2.weight", "condition_embedder.time_embedder.linear_2.bias",
-              "condition_embedder.time_proj.weight", "condition_embedder.time_proj.bias", "proj_out.weight", "proj_out.bias")
+              "condition_embedder.time_proj.weight", "condition_embedder.time_proj.bias",
+              "proj_out.weight", "proj_out.bias")
 FP32_BLOCK_NAMES = ("scale_shift_table", "norm2.weight", "norm2.bias")
 
 
@@ -346,7 +352,8 @@ def test_bf16_keeps_wans_fp32_parameters_and_error(wide_wan):
     with torch.no_grad():
         exact = ref32(x, t, ctx, return_dict=False)[0].float()
         assert (ours32(x, t, ours32.prompt_kv(ctx)) - exact).abs().max() < 1e-4  # the same network in fp32
-        err = lambda out: ((out.float() - exact).norm() / exact.norm()).item()
+        def err(out):
+            return ((out.float() - exact).norm() / exact.norm()).item()
         ours = err(ours16(x.bfloat16(), t, ours16.prompt_kv(ctx.bfloat16())))
         theirs = err(ref16(x.bfloat16(), t, ctx.bfloat16(), return_dict=False)[0])
     print(f"relative error vs fp32: ours in bf16 {ours:.2e}, diffusers in bf16 {theirs:.2e}")
@@ -359,7 +366,8 @@ def test_cast_model_keeps_fp32_parameters(model):
     m = cw.cast_model(copy.deepcopy(model), torch.bfloat16)
     assert {n: p.dtype for n, p in m.named_parameters()} == {n: expected_dtype(n) for n, _ in model.named_parameters()}
     same = dict(model.named_parameters())
-    assert all(torch.equal(p, same[n]) for n, p in m.named_parameters() if p.dtype == torch.float32)  # not rounded on the way
+    # not rounded on the way
+    assert all(torch.equal(p, same[n]) for n, p in m.named_parameters() if p.dtype == torch.float32)
 
 
 def fsdp_bf16_worker(model_dir):
@@ -404,7 +412,8 @@ def fsdp_bf16_worker(model_dir):
         assert p.dtype == p.grad.dtype == torch.float32 and torch.isfinite(p.grad.full_tensor()).all(), n
     assert any(not torch.equal(p.full_tensor(), before[n]) for n, p in student.named_parameters())
     if rank == 0:
-        print(f"FSDP bf16: {len(seen)} parameters seen by the forward, {sum(d == torch.float32 for d in seen.values())} of them fp32")
+        print(f"FSDP bf16: {len(seen)} parameters seen by the forward, "
+              f"{sum(d == torch.float32 for d in seen.values())} of them fp32")
     dist.destroy_process_group()
 
 
@@ -421,8 +430,9 @@ def test_fsdp_bf16_keeps_fp32_parameters(tiny_wan, tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(f"import sys\nsys.path[:0] = [{os.path.dirname(here)!r}, {here!r}]\n"
                       f"import test_causal_wan\ntest_causal_wan.fsdp_bf16_worker({tiny_wan!r})\n")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
-                       capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script)], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-3000:]
     print(r.stdout.strip().splitlines()[-1])
     assert "parameters seen by the forward" in r.stdout

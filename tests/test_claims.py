@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 import causal_wan as cw
 import common
+import convert
 import train_ode as T
 
 
@@ -152,7 +153,7 @@ def test_a_save_that_fails_halfway_keeps_the_previous_checkpoint(tmp_path, monke
     with pytest.raises((OSError, common.UserError), match="No space left on device"):
         common.save_checkpoint(path, {"model": {"w": torch.full((4096,), 2.0)}, "step": 2})
     monkeypatch.undo()
-    ckpt = cw.load_checkpoint(path)
+    ckpt = convert.load_checkpoint(path)
     assert ckpt["step"] == 1 and torch.equal(ckpt["model"]["w"], torch.ones(4096))
 
 
@@ -191,7 +192,8 @@ def write_store(folder, latents, prompts):
     with open(os.path.join(folder, "index.json"), "w") as f:
         json.dump(index, f)
     meta = dict(prompts=json.dumps(prompts), seeds=json.dumps(list(range(n))))
-    save_file({"latents": latents.to(torch.bfloat16).contiguous()}, os.path.join(folder, "shard_00000.safetensors"), metadata=meta)
+    save_file({"latents": latents.to(torch.bfloat16).contiguous()}, os.path.join(folder, "shard_00000.safetensors"),
+              metadata=meta)
     return folder
 
 
@@ -211,8 +213,8 @@ def test_ode_regression_pulls_the_student_towards_x0(tiny_wan, tmp_path):
     prompts = ["a red fox running in snow", "a boat on a lake"]
     store = write_store(str(tmp_path / "store"), latents, prompts)
     out = tmp_path / "run"
-    T.main(T.parse_args(["train", "--tiny", "--model", tiny_wan, "--store", store, "--out", str(out), "--max-steps", "6",
-                         "--global-batch", "2", "--micro-batch", "2", "--sample-every", "0"]))
+    T.main(T.parse_args(["train", "--tiny", "--model", tiny_wan, "--store", store, "--out", str(out),
+                         "--max-steps", "6", "--global-batch", "2", "--micro-batch", "2", "--sample-every", "0"]))
 
     tok, enc = cw.load_text_encoder(tiny_wan)
     student = cw.from_pretrained(tiny_wan)
@@ -227,7 +229,8 @@ def test_ode_regression_pulls_the_student_towards_x0(tiny_wan, tmp_path):
     before = distances()
     student.load_state_dict(torch.load(out / "ckpt.pt", weights_only=True)["model"], strict=True)
     after = distances()
-    print(f"student x0: distance to x0 {before[0]:.3f} -> {after[0]:.3f}, to the t=625 state {before[1]:.3f} -> {after[1]:.3f}")
+    print(f"student x0: distance to x0 {before[0]:.3f} -> {after[0]:.3f}, "
+          f"to the t=625 state {before[1]:.3f} -> {after[1]:.3f}")
     assert after[0] < 0.7 * before[0], (before, after)  # towards x0
     assert after[1] > before[1], (before, after)  # away from the t=625 state
 
@@ -245,4 +248,4 @@ def test_ci_runs_the_readme_setup_commands():
     ci = open(os.path.join(root, ".ci", "run")).read().splitlines()
     ci = ci[ci.index('cd "$(dirname "$0")/.."') + 1:]  # what runs after the preamble
     assert commands(setup.splitlines()) == commands(ci)
-    assert len(commands(ci)) == 3
+    assert len(commands(ci)) == 4

@@ -117,7 +117,8 @@ BIRD = "a blue bird flies over the sea at dawn, " * 12
 
 
 @pytest.mark.parametrize("flags,switch_frame", [([], 21), (["--overlap-decode"], 33)])
-def test_frames_with_a_switch_are_the_frames_sample_py_writes(models, tiny_wan, tmp_path, monkeypatch, flags, switch_frame):
+def test_frames_with_a_switch_are_the_frames_sample_py_writes(models, tiny_wan, tmp_path, monkeypatch, flags,
+                                                              switch_frame):
     """A 2.5 s video (41 frames: blocks of 9, 12, 12, 8) switched to a second prompt by a viewer after
     its second block streams, in order, each block followed by its stats and the switch announced
     right before the frame it took effect at, exactly the uint8 frames `sample.py --frames 41
@@ -148,7 +149,8 @@ def test_frames_with_a_switch_are_the_frames_sample_py_writes(models, tiny_wan, 
     monkeypatch.setattr(demo, "jpeg", lambda frame: sent.append(frame.copy()) or real_jpeg(frame))  # the frames as sent
     with client(models, tmp_path / "videos", "--max-seconds", "2.5", *flags) as c, contextlib.ExitStack() as viewer:
         ws, hello = connect(c, viewer)
-        assert (hello["fps"], hello["width"], hello["height"], hello["busy"], hello["switch"]) == (16, SIZE, SIZE, False, True)
+        assert (hello["fps"], hello["width"], hello["height"], hello["busy"], hello["switch"]) == (
+            16, SIZE, SIZE, False, True)
         ws.send_json({"type": "start", "prompt": "a red fox", "seed": 3})
         started = recv(ws)
         assert started["type"] == "started" and started["frames_max"] == 41
@@ -176,15 +178,18 @@ def test_frames_with_a_switch_are_the_frames_sample_py_writes(models, tiny_wan, 
         return real_write_video(path, (written.append(b) or b for b in blocks), *rest, **kw)
 
     monkeypatch.setattr(sample, "write_video", recording_write_video)
-    sample.main(sample.parse_args(["--tiny", "--model", tiny_wan, "--height", str(SIZE), "--width", str(SIZE), "--prompt", "a red fox",
-                                   "--seed", "3", "--frames", "41", "--switch", str(switch_frame), BIRD, "--out", str(tmp_path / "sample.mp4"), *flags]))
+    sample.main(sample.parse_args(["--tiny", "--model", tiny_wan, "--height", str(SIZE), "--width", str(SIZE),
+                                   "--prompt", "a red fox", "--seed", "3", "--frames", "41",
+                                   "--switch", str(switch_frame), BIRD, "--out", str(tmp_path / "sample.mp4"), *flags]))
     reference = np.concatenate(written)
     assert reference.shape == (41, SIZE, SIZE, 3) and len(sent) == len(jpegs) == 41
     for i, (got, want) in enumerate(zip(sent, reference)):
-        assert np.array_equal(got, want), f"frame {i} is not sample.py's (largest difference {np.abs(got.astype(int) - want).max()})"
+        assert np.array_equal(got, want), (f"frame {i} is not sample.py's "
+                                           f"(largest difference {np.abs(got.astype(int) - want).max()})")
     assert jpegs == [real_jpeg(f) for f in reference]  # each message is its frame's JPEG
     assert switched == [(switch_frame, BIRD, switch_frame)]  # announced right before that frame
-    assert np.abs(np.stack([decode_jpeg(j) for j in jpegs]).astype(int) - reference).mean() < 20  # JPEG on 16x16 noise: ~13
+    # JPEG on 16x16 noise: ~13
+    assert np.abs(np.stack([decode_jpeg(j) for j in jpegs]).astype(int) - reference).mean() < 20
     assert (len(mp4), fps, mp4[0].shape) == (41, 16.0, (SIZE, SIZE, 3))
     assert np.mean([np.abs(a.astype(int) - b.astype(int)).mean() for a, b in zip(mp4, reference)]) < 20  # x264 on noise
 
@@ -200,7 +205,8 @@ def test_a_switch_or_stop_before_the_first_block(models, tmp_path):
     def run(prompt, before=None):
         out, lock = [], threading.Lock()
         lock.acquire()
-        session = demo.Session(models, args, prompt, 4, str(tmp_path / f"{len(os.listdir(tmp_path))}.mp4"), out.append, lock.release)
+        session = demo.Session(models, args, prompt, 4, str(tmp_path / f"{len(os.listdir(tmp_path))}.mp4"),
+                               out.append, lock.release)
         if before is not None:
             before(session)
         session.start()
@@ -270,7 +276,8 @@ def test_parse_message_refuses_malformed_messages(message, error):
     """Every malformed control message is a ValueError with a reason (the app turns it into an
     'error' message; the next test checks that). Planted: no prompt length cap; bool accepted as
     a seed -> those cases fail."""
-    raw = {"bytes": message} if isinstance(message, bytes) else {"text": message if isinstance(message, str) else json.dumps(message)}
+    raw = ({"bytes": message} if isinstance(message, bytes)
+           else {"text": message if isinstance(message, str) else json.dumps(message)})
     if error.startswith("nothing"):  # well-formed: refused by the app, not the parser
         assert demo.parse_message(raw)["type"] == message["type"]
         return
@@ -290,7 +297,8 @@ def test_malformed_and_refused_messages_get_an_error_and_the_server_keeps_servin
             assert recv(ws)["type"] == "error"
         ws.send_bytes(b"\x00")
         assert "binary" in recv(ws)["message"]
-        for m, error in (({"type": "stop"}, "nothing to stop"), ({"type": "switch", "prompt": "a cat"}, "nothing to switch")):
+        for m, error in (({"type": "stop"}, "nothing to stop"),
+                         ({"type": "switch", "prompt": "a cat"}, "nothing to switch")):
             ws.send_json(m)
             reply = recv(ws)
             assert reply["type"] == "error" and error in reply["message"]
@@ -482,7 +490,8 @@ def test_the_tiny_decoder_with_offload_streams_frames(tiny_wan, tmp_path, monkey
             return real(decoder, z, first)
         monkeypatch.setattr(module, name, recording)  # before load_models binds them
     tae_models = demo.load_models(demo.parse_args(["--tiny", "--model", tiny_wan, "--decoder", "tae", "--offload",
-                                                   "--decoder-path", speedkit.make_tiny_decoder(str(tmp_path / "taew2_1.pth"))]))
+                                                   "--decoder-path",
+                                                   speedkit.make_tiny_decoder(str(tmp_path / "taew2_1.pth"))]))
     with client(tae_models, tmp_path / "videos", "--max-seconds", "1") as c, contextlib.ExitStack() as viewer:
         ws, _ = connect(c, viewer)
         ws.send_json({"type": "start", "prompt": "a red fox", "seed": 0})
@@ -517,9 +526,11 @@ def test_a_wrong_tiny_decoder_file_is_said_before_the_generator_loads(tmp_path, 
     """Planted: the tiny decoder loaded after the generator -> the generator's loader fails the test."""
     (tmp_path / "taew2_1.pth").write_bytes(b"not a checkpoint")
     for module, name in [(sample, "load_generator"), (cw, "load_text_encoder"), (cw, "load_vae")]:
-        monkeypatch.setattr(module, name, lambda *a, **kw: pytest.fail("a model loaded before the tiny decoder's file was checked"))
+        monkeypatch.setattr(module, name,
+                            lambda *a, **kw: pytest.fail("a model loaded before the tiny decoder's file was checked"))
     with pytest.raises(common.UserError, match=r"tiny decoder '.*taew2_1\.pth' is not a readable checkpoint") as e:
-        demo.main(demo.parse_args(["--tiny", "--decoder", "tae", "--decoder-path", str(tmp_path / "taew2_1.pth"), "--port", str(free_port())]))
+        demo.main(demo.parse_args(["--tiny", "--decoder", "tae", "--decoder-path", str(tmp_path / "taew2_1.pth"),
+                                   "--port", str(free_port())]))
     assert "\n" not in str(e.value)
 
 
@@ -533,8 +544,8 @@ def test_a_wrong_tiny_decoder_file_is_said_before_the_generator_loads(tmp_path, 
     (["--max-seconds", "0"], "--max-seconds 0.0 must be a positive number"),
     (["--max-seconds", "nan"], "--max-seconds nan must be a positive number"),
     (["--port", "70000"], "--port 70000 is not a TCP port"),
-    (["--device", "banana"], "--device 'banana' is not a torch device"),
-    (["--device", "cuda"], "CUDA is not available"),
+    (["--device", "banana"], "--device 'banana' is not a device"),
+    (["--device", "cuda"], "no CUDA GPU is available here"),
     (["--checkpoint", "/no/such.pt"], "checkpoint '/no/such.pt' does not exist"),
     (["--host", "no-such-host.invalid"], "cannot listen on --host no-such-host.invalid"),
     (["--port", "BUSY"], "choose another --port"),
@@ -563,7 +574,8 @@ def test_non_loopback_host_says_who_can_use_the_gpu(monkeypatch, capsys):
     port = free_port()
     with pytest.raises(common.UserError, match="stop here"):
         demo.main(demo.parse_args(["--tiny", "--host", "0.0.0.0", "--port", str(port)]))
-    assert capsys.readouterr().err.splitlines() == [f"warning: listening on 0.0.0.0: anyone who can reach port {port} can use this GPU"]
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: listening on 0.0.0.0: anyone who can reach port {port} can use this GPU"]
 
 
 def test_error_exit_is_one_line_without_traceback(monkeypatch, capsys):
@@ -574,7 +586,8 @@ def test_error_exit_is_one_line_without_traceback(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         runpy.run_path(os.path.join(ROOT, "demo.py"), run_name="__main__")
     assert e.value.code == 2
-    assert capsys.readouterr().err.splitlines() == ["error: --height 30 is not a positive multiple of 16 (VAE 8x and patch 2x)"]
+    assert capsys.readouterr().err.splitlines() == [
+        "error: --height 30 is not a positive multiple of 16 (VAE 8x and patch 2x)"]
 
 
 def free_port():
@@ -587,7 +600,8 @@ def free_port():
 # a real browser
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=900,900"]
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--window-size=900,900"]
 
 # distinct colours on the canvas: a blank (or single-colour) canvas has 1
 CANVAS_COLOURS = """
@@ -622,7 +636,8 @@ def demo_server(request, tmp_path_factory):
     port, log = free_port(), tmp_path_factory.mktemp("demo_server") / "server.log"
     with open(log, "w") as out:
         server = subprocess.Popen([sys.executable, "demo.py", "--tiny", "--model", request.getfixturevalue("tiny_wan"),
-                                   "--port", str(port), "--max-seconds", "30"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+                                   "--port", str(port), "--max-seconds", "30"], cwd=ROOT, stdout=out,
+                                  stderr=subprocess.STDOUT)
     try:
         yield server, f"http://127.0.0.1:{port}", log
     finally:
@@ -650,7 +665,8 @@ def test_browser_start_switch_stop_download(demo_server, tmp_path):
     options.binary_location = shutil.which("chromium")
     for flag in CHROMIUM_FLAGS + [f"--user-data-dir={tmp_path / 'profile'}"]:
         options.add_argument(flag)
-    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=shutil.which("chromedriver")), options=options)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=shutil.which("chromedriver")),
+                              options=options)
     try:
         def serving():
             assert server.poll() is None, f"demo.py exited: {log.read_text()[-2000:]}"
@@ -672,11 +688,13 @@ def test_browser_start_switch_stop_download(demo_server, tmp_path):
         WebDriverWait(driver, 30).until(lambda d: int(text("frames")) >= 21)
         assert driver.execute_script(CANVAS_COLOURS) > 50, "the canvas is blank"
         assert re.fullmatch(r"\d+\.\d\d s", text("latency")) and float(text("fps")) > 0
-        assert text("status").startswith("generating (seed 5): a red fox running in the snow") and text("switched") == "–"
+        assert (text("status").startswith("generating (seed 5): a red fox running in the snow")
+                and text("switched") == "–")
         prompt.clear()
         prompt.send_keys("the fox jumps into a frozen lake")
         driver.find_element(By.ID, "switch").click()
-        WebDriverWait(driver, 30).until(lambda d: text("switched") != "–" and int(text("frames")) >= int(text("switched")) + 12)
+        WebDriverWait(driver, 30).until(
+            lambda d: text("switched") != "–" and int(text("frames")) >= int(text("switched")) + 12)
         frame = int(text("switched"))
         assert frame >= 21 and (frame - 9) % 12 == 0, frame  # a block boundary after the frames shown before
         assert text("status") == f"generating (seed 5): the fox jumps into a frozen lake (switched at frame {frame})"
@@ -687,7 +705,8 @@ def test_browser_start_switch_stop_download(demo_server, tmp_path):
         generated = int(re.search(r"(\d+) frames generated", text("status")).group(1))
         link = driver.find_element(By.ID, "download")
         assert link.is_displayed() and generated >= frame + 12
-        mp4, fps = mp4_frames(urllib.request.urlopen(link.get_attribute("href"), timeout=10).read(), tmp_path / "download.mp4")
+        mp4, fps = mp4_frames(urllib.request.urlopen(link.get_attribute("href"), timeout=10).read(),
+                              tmp_path / "download.mp4")
         assert (len(mp4), fps, mp4[0].shape) == (generated, 16.0, (64, 64, 3))
     finally:
         driver.quit()

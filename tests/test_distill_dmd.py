@@ -23,6 +23,7 @@ import torch.nn as nn
 
 import causal_wan as cw
 import common
+import convert
 import distill_dmd as dmd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -156,7 +157,7 @@ def test_cli_run_writes_a_checkpoint_sample_py_loads(tiny_wan, tmp_path, kind):
     assert {"model", "ema", "optimizer", "critic", "critic_optimizer", "step", "args"} <= ckpt.keys()
     assert ckpt["step"] == 2 and ckpt["args"]["generator"] == kind
     model = cw.CausalWan(cw.WanConfig.tiny())
-    model.load_state_dict(cw.generator_state_dict(cw.load_checkpoint(str(out / "ckpt.pt"))), strict=True)
+    model.load_state_dict(convert.generator_state_dict(convert.load_checkpoint(str(out / "ckpt.pt"))), strict=True)
     assert not torch.equal(ckpt["ema"]["proj_out.weight"], ckpt["model"]["proj_out.weight"])  # EMA lags the model
     assert (out / "sample_2.mp4").stat().st_size > 0
     assert [rec["step"] for rec in read_log(out)] == [1, 2]
@@ -168,7 +169,8 @@ def test_cli_run_writes_a_checkpoint_sample_py_loads(tiny_wan, tmp_path, kind):
 
 
 def test_cli_errors_are_one_line(tiny_wan, tmp_path):
-    r = script("distill_dmd.py", "--tiny", "--model", tiny_wan, "--global-batch", "3", "--micro-batch", "2", "--out", str(tmp_path))
+    r = script("distill_dmd.py", "--tiny", "--model", tiny_wan, "--global-batch", "3", "--micro-batch", "2",
+               "--out", str(tmp_path))
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "error: --global-batch 3 is not divisible by world size 1 x --micro-batch 2"]
 
@@ -199,7 +201,8 @@ def test_tiny_run_moves_the_generator_towards_the_teacher(tiny_wan, tmp_path):
             x = x + (b - a) / 1000 * (uncond + 4.0 * (cond - uncond))
         reference = x
         trained = cw.CausalWan(teacher.cfg)
-        trained.load_state_dict(cw.generator_state_dict(cw.load_checkpoint(str(tmp_path / "ckpt.pt")), use_ema=False))
+        saved = convert.load_checkpoint(str(tmp_path / "ckpt.pt"))
+        trained.load_state_dict(convert.generator_state_dict(saved, use_ema=False))
         before, after = [moments_distance(cw.rollout(m, noise, m.prompt_kv(ctx), block_size=3,
                                                      generator=torch.Generator().manual_seed(5)), reference)
                          for m in (teacher, trained)]
@@ -230,7 +233,8 @@ def test_ema_start(tiny_wan, tmp_path, ema_updates):
     instead of the step (a resumed run restarts the copy phase): each fails."""
     flags = ["--critic-steps", "1", "--global-batch", "1", "--frames", "5", "--save-every", "1", "--ema-start", "2",
              "--ema-decay", "0.5"]  # short videos: the EMA is what is tested
-    ema_updates.check_start_and_resume(lambda out, *more: run(tiny_wan, out, *map(str, more), *flags), tmp_path, start=2, decay=0.5)
+    ema_updates.check_start_and_resume(lambda out, *more: run(tiny_wan, out, *map(str, more), *flags), tmp_path,
+                                       start=2, decay=0.5)
 
 
 def free_port():
@@ -287,7 +291,8 @@ def test_gradients_reach_only_the_network_being_trained(tiny_wan, tmp_path, monk
         return adamw_step(optimizer, *args, **kwargs)
 
     monkeypatch.setattr(cw, "shard_model", spy_shard)
-    monkeypatch.setattr(common, "ema_update", lambda ema, model, decay: emas.append(ema) or ema_update(ema, model, decay))
+    monkeypatch.setattr(common, "ema_update",
+                        lambda ema, model, decay: emas.append(ema) or ema_update(ema, model, decay))
     monkeypatch.setattr(torch.optim.AdamW, "step", spy_step)
     run(tiny_wan, tmp_path, "--max-steps", "2", "--critic-steps", "2")
     assert seen == [1, 1, 2, 1, 1, 2]  # critic, critic, generator, per step
@@ -312,3 +317,17 @@ def test_nan_loss_stops_without_saving(tiny_wan, tmp_path, monkeypatch):
         run(tiny_wan, tmp_path, "--max-steps", "5", "--critic-steps", "1", "--global-batch", "1", "--save-every", "1")
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2  # the last good checkpoint stays
     assert [r["step"] for r in read_log(tmp_path)] == [1, 2]
+
+
+def test_cache_grad_reaches_the_rollout(tiny_wan, tmp_path, monkeypatch):
+    """--cache-grad (default straight-through, Self Forcing's gradient through the KV cache, compared with its own
+    pipeline in tests/test_self_forcing.py) is what every rollout of the run gets, and the two choices train
+    different generators. Planted: generate() not passing it on (both runs equal) -> fails."""
+    seen, rollout = [], cw.rollout
+    monkeypatch.setattr(cw, "rollout", lambda *a, **kw: seen.append(kw["cache_grad"]) or rollout(*a, **kw))
+    for mode in ([], ["--cache-grad", "detach"]):
+        run(tiny_wan, tmp_path / (mode[-1] if mode else "default"), "--max-steps", "1", "--critic-steps", "1", *mode)
+    n = len(seen) // 2  # per run: the critic update's rollouts, then the generator update's
+    assert n > 0 and seen == ["straight-through"] * n + ["detach"] * n
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["model"] for d in ("default", "detach"))
+    assert not all(torch.equal(a[k], b[k]) for k in a)

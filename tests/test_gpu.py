@@ -55,7 +55,8 @@ def setup():
     context = torch.randn(1, 512, cfg.text_dim, device=DEVICE)
     context[:, 20:] = 0
     noise = torch.randn(1, 16, frames, h, w, generator=torch.Generator().manual_seed(0)).to(DEVICE, torch.bfloat16)
-    return dict(model=model, reference=reference, vae=vae, context=context, noise=noise, prompt_kv=model.prompt_kv(context.bfloat16()))
+    return dict(model=model, reference=reference, vae=vae, context=context, noise=noise,
+                prompt_kv=model.prompt_kv(context.bfloat16()))
 
 
 def rel(a, b):
@@ -96,8 +97,8 @@ def test_overlapped_decode_gives_the_same_frames(setup):
     got = {}
     for overlap in (False, True):
         got[overlap] = []
-        sample.generate(setup["model"], partial(cw.vae_decode, setup["vae"]), setup["prompt_kv"], setup["noise"], 3, 21, got[overlap].append,
-                        generator=torch.Generator().manual_seed(1), overlap=overlap)
+        sample.generate(setup["model"], partial(cw.vae_decode, setup["vae"]), setup["prompt_kv"], setup["noise"], 3, 21,
+                        got[overlap].append, generator=torch.Generator().manual_seed(1), overlap=overlap)
     assert [f.shape for f in got[True]] == [f.shape for f in got[False]]
     diff = max(int(abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(got[False], got[True]))
     print(f"overlapped vs in-line decode: max pixel difference {diff} of 255")
@@ -122,13 +123,15 @@ def test_compiled_blocks_match_eager(setup, mode):
         finally:
             speedkit.compile_blocks(model, None)
     d = rel(compiled, eager)
-    print(f"{mode}: relative difference from eager {d:.2e}; graphs compiled {graphs}, then {counters['stats']['unique_graphs'] - graphs}; "
+    print(f"{mode}: relative difference from eager {d:.2e}; graphs compiled {graphs}, "
+          f"then {counters['stats']['unique_graphs'] - graphs}; "
           f"inductor counters {dict(counters['inductor'])}")
     assert 0 < graphs <= 4  # compiled, not silently eager: 4 pieces of one block shape
     assert counters["stats"]["unique_graphs"] == graphs  # the second video reuses them
     if mode == "reduce-overhead" and DEVICE.type == "cuda":
         assert counters["inductor"]["cudagraph_skips"] == 0  # CUDA graphs really used
-    assert d < 5e-2 and rel(again, eager) < 5e-2  # bf16: fused kernels round differently; overwritten memory would be far off
+    # bf16: fused kernels round differently; overwritten memory would be far off
+    assert d < 5e-2 and rel(again, eager) < 5e-2
 
 
 @pytest.mark.skipif(os.environ.get("RF_TEST_GPU_SLOW") != "1", reason="2-4 min of compilation on a fresh machine; "
@@ -145,8 +148,9 @@ def test_compiled_vae_decoder_matches_eager(setup):
         speedkit.compile_vae(setup["vae"], on)
         try:
             frames[on] = []
-            sample.generate(setup["model"], partial(cw.vae_decode, setup["vae"]), setup["prompt_kv"], setup["noise"][:, :, :6], 3, 21,
-                            frames[on].append, generator=torch.Generator().manual_seed(1))
+            sample.generate(setup["model"], partial(cw.vae_decode, setup["vae"]), setup["prompt_kv"],
+                            setup["noise"][:, :, :6], 3, 21, frames[on].append,
+                            generator=torch.Generator().manual_seed(1))
         finally:
             speedkit.compile_vae(setup["vae"], False)
     diff = max(int(abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(frames[False], frames[True]))

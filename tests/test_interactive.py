@@ -98,10 +98,12 @@ def test_switch_with_recache_equals_continuing_under_the_new_prompt(model, conte
     continues the first `blocks` blocks' latents under the new prompt (same noise): inside the
     window, and past it with the attention sink and eviction (max_frames 10: sink 3 + 4 recent
     frames, a partial block; frame-wise: sink 1 + 2 recent).
-    Planted: prefill holds the sink and the frames right after it (not the most recent ones) -> fails past the window."""
+    Planted: prefill holds the sink and the frames right after it (not the most recent ones) -> fails past the
+    window."""
     total = chunk * blocks + 2 * chunk
     at = sample.pixel_frame(chunk * blocks)
-    switched = stream_of(model, contexts, latent_frames=total, chunk=chunk, max_frames=max_frames, noise=seeded_noise(1))
+    switched = stream_of(model, contexts, latent_frames=total, chunk=chunk, max_frames=max_frames,
+                         noise=seeded_noise(1))
     switched.switch("a bird", frame=at)
     z, _ = latents_of(switched)
     assert switched.switches_done == [(at, "a bird", True)]
@@ -150,7 +152,8 @@ def test_continuing_a_video_gives_its_remaining_blocks(model, vae, contexts, chu
     prefix's first block decoded with first=False (decoder not reset) -> pixels differ."""
     latent_frames = chunk * total
     decode = lambda z, first: cw.vae_decode(vae, z, first)  # noqa: E731
-    original, _ = latents_of(stream_of(model, contexts, latent_frames=latent_frames, chunk=chunk, max_frames=max_frames, seed=3))
+    original, _ = latents_of(stream_of(model, contexts, latent_frames=latent_frames, chunk=chunk, max_frames=max_frames,
+                                       seed=3))
     assert chunk * keep <= max_frames - chunk < latent_frames  # the prefix fits the window, the video does not
     go_on = stream_of(model, contexts, decode, latent_frames=latent_frames, chunk=chunk, max_frames=max_frames, seed=3,
                       prefix=original[:, :, :chunk * keep])
@@ -236,7 +239,8 @@ def test_finite_video_is_the_first_frames_of_an_endless_stream(model, vae, conte
     block, which attends within itself). Planted: the first block's noise drawn for the whole
     video (randn of its length, sliced), as sample.py drew it before -> fails."""
     decode = lambda z, first: cw.vae_decode(vae, z, first)  # noqa: E731
-    finite = [np.concatenate(latents_of(stream_of(model, contexts, decode, latent_frames=n, seed=7))[1]) for n in (6, 7)]
+    finite = [np.concatenate(latents_of(stream_of(model, contexts, decode, latent_frames=n, seed=7))[1])
+              for n in (6, 7)]
     endless = stream_of(model, contexts, decode, seed=7)
     frames = []
     for block in endless:
@@ -254,7 +258,8 @@ def test_finite_video_is_the_first_frames_of_an_endless_stream(model, vae, conte
 
 
 def cli(tiny_wan, tmp_path, *args):
-    return sample.main(sample.parse_args(["--tiny", "--model", tiny_wan, "--height", "32", "--width", "32", *map(str, args)]))
+    return sample.main(sample.parse_args(["--tiny", "--model", tiny_wan, "--height", "32", "--width", "32",
+                                          *map(str, args)]))
 
 
 def frame_count(path):
@@ -273,19 +278,21 @@ def test_cli_switch_extend_image_bidirectional(tiny_wan, tmp_path, capsys):
     counts the whole output: an --extend clip's frames included).
     Planted: the prefix primes the decoder but its frames are not yielded -> the --extend mp4 has 16 frames, fails."""
     from PIL import Image
-    cli(tiny_wan, tmp_path, "--prompt", "a corgi", "--frames", 25, "--switch", 10, "the corgi jumps", "--out", tmp_path / "switch.mp4")
+    cli(tiny_wan, tmp_path, "--prompt", "a corgi", "--frames", 25, "--switch", 10, "the corgi jumps",
+        "--out", tmp_path / "switch.mp4")
     assert "switch at frame 21 (asked for 10): the corgi jumps" in capsys.readouterr().out
     assert frame_count(tmp_path / "switch.mp4") == (25, (32, 32, 3))
-    cli(tiny_wan, tmp_path, "--prompt", "a corgi", "--frames", 41, "--extend", tmp_path / "switch.mp4", "--out", tmp_path / "ext.mp4",
-        "--switch", 30, "it swims")
+    cli(tiny_wan, tmp_path, "--prompt", "a corgi", "--frames", 41, "--extend", tmp_path / "switch.mp4",
+        "--out", tmp_path / "ext.mp4", "--switch", 30, "it swims")
     assert "the first 25 from" in capsys.readouterr().out
     assert frame_count(tmp_path / "ext.mp4") == (41, (32, 32, 3))
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(tmp_path / "first.png")
-    cli(tiny_wan, tmp_path, "--prompt", "a corgi", "--frames", 13, "--image", tmp_path / "first.png", "--out", tmp_path / "image.mp4")
+    cli(tiny_wan, tmp_path, "--prompt", "a corgi", "--frames", 13, "--image", tmp_path / "first.png",
+        "--out", tmp_path / "image.mp4")
     assert "is 40x50: resized and center-cropped to 32x32" in capsys.readouterr().err
     assert frame_count(tmp_path / "image.mp4") == (13, (32, 32, 3))
-    cli(tiny_wan, tmp_path, "--prompt", "a corgi", "--frames", 13, "--checkpoint", bidirectional_checkpoint(tiny_wan, tmp_path / "bidi.pt"),
-        "--out", tmp_path / "bidi.mp4")
+    cli(tiny_wan, tmp_path, "--prompt", "a corgi", "--frames", 13,
+        "--checkpoint", bidirectional_checkpoint(tiny_wan, tmp_path / "bidi.pt"), "--out", tmp_path / "bidi.mp4")
     assert "rendered as one block with full attention" in capsys.readouterr().err
     assert frame_count(tmp_path / "bidi.mp4") == (13, (32, 32, 3))
 
@@ -297,14 +304,16 @@ def test_cli_switch_extend_image_bidirectional(tiny_wan, tmp_path, capsys):
     (["--switch", 10, "  "], "--switch 10: empty prompt"),
     (["--switch", 22, "x"], "the first block boundary at or after it is frame 33, after the video's last frame 24"),
     (["--switch", 10, "x", "--switch", 12, "y"], "--switch 10 and --switch 12 both take effect at frame 21"),
-    (["--switch", 5, "x", "--extend", "CLIP"], "--switch 5 is outside the frames a switch can name, 9-24 (frames 0-8 come from"),
+    (["--switch", 5, "x", "--extend", "CLIP"],
+     "--switch 5 is outside the frames a switch can name, 9-24 (frames 0-8 come from"),
     (["--no-recache"], "--no-recache changes how --switch"),
     (["--extend", "CLIP", "--image", "PNG"], "--extend and --image together"),
     (["--extend", "TEXT"], "is not a readable video"),
     (["--extend", "/no/such.mp4"], "--extend '/no/such.mp4' does not exist"),
     (["--extend", "CLIP", "--frames", 9], "gives 9+ frames and --frames 9 counts the whole video"),
     (["--image", "TEXT"], "is not a readable image"),
-    (["--checkpoint", "BIDI", "--switch", 9, "x"], "is a bidirectional generator: it renders the whole video as one block, so --switch"),
+    (["--checkpoint", "BIDI", "--switch", 9, "x"],
+     "is a bidirectional generator: it renders the whole video as one block, so --switch"),
     (["--checkpoint", "BIDI", "--extend", "CLIP"], "so --extend does not apply"),
 ])
 def test_bad_interactive_input_is_one_line_before_any_model_loads(tiny_wan, tmp_path, monkeypatch, args, message):
@@ -312,7 +321,8 @@ def test_bad_interactive_input_is_one_line_before_any_model_loads(tiny_wan, tmp_
     the test if called); sample.py prints it as one 'error:' line, exit 2, no traceback (that path:
     test_sample.py::test_error_exit_is_one_line_without_traceback).
     Planted: the --switch range check removed -> the frame-25 case fails."""
-    paths = {"CLIP": tmp_path / "clip.mp4", "TEXT": tmp_path / "notes.txt", "PNG": tmp_path / "a.png", "BIDI": tmp_path / "bidi.pt"}
+    paths = {"CLIP": tmp_path / "clip.mp4", "TEXT": tmp_path / "notes.txt", "PNG": tmp_path / "a.png",
+             "BIDI": tmp_path / "bidi.pt"}
     with imageio.get_writer(paths["CLIP"], fps=16, macro_block_size=1) as w:
         for i in range(9):
             w.append_data(np.full((32, 32, 3), 20 * i, np.uint8))

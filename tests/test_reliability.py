@@ -41,7 +41,8 @@ def store(tiny_wan, tmp_path_factory):
     folder = tmp_path_factory.mktemp("ode")
     torch.manual_seed(1)
     sd = cw.CausalWan(cw.WanConfig.tiny()).state_dict()
-    common.save_checkpoint(str(folder / "teacher.pt"), {"model": sd, "ema": sd, "step": 0, "args": {"generator": "bidirectional"}})
+    common.save_checkpoint(str(folder / "teacher.pt"),
+                           {"model": sd, "ema": sd, "step": 0, "args": {"generator": "bidirectional"}})
     (folder / "prompts.txt").write_text("a red fox\na boat on a lake\n")
     flags = ["generate", "--tiny", "--model", tiny_wan, "--teacher", str(folder / "teacher.pt"), "--prompts",
              str(folder / "prompts.txt"), "--store", str(folder / "store"), "--num", "2", "--shard-size", "1"]
@@ -110,8 +111,8 @@ def test_sample_steps_that_are_not_save_steps_torchrun(tiny_wan, tmp_path):
     shard_model (dies at step 2); own_folder locking and raising on every rank (fails with 'in use
     by another run')."""
     out = tmp_path / "run"
-    flags = ["distill_dmd.py", "--tiny", "--model", tiny_wan, "--critic-steps", "1", "--global-batch", "2", "--out", str(out),
-             "--max-steps", "2", "--sample-every", "1", "--save-every", "2"]
+    flags = ["distill_dmd.py", "--tiny", "--model", tiny_wan, "--critic-steps", "1", "--global-batch", "2",
+             "--out", str(out), "--max-steps", "2", "--sample-every", "1", "--save-every", "2"]
     r = subprocess.run(TORCHRUN + flags, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert [r["step"] for r in read_log(out)] == [1, 2]
@@ -160,7 +161,8 @@ def test_sample_mp4_that_does_not_decode_is_removed(tiny_wan, tmp_path, monkeypa
     real = imageio.get_writer
     monkeypatch.setattr(imageio, "get_writer", lambda path, **kw: writer(path, real(path, **kw)))
     out = tmp_path / "fox.mp4"
-    args = ["--tiny", "--model", tiny_wan, "--prompt", "a red fox", "--frames", "9", "--out", str(out)] + (["--stream"] if stream else [])
+    args = (["--tiny", "--model", tiny_wan, "--prompt", "a red fox", "--frames", "9", "--out", str(out)]
+            + (["--stream"] if stream else []))
     with pytest.raises(common.UserError, match=r"could not write '.*fox\.mp4': .*the partial file was removed") as e:
         sample.main(sample.parse_args(args))
     assert "\n" not in str(e.value)
@@ -173,12 +175,13 @@ def test_failing_ffmpeg_process(tiny_wan, tmp_path):
     traceback from the rename)."""
     import imageio_ffmpeg
     fake = tmp_path / "ffmpeg"
-    fake.write_text(f'#!/bin/sh\ncase "$*" in *-version*) exec "{imageio_ffmpeg.get_ffmpeg_exe()}" "$@";; esac\ncat >/dev/null\nexit 1\n')
+    fake.write_text(f'#!/bin/sh\ncase "$*" in *-version*) exec "{imageio_ffmpeg.get_ffmpeg_exe()}" "$@";; esac\n'
+                    'cat >/dev/null\nexit 1\n')
     fake.chmod(0o755)
     out = tmp_path / "videos" / "fox.mp4"
-    r = subprocess.run([sys.executable, "sample.py", "--tiny", "--model", tiny_wan, "--prompt", "a red fox", "--frames", "5",
-                        "--out", str(out)], cwd=ROOT, env=dict(ENV, IMAGEIO_FFMPEG_EXE=str(fake)), capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run([sys.executable, "sample.py", "--tiny", "--model", tiny_wan, "--prompt", "a red fox",
+                        "--frames", "5", "--out", str(out)], cwd=ROOT, env=dict(ENV, IMAGEIO_FFMPEG_EXE=str(fake)),
+                       capture_output=True, text=True, timeout=300)
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(errors) == 1, r.stderr[-2000:]
     assert errors[0].startswith(f"error: could not write '{out}'") and os.listdir(out.parent) == []
@@ -211,9 +214,11 @@ def test_checkpoint_with_a_nan_is_not_written(tmp_path):
     path = str(tmp_path / "ckpt.pt")
     good = {"model": {"w": torch.ones(3)}, "step": 1}
     common.save_checkpoint(path, good)
-    bad = {"model": {"w": torch.ones(3)}, "optimizer": {"state": {0: {"exp_avg": torch.tensor([0.0, float("nan")])}}}, "step": 2}
-    with pytest.raises(common.UserError, match=r"not saving .*ckpt\.pt: 1 tensors hold NaN or inf \(optimizer/state/0/exp_avg\); "
-                                           r"the last good checkpoint, step 1, stays in"):
+    bad = {"model": {"w": torch.ones(3)}, "optimizer": {"state": {0: {"exp_avg": torch.tensor([0.0, float("nan")])}}},
+           "step": 2}
+    with pytest.raises(common.UserError,
+                       match=r"not saving .*ckpt\.pt: 1 tensors hold NaN or inf \(optimizer/state/0/exp_avg\); "
+                             r"the last good checkpoint, step 1, stays in"):
         common.save_checkpoint(path, bad)
     assert torch.load(path, weights_only=True)["step"] == 1 and os.listdir(tmp_path) == ["ckpt.pt"]
 
@@ -233,8 +238,10 @@ def test_infinite_weights_after_a_finite_loss_stop_the_run(name, tiny_wan, store
     monkeypatch.setattr(common, "ema_update", overflowed_update)
     module, flags = trainer(name, tiny_wan, store, tiny_reward)
     out = tmp_path / "run"
-    with pytest.raises(common.UserError, match=r"training diverged at step 1 \(1 NaN/inf weights in the (generator|student), "
-                                           r"1 NaN/inf weights in the EMA\): stopped without saving; no checkpoint has been written yet"):
+    with pytest.raises(common.UserError,
+                       match=r"training diverged at step 1 \(1 NaN/inf weights in the (generator|student), "
+                             r"1 NaN/inf weights in the EMA\): stopped without saving; "
+                             r"no checkpoint has been written yet"):
         run(module, *flags, "--out", out, "--max-steps", 1, "--save-every", 1, "--sample-every", 0)
     assert not (out / "ckpt.pt").exists()
 
@@ -253,8 +260,9 @@ def test_nan_ema_stops_and_the_message_names_the_kept_checkpoint(tiny_wan, tmp_p
                 next(ema.parameters()).to_local().fill_(float("nan"))
     monkeypatch.setattr(common, "ema_update", poisoned_ema_update)
     out = tmp_path / "run"
-    with pytest.raises(common.UserError, match=r"diverged at step 2 \(\d+ NaN/inf weights in the EMA\): stopped without saving; "
-                                           r"the last good checkpoint, step 1, stays in .*ckpt\.pt"):
+    with pytest.raises(common.UserError,
+                       match=r"diverged at step 2 \(\d+ NaN/inf weights in the EMA\): stopped without saving; "
+                             r"the last good checkpoint, step 1, stays in .*ckpt\.pt"):
         run(dmd, "--tiny", "--model", tiny_wan, "--critic-steps", 1, "--global-batch", 1, "--out", out,
             "--max-steps", 3, "--save-every", 1, "--sample-every", 0)
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
@@ -276,13 +284,15 @@ def test_one_run_per_folder_and_stale_files_go(tiny_wan, tmp_path):
     for name in stale + ["notes.txt"]:
         (out / name).write_text("left behind")
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
-                               "fcntl.flock(f, fcntl.LOCK_EX); f.write('4242'); f.flush(); print('locked', flush=True); time.sleep(600)",
+                               "fcntl.flock(f, fcntl.LOCK_EX); f.write('4242'); f.flush(); "
+                               "print('locked', flush=True); time.sleep(600)",
                                str(out / ".lock")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        flags = ["--tiny", "--model", tiny_wan, "--critic-steps", 1, "--global-batch", 1, "--out", out, "--max-steps", 1,
-                 "--sample-every", 0]
-        with pytest.raises(common.UserError, match=r"--out '.*run' is in use by another run \(pid 4242, lock .*\.lock\): wait for it"):
+        flags = ["--tiny", "--model", tiny_wan, "--critic-steps", 1, "--global-batch", 1, "--out", out,
+                 "--max-steps", 1, "--sample-every", 0]
+        with pytest.raises(common.UserError,
+                           match=r"--out '.*run' is in use by another run \(pid 4242, lock .*\.lock\): wait for it"):
             run(dmd, *flags)
         assert sorted(os.listdir(out)) == sorted(stale + ["notes.txt", ".lock"])  # the other run's files are untouched
     finally:
@@ -302,8 +312,9 @@ def test_resume_refuses_another_scripts_checkpoint(tiny_wan, store, tiny_reward,
         "--sample-every", 0)
     for name in ("train_reward", "train_ode"):
         module, flags = trainer(name, tiny_wan, store, tiny_reward)
-        with pytest.raises(common.UserError, match=rf"'.*ckpt\.pt' was written by distill_dmd\.py, not {name}\.py: resume it with "
-                                               r"distill_dmd\.py, or start a new --out from it with --init"):
+        with pytest.raises(common.UserError,
+                           match=rf"'.*ckpt\.pt' was written by distill_dmd\.py, not {name}\.py: resume it with "
+                                 r"distill_dmd\.py, or start a new --out from it with --init"):
             run(module, *flags, "--out", out, "--max-steps", 2, "--resume")
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     ckpt.update(script="train_reward.py", stage="without --dmd-weight", args={})
@@ -318,8 +329,9 @@ def test_resume_refuses_another_stage(tmp_path):
     path = str(tmp_path / "ckpt.pt")
     common.save_checkpoint(path, {"step": 3, "script": "distill_dmd.py", "stage": "with --generator bidirectional"})
     args = dmd.parse_args(["--model", "a/b", "--out", str(tmp_path), "--resume", "--max-steps", "9"])
-    with pytest.raises(common.UserError, match=r"was trained with --generator bidirectional: resume it with the same flags "
-                                           r"\(this run: with --generator causal\)"):
+    with pytest.raises(common.UserError,
+                       match=r"was trained with --generator bidirectional: resume it with the same flags "
+                             r"\(this run: with --generator causal\)"):
         common.load_resume(path, args, "distill_dmd.py", "with --generator causal")
     assert common.load_resume(path, args, "distill_dmd.py", "with --generator bidirectional")["step"] == 3
 

@@ -86,7 +86,8 @@ def test_jobs_file(tiny_wan, tmp_path):
     (["--jobs", "/no/such.tsv"], "--jobs '/no/such.tsv' does not exist"),
     (["--prompt", "fox", "--model", "./wan"], "neither a diffusers-format folder nor a hub id"),
     (["--prompt", "fox", "--checkpoint", "LIST"], "holds a list, not a dict"),
-    (["--prompt", "fox", "--checkpoint", "BIDI", "--chunk", "3"], "is a bidirectional generator: it renders the whole video as one block, so --chunk"),
+    (["--prompt", "fox", "--checkpoint", "BIDI", "--chunk", "3"],
+     "is a bidirectional generator: it renders the whole video as one block, so --chunk"),
     (["--prompt", "fox", "--height", "0"], "not a positive multiple of 16"),
 ])
 def test_bad_input_is_a_user_error(tiny_wan, tmp_path, args, message):
@@ -95,11 +96,13 @@ def test_bad_input_is_a_user_error(tiny_wan, tmp_path, args, message):
     wrong = cw.CausalWan(cw.WanConfig(dim=48, ffn_dim=64, num_heads=3, num_layers=2, text_dim=32, freq_dim=32))
     common.save_checkpoint(str(tmp_path / "wrong.pt"), {"model": wrong.state_dict()})
     torch.save([1, 2, 3], tmp_path / "list.pt")
-    common.save_checkpoint(str(tmp_path / "bidi.pt"), {"ema": cw.from_pretrained(tiny_wan).state_dict(), "args": {"generator": "bidirectional"}})
+    common.save_checkpoint(str(tmp_path / "bidi.pt"),
+                           {"ema": cw.from_pretrained(tiny_wan).state_dict(), "args": {"generator": "bidirectional"}})
     names = {"CORRUPT": "bad.pt", "WRONG": "wrong.pt", "LIST": "list.pt", "BIDI": "bidi.pt"}
     args = [str(tmp_path / names[a]) if a in names else a for a in args]
     with pytest.raises(common.UserError, match=re.escape(message)) as e:
-        sample.main(sample.parse_args(["--tiny", "--model", tiny_wan, "--frames", "5", "--out", str(tmp_path / "x.mp4"), *args]))
+        sample.main(sample.parse_args(["--tiny", "--model", tiny_wan, "--frames", "5", "--out", str(tmp_path / "x.mp4"),
+                                       *args]))
     assert "\n" not in str(e.value)
     assert not (tmp_path / "x.mp4").exists()
 
@@ -107,7 +110,8 @@ def test_bad_input_is_a_user_error(tiny_wan, tmp_path, args, message):
 def test_error_exit_is_one_line_without_traceback(tmp_path):
     r = run("--prompt", "fox", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "x.mp4"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines() == [f"error: model '{tmp_path / 'missing'}' is neither a diffusers-format folder nor a hub id like {cw.DEFAULT_MODEL}"]
+    assert r.stderr.strip().splitlines() == [f"error: model '{tmp_path / 'missing'}' is neither a diffusers-format "
+                                             f"folder nor a hub id like {cw.DEFAULT_MODEL}"]
 
 
 def test_compile_variants_and_cuda_graph_steps(tiny_wan):
@@ -123,7 +127,8 @@ def test_compile_variants_and_cuda_graph_steps(tiny_wan):
     noise = torch.randn(1, 16, 9, 8, 8, generator=torch.Generator().manual_seed(0))
     calls, marks = [], []
     model.register_forward_pre_hook(lambda m, a: calls.append(1))
-    rollout = lambda chunk: cw.rollout(model, noise, kv, block_size=chunk, generator=torch.Generator().manual_seed(1))
+    def rollout(chunk):
+        return cw.rollout(model, noise, kv, block_size=chunk, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         eager = {chunk: rollout(chunk) for chunk in (3, 1)}
         torch._dynamo.reset()
@@ -137,13 +142,15 @@ def test_compile_variants_and_cuda_graph_steps(tiny_wan):
                 calls.clear(), marks.clear()
                 out[chunk] = rollout(chunk)
                 graphs.append(counters["stats"]["unique_graphs"])
-                assert len(marks) == len(calls) == 4 * (9 // chunk) + 9 // chunk - 1  # 4 steps per block + the cache passes
+                # 4 steps per block + the cache passes
+                assert len(marks) == len(calls) == 4 * (9 // chunk) + 9 // chunk - 1
             speedkit.compile_blocks(model, None)
             marks.clear()
             rollout(3)
         finally:
             torch.compiler.cudagraph_mark_step_begin = real_mark
-    print(f"block graphs compiled: chunk-wise {graphs[0]}, frame-wise {graphs[1] - graphs[0]}, chunk-wise again {graphs[2] - graphs[1]}")
+    print(f"block graphs compiled: chunk-wise {graphs[0]}, frame-wise {graphs[1] - graphs[0]}, "
+          f"chunk-wise again {graphs[2] - graphs[1]}")
     assert 1 <= graphs[0] <= 4 and 1 <= graphs[1] - graphs[0] <= 4 and graphs[2] == graphs[1]
     assert all(torch.equal(out[c], eager[c]) for c in (3, 1))
     assert not marks and model.cuda_graph_step_hook is None
@@ -157,7 +164,8 @@ def test_compiled_vae_variants(tiny_wan):
     from torch._dynamo.utils import counters
     vae = cw.load_vae(tiny_wan)
     z = torch.randn(1, 16, 6, 8, 8, generator=torch.Generator().manual_seed(0))
-    decode = lambda chunk: [cw.vae_decode(vae, z[:, :, s:s + chunk], first=s == 0) for s in range(0, 6, chunk)]
+    def decode(chunk):
+        return [cw.vae_decode(vae, z[:, :, s:s + chunk], first=s == 0) for s in range(0, 6, chunk)]
     with torch.no_grad():
         eager = {chunk: decode(chunk) for chunk in (3, 1)}
         torch._dynamo.reset()
@@ -169,7 +177,8 @@ def test_compiled_vae_variants(tiny_wan):
         finally:
             speedkit.compile_vae(vae, False)
             counter.close()
-    print(f"VAE decoder variants compiled: {counters['stats']['unique_graphs']} (CompileCounter: {dict(counter.counts)})")
+    print(f"VAE decoder variants compiled: {counters['stats']['unique_graphs']} "
+          f"(CompileCounter: {dict(counter.counts)})")
     assert counters["stats"]["unique_graphs"] == 3 and dict(counter.counts) == {"VAE": 3}
     assert all(torch.equal(a, b) for c in (3, 1) for a, b in zip(compiled[c], eager[c]))
 
@@ -184,7 +193,8 @@ def test_speed_flags_give_the_same_video(tiny_wan, tmp_path):
             videos[name] = np.stack([f.astype(int) for f in rd])
     assert videos["plain"].shape == videos["fast"].shape == (21, 64, 64, 3)
     diff = np.abs(videos["plain"] - videos["fast"])
-    assert diff.mean() < 0.3 and (diff > 0).mean() < 0.05, (diff.mean(), (diff > 0).mean())  # compile's fp32 rounding, through H.264
+    # compile's fp32 rounding, through H.264
+    assert diff.mean() < 0.3 and (diff > 0).mean() < 0.05, (diff.mean(), (diff > 0).mean())
     assert 1 < np.abs(videos["plain"] - videos["bf16"]).mean() < 10  # seen: 0.06 (fast) and 3.7 (bf16 VAE)
 
 
@@ -197,7 +207,8 @@ def test_overlapped_decode_keeps_order_and_raises(tiny_wan):
     got = {}
     for overlap in (False, True):
         got[overlap] = []
-        sample.generate(model, partial(cw.vae_decode, vae), kv, noise, 3, 21, got[overlap].append, generator=torch.Generator().manual_seed(1), overlap=overlap)
+        sample.generate(model, partial(cw.vae_decode, vae), kv, noise, 3, 21, got[overlap].append,
+                        generator=torch.Generator().manual_seed(1), overlap=overlap)
     assert [len(f) for f in got[True]] == [9, 12, 4]
     assert all((a == b).all() for a, b in zip(got[False], got[True]))
 

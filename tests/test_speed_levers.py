@@ -15,6 +15,7 @@ from PIL import Image
 
 import causal_wan as cw
 import common
+import convert
 import sample
 import speedkit
 
@@ -106,7 +107,8 @@ def test_load_tiny_decoder_refuses_wrong_files_in_one_line(tiny_tae, tmp_path):
         str(tmp_path / "missing.pth"): "does not exist",
         str(tmp_path / "junk.pth"): "not a readable checkpoint",
         saved("list.pth", [1, 2]): "no state dict",
-        saved("incomplete.pth", {k: v for k, v in good.items() if k != "decoder.4.conv.2.weight"}): "decoder.4.conv.2.weight",
+        saved("incomplete.pth", {k: v for k, v in good.items() if k != "decoder.4.conv.2.weight"}):
+            "decoder.4.conv.2.weight",
         saved("stray.pth", {**good, "decoder.23.weight": torch.zeros(3)}): "decoder.23.weight",
         saved("shape.pth", {**good, "decoder.7.conv.weight": torch.zeros(64, 32, 1, 1)}): "decoder.7.conv.weight",
         saved("taew2_2.pth", {**good, "decoder.1.weight": torch.zeros(32, 48, 3, 3)}): "48 latent channels",
@@ -115,7 +117,8 @@ def test_load_tiny_decoder_refuses_wrong_files_in_one_line(tiny_tae, tmp_path):
         with pytest.raises(common.UserError) as e:
             speedkit.load_tiny_decoder(path)
         msg = str(e.value)
-        assert why in msg and path in msg and "madebyollin/taehv" in msg and "taew2_1.pth" in msg and "\n" not in msg, msg
+        assert (why in msg and path in msg and "madebyollin/taehv" in msg and "taew2_1.pth" in msg
+                and "\n" not in msg), msg
     ours = speedkit.tae_decode(tiny_tae[1], torch.ones(1, 16, 2, 2, 2))
     with_encoder = saved("full.pth", {**good, "encoder.0.weight": torch.zeros(64, 3, 3, 3)})
     save_file(good, str(tmp_path / "taew2_1.safetensors"))
@@ -129,7 +132,7 @@ def test_tiny_decoder_file_has_its_own_cache_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     path = speedkit.tiny_decoder_path()
     assert path == str(tmp_path / "reward_forcing" / "tiny_taew2_1" / "taew2_1.pth")
-    assert not path.startswith(cw.tiny_model_dir())
+    assert not path.startswith(convert.tiny_model_dir())
     mtime = (tmp_path / path).stat().st_mtime_ns
     assert speedkit.tiny_decoder_path() == path and (tmp_path / path).stat().st_mtime_ns == mtime  # reused
     assert speedkit.load_tiny_decoder(path).decoder[1].weight.shape == (32, 16, 3, 3)
@@ -197,7 +200,8 @@ def test_fp8_model_stays_close_to_bf16_on_the_cpu(monkeypatch):
     rel = ((out - ref).norm() / ref.norm()).item()
     print(f"fp8 vs bf16 relative difference {rel:.3e}")
     assert 1e-3 < rel < 0.1
-    odd = cw.CausalWan(cw.WanConfig(dim=24, ffn_dim=40, num_heads=2, num_layers=1, text_dim=32, freq_dim=32)).to(torch.bfloat16)
+    odd = cw.CausalWan(cw.WanConfig(dim=24, ffn_dim=40, num_heads=2, num_layers=1, text_dim=32,
+                                    freq_dim=32)).to(torch.bfloat16)
     with pytest.raises(common.UserError, match="multiples of 16"):
         speedkit.quantize_fp8(odd)
 
@@ -221,7 +225,8 @@ def test_text_encoder_leaves_the_device_after_encoding(tiny_wan):
         with speedkit.on_device(encoder, "meta"):
             assert devices(encoder) == {"meta"}
         assert devices(encoder) == {"cpu"}
-        assert all(p.data_ptr() == ptr and torch.equal(p, value) for p, (ptr, value) in zip(encoder.parameters(), before))
+        assert all(p.data_ptr() == ptr and torch.equal(p, value)
+                   for p, (ptr, value) in zip(encoder.parameters(), before))
     with speedkit.on_device(encoder, "cpu"):
         assert torch.equal(cw.encode_prompts(tokenizer, encoder, ["a red fox"]), context)
 
@@ -259,7 +264,8 @@ def sample_frames(argv, monkeypatch):
     """sample.main(argv) in this process: the uint8 frames [T, H, W, 3] it wrote, taken on their way
     to the mp4 writer (the mp4 is written and checked as usual)."""
     written, real = [], sample.write_video
-    monkeypatch.setattr(sample, "write_video", lambda path, blocks, *rest, **kw: real(path, (written.append(b) or b for b in blocks), *rest, **kw))
+    monkeypatch.setattr(sample, "write_video", lambda path, blocks, *rest, **kw: real(
+        path, (written.append(b) or b for b in blocks), *rest, **kw))
     sample.main(sample.parse_args([str(a) for a in argv]))
     monkeypatch.setattr(sample, "write_video", real)
     return np.concatenate(written)
@@ -295,8 +301,8 @@ def test_sample_decodes_with_the_tiny_decoder(tiny_wan, tmp_path, monkeypatch, c
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     calls = spy_decoders(monkeypatch)
     out = tmp_path / "fox.mp4"
-    frames = sample_frames(SMALL + ["--model", tiny_wan, "--decoder", "tae", "--frames", "21", "--switch", "9", "a blue bird",
-                                    "--out", out], monkeypatch)
+    frames = sample_frames(SMALL + ["--model", tiny_wan, "--decoder", "tae", "--frames", "21",
+                                    "--switch", "9", "a blue bird", "--out", out], monkeypatch)
     path = tmp_path / "cache" / "reward_forcing" / "tiny_taew2_1" / "taew2_1.pth"
     assert [(kind, first) for kind, _, first in calls] == [("tae", True), ("tae", False)]
     z = torch.cat([z for _, z, _ in calls], 2)  # [1, 16, 6, 4, 4]: the whole latent video
@@ -316,22 +322,25 @@ def test_sample_extends_a_clip_with_the_tiny_decoder(tiny_wan, tmp_path, monkeyp
     clip = np.random.default_rng(0).integers(0, 256, (9, 32, 32, 3), dtype=np.uint8)
     imageio.mimwrite(tmp_path / "clip.mp4", clip, fps=16, codec="libx264", macro_block_size=1)
     vaes, vae_alive, real_load_vae = [], [], cw.load_vae
-    monkeypatch.setattr(cw, "load_vae", lambda *a, **kw: vaes.append(weakref.ref(vae := real_load_vae(*a, **kw))) or vae)
+    monkeypatch.setattr(cw, "load_vae",
+                        lambda *a, **kw: vaes.append(weakref.ref(vae := real_load_vae(*a, **kw))) or vae)
 
     def is_the_vae_alive():
         gc.collect()
         vae_alive.append(vaes[0]() is not None)
 
     calls = spy_decoders(monkeypatch, on_call=is_the_vae_alive)
-    frames = sample_frames(SMALL + ["--model", tiny_wan, "--decoder", "tae", "--decoder-path", tae_path, "--frames", "21",
-                                    "--extend", tmp_path / "clip.mp4", "--out", tmp_path / "more.mp4"], monkeypatch)
+    frames = sample_frames(SMALL + ["--model", tiny_wan, "--decoder", "tae", "--decoder-path", tae_path,
+                                    "--frames", "21", "--extend", tmp_path / "clip.mp4",
+                                    "--out", tmp_path / "more.mp4"], monkeypatch)
     assert len(vaes) == 1 and vae_alive == [False, False]
     assert [(kind, first) for kind, _, first in calls] == [("tae", True), ("tae", False)]
     with imageio.get_reader(tmp_path / "clip.mp4") as reader:
         clip_read = np.stack([frame for frame in reader])  # the clip as sample.py reads it (after H.264)
     encoded = sample.vae_encode(real_load_vae(tiny_wan), clip_read, torch.device("cpu"))
     assert torch.equal(calls[0][1], encoded)  # the clip's 3 latent frames, then the 3 generated ones
-    want = as_uint8(reference_decode(torch.load(tae_path, weights_only=True), torch.cat([z for _, z, _ in calls], 2))[0])
+    want = as_uint8(reference_decode(torch.load(tae_path, weights_only=True),
+                                     torch.cat([z for _, z, _ in calls], 2))[0])
     assert frames.shape == (21, 32, 32, 3) and np.abs(frames.astype(int) - want).max() <= 1
 
 
@@ -359,7 +368,8 @@ def test_offload_keeps_the_text_encoder_and_the_generator_apart_on_the_device(ti
     generator moved to the device before the encoding, or the text encoder loaded on the device,
     or the decoder not offloaded -> each fails."""
     held, during, vae_during = {}, [], []
-    real_load_generator, real_vae_encode, real_tae_decode = sample.load_generator, sample.vae_encode, speedkit.tae_decode
+    real_load_generator, real_vae_encode, real_tae_decode = (sample.load_generator, sample.vae_encode,
+                                                             speedkit.tae_decode)
     monkeypatch.setattr(sample, "load_generator", lambda *a: held.setdefault("generator", real_load_generator(*a)))
 
     def encode_prompts(tokenizer, encoder, prompts):
@@ -382,7 +392,8 @@ def test_offload_keeps_the_text_encoder_and_the_generator_apart_on_the_device(ti
     args = sample.parse_args(SMALL + ["--model", tiny_wan, "--offload", "--decoder", "tae", "--decoder-path",
                                       speedkit.make_tiny_decoder(str(tmp_path / "taew2_1.pth"))])
     meta = torch.device("meta")
-    model, contexts, decode, prefix = sample.load_models(args, meta, torch.float32, "causal", ["a red fox", "a blue bird"],
+    model, contexts, decode, prefix = sample.load_models(args, meta, torch.float32, "causal",
+                                                         ["a red fox", "a blue bird"],
                                                          np.zeros((1, 32, 32, 3), np.uint8))
     assert during == [({"meta"}, {"cpu"}), ({"meta"}, {"cpu"})]
     assert devices(held["encoder"]) == {"cpu"} and devices(model) == {"meta"}

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 import causal_wan as cw
 import common
+import convert
 import train_ode as T
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,7 +58,8 @@ def teacher(tmp_path_factory):
     folder = tmp_path_factory.mktemp("teacher")
     torch.manual_seed(1)
     sd = cw.CausalWan(cw.WanConfig.tiny()).state_dict()
-    common.save_checkpoint(str(folder / "ckpt.pt"), {"model": sd, "ema": sd, "step": 0, "args": {"generator": "bidirectional"}})
+    common.save_checkpoint(str(folder / "ckpt.pt"),
+                           {"model": sd, "ema": sd, "step": 0, "args": {"generator": "bidirectional"}})
     (folder / "prompts.txt").write_text(PROMPTS)
     return str(folder / "ckpt.pt"), str(folder / "prompts.txt")
 
@@ -76,7 +78,8 @@ def eval_loss(model, store, tiny_wan):
     x = torch.stack([store[k] for k in range(store.num)]).float()
     kv = model.prompt_kv(cw.encode_prompts(tok, enc, store.prompts))
     with torch.no_grad():
-        return sum(T.ode_loss(T.student_x0(model, x, torch.full((x.shape[0], x.shape[3]), i), store.timesteps, kv, 3), x[:, -1]).item()
+        return sum(T.ode_loss(T.student_x0(model, x, torch.full((x.shape[0], x.shape[3]), i), store.timesteps, kv, 3),
+                              x[:, -1]).item()
                    for i in range(4)) / 4
 
 
@@ -86,20 +89,22 @@ def test_generate_then_train(store, teacher, tiny_wan, tmp_path):
     assert report["trajectory_shape"] == [5, 16, 6, 8, 8]  # 4 noisy states + x0 of [C, F, H, W]
     assert report["timesteps"] == cw.DENOISING_TIMESTEPS + [0.0]
     data = T.TrajectoryStore(store)
-    assert data.prompts == ["a red fox running in snow", "a boat on a lake", "a city street at night", "a red fox running in snow"]
+    assert data.prompts == ["a red fox running in snow", "a boat on a lake", "a city street at night",
+                            "a red fox running in snow"]
     latents, meta = read_shard(os.path.join(store, "shard_00001.safetensors"))
     assert latents.shape == (1, 5, 16, 6, 8, 8) and latents.dtype == torch.bfloat16
     assert json.loads(meta["seeds"]) == [3] and json.loads(meta["prompts"]) == [data.prompts[3]]
 
     # the stored trajectory is the teacher's own 4-step rollout from the trajectory's seed
     net = cw.CausalWan(cw.WanConfig.tiny())
-    net.load_state_dict(cw.generator_state_dict(cw.load_checkpoint(teacher[0])))
+    net.load_state_dict(convert.generator_state_dict(convert.load_checkpoint(teacher[0])))
     tok, enc = cw.load_text_encoder(tiny_wan)
     g = torch.Generator().manual_seed(0 + 2)
     noise = torch.randn(1, 16, 6, 8, 8, generator=g)
     steps = []
     with torch.no_grad():
-        x0 = cw.rollout(net, noise, net.prompt_kv(cw.encode_prompts(tok, enc, [data.prompts[2]])), block_size=6, generator=g, trajectory=steps)
+        x0 = cw.rollout(net, noise, net.prompt_kv(cw.encode_prompts(tok, enc, [data.prompts[2]])), block_size=6,
+                        generator=g, trajectory=steps)
     assert torch.equal(data[2], torch.cat(steps[0] + [x0]).to(torch.bfloat16))
 
     out = str(tmp_path / "run")
@@ -130,7 +135,8 @@ def test_generation_resume_skips_finished_shards(store, teacher, tiny_wan, tmp_p
     with open(os.path.join(copy, "shard_00001.safetensors.tmp999"), "wb") as f:
         f.write(b"half a shard from a crashed run")
     # the verify command names what is missing, and fails as one line
-    res = subprocess.run([sys.executable, "train_ode.py", "verify", "--store", copy], cwd=ROOT, capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "train_ode.py", "verify", "--store", copy], cwd=ROOT, capture_output=True,
+                         text=True)
     assert res.returncode == 2 and "3 of 4 trajectories" in res.stdout and "missing shards: [1]" in res.stdout
     assert res.stderr.strip().startswith("error: store") and len(res.stderr.strip().splitlines()) == 1
 
@@ -141,7 +147,8 @@ def test_generation_resume_skips_finished_shards(store, teacher, tiny_wan, tmp_p
         (a, meta_a), (b, meta_b) = (read_shard(os.path.join(d, f"shard_{i:05d}.safetensors")) for d in (store, copy))
         assert torch.equal(a, b) and meta_a == meta_b
     with pytest.raises(common.UserError, match=r"other settings \(num, prompts differ\)"):
-        run("generate", "--tiny", "--model", tiny_wan, "--teacher", teacher[0], "--prompts", teacher[1], "--store", copy, "--num", 5)
+        run("generate", "--tiny", "--model", tiny_wan, "--teacher", teacher[0], "--prompts", teacher[1],
+            "--store", copy, "--num", 5)
 
 
 def test_train_resume_is_exact(store, tiny_wan, tmp_path):
@@ -166,7 +173,8 @@ def test_ema_start(store, tiny_wan, tmp_path, ema_updates):
     update late, and counting this run's updates instead of the step: each fails)."""
     base = ["train", "--tiny", "--model", tiny_wan, "--store", store, "--sample-every", 0, "--save-every", 1,
               "--ema-start", 2, "--ema-decay", 0.5]
-    ema_updates.check_start_and_resume(lambda out, *flags: run(*base, "--out", out, *flags), tmp_path, start=2, decay=0.5)
+    ema_updates.check_start_and_resume(lambda out, *flags: run(*base, "--out", out, *flags), tmp_path,
+                                       start=2, decay=0.5)
 
 
 def test_student_never_sees_later_frames(tiny_wan):
@@ -194,7 +202,8 @@ def test_student_never_sees_later_frames(tiny_wan):
 def test_timestep_index_is_per_block():
     g = torch.Generator().manual_seed(0)
     draws = torch.stack([T.timestep_index(7, 3, 4, g) for _ in range(200)])  # [200, 7]: blocks 0-2, 3-5, 6
-    assert torch.equal(draws[:, :3], draws[:, :1].expand(-1, 3)) and torch.equal(draws[:, 3:6], draws[:, 3:4].expand(-1, 3))
+    assert (torch.equal(draws[:, :3], draws[:, :1].expand(-1, 3))
+            and torch.equal(draws[:, 3:6], draws[:, 3:4].expand(-1, 3)))
     assert set(draws.flatten().tolist()) == {0, 1, 2, 3}
     assert (draws[:, 0] != draws[:, 3]).any()  # blocks draw independently
 
@@ -278,8 +287,9 @@ def test_torchrun_two_processes(store, teacher, tiny_wan, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train_ode.py"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     path = str(tmp_path / "ode")
-    gen = subprocess.run(torchrun + ["generate", "--tiny", "--model", tiny_wan, "--teacher", teacher[0], "--prompts", teacher[1],
-                                     "--store", path], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    gen = subprocess.run(torchrun + ["generate", "--tiny", "--model", tiny_wan, "--teacher", teacher[0],
+                                     "--prompts", teacher[1], "--store", path],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert gen.returncode == 0, gen.stderr[-3000:]
     for i in range(2):
         (a, meta_a), (b, meta_b) = (read_shard(os.path.join(d, f"shard_{i:05d}.safetensors")) for d in (store, path))

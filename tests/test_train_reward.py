@@ -13,7 +13,8 @@ a few minutes on 2 cores; tests/test_rewards.py covers the reward models themsel
   fake tensors, the checkpointed decode + backward peaks under a quarter of the plain one's and
   leaves nothing alive;
 - test_grad_blocks_keeps_the_gradient: running the unreached blocks without a graph leaves the
-  generator's gradient unchanged;
+  generator's gradient unchanged, for --cache-grad straight-through (every block is reached) and detach
+  (the last one only), whose gradients differ;
 - test_random_frames_and_pickscore_in_the_loop: --reward-frames random --reward pickscore scores one
   frame per video from the whole video;
 - test_joint_gradient_puts_both_terms_on_the_same_scale: two losses 7e6 apart in gradient size push
@@ -128,7 +129,8 @@ def test_reward_rises_and_only_the_generator_learns(sensitive_wan, tiny_reward, 
     assert all(r["loss"] == pytest.approx(-r["reward"]) for r in log)  # L_reward = -E[R(x_T)]
     assert [r["step"] for r in log if r.get("sample_reward") is not None] == [10, 20]
     assert all(os.path.getsize(out / f"sample_{s}.mp4") > 0 for s in (10, 20))
-    assert scored == [(6, [20], 3, False)] * 40  # every micro-batch scored the last of its 21 frames (CPU: no checkpoints)
+    # every micro-batch scored the last of its 21 frames (CPU: no checkpoints)
+    assert scored == [(6, [20], 3, False)] * 40
 
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 20 and {"model", "ema", "optimizer", "args"} <= ckpt.keys() and "critic" not in ckpt
@@ -163,7 +165,8 @@ def test_reward_decode_gradient_equals_the_full_decode(sensitive_wan):
     each fails."""
     plain = cw.load_vae(sensitive_wan)
     vae = cw.load_vae(sensitive_wan)
-    video = torch.randn(2, 16, 6, 4, 4, generator=torch.Generator().manual_seed(0), requires_grad=True)  # 21 pixel frames
+    # 21 pixel frames
+    video = torch.randn(2, 16, 6, 4, 4, generator=torch.Generator().manual_seed(0), requires_grad=True)
     weights = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))  # a linear stand-in for the reward
     full = [cw.vae_decode(plain, video[b:b + 1]) for b in range(2)]  # one plain decode per video, [1, 3, 21, 32, 32]
     middle = tr.reward_frame_indices("random", 6, 2, torch.Generator().manual_seed(5))
@@ -175,7 +178,8 @@ def test_reward_decode_gradient_equals_the_full_decode(sensitive_wan):
         pixels = tr.decode_reward_frames(vae, video, frames, block_size, checkpointed)  # [2, 3, 32, 32]
         (pixels * weights).sum().backward()
         for b, p in enumerate(frames):
-            reference = torch.autograd.grad((full[b][0, :, p] * weights[b]).sum(), video, retain_graph=True)[0][b]  # [C, 6, h, w]
+            # [C, 6, h, w]
+            reference = torch.autograd.grad((full[b][0, :, p] * weights[b]).sum(), video, retain_graph=True)[0][b]
             assert (pixels[b] - full[b][0, :, p]).abs().max() < 1e-5
             j = 0 if p == 0 else (p - 1) // 4 + 1  # the latent frame that decodes to pixel frame p
             s = j - j % block_size  # first latent frame of its generator block
@@ -183,11 +187,13 @@ def test_reward_decode_gradient_equals_the_full_decode(sensitive_wan):
             rel = (got[:, s:j + 1] - reference[:, s:j + 1]).norm() / reference[:, s:j + 1].norm()
             assert rel < 1e-5, (frames, block_size, checkpointed, b, rel)
             assert all(reference[:, f].abs().sum() > 0 for f in range(s, j + 1))  # every frame of s..j matters
-            assert got[:, :s].abs().sum() == 0 and got[:, j + 1:].abs().sum() == 0  # earlier blocks: no graph in training
+            # earlier blocks: no graph in training
+            assert got[:, :s].abs().sum() == 0 and got[:, j + 1:].abs().sum() == 0
     assert isinstance(vae.decoder.mid_block, tr.CheckpointedCacheModule)  # checkpointed=True wrapped the decoder
     # the whole prefix is needed for the pixels: starting the decode one latent frame later changes the last frame
     with torch.no_grad():
-        assert (cw.vae_decode(plain, video[:, :, 1:])[:, :, -1] - cw.vae_decode(plain, video)[:, :, -1]).abs().max() > 1e-2
+        assert (cw.vae_decode(plain, video[:, :, 1:])[:, :, -1]
+                - cw.vae_decode(plain, video)[:, :, -1]).abs().max() > 1e-2
 
     g = torch.Generator().manual_seed(0)
     assert tr.reward_frame_indices("last", 6, 3, g) == [20, 20, 20]
@@ -196,26 +202,33 @@ def test_reward_decode_gradient_equals_the_full_decode(sensitive_wan):
     assert len(counts) == 21 and counts.min() > 20  # every frame of the video, ~57 each
 
 
-def test_grad_blocks_keeps_the_gradient(tiny_wan):
-    """The reward of the last frame reaches only the last block (the KV cache is detached): a rollout
-    with grad_blocks={last}, as training runs it, gives the generator the same gradient as one with
-    a graph for every block."""
+@pytest.mark.parametrize("cache_grad", ["straight-through", "detach"])
+def test_grad_blocks_keeps_the_gradient(tiny_wan, cache_grad):
+    """A rollout that gives a graph only to the blocks the reward of the last frame reaches (tr.graph_blocks: with
+    --cache-grad straight-through, every block; with detach, the last one), as training runs it, gives the
+    generator the same gradient as one with a graph for every block. The two kinds of gradient differ (planted:
+    graph_blocks returning the last block for straight-through -> the first block's share is lost, fails)."""
     model = cw.from_pretrained(tiny_wan)
     vae = cw.load_vae(tiny_wan)
     noise = torch.randn(1, 16, 6, 8, 8, generator=torch.Generator().manual_seed(0))
     kv = model.prompt_kv(torch.randn(1, 512, 32, generator=torch.Generator().manual_seed(1)))
-    grads = []
-    for grad_blocks in (None, {1}):
+    grads, other = {}, "detach" if cache_grad == "straight-through" else "straight-through"
+    for mode, grad_blocks in [(cache_grad, None), (cache_grad, tr.graph_blocks({1}, cache_grad)), (other, None)]:
         blocks = []
         model.zero_grad(set_to_none=True)
         video = cw.rollout(model, noise, [(k.detach(), v.detach()) for k, v in kv], block_size=3, exit_steps=[2, 2],
                            generator=torch.Generator().manual_seed(2), grad_blocks=grad_blocks,
-                           on_block=lambda b, x0, kv_cache: blocks.append(x0))
-        assert [x0.grad_fn is not None for x0 in blocks] == [grad_blocks is None, True]
+                           on_block=lambda b, x0, kv_cache: blocks.append(x0), cache_grad=mode)
+        first_has_graph = grad_blocks is None or 0 in grad_blocks
+        assert [x0.grad_fn is not None for x0 in blocks] == [first_has_graph, True]
         tr.decode_reward_frames(vae, video, [20], 3).square().mean().backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
-    assert all(torch.allclose(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-10) for n in grads[0])
+        grads[(mode, grad_blocks is None)] = {n: p.grad.clone() for n, p in model.named_parameters()
+                                              if p.grad is not None}
+    full, trained, other = grads[(cache_grad, True)], grads[(cache_grad, False)], grads[(other, True)]
+    assert full.keys() == trained.keys() and len(full) > 0
+    assert all(torch.allclose(full[n], trained[n], rtol=1e-5, atol=1e-10) for n in full)
+    assert not all(torch.allclose(full[n], other[n], rtol=1e-3, atol=1e-8) for n in full)
+    assert list(tr.graph_blocks({1}, cache_grad)) == ([0, 1] if cache_grad == "straight-through" else [1])
 
 
 def test_random_frames_and_pickscore_in_the_loop(tiny_wan, prompts_file, tmp_path_factory, tmp_path, monkeypatch):
@@ -228,9 +241,9 @@ def test_random_frames_and_pickscore_in_the_loop(tiny_wan, prompts_file, tmp_pat
         scored.extend(pixel_frames)
         return original(vae, video, pixel_frames, *args, **kwargs)
     monkeypatch.setattr(tr, "decode_reward_frames", decode_reward_frames)
-    run("--tiny", "--model", tiny_wan, "--reward", "pickscore", "--reward-path", pickscore[0], "--reward-tokenizer", pickscore[1],
-        "--prompts", prompts_file, "--reward-frames", "random", "--max-steps", 5, "--global-batch", 4, "--micro-batch", 2,
-        "--sample-every", 0, "--out", tmp_path / "run")
+    run("--tiny", "--model", tiny_wan, "--reward", "pickscore", "--reward-path", pickscore[0],
+        "--reward-tokenizer", pickscore[1], "--prompts", prompts_file, "--reward-frames", "random", "--max-steps", 5,
+        "--global-batch", 4, "--micro-batch", 2, "--sample-every", 0, "--out", tmp_path / "run")
     log = read_log(tmp_path / "run")
     assert len(log) == 5 and all(math.isfinite(r["reward"]) and r["grad_norm"] > 0 for r in log)
     assert len(scored) == 20 and all(0 <= p <= 20 for p in scored)  # one frame per video, 4 videos x 5 steps
@@ -262,7 +275,8 @@ def test_dmd_weight_and_exact_resume(tiny_wan, tiny_reward, prompts_file, tmp_pa
     reward's scale; a run resumed at step 2 equals one run straight to 4 (weights, optimizers, critic,
     normalizers, logged numbers)."""
     flags = ["--tiny", "--model", tiny_wan, "--reward-path", tiny_reward[0], "--reward-tokenizer", tiny_reward[1],
-              "--prompts", prompts_file, "--dmd-weight", 1, "--teacher", tiny_wan, "--sample-every", 0, "--save-every", 2]
+              "--prompts", prompts_file, "--dmd-weight", 1, "--teacher", tiny_wan, "--sample-every", 0,
+              "--save-every", 2]
     run(*flags, "--out", tmp_path / "a", "--max-steps", 4)
     run(*flags, "--out", tmp_path / "b", "--max-steps", 2)
     with pytest.raises(common.UserError, match="pass --resume"):
@@ -279,7 +293,8 @@ def test_dmd_weight_and_exact_resume(tiny_wan, tiny_reward, prompts_file, tmp_pa
         assert all(torch.equal(state_a[p][s], state_b[p][s]) for p in state_a for s in state_a[p]), key
     log_a, log_b = read_log(tmp_path / "a"), read_log(tmp_path / "b")
     drop = ("step_time",)
-    assert [{k: v for k, v in r.items() if k not in drop} for r in log_a] == [{k: v for k, v in r.items() if k not in drop} for r in log_b]
+    assert ([{k: v for k, v in r.items() if k not in drop} for r in log_a]
+            == [{k: v for k, v in r.items() if k not in drop} for r in log_b])
 
     base = cw.from_pretrained(tiny_wan).state_dict()
     assert not all(torch.equal(a["critic"][k], base[k]) for k in base)  # the critic trained
@@ -305,7 +320,8 @@ def test_ema_start(tiny_wan, tiny_reward, prompts_file, tmp_path, ema_updates):
     base = ["--tiny", "--model", tiny_wan, "--reward-path", tiny_reward[0], "--reward-tokenizer", tiny_reward[1],
               "--prompts", prompts_file, "--sample-every", 0, "--save-every", 1, "--ema-start", 2, "--ema-decay", 0.5,
               "--frames", 5, "--global-batch", 1]  # short videos: the EMA is what is tested
-    ema_updates.check_start_and_resume(lambda out, *flags: run(*base, "--out", out, *flags), tmp_path, start=2, decay=0.5)
+    ema_updates.check_start_and_resume(lambda out, *flags: run(*base, "--out", out, *flags), tmp_path,
+                                       start=2, decay=0.5)
 
 
 def test_dmd_weight_defaults_the_teacher_to_the_model(tiny_wan, tiny_reward, prompts_file, tmp_path, monkeypatch):
@@ -314,7 +330,8 @@ def test_dmd_weight_defaults_the_teacher_to_the_model(tiny_wan, tiny_reward, pro
     folder: each fails)."""
     loaded = []
     from_pretrained = cw.from_pretrained
-    monkeypatch.setattr(cw, "from_pretrained", lambda model, *a, **kw: loaded.append(model) or from_pretrained(model, *a, **kw))
+    monkeypatch.setattr(cw, "from_pretrained",
+                        lambda model, *a, **kw: loaded.append(model) or from_pretrained(model, *a, **kw))
     run("--tiny", "--model", tiny_wan, "--reward-path", tiny_reward[0], "--reward-tokenizer", tiny_reward[1],
         "--prompts", prompts_file, "--dmd-weight", 1, "--max-steps", 1, "--global-batch", 1, "--frames", 5,
         "--sample-every", 0, "--out", tmp_path / "run")
@@ -338,7 +355,8 @@ def test_nan_stops_without_saving(tiny_wan, tiny_reward, prompts_file, tmp_path,
         return poisoned
     monkeypatch.setattr(tr, "load_reward", load_reward)
     out = tmp_path / "run"
-    with pytest.raises(common.UserError, match=r"training diverged at step 3 \(loss = nan, reward = nan.*stopped without saving"):
+    with pytest.raises(common.UserError,
+                       match=r"training diverged at step 3 \(loss = nan, reward = nan.*stopped without saving"):
         run("--tiny", "--model", tiny_wan, "--reward-path", tiny_reward[0], "--reward-tokenizer", tiny_reward[1],
             "--prompts", prompts_file, "--out", out, "--max-steps", 4, "--save-every", 1, "--sample-every", 0)
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2  # the last good checkpoint stays
@@ -363,8 +381,8 @@ def test_init_from_ours_or_self_forcing(tiny_wan, tmp_path):
     """--init takes train_ode.py's checkpoint (its EMA) and Self Forcing's original-layout dict."""
     torch.manual_seed(3)
     ema = cw.CausalWan(cw.WanConfig.tiny()).state_dict()
-    common.save_checkpoint(str(tmp_path / "ours.pt"), {"model": cw.CausalWan(cw.WanConfig.tiny()).state_dict(), "ema": ema,
-                                                    "step": 7, "args": {}})
+    common.save_checkpoint(str(tmp_path / "ours.pt"), {"model": cw.CausalWan(cw.WanConfig.tiny()).state_dict(),
+                                                    "ema": ema, "step": 7, "args": {}})
     original = {"model." + k: v for k, v in convert.diffusers_to_original(ema).items()}
     torch.save({"generator": original}, tmp_path / "ode_init.pt")  # Self Forcing's ode_init.pt layout
     args = tr.parse_args(["--tiny", "--model", tiny_wan, "--reward-path", str(tmp_path), "--out", str(tmp_path)])
@@ -372,7 +390,8 @@ def test_init_from_ours_or_self_forcing(tiny_wan, tmp_path):
         sd = tr.load_generator(args, str(tmp_path / path)).state_dict()
         assert all(torch.equal(sd[k], ema[k]) for k in ema), path
     base = cw.from_pretrained(tiny_wan).state_dict()
-    assert all(torch.equal(v, base[k]) for k, v in tr.load_generator(args, None).state_dict().items())  # --tiny, no --init
+    # --tiny, no --init
+    assert all(torch.equal(v, base[k]) for k, v in tr.load_generator(args, None).state_dict().items())
 
 
 def test_torchrun_two_processes(tiny_wan, tiny_reward, prompts_file, tmp_path):
@@ -380,7 +399,8 @@ def test_torchrun_two_processes(tiny_wan, tiny_reward, prompts_file, tmp_path):
     accumulating 2 micro-batches, and both log the same numbers."""
     flags = ["--tiny", "--model", tiny_wan, "--reward-path", tiny_reward[0], "--reward-tokenizer", tiny_reward[1],
              "--prompts", prompts_file, "--max-steps", 2, "--global-batch", 2, "--sample-every", 0]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train_reward.py"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "train_reward.py"]
     res = subprocess.run(torchrun + [str(f) for f in flags + ["--out", tmp_path / "two"]], cwd=ROOT,
                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -397,7 +417,7 @@ def test_torchrun_two_processes(tiny_wan, tiny_reward, prompts_file, tmp_path):
 
 def test_reward_decode_memory_is_checkpointed_and_freed():
     """The reward decode + backward with Wan2.1's VAE architecture (32x32 pixels, the last frame of 6
-    latent frames), its live tensor bytes counted on fake tensors (tests/measure_reward_decode.py
+    latent frames), its live tensor bytes counted on fake tensors (bench.py --reward-decode
     --count; it matched measured peaks within 5% from 64x104 to 240x416): checkpointed, the peak is
     under a quarter of the plain decode's (0.236 counted), and nothing stays alive after the backward
     (the VAE's cache included). Planted: the recompute leaving its cache in the VAE (alive 0.029 GiB,
@@ -407,4 +427,22 @@ def test_reward_decode_memory_is_checkpointed_and_freed():
     peak, alive = count(32, 32, checkpointed=True)
     plain, _ = count(32, 32, checkpointed=False)
     assert alive < 1e-3, f"{alive:.3f} GiB alive after the backward"
-    assert peak < 0.25 * plain, f"checkpointed peak {peak:.3f} GiB is {peak / plain:.3f} of the plain decode's {plain:.3f}"
+    assert peak < 0.25 * plain, (f"checkpointed peak {peak:.3f} GiB is {peak / plain:.3f} "
+                                 f"of the plain decode's {plain:.3f}")
+
+
+def test_cache_grad_reaches_the_rollout(tiny_wan, tiny_reward, prompts_file, tmp_path, monkeypatch):
+    """--cache-grad (default straight-through: the last frame's reward reaches every block through the KV cache,
+    as Self Forcing's training code computes it) is what the rollout gets, with the graph on every block; with
+    detach only the last block has one; the two train different generators. Planted: rollout() not passing it
+    on -> fails."""
+    seen, rollout = [], cw.rollout
+    monkeypatch.setattr(cw, "rollout", lambda *a, **kw: seen.append((kw["cache_grad"], list(kw["grad_blocks"])))
+                        or rollout(*a, **kw))
+    base = ["--tiny", "--model", tiny_wan, "--reward-path", tiny_reward[0], "--reward-tokenizer", tiny_reward[1],
+            "--prompts", prompts_file, "--sample-every", 0, "--max-steps", 1, "--global-batch", 1]
+    for mode in ([], ["--cache-grad", "detach"]):
+        run(*base, "--out", tmp_path / (mode[-1] if mode else "default"), *mode)
+    assert seen == [("straight-through", [0, 1]), ("detach", [1])]
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["model"] for d in ("default", "detach"))
+    assert not all(torch.equal(a[k], b[k]) for k in a)
