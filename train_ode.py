@@ -38,15 +38,18 @@ This stage teaches motion, not texture: on its own it gives the paper's "ODE onl
 total 68.77 / quality 73.27 / semantic 50.81). Its checkpoint is what train_reward.py starts from,
 and what `sample.py --checkpoint` renders.
 
-Which teacher (--teacher; how each one samples: DMDTeacher, DiffusersTeacher): the paper (section 3.4)
-samples its 1.4K trajectories from the 4-step bidirectional DMD model (`--teacher runs/dmd_bidirectional/ckpt.pt`):
-4 model calls per trajectory, its states exactly at the student's timesteps, but it needs distill_dmd.py first
-and its x0 depends on the re-noising. Section 3.2 describes "an ODE solver with the pretrained teacher ...
-similar to CausVid", and that is what the public code does: base Wan, `--teacher Wan-AI/Wan2.1-T2V-1.3B-Diffusers
---recipe self-forcing`. No stage 1, and x0 a function of the noise alone (no floor on L_ode), for 96 model calls
-per trajectory (48 steps x CFG) and states a little off the student's timesteps (the true levels are stored).
-Pick the paper's to follow it, and when a distilled bidirectional model exists (then sampling costs 1/24); the
-public code's to reproduce Self Forcing's ODE initialization, or to skip stage 1.
+Which teacher. The paper's text supports two readings. Section 4.1: "first distilled into a 4-step model
+using DMD. For ODE initialization, we also directly sample 1.4K trajectories from the bidirectional model"; the
+conclusion: "initialize the autoregressive model directly using the ODE-based training of the original diffusion
+model"; section 3.2: "an ODE solver with the pretrained teacher". So the teacher is either the 4-step
+bidirectional DMD model (`--teacher runs/dmd_bidirectional/ckpt.pt`: 4 model calls per trajectory, its states
+exactly at the student's timesteps) or the original Wan with an ODE solver, as Self Forcing's public code does
+(`--teacher Wan-AI/Wan2.1-T2V-1.3B-Diffusers --recipe self-forcing`: no stage 1, 96 model calls per trajectory,
+states a little off the student's timesteps; the true levels are stored). This README's chain (DMD -> ODE ->
+reward) takes the first, the reading of section 4.1, which names the model the 1.4K trajectories come from; both
+give ODE trajectories: the DMD model's steps reuse its own noise estimate (DMDTeacher; --fresh-noise for the
+stochastic form), so x0 is a function of the initial noise alone. Pick the second to reproduce Self Forcing's ODE
+initialization or to skip stage 1.
 
 Training defaults: peers published no training recipe for this stage (Self Forcing issue #64), so they are ours
 (reasons beside Config): AdamW lr 2e-6, betas (0.9, 0.999), weight decay 0.01, global batch 64, 1000 steps, grad
@@ -249,12 +252,14 @@ class TrajectoryStore:
 
 class DMDTeacher:
     """A checkpoint file of distill_dmd.py as --teacher: its 4-step bidirectional generator, the whole video
-    one block of `rollout`. The inputs of its four steps (the noisy latents at DENOISING_TIMESTEPS) are exactly
-    at the student's timesteps (1000, 937.5, 833.3, 625), and re-noised with fresh noise (drawn from the
-    trajectory's `generator`) as the student's own rollout does at inference, so they are exactly the inputs
-    the student meets. The flip side: x0 also depends on that later noise, so L_ode has a floor at the early
-    steps (there the student learns the mean x0 given its input). --model (the base Wan folder) gives the
-    network config and the text encoder."""
+    one block. The inputs of its four steps (the noisy latents at DENOISING_TIMESTEPS) are exactly at the
+    student's timesteps (1000, 937.5, 833.3, 625). Between steps it re-noises its x0 prediction to the next
+    timestep with its own noise estimate, eps = (x_t - (1 - s) x0) / s (s = t / 1000), so that
+    x_next = (1 - s') x0 + s' eps = x_t + (s' - s) v: an Euler step of the flow ODE, and x0 a function of the
+    initial noise alone (a trajectory of an ODE, as the paper's section 3.2 asks). --fresh-noise re-noises with
+    fresh noise instead (from the trajectory's `generator`), as the student's own rollout samples: then x0 also
+    depends on noise its early states do not hold, and L_ode has a floor there (the student can only learn the
+    mean x0 given its input). --model (the base Wan folder) gives the network config and the text encoder."""
     timesteps = cw.DENOISING_TIMESTEPS + [0.0]
 
     def __init__(self, args, device):
@@ -264,13 +269,32 @@ class DMDTeacher:
         convert.load_generator_weights(self.model, args.teacher, kind="bidirectional")
         self.model = cw.cast_model(self.model, dtype, device).eval().requires_grad_(False)  # bf16 as Wan keeps it
         self.tokenizer, self.encoder = cw.load_text_encoder(args.model, dtype, device)
+        self.fresh_noise = args.fresh_noise
 
+    @torch.no_grad()
     def __call__(self, prompt, noise, generator):
         prompt_kv = self.model.prompt_kv(cw.encode_prompts(self.tokenizer, self.encoder, [prompt]))
-        steps = []
-        x0 = cw.rollout(self.model, noise.to(self.model.patch_embedding.weight.dtype), prompt_kv,
-                        block_size=noise.shape[2], generator=generator, trajectory=steps)
-        return steps[0] + [x0]  # 4 step inputs + x0, each [1, C, F, H, W]
+        x = noise.to(self.model.patch_embedding.weight.dtype)
+        if self.fresh_noise:  # the rollout's own sampling: fresh noise between the steps
+            steps = []
+            x0 = cw.rollout(self.model, x, prompt_kv, block_size=noise.shape[2], generator=generator, trajectory=steps)
+            return steps[0] + [x0]  # 4 step inputs + x0, each [1, C, F, H, W]
+        return ode_trajectory(self.model, x, prompt_kv, cw.DENOISING_TIMESTEPS)
+
+
+def ode_trajectory(model, x, prompt_kv, timesteps):
+    """The bidirectional model's trajectory from noise x [B, C, F, H, W] over `timesteps` (one block, full
+    attention), each step's x0 re-noised with the step's own noise estimate (DMDTeacher): [x at each timestep,
+    then x0]. Computed in fp32, kept in x's dtype."""
+    states = []
+    for i, t in enumerate(timesteps):
+        states.append(x)
+        x0 = cw.predict_x0(model, x, torch.full((x.shape[0],), t, device=x.device), prompt_kv).float()
+        if i + 1 < len(timesteps):
+            s, s_next = t / 1000, timesteps[i + 1] / 1000
+            eps = (x.float() - (1 - s) * x0) / s  # the noise the model sees in x: x = (1 - s) x0 + s eps
+            x = ((1 - s_next) * x0 + s_next * eps).to(x.dtype)
+    return states + [x0.to(x.dtype)]
 
 
 def self_forcing_scheduler(shift=8.0):
@@ -346,6 +370,9 @@ def load_teacher(args, device):
     if dmd and args.recipe != "pipeline":
         raise UserError(f"--recipe {args.recipe} is a solver for a diffusers-format --teacher; '{args.teacher}' is a "
                         f"distill_dmd.py checkpoint, which samples with its own 4 steps (drop --recipe)")
+    if not dmd and args.fresh_noise:
+        raise UserError(f"--fresh-noise is for a distill_dmd.py checkpoint as --teacher; '{args.teacher}' is a "
+                        f"diffusers-format Wan, sampled by an ODE solver (--recipe): drop --fresh-noise")
     if not dmd:
         cw.check_model(args.teacher, "--teacher")
     return (DMDTeacher(args, device) if dmd else DiffusersTeacher(args, device)), dmd
@@ -407,8 +434,9 @@ def generate(args, rank, world, device):
     index = dict(source="dmd_checkpoint" if dmd else "diffusers", teacher=args.teacher, num=args.num,
                  shard_size=args.shard_size, num_shards=-(-args.num // args.shard_size), latent_shape=shape,
                  dtype="bfloat16", timesteps=teacher.timesteps, seed=args.seed, prompts=prompts,
-                 **({} if dmd else dict(recipe=args.recipe, teacher_steps=args.teacher_steps, guidance=args.guidance,
-                                         negative_prompt=args.negative_prompt)))
+                 **(dict(renoise="fresh" if args.fresh_noise else "ode") if dmd else
+                    dict(recipe=args.recipe, teacher_steps=args.teacher_steps, guidance=args.guidance,
+                         negative_prompt=args.negative_prompt)))
     open_store(args, index, rank)
     todo = shards_to_make(args, index, rank, world)
     bar = tqdm(total=sum(len(shard_range(index, i)) for i in todo), desc=f"trajectories (rank 0 of {world})",
@@ -643,6 +671,9 @@ def parse_args(argv=None):
     gen.add_argument("--height", type=common.positive_int)
     gen.add_argument("--width", type=common.positive_int)
     gen.add_argument("--frames", type=common.positive_int, help="pixel frames, 4k+1 (81)")
+    gen.add_argument("--fresh-noise", action="store_true",
+                     help="a distill_dmd.py teacher re-noises with fresh noise between its 4 steps (as it samples) "
+                          "instead of its own noise estimate (an ODE trajectory, the default)")
     gen.add_argument("--recipe", choices=["pipeline", "self-forcing"], default="pipeline",
                      help="solver of a diffusers teacher: pipeline = WanPipeline's own (UniPC, flow shift 3, "
                           "50 steps, CFG 5); self-forcing = Self Forcing's generate_ode_pairs.py (Euler, shift 8, "

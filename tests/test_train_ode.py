@@ -1,7 +1,8 @@
 """train_ode.py on a tiny random Wan (CPU; `pytest tests/test_train_ode.py`, about a minute on 2 cores):
 
-- generate -> verify -> train end to end: the stored trajectories equal the teacher's own rollout,
-  and the loss falls;
+- generate -> verify -> train end to end: the stored trajectories are the DMD teacher's ODE
+  trajectories (its own noise estimate re-noises each step; --fresh-noise: its sampling rollout), and the
+  loss falls;
 - resumed generation skips finished shards and reproduces the store; `train --resume` continues
   bit-exactly; --ema-start;
 - the training forward never sees later frames; the timestep index is drawn per block;
@@ -95,17 +96,22 @@ def test_generate_then_train(store, teacher, tiny_wan, tmp_path):
     assert latents.shape == (1, 5, 16, 6, 8, 8) and latents.dtype == torch.bfloat16
     assert json.loads(meta["seeds"]) == [3] and json.loads(meta["prompts"]) == [data.prompts[3]]
 
-    # the stored trajectory is the teacher's own 4-step rollout from the trajectory's seed
+    # the stored trajectory is the teacher's ODE trajectory from the trajectory's initial noise (seed 0 + 2): each
+    # state is the Euler step x' = (1 - s') x0 + s' eps from the one before, eps = (x - (1 - s) x0) / s the
+    # teacher's own noise estimate, written out here
     net = cw.CausalWan(cw.WanConfig.tiny())
     net.load_state_dict(convert.generator_state_dict(convert.load_checkpoint(teacher[0])))
     tok, enc = cw.load_text_encoder(tiny_wan)
-    g = torch.Generator().manual_seed(0 + 2)
-    noise = torch.randn(1, 16, 6, 8, 8, generator=g)
-    steps = []
+    noise = torch.randn(1, 16, 6, 8, 8, generator=torch.Generator().manual_seed(0 + 2))
+    kv = net.prompt_kv(cw.encode_prompts(tok, enc, [data.prompts[2]]))
+    states, ts = [noise], cw.DENOISING_TIMESTEPS
     with torch.no_grad():
-        x0 = cw.rollout(net, noise, net.prompt_kv(cw.encode_prompts(tok, enc, [data.prompts[2]])), block_size=6,
-                        generator=g, trajectory=steps)
-    assert torch.equal(data[2], torch.cat(steps[0] + [x0]).to(torch.bfloat16))
+        for i, t in enumerate(ts):
+            x0 = cw.predict_x0(net, states[-1], torch.full((1,), t), kv)
+            if i + 1 < len(ts):
+                s, s_next = t / 1000, ts[i + 1] / 1000
+                states.append((1 - s_next) * x0 + s_next * ((states[-1] - (1 - s) * x0) / s))
+    assert torch.equal(data[2], torch.cat(states + [x0]).to(torch.bfloat16))
 
     out = str(tmp_path / "run")
     run("train", "--tiny", "--model", tiny_wan, "--store", store, "--out", out)  # 20 steps, sample at 20
@@ -120,8 +126,7 @@ def test_generate_then_train(store, teacher, tiny_wan, tmp_path):
     student.load_state_dict(ckpt["model"], strict=True)
     after = eval_loss(student, data, tiny_wan)
     print(f"L_ode before {before:.3f} after {after:.3f}")
-    # a tiny student fits four trajectories (down to a floor: the 4-step sampler re-noises with fresh
-    # noise, so x0 is not a function of the earlier states alone)
+    # a tiny student fits four trajectories
     assert after < 0.75 * before, (before, after)
     first, last = sum(r["loss"] for r in log[:5]) / 5, sum(r["loss"] for r in log[-5:]) / 5
     print(f"logged loss first 5 {first:.3f} last 5 {last:.3f}")
@@ -308,3 +313,30 @@ def test_torchrun_two_processes(store, teacher, tiny_wan, tmp_path):
     assert not all(torch.equal(two["model"][k], init[k]) for k in init)  # it trained
     losses = [[r["loss"] for r in read_log(tmp_path / d)] for d in ("two", "one")]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_dmd_teacher_trajectories_are_ode_solutions(teacher, tiny_wan):
+    """The default DMD route is deterministic: a trajectory's states and x0 are the same whatever random stream
+    follows its initial noise, and each state is the Euler step x + (s' - s) v from the one before (its x0
+    re-noised with its own noise estimate), x0 the last step's x - s v. --fresh-noise keeps the sampling form:
+    the teacher's rollout with fresh noise from the trajectory's generator, which changes with that stream.
+    Planted: the default drawing fresh noise -> the two streams differ, fails."""
+    from types import SimpleNamespace
+    cpu, prompt = torch.device("cpu"), "a red fox running in snow"
+    ode = T.DMDTeacher(SimpleNamespace(model=tiny_wan, teacher=teacher[0], fresh_noise=False), cpu)
+    fresh = T.DMDTeacher(SimpleNamespace(model=tiny_wan, teacher=teacher[0], fresh_noise=True), cpu)
+    noise = torch.randn(1, 16, 6, 8, 8, generator=torch.Generator().manual_seed(0))
+    runs = {name: [sampler(prompt, noise, torch.Generator().manual_seed(seed)) for seed in (1, 2)]
+            for name, sampler in (("ode", ode), ("fresh", fresh))}
+    assert len(runs["ode"][0]) == 5 and all(torch.equal(a, b) for a, b in zip(*runs["ode"]))
+    assert not torch.equal(runs["fresh"][0][-1], runs["fresh"][1][-1])  # x0 depends on the later noise
+    kv = ode.model.prompt_kv(cw.encode_prompts(ode.tokenizer, ode.encoder, [prompt]))
+    states, s = runs["ode"][0], [t / 1000 for t in cw.DENOISING_TIMESTEPS] + [0.0]
+    with torch.no_grad():
+        for i in range(4):  # the 3 re-noised states, then x0 (s' = 0)
+            v = ode.model(states[i], torch.full((1,), 1000 * s[i]), kv)
+            assert torch.allclose(states[i + 1], states[i] + (s[i + 1] - s[i]) * v, atol=1e-5), i
+        steps = []
+        x0 = cw.rollout(fresh.model, noise, kv, block_size=6, generator=torch.Generator().manual_seed(1),
+                        trajectory=steps)
+    assert all(torch.equal(a, b) for a, b in zip(runs["fresh"][0], steps[0] + [x0]))
