@@ -18,7 +18,8 @@
 #    "{prompt}-{seed:02d}.mp4" (seeds 0-4 hard-linked from DIR/videos), checked the same way.
 # 2. Score: VBench 0.1.5 in its own venv ($VBENCH_VENV), created on first use from Python 3.10/3.11
 #    with the pins below (they conflict with ours: they are here, never in requirements.txt); creating
-#    it needs the network and nvcc (detectron2 is built from source). Scoring itself is offline
+#    it needs the network and nvcc of CUDA 12.x (detectron2 is built from source: from GitHub, or from
+#    DETECTRON2_SRC, which also takes a prebuilt wheel and then needs no nvcc). Scoring itself is offline
 #    (HF_HUB_OFFLINE=1) with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 (torch >= 2.6 refuses VBench's old
 #    checkpoints otherwise). Each dimension runs as its own `torchrun launch/evaluate.py` into
 #    DIR/vbench/<dimension>/; a dimension with a result file is skipped on a rerun.
@@ -30,6 +31,9 @@
 #    here a failed run or a missing result file stops the script with the dimension's name.
 # 3. Aggregate: VBench's Min/Max/weights -> table, DIR/vbench_scores.json, and a last JSON line
 #    {"total": ..., "quality": ..., "semantic": ...} in % (vbench_tools.py score).
+# Before anything is built or generated, a real run checks in seconds, each as one line `error: ...`: a GPU
+#    (nvidia-smi, at least --gpus of them), the pre-placed weights (VBENCH_WEIGHTS), and, only while VBench's
+#    venv is not built yet, DETECTRON2_SRC, nvcc's CUDA version, VBENCH_PYTHON, and that git reaches detectron2.
 # --dry-run: the same flow on the CPU with `sample.py --tiny`, 3 prompts, small videos; VBench is
 #    skipped and stand-in result files (the paper's numbers) go through the aggregation. The prompt list:
 #      pip download --no-deps vbench==0.1.5
@@ -52,7 +56,9 @@
 #   rename it, so that a file under OUT_PATH is always a whole video). Exit non-zero if any line fails.
 #
 # Environment: VBENCH_VENV (default ~/.cache/vbench_venv), VBENCH_CACHE_DIR (default ~/.cache/vbench,
-# the weights listed in VBENCH_WEIGHTS below), VBENCH_PYTHON (python3.11: the interpreter for the venv).
+# the weights listed in VBENCH_WEIGHTS below), VBENCH_PYTHON (python3.11: the interpreter for the venv),
+# DETECTRON2_SRC (where GitHub is out of reach: a checkout of detectron2 at the commit below, or a wheel of it
+# built for torch 2.6.0+cu124).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -65,7 +71,8 @@ VBENCH_PYTHON=${VBENCH_PYTHON:-python3.11}
 # against that torch, so creating the venv needs the network and nvcc.
 VBENCH_PACKAGES=(torch==2.6.0 torchvision==0.21.0 vbench==0.1.5 pyiqa==0.1.10 timm==1.0.12
                  numpy==1.26.4 opencv-python==4.11.0.86)
-DETECTRON2="detectron2 @ git+https://github.com/facebookresearch/detectron2.git@02b5c4e295e990042a714712c21dc79b731e8833"
+DETECTRON2_REPO=https://github.com/facebookresearch/detectron2.git
+DETECTRON2="detectron2 @ git+$DETECTRON2_REPO@02b5c4e295e990042a714712c21dc79b731e8833"
 
 # Pre-placed under $VBENCH_CACHE_DIR (scoring runs offline; where to get each: the commands below).
 # The script checks all of them before it starts and lists what is missing; it sets
@@ -105,8 +112,8 @@ VBENCH_WEIGHTS=(
 #   wget -P $C/umt_model https://huggingface.co/OpenGVLab/VBench_Used_Models/resolve/main/l16_ptk710_ftk710_ftk400_f16_res224.pth
 #   wget -P $C/ViCLIP https://huggingface.co/OpenGVLab/VBench_Used_Models/resolve/main/ViClip-InternVid-10M-FLT.pth
 #   wget -P $C/ViCLIP https://raw.githubusercontent.com/openai/CLIP/main/clip/bpe_simple_vocab_16e6.txt.gz
-#   HF_HOME=$C/huggingface ${VBENCH_VENV:-$HOME/.cache/vbench_venv}/bin/huggingface-cli download bert-base-uncased \
-#       config.json vocab.txt tokenizer_config.json tokenizer.json model.safetensors
+#   HF_HOME=$C/huggingface hf download bert-base-uncased \
+#       config.json vocab.txt tokenizer_config.json tokenizer.json model.safetensors    # hf: in our venv
 DIMENSIONS=(subject_consistency background_consistency temporal_flickering motion_smoothness
             dynamic_degree aesthetic_quality imaging_quality object_class multiple_objects human_action
             color spatial_relationship scene appearance_style temporal_style overall_consistency)
@@ -173,19 +180,63 @@ check_nvcc() {  # before the venv is built: detectron2 is compiled against its t
     nvcc=$(command -v nvcc || true)
     home=$([[ -n $nvcc ]] && dirname "$(dirname "$(readlink -f "$nvcc")")" || echo /usr/local/cuda)
   fi
-  [[ -x $home/bin/nvcc ]] || die "building detectron2 (VBench's GRiT) needs nvcc of CUDA 12.x and there is none in $home: install a CUDA 12.x toolkit and set CUDA_HOME=/path/to/cuda-12.x"
+  [[ -x $home/bin/nvcc ]] || die "building detectron2 (VBench's GRiT) needs nvcc of CUDA 12.x and there is none in" \
+    "$home: install a CUDA 12.x toolkit and set CUDA_HOME=/path/to/cuda-12.x"
   release=$("$home/bin/nvcc" --version | sed -n 's/.*release \([0-9][0-9.]*\).*/\1/p' | head -n 1)
-  [[ $release == 12.* ]] || die "nvcc in $home is CUDA ${release:-of an unknown version}, and VBench's torch 2.6.0 is built for CUDA 12.4: torch refuses to build detectron2 against another major version; install a CUDA 12.x toolkit and set CUDA_HOME=/path/to/cuda-12.x (and TORCH_CUDA_ARCH_LIST, e.g. 9.0, where no GPU is visible)"
+  [[ $release == 12.* ]] || die "nvcc in $home is CUDA ${release:-of an unknown version}, and VBench's torch 2.6.0" \
+    "is built for CUDA 12.4: torch refuses to build detectron2 against another major version; install a CUDA 12.x" \
+    "toolkit and set CUDA_HOME=/path/to/cuda-12.x (and TORCH_CUDA_ARCH_LIST, e.g. 9.0, where no GPU is visible)," \
+    "or give a prebuilt wheel in DETECTRON2_SRC"
+}
+
+check_gpus() {  # generation and VBench: --gpus N processes on GPUs 0..N-1 (nvidia-smi lists them all, as they are
+  # numbered here: CUDA_VISIBLE_DEVICES is set per process below); without nvidia-smi, what our torch sees
+  local count source=nvidia-smi
+  if command -v nvidia-smi >/dev/null; then
+    count=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU [0-9]') || true
+  else
+    source="torch (no nvidia-smi on PATH)"
+    count=$(python -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null) || count=0
+  fi
+  ((count > 0)) || die "generating the videos and VBench need a GPU and $source lists none (no GPU or no driver" \
+    "here): run on a GPU host; --dry-run checks the flow on the CPU"
+  ((GPUS <= count)) || die "--gpus $GPUS but $source lists $count GPU(s): pass --gpus $count or fewer"
+}
+
+check_weights() {  # VBench runs offline (HF_HUB_OFFLINE=1): every weight must be in place before the hours of work
+  local missing=() weight
+  for weight in "${VBENCH_WEIGHTS[@]}"; do
+    compgen -G "$VBENCH_CACHE_DIR/$weight" >/dev/null || missing+=("$weight")
+  done
+  ((${#missing[@]} == 0)) || die "VBench runs offline, and ${#missing[@]} of VBench's ${#VBENCH_WEIGHTS[@]} weights" \
+    "are missing under VBENCH_CACHE_DIR=$VBENCH_CACHE_DIR: $(printf '%s, ' "${missing[@]}" | sed 's/, $//')" \
+    "(the commands that fetch each are in eval_vbench.sh's header)"
+}
+
+check_venv_build() {  # only while VBench's venv is not built yet: what its build needs, cheapest first, network last
+  if [[ -n ${DETECTRON2_SRC:-} ]]; then
+    [[ -d $DETECTRON2_SRC && -f $DETECTRON2_SRC/setup.py ]] || [[ -f $DETECTRON2_SRC && $DETECTRON2_SRC == *.whl ]] \
+      || die "DETECTRON2_SRC '$DETECTRON2_SRC' is neither a detectron2 checkout (a folder with setup.py) nor a wheel" \
+             "(.whl): give one of them, or unset DETECTRON2_SRC to build from GitHub"
+    DETECTRON2_SRC=$(readlink -f "$DETECTRON2_SRC")  # pip reads a bare relative name as a package's name
+  fi
+  [[ ${DETECTRON2_SRC:-} == *.whl ]] || check_nvcc  # a prebuilt wheel compiles nothing
+  "$VBENCH_PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] not in ((3, 10), (3, 11)))' 2>/dev/null \
+    || die "VBENCH_PYTHON=$VBENCH_PYTHON is not a Python 3.10 or 3.11, which VBench's venv needs (its pinned" \
+           "tokenizers 0.13 has wheels for those only): install one and set VBENCH_PYTHON=/path/to/python3.11"
+  [[ -z ${DETECTRON2_SRC:-} ]] || return 0
+  command -v git >/dev/null && GIT_TERMINAL_PROMPT=0 timeout 20 git ls-remote --exit-code "$DETECTRON2_REPO" HEAD \
+    >/dev/null 2>&1 || die "detectron2 (VBench's GRiT) is built from $DETECTRON2_REPO, which git cannot reach from" \
+    "here (no network or no git): clone it where you can, check out ${DETECTRON2##*@}, copy it here and set" \
+    "DETECTRON2_SRC=/path/to/detectron2 (or a wheel of it built for torch 2.6.0+cu124)"
 }
 
 ensure_vbench_venv() {  # created once; the marker says the install finished
   [[ -f $VBENCH_VENV/.installed ]] && return
-  check_nvcc
   echo "creating VBench's venv in $VBENCH_VENV"
-  "$VBENCH_PYTHON" -c 'import sys; assert sys.version_info[:2] in ((3, 10), (3, 11)), "VBench needs Python 3.10 or 3.11 (tokenizers 0.13 wheels)"'
   "$VBENCH_PYTHON" -m venv --clear "$VBENCH_VENV"
   vbench_python -m pip install "${VBENCH_PACKAGES[@]}"
-  FORCE_CUDA=1 vbench_python -m pip install --no-build-isolation "$DETECTRON2"
+  FORCE_CUDA=1 vbench_python -m pip install --no-build-isolation "${DETECTRON2_SRC:-$DETECTRON2}"
   touch "$VBENCH_VENV/.installed"
 }
 
@@ -202,7 +253,9 @@ generate() {  # missing or invalid videos -> one job file per GPU -> one sample.
   done
   ((${#pids[@]})) || return 0
   trap 'kill "${pids[@]}" 2>/dev/null' INT TERM
-  echo "generating on ${#pids[@]} GPU(s); logs: $OUT/logs/generate_gpu*.log"
+  local where="on ${#pids[@]} GPU(s)"
+  ((DRY_RUN == 0)) || where="on the CPU"
+  echo "generating with ${#pids[@]} sample.py process(es) $where; logs: $OUT/logs/generate_gpu*.log"
   for i in "${!pids[@]}"; do
     if ! wait "${pids[i]}"; then
       echo "sample.py failed, last lines of ${logs[i]}:" >&2
@@ -215,11 +268,8 @@ generate() {  # missing or invalid videos -> one job file per GPU -> one sample.
 }
 
 score_with_vbench() {  # one `evaluate` per dimension, so a failure names its dimension and a rerun resumes
-  local missing=() weight dim videos
-  for weight in "${VBENCH_WEIGHTS[@]}"; do
-    compgen -G "$VBENCH_CACHE_DIR/$weight" >/dev/null || missing+=("$VBENCH_CACHE_DIR/$weight")
-  done
-  ((${#missing[@]} == 0)) || die "VBench runs offline; missing under VBENCH_CACHE_DIR: $(printf '\n  %s' "${missing[@]}")"
+  local dim videos
+  check_weights  # again: checked before generation, hours ago
   export VBENCH_CACHE_DIR TORCH_HOME=$VBENCH_CACHE_DIR/torch HF_HOME=$VBENCH_CACHE_DIR/huggingface
   export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
   export TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1  # torch >= 2.6 refuses VBench's old pickled checkpoints otherwise
@@ -252,6 +302,9 @@ score_with_vbench() {  # one `evaluate` per dimension, so a failure names its di
 if ((DRY_RUN)); then
   echo "DRY RUN: sample.py --tiny on the first 3 prompts, 9 frames 64x64"
 else
+  check_gpus
+  check_weights
+  [[ -f $VBENCH_VENV/.installed ]] || check_venv_build
   ensure_vbench_venv
   VBENCH_PKG=$(vbench_python -c 'import importlib.util; print(importlib.util.find_spec("vbench").submodule_search_locations[0])')
   PROMPT_LIST=$VBENCH_PKG/VBench_full_info.json

@@ -138,6 +138,9 @@ def read_json(path, what, fix):
         return json.loads(read_text(path, what))
     except json.JSONDecodeError as e:
         raise UserError(f"{what} '{path}' is not valid JSON (line {e.lineno}: {e.msg}): {fix}") from None
+    except RecursionError:  # Python's json parser recurses once per nesting level
+        raise UserError(f"{what} '{path}' is nested too deeply to read (deeper than Python's json parser goes): "
+                        f"{fix}") from None
 
 # VBench's scripts/constant.py (not in the pip wheel): n = (raw - Min) / (Max - Min) * W;
 # Quality = sum(n over quality) / sum(W), Semantic likewise, Total = (4 Quality + 1 Semantic) / 5.
@@ -393,8 +396,6 @@ def describe_static(summary):
 
 def load_results(results_dir):
     """{dimension: raw score in [0, 1]} from VBench's *_eval_results.json files ({dim: [score, per_video]})."""
-    if not Path(results_dir).is_dir():
-        raise UserError(f"{results_dir} is not a folder")
     files = sorted(Path(results_dir).rglob("*_eval_results.json"))
     found = {}  # dimension -> (score, file)
     for file in files:
@@ -432,6 +433,9 @@ def vbench_scores(raw):
 
 
 def score(args):
+    if not Path(args.results_dir).is_dir():  # first: eval_vbench.sh --score-only puts --json inside it
+        raise UserError(f"results folder '{args.results_dir}' does not exist or is not a folder: give the folder "
+                        f"that holds VBench's *_eval_results.json (DIR/vbench of eval_vbench.sh --out DIR)")
     if args.json:  # before the work: a folder in the way or a missing folder
         parent = Path(args.json).resolve().parent
         if Path(args.json).is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):

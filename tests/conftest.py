@@ -6,6 +6,9 @@ import sys
 # waiting threads made the same work up to 20x slower. Set before torch is imported; inherited.
 os.environ["OMP_NUM_THREADS"] = "1"
 
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -68,3 +71,23 @@ def ema_updates(monkeypatch):
         calls.append((before, weights(model), weights(ema)))
     monkeypatch.setattr(common, "ema_update", spy)
     return calls
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_nodes(*argv, timeout=300):
+    """`torchrun --nnodes 2 --nproc_per_node 1 --rdzv-backend c10d --rdzv-endpoint HOST:PORT --rdzv-id ID ARGV`
+    started twice: two "nodes" of one process each on this machine (gloo), as on a cluster where every node runs
+    the same command (README, "Multi-node"). Returns the two launchers' (returncode, output)."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+              "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "test",
+              *map(str, argv)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    nodes = [subprocess.Popen(launch, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outputs = [node.communicate(timeout=timeout)[0] for node in nodes]
+    return [(node.returncode, out) for node, out in zip(nodes, outputs)]

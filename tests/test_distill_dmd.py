@@ -20,6 +20,7 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
+from conftest import two_nodes
 
 import causal_wan as cw
 import common
@@ -243,16 +244,14 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_ranks_equal_one_rank_with_accumulation(tiny_wan, tmp_path):
-    """torchrun --nproc_per_node 2 (gloo, FSDP over 2 ranks) and one process accumulating 2
-    micro-batches draw the same videos and take the same steps: the ranks agree on the exit step
+def test_two_nodes_equal_one_rank_with_accumulation(tiny_wan, tmp_path):
+    """Two nodes of one process each (torchrun's c10d rendezvous, gloo, FSDP over 2 ranks) and one process
+    accumulating 2 micro-batches draw the same videos and take the same steps: the ranks agree on the exit step
     (a disagreement would hang the sharded forwards) and the sharded update is the full one."""
     flags = ["distill_dmd.py", "--tiny", "--model", tiny_wan, "--max-steps", "2", "--critic-steps", "1",
              "--global-batch", "2", "--sample-every", "0"]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(free_port()), *flags, "--out", str(tmp_path / "two")], cwd=ROOT, env=ENV,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    nodes = two_nodes(*flags, "--out", tmp_path / "two")
+    assert all(code == 0 for code, _ in nodes), "\n".join(out[-3000:] for _, out in nodes)
     r = script(*flags, "--out", str(tmp_path / "one"))
     assert r.returncode == 0, r.stderr[-2000:]
     two, one = read_log(tmp_path / "two"), read_log(tmp_path / "one")

@@ -214,6 +214,7 @@ def test_dry_run_flow_with_stub_generator(prompt_list, tmp_path):
             assert os.path.samefile(out / "videos" / main, out / "videos_flicker" / name)
     assert "verified: all 15 videos" in result.stdout and "SKIPPED: VBench" in result.stdout
     assert "verified: all 21 temporal_flickering candidates" in result.stdout
+    assert "2 sample.py process(es) on the CPU" in result.stdout and "GPU" not in result.stdout  # a CPU run
     assert json.loads(result.stdout.strip().splitlines()[-1])["total"] == pytest.approx(84.97, abs=0.01)
 
     # Break it: one video missing, one cut short, one stray file. Verification names all three ...
@@ -315,10 +316,12 @@ def test_nvcc_of_another_cuda_is_refused_before_the_venv_is_built(tmp_path, rele
     if release:
         (fake / "nvcc").write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}, V{release}.48'\n")
         (fake / "nvcc").chmod(0o755)
+    fake_tool(fake, "nvidia-smi", GPU_LINE)  # a GPU host with the weights in place: nvcc is what it lacks
     ckpt = tmp_path / "ckpt.pt"
     ckpt.write_bytes(b"x")
-    env = {k: v for k, v in ENV.items() if k not in ("CUDA_HOME", "CUDA_PATH")}
-    env.update(PATH=f"{fake}{os.pathsep}{env['PATH']}", VBENCH_VENV=str(tmp_path / "venv"))
+    env = {k: v for k, v in ENV.items() if k not in ("CUDA_HOME", "CUDA_PATH", "DETECTRON2_SRC")}
+    env.update(PATH=f"{fake}{os.pathsep}{env['PATH']}", VBENCH_VENV=str(tmp_path / "venv"),
+               VBENCH_CACHE_DIR=str(place_weights(tmp_path / "weights")))
     if release is None:  # a CUDA_HOME without nvcc (this machine may have an nvcc of its own on PATH)
         env["CUDA_HOME"] = str(fake.parent)
     r = subprocess.run(["bash", ROOT / "eval_vbench.sh", "--checkpoint", ckpt, "--out", tmp_path / "out"], cwd=ROOT,
@@ -327,3 +330,104 @@ def test_nvcc_of_another_cuda_is_refused_before_the_venv_is_built(tmp_path, rele
     assert "CUDA_HOME=/path/to/cuda-12.x" in r.stderr
     assert f"CUDA {release}" in r.stderr if release else "there is none" in r.stderr
     assert not (tmp_path / "venv").exists()
+
+
+# ---- what a real run checks first, in seconds, before VBench's venv (6.6 GB) is built or a video generated ----
+
+def fake_tool(folder, name, script):
+    """A small shell script on PATH standing in for nvidia-smi, nvcc, git or VBench's interpreter."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(f"#!/bin/sh\n{script}\n")
+    (folder / name).chmod(0o755)
+
+
+def place_weights(cache, skip=()):
+    """Empty stand-ins for every file of eval_vbench.sh's VBENCH_WEIGHTS under a VBENCH_CACHE_DIR."""
+    weights = subprocess.run(["bash", "-c", f'source <(sed -n "/^VBENCH_WEIGHTS=(/,/^)/p" {ROOT / "eval_vbench.sh"}); '
+                              'printf "%s\\n" "${VBENCH_WEIGHTS[@]}"'], capture_output=True, text=True).stdout.split()
+    assert len(weights) == 16, weights
+    for weight in weights:
+        if weight not in skip:
+            path = cache / weight.replace("*", "0123abc")  # the snapshot hash of a Hugging Face cache
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"")
+    return cache
+
+
+GPU_LINE = "echo 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)'"
+HOST = {  # a host that passes every check: one GPU, all weights, nvcc 12.4, Python 3.11, GitHub reachable
+    "nvidia-smi": GPU_LINE,
+    "nvcc": "echo 'Cuda compilation tools, release 12.4, V12.4.131'",
+    "git": "exit 0",
+    "python3.11": 'case $1 in -c) exit 0 ;; esac; echo "fake python: would build: $*" >&2; exit 3',
+}
+
+
+def real_run(tmp_path, *argv, tools=(), skip_weights=(), **env_extra):
+    """eval_vbench.sh --checkpoint on HOST with some tools replaced; VBench's interpreter is a fake that stops at
+    the first build step, so no venv is ever made."""
+    fake = tmp_path / "cuda" / "bin"
+    for name, script in {**HOST, **dict(tools)}.items():
+        if script is not None:
+            fake_tool(fake, name, script)
+    ckpt = tmp_path / "ckpt.pt"
+    ckpt.write_bytes(b"x")
+    env = {k: v for k, v in ENV.items() if k not in ("CUDA_HOME", "CUDA_PATH", "DETECTRON2_SRC")}
+    env.update(PATH=f"{fake}{os.pathsep}{env['PATH']}", VBENCH_VENV=str(tmp_path / "venv"),
+               VBENCH_PYTHON=str(fake / "python3.11"),
+               VBENCH_CACHE_DIR=str(place_weights(tmp_path / "weights", skip=skip_weights)), **env_extra)
+    r = subprocess.run(["bash", ROOT / "eval_vbench.sh", "--checkpoint", ckpt, "--out", tmp_path / "out", *argv],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert not (tmp_path / "venv").exists()
+    assert not list((tmp_path / "out").rglob("*.mp4")) and not list((tmp_path / "out").rglob("*.tsv"))
+    return r
+
+
+@pytest.mark.parametrize("case, argv, tools, skip, env, message", [
+    ("no GPU", [], {"nvidia-smi": "echo 'NVIDIA-SMI has failed because it could not communicate with the NVIDIA "
+                                  "driver.'; exit 9"}, (), {}, "need a GPU and nvidia-smi lists none"),
+    ("fewer GPUs", ["--gpus", "2"], {}, (), {}, "--gpus 2 but nvidia-smi lists 1 GPU"),
+    ("weights", [], {}, ("amt_model/amt-s.pth", "raft_model/models/raft-things.pth"), {},
+     "2 of VBench's 16 weights are missing under VBENCH_CACHE_DIR"),
+    ("interpreter", [], {"python3.11": "exit 1"}, (), {}, "VBENCH_PYTHON"),
+    ("GitHub unreachable", [], {"git": "echo 'fatal: unable to access github.com' >&2; exit 128"}, (), {},
+     "set DETECTRON2_SRC=/path/to/detectron2"),
+    ("DETECTRON2_SRC", [], {}, (), {"DETECTRON2_SRC": "/nonexistent/detectron2"}, "DETECTRON2_SRC '/nonexistent"),
+])
+def test_a_real_run_checks_the_host_before_building_anything(tmp_path, case, argv, tools, skip, env, message):
+    """Each check is one line, exit 2, in seconds, before VBench's venv is created and before any video is
+    generated. Fails on the code that checked the GPU nowhere, the weights only after generating 4,720 videos,
+    and GitHub only in pip's multi-line git error after installing 6.6 GB."""
+    r = real_run(tmp_path, *argv, tools=tools, skip_weights=skip, **env)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert message in r.stderr
+    if case == "weights":
+        assert "amt_model/amt-s.pth" in r.stderr and "raft-things.pth" in r.stderr and "ViCLIP" not in r.stderr
+
+
+def test_a_host_that_passes_the_checks_goes_on_to_build(tmp_path):
+    """The checks pass a good host (the fake interpreter then stops at the venv's creation); a prebuilt detectron2
+    wheel in DETECTRON2_SRC needs no nvcc of CUDA 12 (nothing is compiled) and no GitHub."""
+    r = real_run(tmp_path)
+    assert r.returncode == 3 and "fake python: would build: -m venv" in r.stderr, r.stderr
+    wheel = tmp_path / "detectron2-0.6-cp311-cp311-linux_x86_64.whl"
+    wheel.write_bytes(b"")
+    r = real_run(tmp_path, tools={"nvcc": "echo 'release 13.0, V13.0.88'", "git": "exit 128"},
+                 DETECTRON2_SRC=str(wheel))
+    assert r.returncode == 3 and "fake python: would build: -m venv" in r.stderr, r.stderr
+
+
+def test_score_only_of_a_missing_folder_says_so(tmp_path):
+    """Used to blame --json ('.../vbench_scores.json' cannot be written) for a folder that is not there."""
+    r = run("eval_vbench.sh", "--score-only", tmp_path / "nowhere")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "does not exist" in r.stderr and "nowhere" in r.stderr and "--json" not in r.stderr
+
+
+def test_deeply_nested_result_file_is_one_line(tmp_path):
+    """20,000 nested arrays used to end in a RecursionError traceback."""
+    results = write_results(tmp_path / "results", OURS)
+    (results / "deep_eval_results.json").write_text("[" * 20000 + "]" * 20000)
+    r = run("eval_vbench.sh", "--score-only", results)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "deep_eval_results.json" in r.stderr and "nested too deeply" in r.stderr

@@ -18,6 +18,7 @@ import sys
 
 import pytest
 import torch
+from conftest import two_nodes
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -285,26 +286,22 @@ def test_nan_loss_stops_without_saving(store, tiny_wan, tmp_path):
     assert not os.path.exists(out / "ckpt.pt")
 
 
-def test_torchrun_two_processes(store, teacher, tiny_wan, tmp_path):
-    """Both phases on 2 CPU processes: generation splits the shards between the ranks and gives
-    the single-process store; training (FSDP over gloo, global batch 2 = 2 ranks x 1) gives the
-    same model as one process accumulating 2 micro-batches."""
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train_ode.py"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+def test_two_nodes(store, teacher, tiny_wan, tmp_path):
+    """Both phases on two nodes of one process each (torchrun's c10d rendezvous, gloo): generation splits the
+    shards between the ranks and gives the single-process store; training (FSDP, global batch 2 = 2 ranks x 1)
+    gives the same model as one process accumulating 2 micro-batches."""
     path = str(tmp_path / "ode")
-    gen = subprocess.run(torchrun + ["generate", "--tiny", "--model", tiny_wan, "--teacher", teacher[0],
-                                     "--prompts", teacher[1], "--store", path],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert gen.returncode == 0, gen.stderr[-3000:]
+    nodes = two_nodes("train_ode.py", "generate", "--tiny", "--model", tiny_wan, "--teacher", teacher[0],
+                      "--prompts", teacher[1], "--store", path)
+    assert all(code == 0 for code, _ in nodes), "\n".join(out[-3000:] for _, out in nodes)
     for i in range(2):
         (a, meta_a), (b, meta_b) = (read_shard(os.path.join(d, f"shard_{i:05d}.safetensors")) for d in (store, path))
         assert torch.equal(a, b) and meta_a == meta_b
 
     flags = ["train", "--tiny", "--model", tiny_wan, "--store", path, "--max-steps", 2, "--global-batch", 2,
              "--micro-batch", 1, "--sample-every", 0]
-    res = subprocess.run(torchrun + [str(f) for f in flags + ["--out", tmp_path / "two"]], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    nodes = two_nodes("train_ode.py", *flags, "--out", tmp_path / "two")
+    assert all(code == 0 for code, _ in nodes), "\n".join(out[-3000:] for _, out in nodes)
     run(*flags, "--out", tmp_path / "one")
     two, one = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("two", "one"))
     # equal up to float summation order (Adam's first steps, ~lr = 1e-2 per weight, amplify it to ~1e-5)

@@ -36,6 +36,7 @@ import sys
 
 import pytest
 import torch
+from conftest import two_nodes
 
 import causal_wan as cw
 import common
@@ -394,16 +395,13 @@ def test_init_from_ours_or_self_forcing(tiny_wan, tmp_path):
     assert all(torch.equal(v, base[k]) for k, v in tr.load_generator(args, None).state_dict().items())
 
 
-def test_torchrun_two_processes(tiny_wan, tiny_reward, prompts_file, tmp_path):
-    """FSDP over gloo with 2 processes (global batch 2 = 2 ranks x 1) gives the model of one process
-    accumulating 2 micro-batches, and both log the same numbers."""
+def test_two_nodes(tiny_wan, tiny_reward, prompts_file, tmp_path):
+    """Two nodes of one process each (torchrun's c10d rendezvous; FSDP over gloo, global batch 2 = 2 ranks x 1)
+    give the model of one process accumulating 2 micro-batches, and both log the same numbers."""
     flags = ["--tiny", "--model", tiny_wan, "--reward-path", tiny_reward[0], "--reward-tokenizer", tiny_reward[1],
              "--prompts", prompts_file, "--max-steps", 2, "--global-batch", 2, "--sample-every", 0]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "train_reward.py"]
-    res = subprocess.run(torchrun + [str(f) for f in flags + ["--out", tmp_path / "two"]], cwd=ROOT,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    nodes = two_nodes("train_reward.py", *flags, "--out", tmp_path / "two")
+    assert all(code == 0 for code, _ in nodes), "\n".join(out[-3000:] for _, out in nodes)
     run(*flags, "--out", tmp_path / "one")
     two, one = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("two", "one"))
     # equal up to float summation order (Adam's first steps move each weight by ~lr = 1e-2 and amplify it)
