@@ -14,12 +14,12 @@ it printed): the text encoder's time and memory with and without --offload; the 
 over recomputing the prefix and parity with diffusers' network; the optimization ladder (LEVERS:
 each sample.py speed flag on top of the rows above it, chunk-wise and frame-wise, with FPS, the
 first block's latency, peak memory and the difference from the first row's latents and pixels),
-one result line per row `<card> ... fps=<chunk-wise FPS> first_block_s=<s>`; the fastest row's
-transformer TFLOP/s against the card's bf16 peak and the decoders alone; diffusers' 50-step
-WanPipeline; per-block times across a long video (flat once the attention window is full). Every
-row drives sample.py's own sampler (sample.generate), except row 1, the plain reference: training's
-concatenating KV cache through cw.rollout. BENCHMARKS.md has what each section measured, and the
-plan for a GPU lease (../shared/gpu/README.md).
+one result line per row `<card> ... fps=<chunk-wise FPS> first_block_s=<s>`; the fastest row's (of
+those sample.py runs: not row 1) transformer TFLOP/s against the card's bf16 peak and the decoders
+alone; diffusers' 50-step WanPipeline; per-block times across a long video (flat once the attention
+window is full). Every row drives sample.py's own sampler (sample.generate), except row 1, the plain
+reference: training's concatenating KV cache through cw.rollout. BENCHMARKS.md has what each
+section measured, and the plan for a GPU lease (../shared/gpu/README.md).
 
 --reward-decode measures the peak memory and time of train_reward.py's reward decode + backward
 (decode_reward_frames: the last frame of the video, the gradient to its generator block) with the
@@ -117,7 +117,9 @@ def check_args(args):
     if args.max_frames < 6:
         raise common.UserError(f"--max-frames {args.max_frames} must hold at least two blocks of 3 latent frames")
     common.check_device(args.device)
-    if not (args.tiny and args.model == convert.tiny_model_dir()):  # --tiny builds its own on first use
+    # --tiny reads a tiny folder (the cached one is built on first use); the full config is WanConfig's, with random
+    # weights, so --model is not read and needs no download (a GPU machine lent for a benchmark has no hub)
+    if args.tiny and args.model != convert.tiny_model_dir():
         cw.check_model(args.model)
 
 
@@ -663,17 +665,28 @@ def result_line(bench, what, row):
             f"fps={row[3]['fps']:.2f} first_block_s={row[3]['first']:.4f}")
 
 
+def fastest_row(rows):
+    """(the row report_fastest details, what it is the fastest of): the fastest chunk-wise row that sample.py
+    can run, leaving out row 1 (training's concatenating KV cache, benchmark only: on a tiny model it can win),
+    and of those the rows that decode with the fp32 Wan VAE (sample.py's default, exact) when there are any."""
+    runnable = [r for r in rows if r["setting"].get("static_cache") is not False]
+    vae_rows = [r for r in runnable if r["setting"].get("decoder", "vae") == "vae"
+                and r["setting"].get("vae_dtype", "fp32") == "fp32"]
+    best = max(vae_rows or runnable or rows, key=lambda r: r[3]["fps"])
+    what = ("of the rows sample.py runs (not row 1: benchmark only)" if runnable else
+            "(only row 1, benchmark only, was measured)") + (" with the fp32 VAE" if vae_rows else "")
+    return best, what
+
+
 def report_fastest(bench, rows):
-    """The fastest row that decodes with the fp32 Wan VAE in detail: FPS, first block, peak memory,
-    the transformer alone and its TFLOP/s against the card's bf16 peak, the VAE and the tiny decoder
+    """The fastest row sample.py runs (fastest_row) in detail: FPS, first block, peak memory, the
+    transformer alone and its TFLOP/s against the card's bf16 peak, the VAE and the tiny decoder
     alone. Returns it."""
     args, cfg = bench.args, bench.cfg
-    vae_rows = [r for r in rows if r["setting"].get("decoder", "vae") == "vae"
-                and r["setting"].get("vae_dtype", "fp32") == "fp32"]
-    best = max(vae_rows or rows, key=lambda r: r[3]["fps"])
+    best, what = fastest_row(rows)
     s = best["setting"]
     apply_setting(bench, s)
-    print(f"\nfastest{' with the fp32 VAE' if vae_rows else ''}: {best['label']}\n  sample.py flags: {lever_flags(s)}")
+    print(f"\nfastest {what}: {best['label']}\n  sample.py flags: {lever_flags(s)}")
     lat_f, h, w = bench.latent_frames, args.height // 8, args.width // 8
     peak_tflops = (next((v for k, v in PEAK_BF16_TFLOPS.items() if k in bench.card), None)
                    if bench.cuda and bench.dtype == torch.bfloat16 else None)

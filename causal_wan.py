@@ -574,16 +574,22 @@ class VideoStream:
     timestep with noise from `generator`), then run the clean x0 once more at t=0 to write its keys/values into the
     cache (skipped after the last block of a video of known length: nothing reads it). The stream also holds the
     clean latents of exactly the frames the cache holds (attention sink + recent window), with their positions and
-    the blocks they were cached in. Re-cache (LongLive's: `set_prompt`) and `prefill` rebuild the cache from those
-    latents by replaying the cache passes block by block (the sink block first, then the recent frames in their
-    blocks), each frame at its own RoPE position. So a switch with re-cache after b blocks equals continuing the
-    first b blocks' latents under the new prompt, exactly, with or without eviction.
+    the blocks they were cached in. Re-cache (`set_prompt`) and `prefill` rebuild the whole cache, the sink included,
+    from those latents by replaying the cache passes as they first ran: block by block (the sink block first, then
+    the recent frames in their blocks), each block attending to the blocks replayed before it (block-causal), each
+    frame at its own RoPE position. So a switch with re-cache after b blocks equals continuing the first b blocks'
+    latents under the new prompt, exactly, with or without eviction.
+
+    LongLive's re-cache differs (its v1 code: `_recache_after_switch`, with the global sink of its inference configs):
+    it re-encodes its local window (the last 12 latent frames) in one pass through the KV-cache path, whose attention
+    has no mask, so each frame attends to all the others, later ones included (bidirectional); and once frames have
+    been evicted it leaves the sink's keys/values as the old prompt made them.
 
     Within the window (no frame evicted yet) a continuation is exact: prefill of a video's first k blocks, then the
     same noise, gives exactly its remaining blocks (later evictions included). Past it, a continuation (and a
-    re-cache under the same prompt) is a close relative of the original, not the original: like LongLive's re-cache,
-    the replay re-derives the recent frames' keys from the held frames only (sink + recent window), while the
-    original computed them when the evicted frames were still in the cache.
+    re-cache under the same prompt) is a close relative of the original, not the original: the replay re-derives the
+    recent frames' keys from the held frames only (sink + recent window), while the original computed them when the
+    evicted frames were still in the cache.
     """
 
     def __init__(self, model, prompt_kv, block_size=3, max_frames=21, timesteps=DENOISING_TIMESTEPS,
@@ -753,34 +759,46 @@ def rollout(model, noise, prompt_kv, block_size=3, timesteps=DENOISING_TIMESTEPS
 HUB_ID = re.compile(r"[\w-][\w.-]*/[\w.-]+")
 
 
+CHECKPOINT_FILE = (".pt", ".pth", ".ckpt", ".safetensors", ".bin")  # a value ending so names a file, not a model
+
+
 def check_model(model, flag="--model"):
     """Before anything loads: a local diffusers-format Wan has its four parts and a transformer
-    config we can read; anything else must look like a hub id (downloaded when it loads)."""
+    config we can read; a hub id has one on the hub (or in the hub cache), fetched alone here, so
+    an unknown id or no network is an error that names `flag` before anything loads."""
+    name = "model" if flag == "--model" else flag
     if os.path.isdir(model):
         for part in ("transformer", "vae", "text_encoder", "tokenizer"):
-            resolve_folder(model, part)
+            resolve_folder(model, part, flag)
         read_wan_config(os.path.join(model, "transformer"))
+    elif not os.path.exists(model) and model.lower().endswith(CHECKPOINT_FILE):
+        raise UserError(f"{name} '{model}' does not exist")
     elif os.path.exists(model) or not HUB_ID.fullmatch(model):
-        raise UserError(f"{'model' if flag == '--model' else flag} '{model}' is neither a diffusers-format folder "
+        raise UserError(f"{name} '{model}' is neither a diffusers-format folder "
                         f"nor a hub id like {DEFAULT_MODEL}")
+    else:
+        read_wan_config(resolve_folder(model, "transformer", flag, files="config.json"))
 
 
-def resolve_folder(model, subfolder):
-    """A local diffusers-format folder or a hub id -> path of `subfolder` on disk."""
+def resolve_folder(model, subfolder, flag=None, files="*"):
+    """A local diffusers-format folder or a hub id -> path of `subfolder` on disk (from the hub: its `files`).
+    `flag`: the flag that named the model, for the error messages."""
     if os.path.isdir(model):
         path = os.path.join(model, subfolder)
         if not os.path.isdir(path):
-            raise UserError(f"'{model}' has no '{subfolder}/' folder: expected a diffusers-format Wan "
-                            f"folder (model_index.json, transformer/, vae/, text_encoder/, tokenizer/)")
+            raise UserError(f"{flag + ' ' if flag else ''}'{model}' has no '{subfolder}/' folder: expected a "
+                            f"diffusers-format Wan folder (model_index.json, transformer/, vae/, text_encoder/, "
+                            f"tokenizer/)")
         return path
     if os.path.exists(model) or not HUB_ID.fullmatch(model):
         raise UserError(f"model '{model}' is neither a diffusers-format folder nor a hub id like {DEFAULT_MODEL}")
     from huggingface_hub import snapshot_download
     try:
-        root = snapshot_download(model, allow_patterns=[f"{subfolder}/*"])
+        root = snapshot_download(model, allow_patterns=[f"{subfolder}/{files}"])
     except Exception as e:  # offline, unknown repo, no auth: one message with the way out
-        raise UserError(f"could not get '{model}' ({type(e).__name__}); download it with "
-                        f"`hf download {model} --local-dir DIR` and pass that DIR") from None
+        raise UserError(f"could not get '{model}'{' for ' + flag if flag else ''} ({type(e).__name__}); download it "
+                        f"with `hf download {model} --local-dir DIR` and pass {flag + ' DIR' if flag else 'that DIR'}"
+                        ) from None
     return os.path.join(root, subfolder)
 
 

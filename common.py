@@ -1,9 +1,10 @@
 """
 What every script shares and that is not the model (nanochat's common.py): checking what the user
 typed before anything loads (argparse types, files, folders, devices) and the one-line UserError;
-mp4 writing that checks what it wrote; torch.distributed start-up and gathering; checkpoints that
-are saved atomically, only when finite, and resumed only by the script that wrote them; one run per
-output folder (an flock); the training log; the EMA; the noise of a step.
+how a training script ends (run_script: one line for an error, a full disk or Ctrl-C / SIGTERM, said
+once under torchrun); mp4 writing that checks what it wrote; torch.distributed start-up and gathering;
+checkpoints that are saved atomically, only when finite, and resumed only by the script that wrote
+them; one run per output folder (an flock); the training log; the EMA; the noise of a step.
 
 Nothing here imports the project's other modules: causal_wan.py and the scripts build on it.
 """
@@ -15,8 +16,12 @@ import json
 import logging
 import math
 import os
+import resource
+import shutil
+import signal
 import sys
 import tempfile
+import time
 
 import torch
 
@@ -44,25 +49,92 @@ class UserError(Exception):
     """A problem the user can fix (bad flag, missing weights). Scripts print it as one line."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, Slurm, torchrun stopping the other ranks), raised where the run is, as Ctrl-C raises
+    KeyboardInterrupt: the run stops the same clean way (run_script installs it)."""
+
+
 # -----------------------------------------------------------------------------
 # checking what the user typed or pointed at, before anything loads
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors look like a UserError's: one line `error: ...` on stderr, exit 2
-    (argparse would print the whole usage first; --help still does)."""
+    """argparse whose errors look like a UserError's: one line `error: ...` on stderr, exit 2, said once
+    under torchrun (exit_error; argparse would print the whole usage first; --help still does)."""
 
     def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
+        exit_error(f"{message} (see --help)")
 
 
-def print_error(error):
+def print_error(error, prefix="error: "):
     """What a script prints for a UserError: one line `error: ...` of its own. Progress bars still
     running (a failure mid-run) are closed first, so the message never lands at the end of a bar."""
     from tqdm import tqdm
     for bar in list(getattr(tqdm, "_instances", [])):
         bar.close()
-    print(f"error: {error}", file=sys.stderr)
+    print(f"{prefix}{error}", file=sys.stderr)
+
+
+# -----------------------------------------------------------------------------
+# how a training script ends: one line for an error or a stop, said once under torchrun
+
+
+# Under torchrun every rank meets the same bad flag or error: rank 0 says it, the others wait this long for torchrun
+# to stop them (it does within 0.1 s of seeing rank 0 fail), so the line appears once and torchrun reports one failure
+OTHER_RANKS_WAIT = 10
+
+
+def exit_error(message, code=2):
+    """Print `error: message` and exit with `code`, on rank 0 at once. Another rank (RANK set by torchrun) waits:
+    stopped by torchrun (SIGTERM) in the meantime, it exits 143 without a word; still running after
+    OTHER_RANKS_WAIT seconds (an error rank 0 did not meet), it says it with its rank and exits with `code`."""
+    rank = int(os.environ.get("RANK", 0))
+    if rank != 0:
+        try:
+            time.sleep(OTHER_RANKS_WAIT)
+        except KeyboardInterrupt as stop:  # torchrun's SIGTERM (Terminated), or Ctrl-C
+            sys.exit(128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT))
+        message = f"(rank {rank}) {message}"
+    print_error(message)
+    sys.exit(code)
+
+
+def run_script(main, parse_args):
+    """The `__main__` block of the scripts: main(parse_args()), where a UserError ends as one line
+    `error: ...` with exit code 2, and Ctrl-C or SIGTERM as a clean stop: the checkpoint is never left half
+    written, the lock goes with the process, and one line (from `interruptible`, around the training loop) says
+    where the run stopped and what stays; exit code 128 + the signal (130, 143). Rank 0 alone speaks (exit_error)."""
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        main(parse_args())
+    except UserError as e:
+        exit_error(str(e))
+    except KeyboardInterrupt as e:
+        signum = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
+        if int(os.environ.get("RANK", 0)) == 0:
+            print_error(str(e) or f"interrupted ({_signal_name(e)}) while starting, before the first step: "
+                                  f"nothing written by this run", prefix="")
+        sys.exit(128 + signum)
+    finally:  # on the way out a late SIGTERM (torchrun stopping the other ranks) must not raise in exit handlers
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
+def _signal_name(stop):
+    return "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C"
+
+
+@contextlib.contextmanager
+def interruptible(stopped):
+    """Around a training loop: Ctrl-C or SIGTERM leaves it as the same exception carrying one line, the
+    signal and stopped() (e.g. the step reached and the checkpoint that stays), which run_script prints."""
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        raise type(e)(f"interrupted ({_signal_name(e)}) {stopped()}") from None
 
 
 def positive_int(text):
@@ -316,27 +388,62 @@ def nonfinite_tensors(tree, prefix=""):
 
 
 def save_checkpoint(path, ckpt):
-    """Write to a temp file, then rename: a crash mid-save never replaces a good checkpoint. A
-    checkpoint with any NaN or inf tensor is not written at all (the good one stays)."""
+    """Write to a temp file, then rename: a crash mid-save never replaces a good checkpoint, and a failed or
+    interrupted write (a full disk, Ctrl-C) removes its temp file. A checkpoint with any NaN or inf tensor is
+    not written at all (the good one stays)."""
     bad = nonfinite_tensors(ckpt)
     if bad:
         raise UserError(f"not saving {path}: {len(bad)} tensors hold NaN or inf ({', '.join(bad[:3])}); "
                         f"{kept_checkpoint(path)}")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+        return
+    except (OSError, RuntimeError) as e:  # a full disk, `ulimit -f` (torch's zip writer raises RuntimeError)
+        # said below, once the failed writer has closed the temp file: its room counts as free again
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else "the write stopped short"
+    finally:
+        _remove(tmp)  # also on Ctrl-C / SIGTERM: never a half checkpoint
+    raise UserError(f"could not write {path} ({reason}): {no_room(path, tensor_bytes(ckpt))}; "
+                    f"{kept_checkpoint(path, resume=True)}")
 
 
-def kept_checkpoint(path):
-    """What a stopped run leaves at path, said truthfully (for its error message)."""
+def tensor_bytes(tree):
+    """Bytes of the tensors in nested dicts/lists (a checkpoint's size on disk, near enough)."""
+    if isinstance(tree, dict):
+        return sum(tensor_bytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(tensor_bytes(v) for v in tree)
+    return tree.numel() * tree.element_size() if torch.is_tensor(tree) else 0
+
+
+def no_room(path, needed=None):
+    """Why writing `path` can fail for want of room, for the error message: what it needs, the free space in
+    its folder and the file-size limit (`ulimit -f`; Python ignores SIGXFSZ, so the write fails with EFBIG)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return ((f"it needs {_size(needed)} in '{folder}', which has " if needed else f"'{folder}' has ")
+            + f"{_size(shutil.disk_usage(folder).free)} free"
+            + (f" and a file-size limit (ulimit -f) of {_size(limit)}" if limit != resource.RLIM_INFINITY else "")
+            + ": free space (or raise the limit)")
+
+
+def _size(n):
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.2f} MB"
+
+
+def kept_checkpoint(path, resume=False):
+    """What a stopped run leaves at path, said truthfully (for its error message); resume=True adds that
+    --resume continues it."""
     if not os.path.isfile(path):
         return "no checkpoint has been written yet"
     try:
         step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
     except Exception:
         return f"{path} was left as it was"
-    return f"the last good checkpoint, step {step}, stays in {path}"
+    return f"the last good checkpoint, step {step}, stays in {path}" + (": --resume continues it" if resume else "")
 
 
 @contextlib.contextmanager
@@ -344,6 +451,7 @@ def own_folder(folder, stale_patterns, what="--out"):
     """Hold `folder` for one run: rank 0 creates it, takes an exclusive lock on folder/.lock and
     removes what a crashed run left there (stale_patterns, e.g. 'ckpt.pt.tmp*'); every rank gets
     the same one-line error when it cannot (a file in the way, read-only, another run holds it).
+    A run that fails or is stopped takes back what it created and left empty (remove_leftovers).
 
     The lock is an flock held while the block runs: the OS drops it when the process ends in any
     way (kill -9 included), so a crashed run never leaves the folder locked. Only rank 0 takes it:
@@ -352,6 +460,7 @@ def own_folder(folder, stale_patterns, what="--out"):
     import torch.distributed as dist
     lock, error = None, None
     if dist.get_rank() == 0:
+        before = set(os.listdir(folder)) if os.path.isdir(folder) else None  # None: this run makes the folder
         try:
             lock = _lock_folder(folder, what)
             for stale in sorted(p for pattern in stale_patterns
@@ -366,9 +475,29 @@ def own_folder(folder, stale_patterns, what="--out"):
         raise UserError(message[0])
     try:
         yield
+    except BaseException:
+        if lock is not None:
+            with contextlib.suppress(OSError):  # never hides why the run stopped
+                remove_leftovers(folder, before)
+        raise
     finally:
         if lock is not None:
             lock.close()  # releases the flock
+
+
+def remove_leftovers(folder, before):
+    """After a failed or stopped run, what it created and left empty: empty files (a log.jsonl with no step), then
+    its .lock when nothing else of the run remains, then the folder if the run made it and it is empty. Nothing in
+    `before` (the folder's names when the run began; None: it had no folder) is touched."""
+    made, before = before is None, before or set()
+    for name in set(os.listdir(folder)) - before - {".lock"}:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            os.remove(path)
+    if ".lock" not in before and set(os.listdir(folder)) - before == {".lock"}:
+        os.remove(os.path.join(folder, ".lock"))  # _lock_folder's inode check covers a run that opened it meanwhile
+    if made and not os.listdir(folder):
+        os.rmdir(folder)
 
 
 def _lock_folder(folder, what):
@@ -383,10 +512,14 @@ def _lock_folder(folder, what):
         lock.close()
         raise UserError(f"{what} '{folder}' is in use by another run (pid {holder}, lock {path}): "
                         f"wait for it to end, or choose another {what}") from None
-    lock.truncate(0)
-    lock.write(str(os.getpid()))
-    lock.flush()
-    return lock
+    with contextlib.suppress(FileNotFoundError):
+        if os.path.samestat(os.fstat(lock.fileno()), os.stat(path)):
+            lock.truncate(0)
+            lock.write(str(os.getpid()))
+            lock.flush()
+            return lock
+    lock.close()  # a failed run removed this .lock (remove_leftovers) as we took it: lock the file now there
+    return _lock_folder(folder, what)
 
 
 def all_mean(x):
@@ -451,8 +584,11 @@ def open_log(log_path, step, resume, wandb_name=None, config=None):
                 break
             if keep:
                 lines.append(line + "\n")
-    with open(log_path, "w") as f:
-        f.writelines(lines)
+    try:
+        with open(log_path, "w") as f:
+            f.writelines(lines)
+    except OSError as e:
+        raise UserError(f"could not write {log_path} ({e.strerror}): {no_room(log_path)}") from None
     if wandb_name is None:
         return None
     import wandb
@@ -462,10 +598,19 @@ def open_log(log_path, step, resume, wandb_name=None, config=None):
 
 def log_step(log_path, record, wandb=None):
     """Append a step's record (it has a 'step') to the log, and to wandb when it runs."""
-    with open(log_path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:  # a full disk or the file-size limit: the checkpoint is what --resume continues from
+        raise UserError(f"could not append step {record['step']} to {log_path} ({e.strerror}): {no_room(log_path)}, "
+                        f"then --resume") from None
     if wandb is not None:
         wandb.log(record, step=record["step"])
+
+
+def print_done(ckpt_path, step, **last):
+    """The line a training run ends with (rank 0): its checkpoint, its step and the last logged values."""
+    print(f"saved {ckpt_path} at step {step} (last {', '.join(f'{k} {v:.4g}' for k, v in last.items())})", flush=True)
 
 
 def stop_if_diverged(step, ckpt_path, values=None, hint="lower --lr and --resume", nets=None):

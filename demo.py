@@ -51,7 +51,6 @@ import math
 import os
 import secrets
 import shutil
-import signal
 import socket
 import sys
 import tempfile
@@ -308,7 +307,8 @@ class Session:
 
 
 def parse_message(message):
-    """A viewer's WebSocket message -> a valid control dict; ValueError(why) for anything else."""
+    """A viewer's WebSocket message (at most 64 KiB: uvicorn's ws_max_size, see main) -> a valid control
+    dict; ValueError(why) for anything else, a message nested too deeply for json's parser included."""
     text = message.get("text")
     if text is None:
         raise ValueError("binary messages are not understood: send JSON text")
@@ -317,6 +317,9 @@ def parse_message(message):
     except json.JSONDecodeError:
         raise ValueError("not JSON: send {\"type\": \"start\", \"prompt\": ..., \"seed\": ...}, "
                          "{\"type\": \"switch\", ...} or {\"type\": \"stop\"}") from None
+    except RecursionError:  # json recurses once per level: thousands of nested arrays fit in the 64 KiB message limit
+        raise ValueError("the message nests too deeply (arrays or objects inside one another): send a flat JSON "
+                         "object, {\"type\": ...}") from None
     if not isinstance(m, dict) or m.get("type") not in ("start", "switch", "stop"):
         raise ValueError("expected a JSON object with \"type\": \"start\", \"switch\" or \"stop\"")
     if m["type"] in ("start", "switch"):
@@ -530,30 +533,33 @@ def create_app(demo):
 
 
 def main(args):
-    check_args(args)
-    if not is_loopback(args.host):
-        print(f"warning: listening on {args.host}: anyone who can reach port {args.port} can use this GPU",
-              file=sys.stderr)
-    models = load_models(args)
-    import uvicorn
-    video_dir, demo = tempfile.mkdtemp(prefix="reward_forcing_demo_"), None
-    try:
-        demo = Demo(models, args, video_dir)
-        # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal: make SIGTERM's
-        # an exit that runs the cleanup below too (its default action ends the process on the spot)
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-        print(f"serving on http://{args.host}:{args.port} (Ctrl+C to quit)", file=sys.stderr, flush=True)
-        uvicorn.run(create_app(demo), host=args.host, port=args.port, log_level="warning", ws_max_size=64 * 1024,
-                    timeout_graceful_shutdown=5)
-    finally:
-        if demo is not None:
-            demo.shutdown()
-        shutil.rmtree(video_dir, ignore_errors=True)
+    video_dir = None
+
+    def stopped():  # what a Ctrl-C or SIGTERM leaves: the one line common.run_script prints
+        return ("before the server started" if video_dir is None else
+                f"while serving: the server stopped and its videos ({video_dir}) were deleted")
+
+    with common.interruptible(stopped):
+        check_args(args)
+        if not is_loopback(args.host):
+            print(f"warning: listening on {args.host}: anyone who can reach port {args.port} can use this GPU",
+                  file=sys.stderr)
+        models = load_models(args)
+        import uvicorn
+        video_dir, demo = tempfile.mkdtemp(prefix="reward_forcing_demo_"), None
+        try:
+            demo = Demo(models, args, video_dir)
+            app = create_app(demo)
+            print(f"serving on http://{args.host}:{args.port} (Ctrl+C to quit)", file=sys.stderr, flush=True)
+            # uvicorn shuts down gracefully on Ctrl-C and SIGTERM, then raises the signal again: a KeyboardInterrupt
+            # here (common.Terminated for SIGTERM). Not uvicorn.run, which swallows it
+            uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                          ws_max_size=64 * 1024, timeout_graceful_shutdown=5)).run()
+        finally:
+            if demo is not None:
+                demo.shutdown()  # the video being generated, if any, is stopped
+            shutil.rmtree(video_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except common.UserError as e:
-        common.print_error(e)
-        sys.exit(2)
+    common.run_script(main, parse_args)  # a UserError: one line, exit 2; Ctrl-C or SIGTERM: stopped(), exit 130/143

@@ -68,7 +68,6 @@ import argparse
 import copy
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -407,36 +406,41 @@ def train(args, rank, world, device):
     run = setup(args, rank, world, device)
     step = run.step
     bar = tqdm(initial=step, total=args.max_steps, desc=f"dmd {args.generator}", disable=rank != 0)
-    while step < args.max_steps:
-        t0 = time.time()
-        updates = step * (args.critic_steps + 1)  # this step's update numbers: critic ..., generator
-        # critic: learn the score of the generator's current distribution (its videos detached)
-        critic_logs = [critic_update(args, run, updates + c, step + 1) for c in range(args.critic_steps)]
-        # generator: one DMD step through the rollout, scored by the teacher (real) and the critic (fake)
-        loss, grad_norm, dmd_grad, k = generator_update(args, run, updates + args.critic_steps, step + 1)
-        step += 1
+    # Ctrl-C / SIGTERM: one line, the steps done (step, read when it comes) and the checkpoint that stays
+    with common.interruptible(lambda: f"after step {step} of {args.max_steps}: "
+                                      f"{common.kept_checkpoint(run.ckpt_path, resume=True)}"):
+        while step < args.max_steps:
+            t0 = time.time()
+            updates = step * (args.critic_steps + 1)  # this step's update numbers: critic ..., generator
+            # critic: learn the score of the generator's current distribution (its videos detached)
+            critic_logs = [critic_update(args, run, updates + c, step + 1) for c in range(args.critic_steps)]
+            # generator: one DMD step through the rollout, scored by the teacher (real) and the critic (fake)
+            loss, grad_norm, dmd_grad, k = generator_update(args, run, updates + args.critic_steps, step + 1)
+            step += 1
 
-        # one line of OUT/log.jsonl per logged step: loss, critic_loss, grad_norm, critic_grad_norm, dmd_grad,
-        # exit_step, step_time, gpu_mem_gb
-        critic_losses, critic_norms = [c[0] for c in critic_logs], [c[1] for c in critic_logs]
-        record = dict(step=step, loss=loss, grad_norm=grad_norm,
-                      critic_loss=sum(critic_losses) / max(len(critic_losses), 1),
-                      critic_grad_norm=sum(critic_norms) / max(len(critic_norms), 1), dmd_grad=dmd_grad, exit_step=k,
-                      step_time=time.time() - t0)
-        if device.type == "cuda":
-            record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-        bar.update()
-        bar.set_postfix(loss=f"{record['loss']:.2e}", critic=f"{record['critic_loss']:.4f}",
-                        gnorm=f"{record['grad_norm']:.3f}", s=f"{record['step_time']:.2f}",
-                        **({"mem": f"{record['gpu_mem_gb']:.1f}G"} if "gpu_mem_gb" in record else {}))
-        if rank == 0 and (step % args.log_every == 0 or step == args.max_steps):
-            common.log_step(run.log_path, record, run.wandb)
-        if args.sample_every and step % args.sample_every == 0:
-            write_sample(args, run.ema, run.vae, cw.padded(run.contexts, [0], device), run.latent_shape, run.block_size,
-                         step, rank, device)
-        if step % args.save_every == 0 or step == args.max_steps:
-            save(args, run, step)
-    bar.close()
+            # one line of OUT/log.jsonl per logged step: loss, critic_loss, grad_norm, critic_grad_norm, dmd_grad,
+            # exit_step, step_time, gpu_mem_gb
+            critic_losses, critic_norms = [c[0] for c in critic_logs], [c[1] for c in critic_logs]
+            record = dict(step=step, loss=loss, grad_norm=grad_norm,
+                          critic_loss=sum(critic_losses) / max(len(critic_losses), 1),
+                          critic_grad_norm=sum(critic_norms) / max(len(critic_norms), 1), dmd_grad=dmd_grad,
+                          exit_step=k, step_time=time.time() - t0)
+            if device.type == "cuda":
+                record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            bar.update()
+            bar.set_postfix(loss=f"{record['loss']:.2e}", critic=f"{record['critic_loss']:.4f}",
+                            gnorm=f"{record['grad_norm']:.3f}", s=f"{record['step_time']:.2f}",
+                            **({"mem": f"{record['gpu_mem_gb']:.1f}G"} if "gpu_mem_gb" in record else {}))
+            if rank == 0 and (step % args.log_every == 0 or step == args.max_steps):
+                common.log_step(run.log_path, record, run.wandb)
+            if args.sample_every and step % args.sample_every == 0:
+                write_sample(args, run.ema, run.vae, cw.padded(run.contexts, [0], device), run.latent_shape,
+                             run.block_size, step, rank, device)
+            if step % args.save_every == 0 or step == args.max_steps:
+                save(args, run, step)
+        bar.close()
+        if rank == 0:
+            common.print_done(run.ckpt_path, step, loss=record["loss"], critic_loss=record["critic_loss"])
 
 
 # -----------------------------------------------------------------------------
@@ -496,8 +500,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except UserError as e:
-        common.print_error(e)
-        sys.exit(2)
+    common.run_script(main, parse_args)

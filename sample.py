@@ -31,7 +31,7 @@ to the first block (an attention sink) plus the most recent frames, with RoPE po
 growing, so the time per block stays flat however long the video. Each block is decoded by the VAE
 as soon as it is done (the Wan VAE is causal; block-wise decoding gives the same frames as one
 decode), and written to the mp4. --stream writes a fragmented mp4 that players open before the
-video is finished.
+video is finished (and that keeps its frames when Ctrl-C or SIGTERM stops sample.py: main says so).
 
 Where the rest is explained: the weights (--model, --checkpoint, --tiny) at load_generator;
 --switch at check_interactive and FrameStream._take_switches; --extend and --image at
@@ -83,8 +83,10 @@ def parse_args(argv=None):
     p.add_argument("--no-recache", action="store_true",
                    help="--switch changes only the cross-attention, without re-caching (for comparison)")
     p.add_argument("--extend", metavar="CLIP",
-                   help="continue this video: the output is the clip, then new frames (--frames counts both)")
-    p.add_argument("--image", help="image-to-video: the image is the first frame (untested with text-to-video weights)")
+                   help="continue this video: the output is the clip as the VAE reconstructs it, then new frames "
+                        "(--frames counts both; --tiny's random VAE does not reconstruct it)")
+    p.add_argument("--image", help="image-to-video: the image is the first frame, as the VAE reconstructs it "
+                                   "(untested with text-to-video weights; --tiny's random VAE does not reconstruct it)")
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--benchmark" in argv:  # the benchmark has a script of its own
         rest = " ".join(a for a in argv if a != "--benchmark")
@@ -196,10 +198,12 @@ def read_jobs(args):
         jobs = []
         for n, line in enumerate(common.read_text(args.jobs, "--jobs").splitlines(), 1):
             parts = line.split("\t")
-            if len(parts) != 3 or not parts[1].isdigit() or not parts[2].lower().endswith(".mp4"):
+            if len(parts) != 3 or not parts[2].lower().endswith(".mp4"):
                 raise common.UserError(f"{args.jobs}:{n}: expected 'prompt<TAB>seed<TAB>out.mp4'")
             if not parts[0].strip():
                 raise common.UserError(f"{args.jobs}:{n}: empty prompt")
+            if not re.fullmatch(r"[0-9]+", parts[1]):  # not str.isdigit(): it takes '²', which int() refuses
+                raise common.UserError(f"{args.jobs}:{n}: seed '{parts[1]}' is not a whole number in the digits 0-9")
             if int(parts[1]) >= 2**32:
                 raise common.UserError(f"{args.jobs}:{n}: seed {parts[1]} is not in 0..{2**32 - 1}")
             jobs.append((parts[0], int(parts[1]), parts[2]))
@@ -414,7 +418,9 @@ def read_start_frames(args):
     the causal decoder (no seam); --frames counts both. --image IMG starts the video from an image
     (the first latent frame), as Self Forcing's image-to-video does with a text-to-video generator:
     its quality with T2V-trained weights is untested. Clips and images of another size are resized
-    and center-cropped to --height x --width (fit_frames)."""
+    and center-cropped to --height x --width (fit_frames). With --tiny the clip's or image's frames
+    come back visibly different: the random tiny VAE cannot reconstruct them (the pipeline is real,
+    the pictures are not)."""
     if args.image and args.extend:
         raise common.UserError("--extend and --image together: a video continues a clip or starts from an image, "
                                "give one")
@@ -490,10 +496,14 @@ def vae_encode(vae, frames, device):
 def write_video(path, blocks, expected_frames, fps, stream, frames_per_block, progress=None):
     """Write the blocks of uint8 frames [T, H, W, 3] to an mp4; returns the frame count. Without
     --stream a finished file is always a whole video: written aside, then renamed. Either way the
-    closed file must decode to expected_frames frames (common.finished_mp4), or it is removed."""
+    closed file must decode to expected_frames frames (common.finished_mp4), or it is removed.
+    Stopped midway (Ctrl-C, SIGTERM: a KeyboardInterrupt), the file written aside is removed; a
+    --stream file is the video so far and stays (streamed_mp4; main says what it keeps)."""
     tmp = path if stream else path + ".part.mp4"
     count = 0
-    with common.finished_mp4(tmp, path, expected_frames), open_writer(tmp, fps, stream, frames_per_block) as writer:
+    checked = streamed_mp4(path, expected_frames) if stream else common.finished_mp4(tmp, path, expected_frames)
+    # closing(): imageio's writer, used as a context manager, leaves its file unfinished when the block raises
+    with checked, contextlib.closing(open_writer(tmp, fps, stream, frames_per_block)) as writer:
         for frames in blocks:
             for frame in frames:
                 writer.append_data(frame)
@@ -501,6 +511,35 @@ def write_video(path, blocks, expected_frames, fps, stream, frames_per_block, pr
             if progress is not None:
                 progress.update(1)
     return count
+
+
+@contextlib.contextmanager
+def streamed_mp4(path, expected_frames):
+    """common.finished_mp4 for a --stream file, written in place: the same check once the writer has
+    closed, the same removal on an error, but a stop (KeyboardInterrupt: Ctrl-C, SIGTERM) leaves the
+    file as it is, the frames written so far (kept_frames)."""
+    try:
+        yield
+    except Exception as error:  # not a KeyboardInterrupt
+        with common.finished_mp4(path, path, expected_frames):
+            raise error
+    with common.finished_mp4(path, path, expected_frames):
+        pass
+
+
+def kept_frames(path):
+    """What a --stream file stopped midway keeps: the number of frames it decodes to; a file that does
+    not decode is removed (0)."""
+    import imageio
+    try:
+        with imageio.get_reader(path, format="FFMPEG") as reader:
+            frames = sum(1 for _ in reader)
+    except Exception:  # nothing written yet, or torn before its first frame
+        frames = 0
+    if frames == 0:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+    return frames
 
 
 def open_writer(path, fps, stream, frames_per_block):
@@ -565,12 +604,13 @@ class FrameStream:
     new prompt; continuing the first blocks of a video's latents gives exactly its remaining blocks
     while those first blocks fit the window (at most --max-frames minus --chunk latent frames: 69
     video frames with the defaults), and its decode equals one decode of the whole video. Past the
-    window a continuation is not the original: like LongLive's re-cache, it re-derives the recent
-    frames' keys from the frames the window holds, while the original computed them with the
-    evicted frames still in view. (--extend goes through the VAE encoder, so a clip's latents are
-    the encoder's, not the generator's.) The noise of each block depends only on --seed and where
-    the block starts: a video of N frames is the first N frames of a longer one with the same seed
-    and switches (up to a shorter last block).
+    window a continuation is not the original: it re-derives the recent frames' keys from the frames
+    the window holds, while the original computed them with the evicted frames still in view.
+    (--extend goes through the VAE encoder, so a clip's latents are the encoder's, not the
+    generator's.) The noise of each block depends only on --seed and where the block starts (no two
+    blocks share it): a video of N frames is the first N frames of a longer one with the same seed
+    and switches (up to a shorter last block). The frames streamed block by block are exactly one
+    decode of the whole latent video (the decoder's causal cache carried from block to block).
     """
 
     def __init__(self, model, decode, prompt_kv, *, height, width, seed=0, frames=None, chunk=3, max_frames=21,
@@ -635,10 +675,13 @@ class FrameStream:
 
     def _take_switches(self, stream):
         """Apply the switch due at this block boundary; of several due at once, the last one asked
-        (the others would not generate a single frame). With re-cache (as LongLive does) the KV cache
-        of the frames the window holds (sink + recent frames) is recomputed under the new prompt from
-        their clean latents, each at its own RoPE position, so the new prompt takes hold without a
-        cut; recache=False (--no-recache) swaps only the cross-attention prompt (for comparison: the
+        (the others would not generate a single frame). With re-cache the KV cache of the frames the
+        window holds (sink + recent frames) is recomputed under the new prompt from their clean
+        latents by replaying their cache passes as they first ran: block by block, each block
+        attending to the ones before it, each frame at its own RoPE position, the sink too. So the
+        new prompt takes hold without a cut. (LongLive's re-cache differs: one unmasked pass over
+        its window, and past the window the sink keeps the old prompt's keys; see cw.VideoStream.)
+        recache=False (--no-recache) swaps only the cross-attention prompt (for comparison: the
         cached frames keep the old prompt)."""
         frame = pixel_frame(stream.pos)
         with self._lock:
@@ -722,34 +765,47 @@ def side_stream(device):
 
 
 def main(args):
-    check_args(args)
-    jobs = read_jobs(args)
-    kind = generator_of(args)
-    chunk, switches, start_frames = check_interactive(args, kind)
-    device, dtype = torch.device(args.device), torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)  # --device cuda:1: streams, events and synchronize on that GPU
-    prompts = [j[0] for j in jobs] + [p for _, p in switches]
-    model, contexts, decode, prefix = load_models(args, device, dtype, kind, prompts, start_frames)
-    torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    latent_frames, start = (args.frames - 1) // 4 + 1, 0 if prefix is None else prefix.shape[2]
-    blocks = math.ceil(start / chunk) + math.ceil((latent_frames - start) / chunk)
-    bar = tqdm(total=blocks * len(jobs), unit="block", desc="generating")
-    for prompt, seed, path in jobs:
-        stream = FrameStream(model, decode, model.prompt_kv(contexts[prompt]), encode=lambda p: contexts[p],
-                             height=args.height, width=args.width, seed=seed, frames=args.frames, chunk=chunk,
-                             max_frames=args.max_frames, prefix=prefix, overlap=args.overlap_decode, log=bar.write)
-        for frame, text in switches:
-            stream.switch(text, recache=not args.no_recache, frame=frame)
-        count = write_video(path, stream, args.frames, args.fps, args.stream, 4 * chunk, progress=bar)
-        given = f", the first {len(start_frames)} from {args.extend or args.image}" if prefix is not None else ""
-        bar.write(f"wrote {path} ({count} frames{given}, seed {seed}): {prompt[:80]}")
-    bar.close()
+    jobs, written, current = [], 0, None  # current: (path, its FrameStream) while that video is written
+
+    def stopped():  # what a Ctrl-C or SIGTERM leaves: the one line common.run_script prints
+        if current is None:
+            return (f"between videos: {written} of {len(jobs)} videos written" if written
+                    else "before any video was generated: nothing written")
+        path, stream = current
+        kept = kept_frames(path) if args.stream else None
+        left = ("its partial file was removed" if kept is None else
+                f"it keeps its first {kept} frames and plays" if kept else "no frame of it was kept")
+        return (f"at frame {stream.frames_done} of {args.frames} in {path} (video {written + 1} of {len(jobs)}): "
+                f"{left}; {written} of {len(jobs)} videos written")
+
+    with common.interruptible(stopped):
+        check_args(args)
+        jobs = read_jobs(args)
+        kind = generator_of(args)
+        chunk, switches, start_frames = check_interactive(args, kind)
+        device, dtype = torch.device(args.device), torch.bfloat16 if args.dtype == "bf16" else torch.float32
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)  # --device cuda:1: streams, events and synchronize on that GPU
+        prompts = [j[0] for j in jobs] + [p for _, p in switches]
+        model, contexts, decode, prefix = load_models(args, device, dtype, kind, prompts, start_frames)
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
+        latent_frames, start = (args.frames - 1) // 4 + 1, 0 if prefix is None else prefix.shape[2]
+        blocks = math.ceil(start / chunk) + math.ceil((latent_frames - start) / chunk)
+        bar = tqdm(total=blocks * len(jobs), unit="block", desc="generating")
+        for prompt, seed, path in jobs:
+            stream = FrameStream(model, decode, model.prompt_kv(contexts[prompt]), encode=lambda p: contexts[p],
+                                 height=args.height, width=args.width, seed=seed, frames=args.frames, chunk=chunk,
+                                 max_frames=args.max_frames, prefix=prefix, overlap=args.overlap_decode,
+                                 log=bar.write)
+            for frame, text in switches:
+                stream.switch(text, recache=not args.no_recache, frame=frame)
+            current = (path, stream)
+            count = write_video(path, stream, args.frames, args.fps, args.stream, 4 * chunk, progress=bar)
+            current, written = None, written + 1
+            given = f", the first {len(start_frames)} from {args.extend or args.image}" if prefix is not None else ""
+            bar.write(f"wrote {path} ({count} frames{given}, seed {seed}): {prompt[:80]}")
+        bar.close()
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except common.UserError as e:
-        common.print_error(e)
-        sys.exit(2)
+    common.run_script(main, parse_args)  # a UserError: one line, exit 2; Ctrl-C or SIGTERM: stopped(), exit 130/143

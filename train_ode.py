@@ -7,22 +7,22 @@ the store, `train` regresses the block-causal student onto them; train_reward.py
     # 4 trajectories, 20 steps, seconds
     python distill_dmd.py --tiny --generator bidirectional --out runs/dmd_tiny
     python train_ode.py generate --tiny --teacher runs/dmd_tiny/ckpt.pt --prompts prompts/dmd_example.txt \
-        --store ode_tiny
-    python train_ode.py verify --store ode_tiny
-    python train_ode.py train --tiny --store ode_tiny --out runs/ode_tiny
+        --store runs/ode_tiny_store
+    python train_ode.py verify --store runs/ode_tiny_store
+    python train_ode.py train --tiny --store runs/ode_tiny_store --out runs/ode_tiny
 
     # one GPU (teacher: distill_dmd.py --generator bidirectional; PROMPTS: ~1.4K lines, one prompt a line)
-    python train_ode.py generate --teacher runs/dmd_bidirectional/ckpt.pt --prompts PROMPTS --store ode_store
-    python train_ode.py verify --store ode_store     # count, shapes, missing shards (exit code 2 if incomplete)
-    python train_ode.py train --store ode_store --out runs/ode --global-batch 8
+    python train_ode.py generate --teacher runs/dmd_bidirectional/ckpt.pt --prompts PROMPTS --store runs/ode_store
+    python train_ode.py verify --store runs/ode_store     # count, shapes, missing shards (exit code 2 if incomplete)
+    python train_ode.py train --store runs/ode_store --out runs/ode --global-batch 8
     # or the public code's teacher (no stage 1): base Wan, Euler, shift 8, 48 steps, CFG 6
     python train_ode.py generate --teacher Wan-AI/Wan2.1-T2V-1.3B-Diffusers --recipe self-forcing \
-        --prompts PROMPTS --store ode_store
+        --prompts PROMPTS --store runs/ode_store
 
     # 8 GPUs (both phases split across ranks; generation skips finished shards when rerun)
     torchrun --nproc_per_node 8 train_ode.py generate --teacher runs/dmd_bidirectional/ckpt.pt \
-        --prompts PROMPTS --store ode_store
-    torchrun --nproc_per_node 8 train_ode.py train --store ode_store --out runs/ode
+        --prompts PROMPTS --store runs/ode_store
+    torchrun --nproc_per_node 8 train_ode.py train --store runs/ode_store --out runs/ode
     python sample.py --checkpoint runs/ode/ckpt.pt --prompt "a red fox running in snow"   # render it
 
 The loss
@@ -73,7 +73,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -175,9 +175,19 @@ def read_index(store):
 
 
 def write_atomic(path, write):
+    """write(tmp), then rename: a crash mid-write never leaves a file that looks finished, and a failed or
+    interrupted write (a full disk, Ctrl-C) removes its temp file."""
     tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)  # a crash mid-write never leaves a file that looks finished
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if not isinstance(e, (OSError, SafetensorError)):  # safetensors' I/O errors are SafetensorError
+            raise
+        raise UserError(f"could not write {path} ({str(e)[:100]}): {common.no_room(path)}, then rerun the same "
+                        f"command") from None
 
 
 def write_json(path, obj):
@@ -441,8 +451,10 @@ def generate(args, rank, world, device):
     todo = shards_to_make(args, index, rank, world)
     bar = tqdm(total=sum(len(shard_range(index, i)) for i in todo), desc=f"trajectories (rank 0 of {world})",
                disable=rank != 0)
-    for i in todo:
-        write_shard(args, teacher, index, prompts, shape, i, device, bar)
+    with common.interruptible(lambda: f"after {bar.n} of {bar.total} trajectories of this rank: the finished shards "
+                                      f"stay in {args.store}; the same command finishes the store"):
+        for i in todo:
+            write_shard(args, teacher, index, prompts, shape, i, device, bar)
     bar.close()
     dist.barrier()
     report = verify_store(args.store)
@@ -622,28 +634,33 @@ def train(args, rank, world, device):
     run = setup(args, rank, world, device)
     step = run.step
     bar = tqdm(initial=step, total=args.max_steps, desc="ode", disable=rank != 0)
-    while step < args.max_steps:
-        t0 = time.time()
-        step_loss, grad_norm = train_step(args, run, step)
-        step += 1
+    # Ctrl-C / SIGTERM: one line, the steps done (step, read when it comes) and the checkpoint that stays
+    with common.interruptible(lambda: f"after step {step} of {args.max_steps}: "
+                                      f"{common.kept_checkpoint(run.ckpt_path, resume=True)}"):
+        while step < args.max_steps:
+            t0 = time.time()
+            step_loss, grad_norm = train_step(args, run, step)
+            step += 1
 
-        # one line of OUT/log.jsonl per logged step (rank 0; and to wandb with --wandb)
-        record = dict(step=step, loss=step_loss.item(), grad_norm=grad_norm.item(), lr=args.lr,
-                      step_time=time.time() - t0)
-        if device.type == "cuda":
-            record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-        bar.update()
-        bar.set_postfix(loss=f"{record['loss']:.4f}", gnorm=f"{record['grad_norm']:.3f}",
-                        s=f"{record['step_time']:.2f}",
-                        **({"mem_gb": f"{record['gpu_mem_gb']:.1f}"} if "gpu_mem_gb" in record else {}))
-        if rank == 0 and (step % args.log_every == 0 or step == args.max_steps):
-            common.log_step(run.log_path, record, run.wandb)
-        if args.sample_every and step % args.sample_every == 0:
-            write_sample(args, run.ema, run.vae, cw.padded(run.contexts, run.store.prompts[:1], device),
-                         run.store.index["latent_shape"], step, rank, device)
-        if step % args.save_every == 0 or step == args.max_steps:
-            save(args, run, step)
-    bar.close()
+            # one line of OUT/log.jsonl per logged step (rank 0; and to wandb with --wandb)
+            record = dict(step=step, loss=step_loss.item(), grad_norm=grad_norm.item(), lr=args.lr,
+                          step_time=time.time() - t0)
+            if device.type == "cuda":
+                record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            bar.update()
+            bar.set_postfix(loss=f"{record['loss']:.4f}", gnorm=f"{record['grad_norm']:.3f}",
+                            s=f"{record['step_time']:.2f}",
+                            **({"mem_gb": f"{record['gpu_mem_gb']:.1f}"} if "gpu_mem_gb" in record else {}))
+            if rank == 0 and (step % args.log_every == 0 or step == args.max_steps):
+                common.log_step(run.log_path, record, run.wandb)
+            if args.sample_every and step % args.sample_every == 0:
+                write_sample(args, run.ema, run.vae, cw.padded(run.contexts, run.store.prompts[:1], device),
+                             run.store.index["latent_shape"], step, rank, device)
+            if step % args.save_every == 0 or step == args.max_steps:
+                save(args, run, step)
+        bar.close()
+        if rank == 0:
+            common.print_done(run.ckpt_path, step, loss=record["loss"])
 
 
 # -----------------------------------------------------------------------------
@@ -735,8 +752,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except UserError as e:
-        common.print_error(e)
-        sys.exit(2)
+    common.run_script(main, parse_args)

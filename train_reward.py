@@ -911,37 +911,42 @@ def train(args, rank, world, device):
     step = run.step
     critic_steps = args.critic_steps if run.joint else 0
     bar = tqdm(initial=step, total=args.max_steps, desc="reward", disable=rank != 0)
-    while step < args.max_steps:
-        t0 = time.time()
-        updates = step * (critic_steps + 1)  # this step's update numbers: critic ..., generator
-        record = dict(step=step + 1)
-        # --dmd-weight: the critic learns the score of the generator's current videos, as in distill_dmd.py
-        critic_logs = [critic_update(args, run, updates + c, step + 1) for c in range(critic_steps)]
-        if critic_logs:
-            record.update({k: sum(log[k] for log in critic_logs) / len(critic_logs) for k in critic_logs[0]})
-        # generator: the reward of the frames of its own rollout (+ the normalized DMD term with --dmd-weight)
-        record.update(generator_update(args, run, updates + critic_steps, step + 1))
-        step += 1
+    # Ctrl-C / SIGTERM: one line, the steps done (step, read when it comes) and the checkpoint that stays
+    with common.interruptible(lambda: f"after step {step} of {args.max_steps}: "
+                                      f"{common.kept_checkpoint(run.ckpt_path, resume=True)}"):
+        while step < args.max_steps:
+            t0 = time.time()
+            updates = step * (critic_steps + 1)  # this step's update numbers: critic ..., generator
+            record = dict(step=step + 1)
+            # --dmd-weight: the critic learns the score of the generator's current videos, as in distill_dmd.py
+            critic_logs = [critic_update(args, run, updates + c, step + 1) for c in range(critic_steps)]
+            if critic_logs:
+                record.update({k: sum(log[k] for log in critic_logs) / len(critic_logs) for k in critic_logs[0]})
+            # generator: the reward of the frames of its own rollout (+ the normalized DMD term with --dmd-weight)
+            record.update(generator_update(args, run, updates + critic_steps, step + 1))
+            step += 1
 
-        if args.sample_every and step % args.sample_every == 0:
-            record["sample_reward"] = write_sample(args, run.ema, run.vae, run.reward_fn,
-                                                   cw.padded(run.contexts, [0], device), run.prompts[0],
-                                                   run.latent_shape, step, rank, device)
-        record["step_time"] = time.time() - t0
-        if device.type == "cuda":
-            record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-        bar.update()
-        bar.set_postfix(reward=f"{record['reward']:.3f}", loss=f"{record['loss']:.3f}",
-                        gnorm=f"{record['grad_norm']:.3f}", s=f"{record['step_time']:.2f}",
-                        **({"mem": f"{record['gpu_mem_gb']:.1f}G"} if "gpu_mem_gb" in record else {}))
-        if rank == 0 and record.get("sample_reward") is not None:
-            bar.write(f"step {step}: {args.out}/sample_{step}.mp4, "
-                      f"reward of its last frame {record['sample_reward']:.4f}")
-        if rank == 0 and (step % args.log_every == 0 or step == args.max_steps):
-            common.log_step(run.log_path, record, run.wandb)
-        if step % args.save_every == 0 or step == args.max_steps:
-            save(args, run, step)
-    bar.close()
+            if args.sample_every and step % args.sample_every == 0:
+                record["sample_reward"] = write_sample(args, run.ema, run.vae, run.reward_fn,
+                                                       cw.padded(run.contexts, [0], device), run.prompts[0],
+                                                       run.latent_shape, step, rank, device)
+            record["step_time"] = time.time() - t0
+            if device.type == "cuda":
+                record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            bar.update()
+            bar.set_postfix(reward=f"{record['reward']:.3f}", loss=f"{record['loss']:.3f}",
+                            gnorm=f"{record['grad_norm']:.3f}", s=f"{record['step_time']:.2f}",
+                            **({"mem": f"{record['gpu_mem_gb']:.1f}G"} if "gpu_mem_gb" in record else {}))
+            if rank == 0 and record.get("sample_reward") is not None:
+                bar.write(f"step {step}: {args.out}/sample_{step}.mp4, "
+                          f"reward of its last frame {record['sample_reward']:.4f}")
+            if rank == 0 and (step % args.log_every == 0 or step == args.max_steps):
+                common.log_step(run.log_path, record, run.wandb)
+            if step % args.save_every == 0 or step == args.max_steps:
+                save(args, run, step)
+        bar.close()
+        if rank == 0:
+            common.print_done(run.ckpt_path, step, reward=record["reward"], loss=record["loss"])
 
 
 # -----------------------------------------------------------------------------
@@ -1024,8 +1029,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except UserError as e:
-        common.print_error(e)
-        sys.exit(2)
+    common.run_script(main, parse_args)

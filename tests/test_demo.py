@@ -258,6 +258,8 @@ def test_stop_ends_the_video_and_the_page_can_start_again(models, tmp_path):
 @pytest.mark.parametrize("message,error", [
     ("hello", "not JSON"),
     ("[1, 2]", "expected a JSON object"),
+    ("[" * 20000 + "]" * 20000, "nests too deeply"),
+    ('{"type": "start", "prompt": ' * 20000 + '"x"' + "}" * 20000, "nests too deeply"),
     ({"type": "dance"}, "expected a JSON object"),
     ({"type": "start"}, "empty prompt"),
     ({"type": "start", "prompt": "  \n"}, "empty prompt"),
@@ -312,6 +314,23 @@ def test_malformed_and_refused_messages_get_an_error_and_the_server_keeps_servin
         for path in ("/video/..%2f..%2fetc%2fpasswd", "/video/" + os.path.basename(str(tmp_path)), "/video/x.mp4"):
             assert c.get(path).status_code == 404
         assert c.get("/").text.count('id="video"') == 1
+
+
+def test_a_deeply_nested_message_gets_an_error_without_a_traceback(models, tmp_path, capfd):
+    """20,000 nested arrays (40 kB, under the 64 KiB WebSocket limit) would exhaust json's recursion
+    limit: the viewer gets an 'error' message, nothing is logged, and the same WebSocket then starts a
+    video. Before the fix: json.loads's RecursionError was not caught, the handler died and closed the
+    WebSocket (a traceback in the server's log; the test client raises it here)."""
+    with client(models, tmp_path / "videos") as c, contextlib.ExitStack() as viewer:
+        ws, _ = connect(c, viewer)
+        ws.send_text("[" * 20000 + "]" * 20000)
+        reply = recv(ws)
+        assert reply["type"] == "error" and "nests too deeply" in reply["message"], reply
+        assert start(ws)["type"] == "started"
+        ws.send_json({"type": "stop"})
+        assert until(ws, "stopped")[0]["reason"] == "stop"
+    logged = capfd.readouterr()
+    assert "Traceback" not in logged.err + logged.out and "RecursionError" not in logged.err + logged.out
 
 
 def test_a_page_of_another_site_cannot_connect(models, tmp_path):
@@ -702,7 +721,9 @@ def test_browser_start_switch_stop_download(demo_server, tmp_path):
         driver.save_screenshot(str(tmp_path / "demo.png"))
         driver.find_element(By.ID, "stop").click()
         WebDriverWait(driver, 20).until(lambda d: text("status").startswith("stopped"))
-        generated = int(re.search(r"(\d+) frames generated", text("status")).group(1))
+        said = re.fullmatch(r"stopped: (\d+) frames \(([\d.]+) s of video\) generated in ([\d.]+) s", text("status"))
+        generated = int(said.group(1))
+        assert abs(float(said.group(2)) - generated / 16) <= 0.05 and float(said.group(3)) > 0  # length, time taken
         link = driver.find_element(By.ID, "download")
         assert link.is_displayed() and generated >= frame + 12
         mp4, fps = mp4_frames(urllib.request.urlopen(link.get_attribute("href"), timeout=10).read(),

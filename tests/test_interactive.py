@@ -253,6 +253,45 @@ def test_finite_video_is_the_first_frames_of_an_endless_stream(model, vae, conte
     assert not np.array_equal(finite[1][21:], frames[21:25])  # a 1-frame last block is not the 3-frame one
 
 
+def test_each_block_starts_from_noise_of_its_own(model, contexts, monkeypatch):
+    """sample.py's default noise: each block starts from block_noise(seed, its first latent frame),
+    drawn anew for every block (chunk-wise 0, 3, 6; frame-wise 0, 1, 2, ...), so no two blocks
+    start from the same noise. Planted: every block drawing the first block's noise, by block_noise
+    ignoring `start` or FrameStream's default noise asking for position 0 -> fails, and no other test
+    of test_sample.py or this file does; by self.noise(0, n) in FrameStream._latent_blocks -> fails,
+    as test_stream_without_switch_is_rollout does."""
+    drawn, real = [], sample.block_noise
+
+    def spy(seed, start, shape, device, dtype):
+        noise, generator = real(seed, start, shape, device, dtype)
+        drawn.append((start, noise[:, :, 0]))  # [1, 16, h, w]: a block's first frame (the last block has one)
+        return noise, generator
+
+    monkeypatch.setattr(sample, "block_noise", spy)
+    for chunk, starts in ((3, [0, 3, 6]), (1, list(range(7)))):
+        drawn.clear()
+        latents_of(stream_of(model, contexts, latent_frames=7, chunk=chunk, seed=3))
+        assert [start for start, _ in drawn] == starts
+        firsts = [noise for _, noise in drawn]
+        assert all(not torch.equal(a, b) for i, a in enumerate(firsts) for b in firsts[i + 1:])
+
+
+@pytest.mark.parametrize("chunk,overlap", [(3, False), (1, True)])
+def test_streamed_frames_are_one_decode_of_the_whole_video(model, vae, contexts, chunk, overlap):
+    """Each block is decoded as soon as it is generated, the VAE's causal cache carried from block to
+    block (first=True only for the first): the frames are exactly one cw.vae_decode of the whole
+    latent video, bit for bit, in line and overlapped. Planted: the decoder reset on every block
+    (FrameStream yielding first=True for each; or cw.vae_decode clearing the VAE's cache at every call)
+    -> fails; so do the frame counts of test_sample.py and this file (the reset decoder makes fewer
+    frames) and the pixel checks of the continuation and switch tests."""
+    decode = lambda z, first: cw.vae_decode(vae, z, first)  # noqa: E731
+    z, frames = latents_of(stream_of(model, contexts, decode, latent_frames=7, chunk=chunk, seed=4, overlap=overlap))
+    with torch.no_grad():
+        whole = common.to_uint8_frames(cw.vae_decode(vae, z)[0])
+    frames = np.concatenate(frames)
+    assert frames.shape == whole.shape == (25, 32, 32, 3) and np.array_equal(frames, whole)
+
+
 # -----------------------------------------------------------------------------
 # the CLI
 

@@ -302,6 +302,47 @@ def test_one_run_per_folder_and_stale_files_go(tiny_wan, tmp_path):
     assert sorted(os.listdir(out)) == [".lock", "ckpt.pt", "log.jsonl", "notes.txt"]
 
 
+def test_two_runs_never_share_a_folder(tiny_wan, tmp_path):
+    """A run of our own code holds OUT (common._lock_folder, as own_folder takes it): a second run is refused.
+    Planted: the lock taken shared (LOCK_SH): both runs get it, this test fails; the test above does not see
+    it (its holder takes LOCK_EX, which a LOCK_SH request still meets)."""
+    out = tmp_path / "run"
+    held = common._lock_folder(str(out), "--out")
+    try:
+        with pytest.raises(common.UserError, match=rf"--out '.*run' is in use by another run \(pid {os.getpid()},"):
+            run(dmd, "--tiny", "--model", tiny_wan, "--critic-steps", 1, "--global-batch", 1, "--out", out,
+                "--max-steps", 1, "--sample-every", 0)
+    finally:
+        held.close()
+    assert sorted(os.listdir(out)) == [".lock"]
+
+
+def test_a_failed_run_takes_back_what_it_created(tiny_wan, tmp_path):
+    """A run that fails before its first checkpoint removes the folder it made (with its .lock and empty
+    log.jsonl), and in a folder that was there only what it added and left empty; a failed --resume keeps the
+    run it failed to continue. Before issue 32: .lock (and log.jsonl) stayed in a new folder."""
+    flags = ["--tiny", "--model", tiny_wan, "--critic-steps", 1, "--global-batch", 1, "--max-steps", 2,
+             "--sample-every", 0]
+    (tmp_path / "empty.txt").write_text("")
+    new = tmp_path / "new"
+    with pytest.raises(common.UserError, match="nothing to resume"):  # before the log is opened
+        run(dmd, *flags, "--out", new, "--resume")
+    with pytest.raises(common.UserError, match="has no prompts"):  # after
+        run(dmd, *flags, "--out", new, "--prompts", tmp_path / "empty.txt")
+    assert not new.exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("")
+    with pytest.raises(common.UserError, match="has no prompts"):
+        run(dmd, *flags, "--out", mine, "--prompts", tmp_path / "empty.txt")
+    assert os.listdir(mine) == ["notes.txt"]
+    run(dmd, *flags, "--out", mine, "--max-steps", 1)
+    with pytest.raises(common.UserError, match="has no prompts"):
+        run(dmd, *flags, "--out", mine, "--resume", "--prompts", tmp_path / "empty.txt")
+    assert sorted(os.listdir(mine)) == [".lock", "ckpt.pt", "log.jsonl", "notes.txt"]
+    assert [r["step"] for r in read_log(mine)] == [1]
+
+
 def test_resume_refuses_another_scripts_checkpoint(tiny_wan, store, tiny_reward, tmp_path):
     """A distill_dmd.py checkpoint resumed by train_reward.py or train_ode.py, and a train_reward.py
     one by distill_dmd.py. Planted: load_resume without the script check (the code before): the

@@ -2,8 +2,9 @@
 frame counts (chunk-wise, frame-wise, a shorter last block, prompt files, jobs, checkpoints,
 streaming); the speed flags give the same video (--compile changes latents by fp32 rounding only,
 < 1e-5 on the CPU: inductor's CPU backend, not its GPU one); --overlap-decode gives the same frames
-in the same order and passes a decode error on; the benchmark runs on --tiny (CI runs it) and its
-FLOP count matches torch's counter."""
+in the same order and passes a decode error on; the benchmark runs on --tiny (CI runs it), its
+FLOP count matches torch's counter, and its fastest row is one sample.py runs; a --jobs seed is
+digits 0-9. Ctrl-C and SIGTERM: test_interrupts.py."""
 import os
 import re
 import subprocess
@@ -71,6 +72,19 @@ def test_jobs_file(tiny_wan, tmp_path):
     jobs.write_text(f"a red fox\t3\t{tmp_path / 'a fox, (odd) name-3.mp4'}\n")
     run_here("--tiny", "--model", tiny_wan, "--jobs", jobs, "--frames", "5")
     assert frames_of(tmp_path / "a fox, (odd) name-3.mp4")[0] == 5
+
+
+@pytest.mark.parametrize("seed", ["\u00b2", "\u0663", "\uff13", "3.0", "-1", ""])
+def test_jobs_seed_must_be_written_in_ascii_digits(tmp_path, seed):
+    """A --jobs line whose seed is not digits 0-9 is one line naming the line and the seed, before any model
+    loads. Before the fix: str.isdigit() accepted '²' (superscript two), which int() refuses: a ValueError
+    traceback; Arabic-Indic '٣' and fullwidth '３' were read as 3."""
+    jobs = tmp_path / "jobs.tsv"
+    jobs.write_text(f"a red fox\t0\t{tmp_path / 'a.mp4'}\na red fox\t{seed}\t{tmp_path / 'b.mp4'}\n")
+    with pytest.raises(common.UserError, match=re.escape(f"{jobs}:2: seed '{seed}' is not a whole number in the "
+                                                         f"digits 0-9")) as e:
+        sample.read_jobs(sample.parse_args(["--tiny", "--jobs", str(jobs)]))
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -216,6 +230,20 @@ def test_overlapped_decode_keeps_order_and_raises(tiny_wan):
         raise RuntimeError("disk full")
     with pytest.raises(RuntimeError, match="disk full"):
         sample.generate(model, partial(cw.vae_decode, vae), kv, noise, 3, 21, broken, overlap=True)
+
+
+def test_the_fastest_row_is_one_sample_py_runs():
+    """bench.py's fastest row (detailed, then timed against diffusers and over a long video, and its last
+    line's fps=) is the fastest row sample.py can run: row 1, training's concatenating KV cache (benchmark
+    only), is left out even when it is the fastest, as it can be on the tiny model; of the others, the rows
+    that decode with the fp32 VAE. Before the fix: row 1 could be chosen as "fastest"."""
+    def row(n, fps, **setting):
+        return {"label": f"{n}. lever", "setting": {"static_cache": True, **setting}, 3: {"fps": fps}}
+    rows = [row(1, 9.0, static_cache=False), row(2, 5.0), row(3, 6.0, overlap=True), row(8, 7.0, vae_dtype="bf16")]
+    best, what = bench.fastest_row(rows)
+    assert best["label"] == "3. lever"
+    assert what == "of the rows sample.py runs (not row 1: benchmark only) with the fp32 VAE"
+    assert bench.fastest_row(rows[:1]) == (rows[0], "(only row 1, benchmark only, was measured)")  # --levers 1
 
 
 def test_stream_writes_each_block_while_generating(tmp_path):
