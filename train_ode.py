@@ -138,7 +138,7 @@ class Config:
 #   the missing ones identically; changed flags are refused with the list of settings that differ;
 # - split across ranks: rank r generates shards r, r + world, ...;
 # - verifiable: `verify` checks every shard's shape, dtype, prompts and seeds against the index.
-# Prompts come from --prompts (one per line, cycled with new seeds if --num is larger).
+# Prompts come from --prompts (one per line, cycled with new seeds if --trajectories is larger).
 #
 # Disk size at full size (832x480, 81 frames -> latents 16 x 21 x 60 x 104): one trajectory is
 # 21 x 16 x 60 x 104 values x 5 kept states x 2 bytes = 20,966,400 bytes = 21.0 MB (20.0 MiB), so
@@ -438,7 +438,7 @@ def generate(args, rank, world, device):
     """Sample the trajectories into --store (the trajectory store, above): rank r makes its missing shards, then
     every rank verifies the whole store; exit 0 only for a complete one."""
     lines = common.read_prompts(args.prompts)
-    prompts = [lines[k % len(lines)] for k in range(args.num)]  # cycled (with new seeds) if --num > lines
+    prompts = [lines[k % len(lines)] for k in range(args.num)]  # cycled (with new seeds) if --trajectories > lines
     shape = latent_shape(args)
     teacher, dmd = load_teacher(args, device)
     index = dict(source="dmd_checkpoint" if dmd else "diffusers", teacher=args.teacher, num=args.num,
@@ -682,8 +682,10 @@ def parse_args(argv=None):
         p.add_argument("--store", required=True, help="trajectory store folder")
     gen.add_argument("--teacher", required=True,
                      help="distill_dmd.py checkpoint file, or a diffusers-format Wan (folder or hub id)")
-    gen.add_argument("--prompts", required=True, help="text file, one prompt per line (cycled if --num is larger)")
-    gen.add_argument("--num", type=common.positive_int, help="number of trajectories (1400)")
+    gen.add_argument("--prompts", required=True,
+                     help="text file, one prompt per line (cycled if --trajectories is larger)")
+    # not --num: torchrun reads every option after the script as well, and --num is ambiguous to it (--numa-binding)
+    gen.add_argument("--trajectories", dest="num", type=common.positive_int, help="number of trajectories (1400)")
     gen.add_argument("--shard-size", type=common.positive_int, help="trajectories per shard (16)")
     gen.add_argument("--height", type=common.positive_int)
     gen.add_argument("--width", type=common.positive_int)

@@ -216,8 +216,8 @@ CASES = [  # (script, argv, what the one line must say)
     ("distill_dmd", DMD + ["--teacher", "TMP/none"], r"--teacher '.*none' is neither a diffusers-format folder"),
     ("distill_dmd", DMD + ["--resume"], r"nothing to resume: '.*ckpt\.pt' does not exist"),
     # train_ode.py
-    ("train_ode", ODE_GEN + ["--num", "0"], r"argument --num: 0 is not a positive integer"),
-    ("train_ode", ODE_GEN + ["--num", "-3"], r"argument --num"),
+    ("train_ode", ODE_GEN + ["--trajectories", "0"], r"argument --trajectories: 0 is not a positive integer"),
+    ("train_ode", ODE_GEN + ["--trajectories", "-3"], r"argument --trajectories"),
     ("train_ode", ODE_GEN + ["--guidance", "inf"], r"argument --guidance"),
     ("train_ode", ODE_GEN + ["--teacher-steps", "0"], r"argument --teacher-steps"),
     ("train_ode", ODE_GEN + ["--teacher", "TMP/none"], r"--teacher '.*none' is neither a diffusers-format folder"),

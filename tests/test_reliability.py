@@ -45,7 +45,7 @@ def store(tiny_wan, tmp_path_factory):
                            {"model": sd, "ema": sd, "step": 0, "args": {"generator": "bidirectional"}})
     (folder / "prompts.txt").write_text("a red fox\na boat on a lake\n")
     flags = ["generate", "--tiny", "--model", tiny_wan, "--teacher", str(folder / "teacher.pt"), "--prompts",
-             str(folder / "prompts.txt"), "--store", str(folder / "store"), "--num", "2", "--shard-size", "1"]
+             str(folder / "prompts.txt"), "--store", str(folder / "store"), "--trajectories", "2", "--shard-size", "1"]
     train_ode.main(train_ode.parse_args(flags))
     return str(folder / "store"), flags
 

@@ -154,7 +154,7 @@ def test_generation_resume_skips_finished_shards(store, teacher, tiny_wan, tmp_p
         assert torch.equal(a, b) and meta_a == meta_b
     with pytest.raises(common.UserError, match=r"other settings \(num, prompts differ\)"):
         run("generate", "--tiny", "--model", tiny_wan, "--teacher", teacher[0], "--prompts", teacher[1],
-            "--store", copy, "--num", 5)
+            "--store", copy, "--trajectories", 5)
 
 
 def test_train_resume_is_exact(store, tiny_wan, tmp_path):
@@ -220,7 +220,7 @@ def test_diffusers_teacher(teacher, tiny_wan, tmp_path):
     from diffusers import WanPipeline
     path = str(tmp_path / "ode")
     run("generate", "--tiny", "--model", tiny_wan, "--teacher", tiny_wan, "--prompts", teacher[1], "--store", path,
-        "--num", 1, "--teacher-steps", 8)
+        "--trajectories", 1, "--teacher-steps", 8)
     index = T.read_index(path)
     pipe = WanPipeline.from_pretrained(tiny_wan)
     pipe.scheduler.set_timesteps(8)
@@ -247,7 +247,7 @@ def test_self_forcing_recipe(teacher, tiny_wan, tmp_path):
     from diffusers import WanPipeline
     path = str(tmp_path / "ode")
     run("generate", "--tiny", "--model", tiny_wan, "--teacher", tiny_wan, "--prompts", teacher[1], "--store", path,
-        "--num", 1, "--recipe", "self-forcing")
+        "--trajectories", 1, "--recipe", "self-forcing")
     index = T.read_index(path)
     assert (index["recipe"], index["teacher_steps"], index["guidance"]) == ("self-forcing", 48, 6.0)
     grid = [8 * s / (1 + 7 * s) for s in (1 - k / 48 for k in range(48))] + [0.0]  # noise levels, shift 8
@@ -291,8 +291,9 @@ def test_two_nodes(store, teacher, tiny_wan, tmp_path):
     shards between the ranks and gives the single-process store; training (FSDP, global batch 2 = 2 ranks x 1)
     gives the same model as one process accumulating 2 micro-batches."""
     path = str(tmp_path / "ode")
+    # --trajectories 4 (the tiny preset's): torchrun reads the options after the script too (--num was ambiguous)
     nodes = two_nodes("train_ode.py", "generate", "--tiny", "--model", tiny_wan, "--teacher", teacher[0],
-                      "--prompts", teacher[1], "--store", path)
+                      "--prompts", teacher[1], "--store", path, "--trajectories", 4)
     assert all(code == 0 for code, _ in nodes), "\n".join(out[-3000:] for _, out in nodes)
     for i in range(2):
         (a, meta_a), (b, meta_b) = (read_shard(os.path.join(d, f"shard_{i:05d}.safetensors")) for d in (store, path))
