@@ -1,19 +1,28 @@
 """
 Weights on disk other than the diffusers folder a user downloads (which causal_wan.from_pretrained loads):
 our training checkpoints (the generator inside, and which kind), other code bases' releases and a tiny
-random Wan written as a diffusers folder for --tiny and the tests.
+random Wan written as a diffusers folder for --tiny and the tests; and a trained generator exported as a
+diffusers `transformer/` folder of safetensors, which WanTransformer3DModel.from_pretrained and every --checkpoint
+and --init here load:
+
+    python convert.py export --checkpoint runs/reward/ckpt.pt --out runs/reward/transformer   # its EMA, fp32
+    python sample.py --checkpoint runs/reward/transformer --prompt "..."                      # the same video
 
 Wan's original release, CausVid and Self Forcing name the transformer's parameters the original Wan way
 (`blocks.0.self_attn.q.weight`), often behind wrapper prefixes (`model.`, FSDP's, torch.compile's);
 causal_wan.py's names are diffusers'. The key map is diffusers' own (scripts/convert_wan_to_diffusers.py)
 and round-trips.
 """
+import argparse
+import json
 import os
 import re
 import sys
 
 import torch
 
+import causal_wan as cw
+import common
 from causal_wan import WanConfig
 from common import UserError
 
@@ -72,9 +81,20 @@ def is_original_layout(state_dict):
 # -----------------------------------------------------------------------------
 # our checkpoints, and the generator inside any checkpoint
 
+def check_checkpoint(path, what):
+    """Before anything loads: a checkpoint file, or an exported generator (a folder of safetensors, or one file)."""
+    if os.path.isdir(path):
+        exported_files(path, what)
+    else:
+        common.check_file(path, what)
+
+
 def load_checkpoint(path, mmap=False):
     """torch.load of a checkpoint, turning a missing or corrupt file into a one-line error.
-    mmap=True reads tensors only when touched (e.g. to look at its 'args' alone)."""
+    mmap=True reads tensors only when touched (e.g. to look at its 'args' alone). An exported generator (a folder
+    or a .safetensors file: export below) reads as {'exported': its weights, 'args': {'generator': its kind}}."""
+    if os.path.isdir(path) or path.endswith(".safetensors"):
+        return load_exported(path)
     if not os.path.isfile(path):
         raise UserError(f"checkpoint '{path}' does not exist")
     try:
@@ -89,6 +109,8 @@ def generator_state_dict(ckpt, use_ema=True):
     ...}), Self Forcing's ({'generator', 'generator_ema'}), or a bare state dict in either layout."""
     if not isinstance(ckpt, dict):
         raise UserError(f"checkpoint holds a {type(ckpt).__name__}, not a dict of weights")
+    if "exported" in ckpt:  # one set of weights: the ones it was exported from
+        return dict(ckpt["exported"])
     for key in (["ema", "generator_ema"] if use_ema else []) + ["model", "generator"]:
         if isinstance(ckpt.get(key), dict):
             sd = ckpt[key]
@@ -123,6 +145,92 @@ def load_generator_weights(model, path, use_ema=True, kind="causal"):
     except RuntimeError as e:
         raise UserError(f"checkpoint '{path}' does not fit the model ({' '.join(str(e).split())[:200]})") from None
     return model
+
+
+# -----------------------------------------------------------------------------
+# a generator as a diffusers transformer folder of safetensors (`python convert.py export`)
+
+EXPORT_FILE = "diffusion_pytorch_model.safetensors"  # the name diffusers' save_pretrained gives one shard
+
+
+def exported_files(path, what="checkpoint"):
+    """The safetensors files of an exported generator: `path` itself, or those of the folder (or of its
+    transformer/ subfolder, a whole diffusers-format Wan)."""
+    if os.path.isfile(path):
+        return [path]
+    folder = os.path.join(path, "transformer") if os.path.isdir(os.path.join(path, "transformer")) else path
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors"))
+    if not files:
+        raise UserError(f"{what} '{path}' is a folder without .safetensors weights: give a checkpoint file, or a "
+                        f"generator exported with `python convert.py export`")
+    return files
+
+
+def load_exported(path):
+    """{'exported': the weights (diffusers names), 'args': {'generator': 'causal' or 'bidirectional'}} of a
+    generator in safetensors; its kind comes from the file's metadata (written by export; a diffusers transformer
+    of another origin is causal)."""
+    from safetensors import safe_open
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint '{path}' does not exist")
+    state_dict, kind = {}, "causal"
+    for file in exported_files(path):
+        try:
+            with safe_open(file, "pt") as f:
+                kind = (f.metadata() or {}).get("generator", kind)
+                state_dict.update({k: f.get_tensor(k) for k in f.keys()})
+        except Exception as e:
+            raise UserError(f"'{file}' is not a readable safetensors file "
+                            f"({type(e).__name__}: {str(e)[:100]})") from None
+    sd = original_to_diffusers(state_dict) if is_original_layout(state_dict) else state_dict
+    return {"exported": sd, "args": {"generator": kind}}
+
+
+def export(args):
+    """`python convert.py export`: the generator of --checkpoint (its EMA unless --no-ema) with --model's config,
+    as OUT/config.json (WanTransformer3DModel's) + OUT/diffusion_pytorch_model.safetensors, in --dtype. Each file is
+    written aside and renamed; the safetensors metadata records the kind of generator and where it came from."""
+    from diffusers import WanTransformer3DModel
+    from safetensors.torch import save_file
+    check_checkpoint(args.checkpoint, "--checkpoint")
+    cw.check_model(args.model)
+    ckpt = load_checkpoint(args.checkpoint)
+    kind, cfg = generator_kind(ckpt), cw.read_wan_config(cw.resolve_folder(args.model, "transformer", "--model"))
+    model = cw.CausalWan(cfg)
+    load_generator_weights(model, args.checkpoint, use_ema=not args.no_ema, kind=kind)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    state_dict = {k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}
+    common.check_output_folder(args.out, "--out")
+    with torch.device("meta"):
+        config = dict(WanTransformer3DModel(**cfg.to_diffusers()).config)
+    metadata = {"format": "pt", "generator": kind, "source": os.path.abspath(args.checkpoint),
+                "weights": "model" if args.no_ema else "ema", "step": str(ckpt.get("step", ""))}
+    weights, config_path = os.path.join(args.out, EXPORT_FILE), os.path.join(args.out, "config.json")
+    for path, write in [(weights, lambda tmp: save_file(state_dict, tmp, metadata=metadata)),
+                        (config_path, lambda tmp: open(tmp, "w").write(json.dumps(config, indent=2) + "\n"))]:
+        tmp = f"{path}.tmp{os.getpid()}"
+        try:
+            write(tmp)
+            os.replace(tmp, path)
+        except OSError as e:
+            raise UserError(f"could not write {path} ({e.strerror}): {common.no_room(path)}") from None
+        finally:
+            common._remove(tmp)
+    print(f"wrote {args.out}: the {kind} generator of {args.checkpoint} ({metadata['weights']} weights, "
+          f"{args.dtype}, {sum(v.numel() for v in state_dict.values()) / 1e6:.1f}M parameters)")
+
+
+def parse_args(argv=None):
+    p = common.ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:2]),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("export", help="a generator as a diffusers transformer folder of safetensors")
+    e.add_argument("--checkpoint", required=True, help="a checkpoint of this repo (or Self Forcing's .pt)")
+    e.add_argument("--out", required=True, help="the folder to write config.json and the safetensors into")
+    e.add_argument("--model", default=cw.DEFAULT_MODEL, help="the diffusers-format Wan whose config it has")
+    e.add_argument("--no-ema", action="store_true", help="the checkpoint's raw weights instead of its EMA")
+    e.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="the weights' dtype (fp32)")
+    return p.parse_args(argv)
 
 
 # -----------------------------------------------------------------------------
@@ -165,3 +273,7 @@ def tiny_model_dir():
     """Where --tiny keeps its tiny Wan (built once, then reused)."""
     cache = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
     return os.path.join(cache, "reward_forcing", "tiny_wan")
+
+
+if __name__ == "__main__":
+    common.run_script(export, parse_args)

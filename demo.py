@@ -64,6 +64,7 @@ import torch
 
 import causal_wan as cw
 import common
+import convert
 import sample
 import speedkit
 
@@ -101,7 +102,7 @@ def check_args(args):
         raise common.UserError(f"--port {args.port} is not a TCP port (1-65535)")
     common.check_device(args.device)  # the checks sample.py makes too
     if args.checkpoint:
-        common.check_file(args.checkpoint, "--checkpoint")
+        convert.check_checkpoint(args.checkpoint, "--checkpoint")
     sample.check_speed_kit(args)  # --decoder, --decoder-path, --fp8 (the tiny decoder's file: loaded first)
     try:  # the port must be free now, not after the models have loaded
         family, _, _, _, address = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)[0]

@@ -276,7 +276,7 @@ def setup(args, rank, world, device):
     for model, flag in ((args.model, "--model"), (args.teacher, "--teacher")):
         cw.check_model(model, flag)
     if args.init:
-        common.check_file(args.init, "--init checkpoint")
+        convert.check_checkpoint(args.init, "--init checkpoint")
     ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
     stage = f"with --generator {args.generator}"
     ckpt = common.load_resume(ckpt_path, args, SCRIPT, stage)

@@ -164,7 +164,7 @@ def check_args(args):
     if not (args.tiny and args.model == convert.tiny_model_dir()):  # --tiny builds its own on first use
         cw.check_model(args.model)
     if args.checkpoint:
-        common.check_file(args.checkpoint, "--checkpoint")
+        convert.check_checkpoint(args.checkpoint, "--checkpoint")
 
 
 def check_speed_kit(args):

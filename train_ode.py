@@ -546,7 +546,7 @@ def setup(args, rank, world, device):
     accum = args.global_batch // (world * args.micro_batch)
     cw.check_model(args.model)
     if args.init:
-        common.check_file(args.init, "--init checkpoint")
+        convert.check_checkpoint(args.init, "--init checkpoint")
     ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
     ckpt = common.load_resume(ckpt_path, args, SCRIPT)
     wandb = None

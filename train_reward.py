@@ -723,7 +723,7 @@ def setup(args, rank, world, device):
     ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
     ckpt = common.load_resume(ckpt_path, args, SCRIPT, stage="with --dmd-weight" if joint else "without --dmd-weight")
     if ckpt is None and args.init:  # before the text encoder loads
-        common.check_file(args.init, "--init checkpoint")
+        convert.check_checkpoint(args.init, "--init checkpoint")
     if ckpt is None and not args.init and not args.tiny:
         raise UserError("--init is required: the ODE-initialized generator (runs/ode/ckpt.pt from train_ode.py, "
                         "or Self Forcing's checkpoints/ode_init.pt)")
