@@ -76,6 +76,11 @@ def parse_args(argv=None):
                    help="which optimization rows to measure, e.g. 1,2,5 (default all; row 1 is the plain path)")
     p.add_argument("--long-frames", type=int,
                    help="frames of the long-video run, 12k-3 (957 = 1 min; 165 with --tiny; 0: skip it)")
+    p.add_argument("--memory-plan", action="store_true",
+                   help="count each training step's peak memory per GPU under FSDP on fake tensors (1.3B, 480x832, 81 "
+                        "frames; --tiny: the tiny config) instead")
+    p.add_argument("--gpus", type=common.positive_int, default=8,
+                   help="--memory-plan: GPUs the states are sharded over (8)")
     p.add_argument("--reward-decode", action="store_true",
                    help="measure train_reward.py's reward decode + backward instead")
     p.add_argument("--count", action="store_true",
@@ -124,6 +129,8 @@ def check_args(args):
 
 
 def main(args):
+    if args.memory_plan:
+        return memory_plan(args)
     check_args(args)
     if not args.reward_decode:
         return benchmark(args)
@@ -906,6 +913,100 @@ def reward_decode_main(args):
           f"{F} latent frames, gradient to {F - s} | {mode} | peak +{peak:.2f} GiB | {seconds:.1f} s "
           f"(a no-grad decode of the {s} frames before the block alone: {prefix_seconds:.1f} s) | "
           f"gradient norm per latent frame {[round(n, 3) for n in norms]}")
+
+
+# -----------------------------------------------------------------------------
+# --memory-plan: each training step's peak memory per GPU at full size, counted on fake tensors
+
+CONTEXT_GB = 4.0  # CUDA context and allocator slack per GPU (an estimate: not counted)
+REWARD_MODEL_PARAMS = 0.45e9  # ImageReward (BLIP ViT-L + BERT-base + head), fp32, replicated (from its files' sizes)
+
+
+def step_memory(step, nets):
+    """Run step() under PeakMemory on fake tensors -> (peak bytes minus the parameter gradients it made, which
+    FSDP reduce-scatters into the sharded states unit by unit, bytes alive after it). The gradients are dropped."""
+    with PeakMemory() as memory:
+        step()
+    grads = sum(p.grad.numel() * p.grad.element_size() for net in nets for p in net.parameters() if p.grad is not None)
+    for net in nets:
+        net.zero_grad(set_to_none=True)
+    return memory.peak - grads, memory.alive - grads
+
+
+def memory_plan(args):
+    """Per GPU under FSDP over --gpus: the sharded states (fp32 master weights, gradients, AdamW's two moments,
+    the EMA; bf16 frozen teachers) from parameter counts, plus each step's activations counted on fake tensors
+    (PeakMemory: the bytes of live tensors, shapes only) with bf16 compute and activation checkpointing per
+    block, as the trainers run on GPUs, plus the replicated frozen models and CUDA's context (estimated)."""
+    from diffusers import AutoencoderKLWan
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import distill_dmd
+    import train_ode
+    cfg, (F, h, w) = (cw.WanConfig.tiny(), (6, 8, 8)) if args.tiny else (cw.WanConfig.wan_1_3b(), (21, 60, 104))
+    bf16, (unit, name) = torch.bfloat16, (2**20, "MiB") if args.tiny else (2**30, "GiB")  # tiny: MiB, or all is 0.00
+    print(f"memory plan: {'tiny config' if args.tiny else 'Wan2.1-T2V-1.3B'}, {F} latent frames {8 * h}x{8 * w}, "
+          f"FSDP over {args.gpus} GPUs, bf16 compute, activation checkpointing, batch 1 per GPU; {name} per GPU")
+    with FakeTensorMode():
+        def net(trained):
+            model = cw.cast_model(cw.CausalWan(cfg), bf16)
+            model.gradient_checkpointing = trained
+            return model.requires_grad_(trained)
+        generator, critic, teacher = net(True), net(True), net(False)
+        n = sum(p.numel() for p in generator.parameters())
+        vae = AutoencoderKLWan(**({} if not args.tiny else dict(base_dim=8, dim_mult=[1, 1, 1, 1], num_res_blocks=1)))
+        vae = vae.eval().requires_grad_(False)
+        vae_params = sum(p.numel() for p in vae.parameters())
+        context, uncond = torch.randn(1, 512, cfg.text_dim, dtype=bf16), torch.randn(1, 512, cfg.text_dim, dtype=bf16)
+        noise = torch.randn(1, cfg.in_channels, F, h, w, dtype=bf16)
+        g = torch.Generator()
+        blocks, exit_steps = F // 3, [3] * (F // 3)
+
+        def rollout(cache_grad, grad_blocks=None):
+            return cw.rollout(generator, noise, generator.prompt_kv(context), block_size=3, exit_steps=exit_steps,
+                              generator=g, grad_blocks=grad_blocks, cache_grad=cache_grad)
+
+        def reward_step(cache_grad, grad_blocks):
+            video = rollout(cache_grad, grad_blocks)
+            pixels = train_reward.decode_reward_frames(vae, video.float(), [4 * (F - 1)], 3, checkpointed=True)
+            pixels.square().mean().backward()  # a stand-in for the reward: its model is counted below, not run
+
+        def dmd_step():
+            video = rollout("straight-through")
+            distill_dmd.dmd_loss(video, teacher, critic, context, uncond, 4.0, g)[0].backward()
+
+        def critic_step():
+            with torch.no_grad():
+                video = rollout("straight-through")
+            distill_dmd.critic_loss(video, critic, context, g)[0].backward()
+
+        def ode_step():
+            trajectory = torch.randn(1, 5, cfg.in_channels, F, h, w, dtype=bf16)
+            index = torch.zeros(1, F, dtype=torch.long)
+            x0 = train_ode.student_x0(generator, trajectory, index, torch.tensor(train_ode.DMDTeacher.timesteps),
+                                      generator.prompt_kv(context), 3)
+            train_ode.ode_loss(x0, trajectory[:, -1]).backward()
+
+        steps = [("reward (train_reward.py, --cache-grad straight-through)",
+                  lambda: reward_step("straight-through", None), [generator], 20, 0),
+                 ("reward (--cache-grad detach)", lambda: reward_step("detach", {blocks - 1}), [generator], 20, 0),
+                 ("DMD generator update (distill_dmd.py --generator causal)", dmd_step, [generator, critic], 36, 2),
+                 ("DMD critic update", critic_step, [critic], 36, 2),
+                 ("ODE regression (train_ode.py train)", ode_step, [generator], 20, 0)]
+        print(f"{'step':<58}{'states':>8}{'activations':>13}{'frozen':>8}{'context':>9}{'total':>8}")
+        for step_name, step, nets, state_bytes, frozen_bytes in steps:
+            t0 = time.time()
+            peak, _ = step_memory(step, nets)
+            states = n * state_bytes / args.gpus + n * frozen_bytes / args.gpus  # trained nets + bf16 teacher, sharded
+            frozen = (vae_params + REWARD_MODEL_PARAMS) * 4 if step_name.startswith("reward") else 0  # replicated fp32
+            cuda = CONTEXT_GB * 2**30
+            print(f"{step_name:<58}{states / unit:>8.2f}{peak / unit:>13.2f}{frozen / unit:>8.2f}{cuda / unit:>9.1f}"
+                  f"{(states + peak + frozen + cuda) / unit:>8.2f}   ({time.time() - t0:.0f} s)", flush=True)
+    print(f"states: per trained net {n / 1e9:.3f}B parameters x (fp32 master 4 + gradient 4 + AdamW 8 + EMA 4 bytes; "
+          f"the critic has no EMA: 16), the bf16 teacher 2 bytes, all / {args.gpus}; activations: the step's counted "
+          f"peak of live tensors minus its parameter gradients (reduce-scattered unit by unit into the states); "
+          f"frozen: the fp32 VAE and ImageReward (~{REWARD_MODEL_PARAMS / 1e9:.2f}B, not run here: its activations for "
+          f"one 224x224 frame are not counted) replicated on every GPU; context: CUDA's, an estimate")
 
 
 if __name__ == "__main__":

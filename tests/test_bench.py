@@ -258,3 +258,16 @@ def test_benchmark_casts_diffusers_as_diffusers_loads(tiny_wan):
         return {n: t.dtype for n, t in list(m.named_parameters()) + list(m.named_buffers())}
     assert dtypes(cast) == dtypes(loaded)
     assert {torch.float32, torch.bfloat16} <= set(dtypes(cast).values())
+
+
+def test_memory_plan_counts_every_training_step(capsys):
+    """`bench.py --memory-plan --tiny`: a row per training step, each with its counted activations, where the
+    straight-through cache gradient needs more than the detached cache (every block's graph against the last's)."""
+    bench.main(bench.parse_args(["--memory-plan", "--tiny"]))
+    rows = {line[:58].strip(): [float(x) for x in line[58:].split("(")[0].split()]
+            for line in capsys.readouterr().out.splitlines() if line.startswith(("reward", "DMD", "ODE"))}
+    assert len(rows) == 5 and all(len(r) == 5 and r[1] > 0 for r in rows.values()), rows
+    straight = rows["reward (train_reward.py, --cache-grad straight-through)"]
+    detach = rows["reward (--cache-grad detach)"]
+    assert straight[1] > detach[1]
+    assert all(abs(sum(r[:4]) - r[4]) < 0.02 for r in rows.values())  # the total is the sum of its parts
