@@ -145,6 +145,12 @@ def apply_rope(x, cos, sin):
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
 
 
+def shift_rope(k, frames):
+    """Cached keys [B, H, L, D] roped at time position p -> roped at p + frames (R(a) R(b) = R(a + b))."""
+    angles = rope_angles(k.shape[-1], 1, 1, 1, frames, k.device)  # [1, D/2]: time only, height and width at 0
+    return apply_rope(k, angles.cos().float(), angles.sin().float())
+
+
 def attention(q, k, v):
     """SDPA over [B, H, L, D]. On a GPU only fused kernels may run (flash, cuDNN, memory-efficient):
     the math fallback would materialize [L, L] scores (7 GB per block call at full size), so an
@@ -314,11 +320,18 @@ class KVCache:
     copies the cache, and evicting moves the recent frames down once per block. static=False (training): every call
     concatenates into new tensors, because autograd and activation checkpointing's recompute need the tensors a
     step read to stay unchanged while later blocks extend the cache.
+
+    rope="window" (Lu et al.'s Reward Forcing, LongLive's infinity config): RoPE positions are the window's slots (the
+    sink first, the block last), never above max_frames. sink_ema: Reward Forcing's EMA-Sink. Both: `evict`.
     """
 
-    def __init__(self, num_layers, max_frames=21, sink_frames=3, static=False, total_frames=None):
+    def __init__(self, num_layers, max_frames=21, sink_frames=3, static=False, total_frames=None, rope="absolute",
+                 sink_ema=None):
+        if rope not in ("absolute", "window") or sink_ema is not None and rope != "window":
+            raise ValueError(f"rope must be 'absolute' or 'window' (sink_ema needs 'window'), not {rope!r}")
         self.kv = [None] * num_layers  # static: the buffers; else the cached tensors themselves
         self.max_frames, self.sink_frames, self.static = max_frames, sink_frames, static
+        self.rope, self.sink_ema = rope, sink_ema
         self.total_frames = total_frames  # the video's length if known: in place, no buffer needs more
         self.pos = 0  # absolute frame index of the next block
         self.frames = 0  # frames currently held
@@ -344,31 +357,46 @@ class KVCache:
             self.kv[i] = (k.new_empty(shape), v.new_empty(shape))
         return _in_place_kv(*self.kv[i], n, k, v)
 
-    def append(self, kvs, num_frames):
-        """Make the block the model just ran (its clean pass) part of the cache. In place, its
-        keys/values are already there (the forward wrote them): kvs is not read and may be None."""
+    def append(self, kvs, num_frames, keep=None):
+        """Make the block the model just ran (its clean pass) part of the cache, then evict to `keep` frames (default
+        frames_kept). In place, its keys/values are already there (the forward wrote them): kvs may be None."""
         if self.static:
             L = num_frames * self.tokens_per_frame
         else:
             L = kvs[0][0].shape[2]
             for i, (k, v) in enumerate(kvs):
                 self.kv[i] = (k, v) if self.kv[i] is None else _concat_kv(*self.kv[i], k, v)
-        tokens_per_frame = L // num_frames
         self.pos += num_frames
         self.frames += num_frames
         self.tokens += L
-        drop = self.frames - self.frames_kept(num_frames)
-        if drop > 0:
-            s, e = self.sink_frames * tokens_per_frame, (self.sink_frames + drop) * tokens_per_frame
-            if self.static:  # move the recent frames down over the dropped ones (clone: the ranges overlap)
-                for buf_k, buf_v in self.kv:
-                    buf_k[:, :, s:self.tokens - e + s] = buf_k[:, :, e:self.tokens].clone()
-                    buf_v[:, :, s:self.tokens - e + s] = buf_v[:, :, e:self.tokens].clone()
+        self.evict(self.frames_kept(num_frames) if keep is None else keep)
+
+    def evict(self, keep):
+        """Drop the oldest frames after the sink until `keep` are left. rope="window": the recent frames move down as
+        many slots, so their keys are rotated back as many positions. sink_ema=a: the dropped frames are first blended
+        into the sink (keys moved to its slots), sink = a sink + (1 - a) dropped if as many as it holds, else its first
+        frames are replaced by them (a = 0), as Reward Forcing's wan/modules/causal_model.py @ 4317f5a does."""
+        drop = self.frames - keep
+        if drop <= 0:
+            return
+        tokens_per_frame = self.tokens // self.frames
+        s, e = self.sink_frames * tokens_per_frame, (self.sink_frames + drop) * tokens_per_frame
+        for i, (k, v) in enumerate(self.kv):
+            sink_k, sink_v, rest_k, rest_v = k[:, :, :s], v[:, :, :s], k[:, :, e:self.tokens], v[:, :, e:self.tokens]
+            if self.rope == "window":
+                rest_k = shift_rope(rest_k, -drop)
+            if self.sink_ema is not None:
+                m, a = min(e - s, s), self.sink_ema if e - s == s else 0.0
+                old_k = shift_rope(k[:, :, s:s + m], -self.sink_frames)
+                sink_k = torch.cat([a * sink_k[:, :, :m] + (1 - a) * old_k, sink_k[:, :, m:]], 2)
+                sink_v = torch.cat([a * sink_v[:, :, :m] + (1 - a) * v[:, :, s:s + m], sink_v[:, :, m:]], 2)
+            new_k, new_v = torch.cat([sink_k, rest_k], 2), torch.cat([sink_v, rest_v], 2)  # new tensors: no overlap
+            if self.static:  # the same buffers, the kept frames at their front
+                k[:, :, :new_k.shape[2]], v[:, :, :new_v.shape[2]] = new_k, new_v
             else:
-                self.kv = [(torch.cat([k[:, :, :s], k[:, :, e:]], 2), torch.cat([v[:, :, :s], v[:, :, e:]], 2))
-                           for k, v in self.kv]
-            self.frames -= drop
-            self.tokens -= e - s
+                self.kv[i] = (new_k, new_v)
+        self.frames -= drop
+        self.tokens -= e - s
 
     def frames_kept(self, num_frames):
         """How many frames the cache keeps after a block of num_frames: the sink plus the most recent
@@ -416,7 +444,9 @@ class CausalWan(nn.Module):
         pt, ph, pw = self.cfg.patch_size
         f, h, w = nF // pt, H // ph, W // pw
         head_dim = self.cfg.dim // self.cfg.num_heads
-        angles = rope_angles(head_dim, f, h, w, kv_cache.pos if kv_cache is not None else 0, x.device)
+        # the block's RoPE time position: its absolute frame index, or its slot after the cache's (window RoPE)
+        offset = 0 if kv_cache is None else kv_cache.frames if kv_cache.rope == "window" else kv_cache.pos
+        angles = rope_angles(head_dim, f, h, w, offset, x.device)
         rope = (angles.cos().float()[:, None], angles.sin().float()[:, None])
 
         # the compute dtype of the blocks (bf16 or fp32): that of the text keys their cross-attention
@@ -580,10 +610,10 @@ class VideoStream:
     frame at its own RoPE position. So a switch with re-cache after b blocks equals continuing the first b blocks'
     latents under the new prompt, exactly, with or without eviction.
 
-    LongLive's re-cache differs (its v1 code: `_recache_after_switch`, with the global sink of its inference configs):
-    it re-encodes its local window (the last 12 latent frames) in one pass through the KV-cache path, whose attention
-    has no mask, so each frame attends to all the others, later ones included (bidirectional); and once frames have
-    been evicted it leaves the sink's keys/values as the old prompt made them.
+    Released models' rules, as options (the defaults are ours and Self Forcing's): sink_frames (None: the first
+    block), rope and sink_ema (KVCache), recache="longlive" (`_recache_longlive`) with global_sink, and
+    first_timesteps, the schedule of the first block the stream generates (Causal Forcing++'s 1- and 2-step models
+    run it with the 4 steps). sample.py's --cache and --steps name the released combinations.
 
     Within the window (no frame evicted yet) a continuation is exact: prefill of a video's first k blocks, then the
     same noise, gives exactly its remaining blocks (later evictions included). Past it, a continuation (and a
@@ -593,17 +623,22 @@ class VideoStream:
     """
 
     def __init__(self, model, prompt_kv, block_size=3, max_frames=21, timesteps=DENOISING_TIMESTEPS,
-                 total_frames=None, static=None, cache_grad="straight-through"):
+                 total_frames=None, static=None, cache_grad="straight-through", sink_frames=None, rope="absolute",
+                 sink_ema=None, recache="replay", global_sink=True, first_timesteps=None):
         if cache_grad not in CACHE_GRAD:
             raise ValueError(f"cache_grad must be one of {CACHE_GRAD}, not {cache_grad!r}")
+        if recache not in ("replay", "longlive") or recache == "longlive" and sink_ema is not None:
+            raise ValueError(f"recache must be 'replay' or 'longlive' (without sink_ema), not {recache!r}")
         self.model, self.prompt_kv, self.block_size, self.timesteps = model, prompt_kv, block_size, timesteps
+        self.first_timesteps, self.recache, self.global_sink = first_timesteps, recache, global_sink
         self.cache_grad = cache_grad  # how a block's gradient reaches the blocks it attended to (training)
         self.total_frames = total_frames  # latent frames of the video, or None (endless)
         if static is None:  # in place, except for a single block (it reads no cache)
             static = total_frames is None or total_frames > block_size
-        sink = block_size if total_frames is None else min(block_size, total_frames)
+        sink = block_size if sink_frames is None else sink_frames
+        sink = sink if total_frames is None else min(sink, total_frames)
         self.kv_cache = KVCache(len(model.blocks), max_frames=max_frames, sink_frames=sink, static=static,
-                                total_frames=total_frames)
+                                total_frames=total_frames, rope=rope, sink_ema=sink_ema)
         self.pos = 0  # latent frames so far = the RoPE position of the next block
         self.held = None  # [B, C, n, H, W]: clean latents of the n frames the cache holds
         self.held_pos = []  # the absolute position of each
@@ -616,18 +651,19 @@ class VideoStream:
         through that step only (and, with cache_grad "straight-through", from later blocks through the
         cache into this step's keys/values). steps: a list that receives the noisy input x_t of every step."""
         B, n = noise.shape[0], noise.shape[2]
-        last = len(self.timesteps) - 1 if exit_step is None else int(exit_step)
+        timesteps, self.first_timesteps = self.first_timesteps or self.timesteps, None  # the first block's, once
+        last = len(timesteps) - 1 if exit_step is None else int(exit_step)
         exit_kv = [] if grad and self.cache_grad == "straight-through" else None  # the exit step's, with graph
         x = noise
         for i in range(last + 1):
             if steps is not None:
                 steps.append(x)
-            t = torch.full((B,), self.timesteps[i], device=x.device, dtype=torch.float32)
+            t = torch.full((B,), timesteps[i], device=x.device, dtype=torch.float32)
             with torch.set_grad_enabled(grad and i == last):
                 x0 = predict_x0(self.model, x, t, self.prompt_kv, kv_cache=self.kv_cache,
                                 kv_out=exit_kv if i == last else None)
             if i < last:
-                s = self.timesteps[i + 1] / 1000
+                s = timesteps[i + 1] / 1000
                 eps = torch.randn(x0.shape, generator=generator, device=generator.device if generator else x0.device)
                 eps = eps.to(x0.device, x0.dtype)  # a CPU generator gives the same noise on every device
                 x = (1 - s) * x0 + s * eps
@@ -663,16 +699,17 @@ class VideoStream:
         self.held = x0 if self.held is None else torch.cat([self.held, x0], 2)
         self.held_pos += range(first, first + n)
         self.held_block += [block_pos] * n
-        if len(self.held_pos) > self.kv_cache.frames:  # the cache keeps its sink and its most recent frames
-            sink, recent = self.kv_cache.sink_frames, self.kv_cache.frames - self.kv_cache.sink_frames
-            keep = list(range(sink)) + list(range(len(self.held_pos) - recent, len(self.held_pos)))
-            self._keep(keep)
+        self._hold(self.kv_cache.frames - self.kv_cache.sink_frames)  # what the cache holds
 
-    def _keep(self, frames):
-        """Hold only these (indices into the held frames)."""
-        self.held = self.held[:, :, frames]
-        self.held_pos = [self.held_pos[i] for i in frames]
-        self.held_block = [self.held_block[i] for i in frames]
+    def _hold(self, recent):
+        """Hold only the sink's latents and the `recent` latest ones (LongLive's re-cache needs the last max_frames,
+        more than the cache keeps between blocks)."""
+        sink, recent = self.kv_cache.sink_frames, self.kv_cache.max_frames if self.recache == "longlive" else recent
+        if len(self.held_pos) > sink + recent:
+            frames = list(range(sink)) + list(range(len(self.held_pos) - recent, len(self.held_pos)))
+            self.held = self.held[:, :, frames]
+            self.held_pos = [self.held_pos[i] for i in frames]
+            self.held_block = [self.held_block[i] for i in frames]
 
     def _replay(self):
         """Rebuild the cache under self.prompt_kv from the held latents: each run of frames that
@@ -686,6 +723,7 @@ class VideoStream:
                 self.kv_cache.pos = pos[start]
                 self._cache_block(held[:, :, start:i], block[start])
                 start = i
+        self.kv_cache.evict(self.kv_cache.frames_kept(self.block_size))  # recache="longlive" holds more than that
         self.kv_cache.pos = self.pos
 
     def set_prompt(self, prompt_kv, recache=True):
@@ -694,7 +732,23 @@ class VideoStream:
         keys/values (the cached frames keep the old prompt's keys: the new prompt takes hold slowly)."""
         self.prompt_kv = prompt_kv
         if recache and self.held is not None:
-            self._replay()
+            self._recache_longlive() if self.recache == "longlive" else self._replay()
+
+    @torch.no_grad()
+    def _recache_longlive(self):
+        """LongLive v1.0's (_recache_after_switch): the last max_frames frames re-encoded under the new prompt in one
+        unmasked call (each attends to all, later ones included), the first sink_frames of them the sink from then on.
+        Past the window with global_sink (its inference configs) the sink keeps the old prompt's keys/values, and the
+        max_frames - sink_frames frames after it are re-encoded attending to it (upstream also runs sink_frames frames
+        before them, whose keys no query reads). Then the cache keeps what it keeps after a block."""
+        kv, keep_sink = self.kv_cache, self.global_sink and self.pos > self.kv_cache.max_frames
+        n = kv.max_frames - kv.sink_frames if keep_sink else min(self.pos, kv.max_frames)
+        kv.evict(kv.sink_frames) if keep_sink else kv.clear()
+        assert self.held_pos[-n:] == list(range(self.pos - n, self.pos)), "the re-encoded frames are not held"
+        kv.pos, kvs = self.pos - n, []
+        self.model(self.held[:, :, -n:], torch.zeros(self.held.shape[0], device=self.held.device), self.prompt_kv,
+                   kv_cache=kv, kv_out=kvs)
+        kv.append(kvs, n, keep=kv.frames_kept(self.block_size))
 
     def prefill(self, latents):
         """Continue a video: latents [B, C, L, H, W] are its first L clean frames (a clip, an image).
@@ -705,16 +759,14 @@ class VideoStream:
         L = latents.shape[2]
         self.held, self.held_pos = latents, list(range(L))
         self.held_block = [p - p % self.block_size for p in range(L)]
-        kept, sink = self.kv_cache.frames_kept(self.block_size), self.kv_cache.sink_frames
-        if L > kept:
-            self._keep(list(range(sink)) + list(range(L - (kept - sink), L)))
+        self._hold(self.kv_cache.frames_kept(self.block_size) - self.kv_cache.sink_frames)
         self.pos = L
         self._replay()
 
 
 def rollout(model, noise, prompt_kv, block_size=3, timesteps=DENOISING_TIMESTEPS, exit_steps=None,
             max_frames=21, generator=None, on_block=None, trajectory=None, grad_blocks=None, static_cache=None,
-            cache_grad="straight-through"):
+            cache_grad="straight-through", **options):
     """Generate a video block by block with the KV cache: noise [B, C, F, H, W] -> clean latents, each block by
     `VideoStream.next_block`. A last block shorter than block_size is allowed; block_size >= F is the bidirectional
     few-step generator (one block, full attention).
@@ -730,7 +782,7 @@ def rollout(model, noise, prompt_kv, block_size=3, timesteps=DENOISING_TIMESTEPS
     "detach" the blocks of the scored frames, with "straight-through" every block up to the last scored one.
     on_block(b, x0, kv_cache) is called after each block (streaming decode, benchmarks). trajectory: a list that
     receives, per block, the noisy input x_t of every step taken. static_cache: the KV cache's storage (None: in
-    place without grad if there are several blocks, else concatenated).
+    place without grad if there are several blocks, else concatenated). options: VideoStream's released-model options.
     """
     nF = noise.shape[2]
     grad = torch.is_grad_enabled()
@@ -738,7 +790,7 @@ def rollout(model, noise, prompt_kv, block_size=3, timesteps=DENOISING_TIMESTEPS
     # (a single block reads no cache: then nothing is preallocated)
     static = (not grad and nF > block_size) if static_cache is None else static_cache
     stream = VideoStream(model, prompt_kv, block_size, max_frames, timesteps, total_frames=nF, static=static,
-                         cache_grad=cache_grad)
+                         cache_grad=cache_grad, **options)
     blocks = []
     for b, start in enumerate(range(0, nF, block_size)):
         steps = [] if trajectory is not None else None

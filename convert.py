@@ -8,10 +8,11 @@ and --init here load:
     python convert.py export --checkpoint runs/reward/ckpt.pt --out runs/reward/transformer   # its EMA, fp32
     python sample.py --checkpoint runs/reward/transformer --prompt "..."                      # the same video
 
-Wan's original release, CausVid and Self Forcing name the transformer's parameters the original Wan way
-(`blocks.0.self_attn.q.weight`), often behind wrapper prefixes (`model.`, FSDP's, torch.compile's);
-causal_wan.py's names are diffusers'. The key map is diffusers' own (scripts/convert_wan_to_diffusers.py)
-and round-trips.
+Wan's original release, CausVid, Self Forcing and the releases built on its code (LongLive, Reward Forcing by Lu
+et al., Causal Forcing) name the transformer's parameters the original Wan way (`blocks.0.self_attn.q.weight`), often
+behind wrapper prefixes (`model.`, FSDP's, torch.compile's); causal_wan.py's names are diffusers'. The key map is
+diffusers' own (scripts/convert_wan_to_diffusers.py) and round-trips. A PEFT LoRA (LongLive's lora.pt) is merged
+into the loaded weights (merge_lora).
 """
 import argparse
 import json
@@ -144,6 +145,51 @@ def load_generator_weights(model, path, use_ema=True, kind="causal"):
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
         raise UserError(f"checkpoint '{path}' does not fit the model ({' '.join(str(e).split())[:200]})") from None
+    return model
+
+
+# -----------------------------------------------------------------------------
+# a PEFT LoRA merged into a generator (LongLive v1.0: longlive_base.pt + lora.pt)
+
+LORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<ab>[AB])(\.[\w-]+)?\.weight")  # an adapter name may follow lora_A
+
+
+def load_lora(path):
+    """The generator's LoRA weights in a file: LongLive's lora.pt ({'generator_lora': ..., 'critic_lora': ...}, as
+    peft.get_peft_model_state_dict writes them) or a bare dict of them."""
+    ckpt = load_checkpoint(path, mmap=True)  # mmap: the critic's LoRA in the same file is never read
+    lora = ckpt.get("generator_lora", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(lora, dict) or not lora or not all(torch.is_tensor(v) for v in lora.values()):
+        raise UserError(f"--lora '{path}' holds no LoRA weights (expected 'generator_lora' or a dict of tensors)")
+    return lora
+
+
+@torch.no_grad()
+def merge_lora(model, lora, alpha=None, name="--lora"):
+    """W += (alpha / r) B @ A for each LoRA pair (A [r, in], B [out, r]) on the model's linear weights, merged in
+    fp32: what peft computes unmerged, y = W x + b + (alpha / r) B (A x), and what its merge_and_unload stores (its
+    default scaling; not rsLoRA's alpha / sqrt(r)). Keys as peft writes them, 'base_model.model.<module>.lora_A.weight',
+    the module in the original Wan names (LongLive's) or diffusers'. alpha None: alpha = r (LongLive: 256 = r).
+    Every module must be a linear layer of the model: otherwise one line says which."""
+    pairs, params = {}, dict(model.named_parameters())
+    for key, value in lora.items():
+        m = LORA_KEY.fullmatch(key)
+        if m is None:
+            raise UserError(f"{name}: '{key}' is not a LoRA weight ('<module>.lora_A.weight' / '.lora_B.weight')")
+        module = m["module"].removeprefix("base_model.model.")
+        (target,) = original_to_diffusers({module + ".weight": None})
+        pairs.setdefault(target, {})[m["ab"]] = value
+    for target, ab in pairs.items():
+        missing = {"A", "B"} - set(ab)
+        if missing or target not in params:
+            what = f"has no lora_{missing.pop()}" if missing else "is not a weight of the generator"
+            raise UserError(f"{name}: the LoRA of '{target}' {what}")
+        W, A, B = params[target], ab["A"].float(), ab["B"].float()
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1] or (B.shape[0], A.shape[1]) != W.shape:
+            raise UserError(f"{name}: the LoRA of '{target}' (B {list(B.shape)} @ A {list(A.shape)}) does not fit "
+                            f"its weight {list(W.shape)}")
+        rank = A.shape[0]
+        W.copy_(W.float() + ((rank if alpha is None else alpha) / rank) * (B @ A))
     return model
 
 

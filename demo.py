@@ -7,6 +7,7 @@ Live demo: a web page that shows the video while it is generated, block by block
     python demo.py --decoder tae --decoder-path taew2_1.pth --fp8 --offload  # and its speed kit (sample.load_models)
     python demo.py --host 0.0.0.0 --port 8000          # open to other machines: anyone who can reach it uses the GPU
     python demo.py --tiny                              # CPU, random tiny Wan: the video is noise, the pipeline is real
+    python demo.py --checkpoint longlive_base.pt --lora lora.pt --cache longlive   # a released model (sample.CACHES)
 
 The page
 --------
@@ -64,7 +65,6 @@ import torch
 
 import causal_wan as cw
 import common
-import convert
 import sample
 import speedkit
 
@@ -94,15 +94,13 @@ def parse_args(argv=None):
 def check_args(args):
     """Everything that can be checked before the models load (a minute for the real ones)."""
     common.check_video_size(args, frames=False)
-    if args.max_frames < 2 * args.chunk:
-        raise common.UserError(f"--max-frames {args.max_frames} must hold at least two blocks of --chunk {args.chunk}")
+    sample.check_window(args)
     if not args.max_seconds > 0 or not math.isfinite(args.max_seconds):
         raise common.UserError(f"--max-seconds {args.max_seconds} must be a positive number of seconds")
     if not 1 <= args.port <= 65535:
         raise common.UserError(f"--port {args.port} is not a TCP port (1-65535)")
     common.check_device(args.device)  # the checks sample.py makes too
-    if args.checkpoint:
-        convert.check_checkpoint(args.checkpoint, "--checkpoint")
+    sample.check_weights(args)  # --checkpoint, --lora
     sample.check_speed_kit(args)  # --decoder, --decoder-path, --fp8 (the tiny decoder's file: loaded first)
     try:  # the port must be free now, not after the models have loaded
         family, _, _, _, address = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)[0]
@@ -160,7 +158,7 @@ def load_models(args):
         path = args.decoder_path or speedkit.tiny_decoder_path()
         say(f"the tiny decoder from {path}")
         tae = speedkit.load_tiny_decoder(path, home, dtype)
-    say(f"the generator from {args.model}" + (f" + {args.checkpoint}" if args.checkpoint else ""))
+    say(f"the generator from {args.model}" + "".join(f" + {f}" for f in (args.checkpoint, args.lora) if f))
     model = sample.load_generator(args, device, dtype)
     if args.fp8:
         speedkit.quantize_fp8(model)  # on the GPU, before torch.compile
@@ -259,7 +257,7 @@ class Session:
         stream = sample.FrameStream(m.model, m.decode, m.model.prompt_kv(m.encode(self.prompt)),
                                     encode=m.encode, height=a.height, width=a.width, seed=self.seed,
                                     frames=video_frames(a.max_seconds), chunk=a.chunk, max_frames=a.max_frames,
-                                    overlap=a.overlap_decode,
+                                    overlap=a.overlap_decode, options=sample.stream_options(a),
                                     log=lambda line: print(f"demo: {line}", file=sys.stderr, flush=True))
         with self.lock:
             self.stream = stream

@@ -20,6 +20,9 @@ decoded as soon as it is denoised; the prompt can change mid-video, a clip or an
     python sample.py --prompt "the corgi swims back" --extend corgi.mp4 --frames 241  # the clip, then new frames
     python sample.py --prompt "a corgi runs on a beach" --image first.png        # image-to-video
     python sample.py --checkpoint runs/dmd/ckpt.pt --prompt "..."  # distill_dmd.py's bidirectional 4-step model
+    python sample.py --checkpoint longlive_base.pt --lora lora.pt --cache longlive --prompt "..."  # LongLive v1.0
+    python sample.py --checkpoint rewardforcing.pt --cache reward-forcing --prompt "..."  # Reward Forcing (Lu et al.)
+    python sample.py --checkpoint framewise-2step.pt --chunk 1 --steps 2 --prompt "..."  # Causal Forcing++ 2-step
 
 Frames, blocks and long videos
 ------------------------------
@@ -35,9 +38,9 @@ video is finished (and that keeps its frames when Ctrl-C or SIGTERM stops sample
 
 Where the rest is explained: the weights (--model, --checkpoint, --tiny) at load_generator;
 --switch at check_interactive and FrameStream._take_switches; --extend and --image at
-read_start_frames; a bidirectional --checkpoint at generator_of; what is exact, bit for bit, at
-FrameStream; the speed flags at add_model_flags, and the speed kit (--decoder tae, --fp8,
---offload) at load_decoder and load_models.
+read_start_frames; a bidirectional --checkpoint at generator_of; released models (--cache,
+--steps, --lora) at CACHES; what is exact, bit for bit, at FrameStream; the speed flags at
+add_model_flags, and the speed kit (--decoder tae, --fp8, --offload) at load_decoder and load_models.
 """
 import argparse
 import collections
@@ -115,8 +118,15 @@ def add_model_flags(p):
     p.add_argument("--no-ema", action="store_true", help="use the checkpoint's raw weights instead of its EMA")
     p.add_argument("--height", type=int, help="multiple of 16 (default 480; 64 with --tiny)")
     p.add_argument("--width", type=int, help="multiple of 16 (default 832; 64 with --tiny)")
-    p.add_argument("--max-frames", type=common.positive_int, default=21,
-                   help="attention window in latent frames (long videos)")
+    p.add_argument("--max-frames", type=common.positive_int,
+                   help="attention window in latent frames (long videos; default 21, or --cache's)")
+    p.add_argument("--cache", default="default", choices=list(CACHES),
+                   help="the KV-cache rules of a released model (window, sink, RoPE, EMA-sink, re-cache; see CACHES)")
+    p.add_argument("--steps", type=int, default=4, choices=list(STEPS),
+                   help="denoising steps per block: 4, or 2 / 1 for Causal Forcing++'s models (first block: 4)")
+    p.add_argument("--lora", metavar="FILE", help="a PEFT LoRA merged into the generator (LongLive's lora.pt)")
+    p.add_argument("--lora-alpha", type=common.positive_float,
+                   help="the LoRA's alpha (default: its rank, a scale of 1, as LongLive's)")
     p.add_argument("--tiny", action="store_true", help="random tiny Wan built on the fly (CPU demo; output is noise)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="default bf16 on GPU, fp32 on CPU")
@@ -141,8 +151,41 @@ def add_model_flags(p):
                    help="low memory: the text encoder and the decoder in CPU memory, on the device only while they run")
 
 
+# Released streaming models whose checkpoints load (convert.py) but whose KV cache keeps other rules than ours.
+# Their keys do not tell them apart (each is a Wan2.1-1.3B in Self Forcing's layout), so --cache names the rules
+# (VideoStream's options). default: this repo's, Self Forcing's, CausVid's and Causal Forcing's (a window of
+# --max-frames latent frames, the first block as its sink, absolute RoPE, the replayed re-cache). longlive: LongLive
+# v1.0 (NVlabs/LongLive, longlive_base.pt + --lora lora.pt): a window of 12 with a 3-frame sink, its own re-cache at a
+# --switch (past the window the sink keeps the old prompt); longlive-infinity: its use_infinite_attention config (RoPE
+# over the window's slots). reward-forcing: Lu et al.'s (JaydenLyh/Reward-Forcing): a window of 9, a 3-frame EMA-Sink
+# (alpha 0.999), RoPE over the window's slots. Each equals its project's own inference on tiny random weights
+# (tests/test_released.py).
+CACHES = {
+    "default": {},
+    "longlive": dict(max_frames=12, sink_frames=3, recache="longlive"),
+    "longlive-infinity": dict(max_frames=12, sink_frames=3, recache="longlive", rope="window"),
+    "reward-forcing": dict(max_frames=9, sink_frames=3, rope="window", sink_ema=0.999),
+}
+# --steps: the schedule per block; Causal Forcing++'s 2- and 1-step models (thu-ml/Causal-Forcing) run the first block
+# with the 4 steps (their denoising_step_list_first_chunk)
+STEPS = {4: {}, 2: dict(timesteps=cw.shift_timesteps([1000, 500]), first_timesteps=cw.DENOISING_TIMESTEPS),
+         1: dict(timesteps=cw.shift_timesteps([1000]), first_timesteps=cw.DENOISING_TIMESTEPS)}
+
+
+def stream_options(args):
+    """VideoStream's options of --cache and --steps (the window, args.max_frames, is passed on its own)."""
+    return {k: v for k, v in {**CACHES[args.cache], **STEPS[args.steps]}.items() if k != "max_frames"}
+
+
 def model_defaults(args):
-    """The defaults that depend on --tiny and --device."""
+    """The defaults that depend on --tiny, --device and --cache, and the flags that contradict each other there."""
+    window = CACHES[args.cache].get("max_frames")
+    if window is not None and args.max_frames not in (None, window):
+        raise common.UserError(f"--cache {args.cache} keeps the released model's window of {window} latent frames: "
+                               f"drop --max-frames {args.max_frames}")
+    args.max_frames = window or args.max_frames or 21
+    if args.lora_alpha is not None and args.lora is None:
+        raise common.UserError(f"--lora-alpha {args.lora_alpha} scales a --lora: give --lora FILE too")
     if args.tiny:
         args.model = convert.tiny_model_dir() if args.model == cw.DEFAULT_MODEL else args.model
     if args.height is None:
@@ -157,14 +200,29 @@ def check_args(args):
     common.check_video_size(args)
     if args.num_videos < 1:
         raise common.UserError("--num-videos must be at least 1")
-    if args.max_frames < 2 * args.chunk:
-        raise common.UserError(f"--max-frames {args.max_frames} must hold at least two blocks of --chunk {args.chunk}")
+    check_window(args)
     common.check_device(args.device)
     check_speed_kit(args)
     if not (args.tiny and args.model == convert.tiny_model_dir()):  # --tiny builds its own on first use
         cw.check_model(args.model)
+    check_weights(args)
+
+
+def check_window(args):
+    """--max-frames and --cache against --chunk (sample.py and demo.py)."""
+    if args.cache != "default" and args.chunk != 3:
+        raise common.UserError(f"--cache {args.cache} is a released model's, which generates blocks of 3 latent "
+                               f"frames: drop --chunk {args.chunk}")
+    if args.max_frames < 2 * args.chunk:
+        raise common.UserError(f"--max-frames {args.max_frames} must hold at least two blocks of --chunk {args.chunk}")
+
+
+def check_weights(args):
+    """--checkpoint and --lora exist and can be opened (sample.py and demo.py)."""
     if args.checkpoint:
         convert.check_checkpoint(args.checkpoint, "--checkpoint")
+    if args.lora:
+        common.check_file(args.lora, "--lora")
 
 
 def check_speed_kit(args):
@@ -258,7 +316,8 @@ def load_generator(args, device, dtype, kind="causal"):
     original Wan key layout (mapped on load). --tiny builds a random-init tiny Wan (transformer, VAE,
     UMT5, tokenizer) in the real diffusers format under ~/.cache/reward_forcing/tiny_wan and runs the
     same loading code a user with real weights runs, at 64x64. Its output is noise; it tests the
-    pipeline, not the model."""
+    pipeline, not the model. --lora merges a PEFT LoRA into the weights after --checkpoint, in fp32
+    (convert.merge_lora); LongLive runs it unmerged in bf16, so the two differ by bf16 rounding."""
     if args.tiny:
         if args.model == convert.tiny_model_dir():
             convert.make_tiny_wan(args.model)  # built once, then reused
@@ -267,6 +326,8 @@ def load_generator(args, device, dtype, kind="causal"):
     model = cw.from_pretrained(args.model, dtype=torch.float32)
     if args.checkpoint:
         convert.load_generator_weights(model, args.checkpoint, use_ema=not args.no_ema, kind=kind)
+    if args.lora:
+        convert.merge_lora(model, convert.load_lora(args.lora), args.lora_alpha)
     return cw.cast_model(model, dtype, device).eval().requires_grad_(False)  # bf16 with Wan's fp32 parameters kept
 
 
@@ -367,7 +428,8 @@ def check_interactive(args, kind):
         raise common.UserError("--no-recache changes how --switch switches prompts: give a --switch FRAME PROMPT too")
     if kind == "bidirectional":
         given = [f for f, on in [("--chunk", args.chunk_given), ("--switch", args.switch), ("--extend", args.extend),
-                                 ("--image", args.image)] if on]
+                                 ("--image", args.image), (f"--cache {args.cache}", args.cache != "default"),
+                                 (f"--steps {args.steps}", args.steps != 4)] if on]
         if given:
             raise common.UserError(f"checkpoint '{args.checkpoint}' is a bidirectional generator: it renders the whole "
                                    f"video as one block, so {given[0]} does not apply (drop it, or use a causal "
@@ -590,7 +652,7 @@ class FrameStream:
     [1, 16, L, h, w] the video starts with (an --extend clip, an --image): their decoded frames come
     first, then new frames from position L. noise(start, n) -> (noise [1, 16, n, h, w], generator):
     each block's noise (default `block_noise` with `seed`). keep_latents: collect every block's
-    latents in `latents`.
+    latents in `latents`. options: VideoStream's options of a released model (`stream_options`).
 
     Thread safety: switch() and stop() may be called from any thread at any time; they only queue
     a request under a lock, applied by the iterating thread before its next block. `frames_done`,
@@ -614,13 +676,13 @@ class FrameStream:
     """
 
     def __init__(self, model, decode, prompt_kv, *, height, width, seed=0, frames=None, chunk=3, max_frames=21,
-                 encode=None, prefix=None, overlap=False, log=None, keep_latents=False, noise=None):
+                 encode=None, prefix=None, overlap=False, log=None, keep_latents=False, noise=None, options=None):
         param = next(model.parameters())
         shape = lambda n: (1, model.cfg.in_channels, n, height // 8, width // 8)  # noqa: E731
         self.model, self.decode, self.prompt_kv, self.encode = model, decode, prompt_kv, encode
         self.noise = noise or (lambda start, n: block_noise(seed, start, shape(n), param.device, param.dtype))
         self.latent_frames = None if frames is None else (frames - 1) // 4 + 1
-        self.chunk, self.max_frames, self.overlap = chunk, max_frames, overlap
+        self.chunk, self.max_frames, self.overlap, self.options = chunk, max_frames, overlap, options or {}
         self.prefix = None if prefix is None else prefix.to(param.device, param.dtype)
         self.log = log or (lambda message: None)
         self.frames_done, self.switches_done = 0, []
@@ -654,7 +716,7 @@ class FrameStream:
     def _latent_blocks(self):
         """(latents, first) of each block to decode: the prefix's, then the generated ones."""
         stream = cw.VideoStream(self.model, self.prompt_kv, self.chunk, self.max_frames,
-                                total_frames=self.latent_frames)
+                                total_frames=self.latent_frames, **self.options)
         if self.prefix is not None:
             stream.prefill(self.prefix)  # the decoder's causal cache is primed by decoding the prefix
             for start in range(0, self.prefix.shape[2], self.chunk):
@@ -679,10 +741,10 @@ class FrameStream:
         window holds (sink + recent frames) is recomputed under the new prompt from their clean
         latents by replaying their cache passes as they first ran: block by block, each block
         attending to the ones before it, each frame at its own RoPE position, the sink too. So the
-        new prompt takes hold without a cut. (LongLive's re-cache differs: one unmasked pass over
-        its window, and past the window the sink keeps the old prompt's keys; see cw.VideoStream.)
-        recache=False (--no-recache) swaps only the cross-attention prompt (for comparison: the
-        cached frames keep the old prompt)."""
+        new prompt takes hold without a cut. (--cache longlive re-caches LongLive's way instead: one
+        unmasked pass over its window, and past the window the sink keeps the old prompt's keys;
+        cw.VideoStream._recache_longlive.) recache=False (--no-recache) swaps only the
+        cross-attention prompt (for comparison: the cached frames keep the old prompt)."""
         frame = pixel_frame(stream.pos)
         with self._lock:
             due = [r for r in self._requests if r[0] is None or r[0] <= frame]
@@ -796,7 +858,7 @@ def main(args):
             stream = FrameStream(model, decode, model.prompt_kv(contexts[prompt]), encode=lambda p: contexts[p],
                                  height=args.height, width=args.width, seed=seed, frames=args.frames, chunk=chunk,
                                  max_frames=args.max_frames, prefix=prefix, overlap=args.overlap_decode,
-                                 log=bar.write)
+                                 log=bar.write, options=stream_options(args))
             for frame, text in switches:
                 stream.switch(text, recache=not args.no_recache, frame=frame)
             current = (path, stream)

@@ -354,6 +354,8 @@ def test_cli_switch_extend_image_bidirectional(tiny_wan, tmp_path, capsys):
     (["--checkpoint", "BIDI", "--switch", 9, "x"],
      "is a bidirectional generator: it renders the whole video as one block, so --switch"),
     (["--checkpoint", "BIDI", "--extend", "CLIP"], "so --extend does not apply"),
+    (["--checkpoint", "BIDI", "--steps", 2], "so --steps 2 does not apply"),
+    (["--checkpoint", "BIDI", "--cache", "longlive"], "so --cache longlive does not apply"),
 ])
 def test_bad_interactive_input_is_one_line_before_any_model_loads(tiny_wan, tmp_path, monkeypatch, args, message):
     """Each bad input is a one-line UserError raised before a model is loaded (the loaders fail
