@@ -34,7 +34,7 @@ How the causal model works
   step read to stay as it was); `rollout` picks by whether gradients are on. Same video (tested).
 
 Reading order: WanConfig; the network (RoPE, attention, the block-causal mask, the blocks,
-KVCache, CausalWan); the parameters that stay fp32 (FP32_PARAMS, cast_model, shard_model); the
+KVCache, CausalWan); the parameters that stay fp32 (FP32_PARAMS, keeps_fp32, cast_model); the
 few-step schedule, predict_x0, VideoStream, rollout; loading (from_pretrained, the UMT5 text
 encoder and the trainers' text helpers, the VAE).
 """
@@ -509,50 +509,6 @@ def cast_model(model, dtype, device=None):
         p.data = p.data.to(device=device, dtype=torch.float32 if keeps_fp32(name) else dtype)
     for b in model.buffers():  # none today; here so that a future buffer does not stay behind
         b.data = b.data.to(device=device)
-    return model
-
-
-def shard_model(model, bf16):
-    """FSDP2: shard every transformer block and the rest of the model across ranks. With bf16, compute runs in
-    bf16 while the sharded master weights, gradients and optimizer stay fp32, except for the FP32_PARAMS, which the
-    forward also sees in fp32 (as Wan computes them).
-
-    FSDP casts per unit (one fully_shard call), so the bf16 layers are units of their own: the patch and text
-    embeddings and each block's attention and FFN layers. Each block's own unit then holds only its modulation
-    table and affine norm, and the root's only the timestep path and the output head: those units cast nothing."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-    # cast_forward_inputs=False: FSDP would otherwise round every float input to bf16, including
-    # the timesteps (937.5 -> 936), the fp32 modulation and the RoPE tables; each module casts its
-    # inputs where it needs to (forward() the latents, MLP its input, the head its input).
-    compute = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
-                                   reduce_dtype=torch.float32 if bf16 else None, cast_forward_inputs=False)
-    keep = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32 if bf16 else None,
-                                cast_forward_inputs=False)
-    # FSDP2 warns when a module returns a view (our blocks return k/v as transposed views), because an
-    # in-place op on it would skip a hook. Nothing here modifies a module output in place.
-    import warnings
-    warnings.filterwarnings("ignore", message=r".*returned a view tensor", category=UserWarning)
-    for blk in model.blocks:
-        for layer in (blk.attn1, blk.attn2, blk.ffn):
-            fully_shard(layer, mp_policy=compute)
-        # keys_values is called outside forward (prompt_kv): gather its weights for it too
-        register_fsdp_forward_method(blk.attn2, "keys_values")
-        fully_shard(blk, mp_policy=keep)
-    fully_shard(model.patch_embedding, mp_policy=compute)
-    fully_shard(model.condition_embedder.text_embedder, mp_policy=compute)
-    bf16_units = {id(p) for m in [model.patch_embedding, model.condition_embedder.text_embedder]
-                  + [layer for blk in model.blocks for layer in (blk.attn1, blk.attn2, blk.ffn)]
-                  for p in m.parameters()}
-    stray = [n for n, p in model.named_parameters() if id(p) not in bf16_units and not keeps_fp32(n)]
-    if stray:  # a new parameter outside the bf16 units would silently train in fp32: say where it belongs
-        raise ValueError(f"shard_model: {stray[:3]} are neither in a bf16 unit nor in FP32_PARAMS")
-    # FSDP keeps the root's weights (embeddings, head) gathered after a forward, as plain tensors, until the
-    # backward that follows. A network that never trains (teacher, EMA) has no backward: its root must reshard
-    # after each forward, or after the EMA's sample rollout the next ema_update would mix those plain tensors
-    # with the model's sharded DTensors
-    frozen = not any(p.requires_grad for p in model.parameters())
-    fully_shard(model, mp_policy=keep, reshard_after_forward=True if frozen else None)
-    register_fsdp_forward_method(model, "prompt_kv")
     return model
 
 

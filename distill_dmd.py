@@ -305,7 +305,7 @@ def setup(args, rank, world, device):
     ema = copy.deepcopy(generator).requires_grad_(False)
     generator.gradient_checkpointing = critic.gradient_checkpointing = bf16  # per block, on GPU
     for net in (teacher, critic, generator, ema):  # one code path for 1 and N GPUs, 1.3B and 14B teachers
-        cw.shard_model(net, bf16)
+        common.shard_model(net, bf16, cw.keeps_fp32)
     # betas (0.0, 0.999): no momentum, as DMD2 and Self Forcing; both targets move every step
     opt = torch.optim.AdamW(generator.parameters(), lr=args.lr, betas=(0.0, 0.999), weight_decay=0.01, eps=1e-8)
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, betas=(0.0, 0.999), weight_decay=0.01,

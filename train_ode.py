@@ -568,8 +568,8 @@ def setup(args, rank, world, device):
         convert.load_generator_weights(model, args.init)
     model.gradient_checkpointing = bf16
     ema = copy.deepcopy(model).requires_grad_(False)
-    cw.shard_model(model, bf16)
-    cw.shard_model(ema, bf16)
+    common.shard_model(model, bf16, cw.keeps_fp32)
+    common.shard_model(ema, bf16, cw.keeps_fp32)
     # beta1 = 0.9 as in CausVid's ODE regression: this stage is plain supervised regression, where
     # momentum helps; the DMD/reward stages use (0.0, 0.999) for their moving targets
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=0.01, eps=1e-8)

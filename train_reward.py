@@ -771,7 +771,7 @@ def load_networks(args, ckpt, joint, bf16):
         critic.gradient_checkpointing = bf16
         nets += [teacher, critic]
     for net in nets:  # one code path for 1 and N GPUs
-        cw.shard_model(net, bf16)
+        common.shard_model(net, bf16, cw.keeps_fp32)
     # betas (0.0, 0.999): no momentum (appendix B.2, as DMD2 and Self Forcing): the rollout the
     # gradient comes from changes with the weights every step
     opt = torch.optim.AdamW(generator.parameters(), lr=args.lr, betas=(0.0, 0.999), weight_decay=0.01, eps=1e-8)

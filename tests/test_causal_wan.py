@@ -393,7 +393,7 @@ def fsdp_bf16_worker(model_dir):
     student.gradient_checkpointing = True
     teacher = cw.from_pretrained(model_dir, torch.bfloat16).requires_grad_(False)
     for net in (student, teacher):
-        cw.shard_model(net, bf16=True)
+        common.shard_model(net, True, cw.keeps_fp32)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
     x, ctx, t = _inputs(student, frames=2, batch=1, seed=rank)
     before = {n: p.full_tensor().clone() for n, p in student.named_parameters()}  # sharded (DTensors) until a forward
@@ -418,7 +418,7 @@ def fsdp_bf16_worker(model_dir):
 
 
 def test_fsdp_bf16_keeps_fp32_parameters(tiny_wan, tmp_path):
-    """cw.shard_model(bf16=True), which all three trainers call, under torchrun with 2 CPU ranks:
+    """common.shard_model(bf16=True), which all three trainers call, under torchrun with 2 CPU ranks:
     the forward sees the FP32_PARAMS in fp32 (and feeds fp32 into those layers), everything else
     in bf16, for a trained generator and a frozen bf16 teacher; a training step keeps fp32 master
     weights and gradients. (The trainers use bf16 only on GPUs; this calls the same function with

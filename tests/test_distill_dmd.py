@@ -268,13 +268,13 @@ def test_gradients_reach_only_the_network_being_trained(tiny_wan, tmp_path, monk
     """At every optimizer step of a real run, exactly that optimizer's network holds gradients
     (critic steps: the critic; generator steps: the generator) and the teacher never changes."""
     nets, emas, seen, teacher_before = [], [], [], {}
-    shard_model, ema_update, adamw_step = cw.shard_model, common.ema_update, torch.optim.AdamW.step
+    shard_model, ema_update, adamw_step = common.shard_model, common.ema_update, torch.optim.AdamW.step
 
-    def spy_shard(model, bf16):  # the script shards teacher, critic, generator, EMA in this order
+    def spy_shard(model, bf16, keeps_fp32):  # the script shards teacher, critic, generator, EMA in this order
         if not nets:
             teacher_before.update({k: v.clone() for k, v in model.state_dict().items()})
         nets.append(model)
-        return shard_model(model, bf16)
+        return shard_model(model, bf16, keeps_fp32)
 
     def spy_step(optimizer, *args, **kwargs):
         mine = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -289,7 +289,7 @@ def test_gradients_reach_only_the_network_being_trained(tiny_wan, tmp_path, monk
         seen.append(trained[0])
         return adamw_step(optimizer, *args, **kwargs)
 
-    monkeypatch.setattr(cw, "shard_model", spy_shard)
+    monkeypatch.setattr(common, "shard_model", spy_shard)
     monkeypatch.setattr(common, "ema_update",
                         lambda ema, model, decay: emas.append(ema) or ema_update(ema, model, decay))
     monkeypatch.setattr(torch.optim.AdamW, "step", spy_step)
