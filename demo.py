@@ -6,6 +6,7 @@ Live demo: a web page that shows the video while it is generated, block by block
     python demo.py --compile --overlap-decode          # sample.py's speed flags
     python demo.py --decoder tae --decoder-path taew2_1.pth --fp8 --offload  # and its speed kit (sample.load_models)
     python demo.py --host 0.0.0.0 --port 8000          # open to other machines: anyone who can reach it uses the GPU
+    python demo.py --toy                               # CPU, the toy world's trained models: "a red ball moves right"
     python demo.py --tiny                              # CPU, random tiny Wan: the video is noise, the pipeline is real
     python demo.py --checkpoint longlive_base.pt --lora lora.pt --cache longlive   # a released model (sample.CACHES)
 
@@ -83,12 +84,14 @@ def parse_args(argv=None):
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--max-seconds", type=float, default=60.0,
                    help="a video ends after this many seconds (16 fps) unless stopped")
-    p.add_argument("--chunk", type=int, default=3, choices=[1, 3],
-                   help="latent frames per block: 3 chunk-wise, 1 frame-wise")
+    p.add_argument("--chunk", type=int, choices=[1, 3],
+                   help="latent frames per block: 3 chunk-wise (default), 1 frame-wise (--toy's default)")
     sample.add_model_flags(p)  # the generator, decoder and speed flags of sample.py
     p.add_argument("--no-pace", action="store_true",
                    help="generate as fast as possible instead of at most two blocks ahead of playback")
-    return sample.model_defaults(p.parse_args(argv))
+    args = sample.model_defaults(p.parse_args(argv))
+    args.chunk = args.chunk or 3
+    return args
 
 
 def check_args(args):
@@ -343,8 +346,9 @@ class Demo:
         self.device_lock = threading.Lock()
         self.current = None  # the Session that holds the device lock
         self.videos, self.videos_lock = OrderedDict(), threading.Lock()  # published by the workers, read by the routes
-        self.model_name = "tiny random Wan (the video is noise)" if args.tiny else (
-            os.path.basename(args.checkpoint) if args.checkpoint else args.model)
+        self.model_name = ("tiny random Wan (the video is noise)" if args.tiny else
+                           "the toy world (toy/weights: coloured shapes, 32x32)" if args.toy else
+                           os.path.basename(args.checkpoint) if args.checkpoint else args.model)
 
     def new_video(self):
         """A server-chosen name for the next mp4: (token, path)."""

@@ -62,6 +62,8 @@ import common
 import convert
 import speedkit
 
+TOY_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy", "weights")  # --toy (toy/run.py --ship)
+
 
 def parse_args(argv=None):
     p = common.ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:2]),
@@ -128,6 +130,9 @@ def add_model_flags(p):
     p.add_argument("--lora-alpha", type=common.positive_float,
                    help="the LoRA's alpha (default: its rank, a scale of 1, as LongLive's)")
     p.add_argument("--tiny", action="store_true", help="random tiny Wan built on the fly (CPU demo; output is noise)")
+    p.add_argument("--toy", action="store_true",
+                   help="the toy world's trained models (toy/weights: --model toy/weights/wan --checkpoint "
+                        "toy/weights/generator, 32x32, --chunk 1): a CPU video that shows something")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="default bf16 on GPU, fp32 on CPU")
     p.add_argument("--compile", nargs="?", const="default",
@@ -188,10 +193,16 @@ def model_defaults(args):
         raise common.UserError(f"--lora-alpha {args.lora_alpha} scales a --lora: give --lora FILE too")
     if args.tiny:
         args.model = convert.tiny_model_dir() if args.model == cw.DEFAULT_MODEL else args.model
+    if args.toy:  # shorthands only: the toy models go through the same loaders as Wan
+        if args.tiny:
+            raise common.UserError("--toy and --tiny are two different small models: give one of them")
+        args.model = os.path.join(TOY_WEIGHTS, "wan") if args.model == cw.DEFAULT_MODEL else args.model
+        args.checkpoint = args.checkpoint or os.path.join(TOY_WEIGHTS, "generator")
+        args.chunk = args.chunk or 1  # the toy generator is frame-wise (toy/run.py: --block-size 1)
     if args.height is None:
-        args.height = 64 if args.tiny else 480
+        args.height = 64 if args.tiny else 32 if args.toy else 480
     if args.width is None:
-        args.width = 64 if args.tiny else 832
+        args.width = 64 if args.tiny else 32 if args.toy else 832
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     return args
 

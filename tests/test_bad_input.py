@@ -202,6 +202,8 @@ CASES = [  # (script, argv, what the one line must say)
     ("sample", SAMPLE + ["--lora-alpha", "8"], r"--lora-alpha 8\.0 scales a --lora: give --lora FILE too"),
     ("sample", SAMPLE + ["--lora", "TMP/none.pt"], r"--lora '.*none\.pt' does not exist"),
     ("sample", SAMPLE + ["--lora", "TMP/none.pt", "--lora-alpha", "0"], r"argument --lora-alpha: 0 is not"),
+    ("sample", ["--toy", "--tiny", "--prompt", "a red ball moves left"],
+     r"--toy and --tiny are two different small models: give one of them"),
     # distill_dmd.py
     ("distill_dmd", DMD + ["--lr", "inf"], r"argument --lr: inf is not a learning rate in \(0, 1\)"),
     ("distill_dmd", DMD + ["--lr", "0"], r"argument --lr: 0 is not a learning rate"),
