@@ -2,7 +2,7 @@
 The paper's pipeline on the toy world, with the real stage scripts, and the toy Table 3. One command builds
 everything it needs and prints the table at the end (toy/out/table.md, table.json):
 
-    python toy/run.py              # toy/prepare.py, then DMD -> ODE -> reward and their rows (~31 min, 2 cores)
+    python toy/run.py              # toy/prepare.py, then DMD -> ODE -> reward and their rows (~34 min, 2 cores)
     python toy/run.py --all        # + the ablations and the recipe rows (~60 min in all)
     python toy/run.py --ship       # then copy the trained models into toy/weights/ (what sample.py --toy loads)
 
@@ -329,7 +329,7 @@ def ship(out, weights=os.path.join(ROOT, "toy", "weights")):
                 f"teacher), its reward (reward/), the reward stage's and the ODE stage's generators (generator/, ode/: "
                 f"EMA, fp32), as "
                 f"toy/prepare.py and toy/run.py describe them. They ship (4 MB) so that `sample.py --toy` and "
-                f"`demo.py --toy` show a video in seconds instead of after a 31-minute build, and so that the tests "
+                f"`demo.py --toy` show a video in seconds instead of after a 34-minute build, and so that the tests "
                 f"of what trained models do (tests/test_toy.py, the browser test) run in seconds. What they measure "
                 f"(toy/out/report.json, table.json):"
                 f"\n\n```\n{json.dumps(dict(vae_psnr=report['vae']['psnr'], table=table['rows']), indent=1)}\n```\n")
