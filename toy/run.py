@@ -370,9 +370,12 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def resumable(args):
+    """main, where Ctrl-C or SIGTERM ends as one line (common.run_script) saying that the run continues."""
+    with common.interruptible(lambda: f"while building {args.out}: what finished is kept; the same command "
+                                      f"continues from there"):
+        main(args)
+
+
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except UserError as e:
-        common.print_error(e)
-        sys.exit(2)
+    common.run_script(resumable, parse_args)  # a UserError: one line, exit 2; Ctrl-C: one line, exit 130
