@@ -724,12 +724,15 @@ def print_summary(report, out):
     print("reward (held-out last frames): " + " ".join(f"{k} {v:.2f}" for k, v in r.items()))
 
 
-def resumable(args):
-    """main, where Ctrl-C or SIGTERM ends as one line (common.run_script) saying that the run continues."""
-    with common.interruptible(lambda: f"while building {args.out}: what finished is kept; the same command "
-                                      f"continues from there"):
-        main(args)
+def resumable(main):
+    """main(args), where Ctrl-C or SIGTERM ends as one line (common.run_script) saying that the run continues
+    (prepare.py and run.py)."""
+    def run(args):
+        with common.interruptible(lambda: f"while building {args.out}: what finished is kept; the same command "
+                                          f"continues from there"):
+            main(args)
+    return run
 
 
 if __name__ == "__main__":
-    common.run_script(resumable, parse_args)  # a UserError: one line, exit 2; Ctrl-C: one line, exit 130
+    common.run_script(resumable(main), parse_args)  # a UserError: one line, exit 2; Ctrl-C: one line, exit 130

@@ -370,12 +370,5 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def resumable(args):
-    """main, where Ctrl-C or SIGTERM ends as one line (common.run_script) saying that the run continues."""
-    with common.interruptible(lambda: f"while building {args.out}: what finished is kept; the same command "
-                                      f"continues from there"):
-        main(args)
-
-
 if __name__ == "__main__":
-    common.run_script(resumable, parse_args)  # a UserError: one line, exit 2; Ctrl-C: one line, exit 130
+    common.run_script(P.resumable(main), parse_args)  # a UserError: one line, exit 2; Ctrl-C: one line, exit 130
